@@ -1,0 +1,55 @@
+"""lora_fx: LoRA as compiler passes over torch.fx graphs.
+
+    model --capture--> GraphModule --inject--> + LoRA branches --(train)--> save_adapter
+                                                     |--merge / unmerge--> weights folded in / out
+                                                     `--unload / merge_and_unload--> plain graph
+"""
+
+from lora_fx.capture import capture
+from lora_fx.config import LoraConfig
+from lora_fx.errors import (
+    AdapterError,
+    CaptureError,
+    ConfigError,
+    LoraFxError,
+    MergeError,
+    NoTargetMatchedError,
+    UnsupportedSiteError,
+)
+from lora_fx.io import load_adapter, save_adapter
+from lora_fx.passes import (
+    count_parameters,
+    inject,
+    merge,
+    merge_and_unload,
+    merge_report,
+    print_trainable_parameters,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "CaptureError",
+    "ConfigError",
+    "LoraConfig",
+    "LoraFxError",
+    "MergeError",
+    "NoTargetMatchedError",
+    "UnsupportedSiteError",
+    "capture",
+    "count_parameters",
+    "inject",
+    "load_adapter",
+    "merge",
+    "merge_and_unload",
+    "merge_report",
+    "print_trainable_parameters",
+    "save_adapter",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]

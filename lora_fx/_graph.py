@@ -1,0 +1,95 @@
+"""Graph and module-tree mechanics shared by the passes: attributes by path, owned modules, cleanup."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from lora_fx._meta import LoraState
+
+__all__ = ["cleanup", "delete_attr", "get_attr", "own_module", "set_module", "weight_users"]
+
+
+def cleanup(gm: torch.fx.GraphModule) -> None:
+    """Check the graph and regenerate its code.
+
+    No blanket dead-code elimination: the user's graph keeps its own unused nodes (export's guards);
+    passes erase exactly the nodes they created.
+    """
+    gm.graph.lint()
+    gm.recompile()
+
+
+def get_attr(gm: nn.Module, path: str) -> Any:
+    """The object at a dotted attribute path."""
+    obj: Any = gm
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def own_module(gm: torch.fx.GraphModule, path: str, state: LoraState) -> nn.Module:
+    """The module at `path`, made safe to add children to, creating empty containers on the way.
+
+    `symbolic_trace` puts the user's own leaf modules (nn.Linear, ...) into the GraphModule, so adding
+    `lora_A` to them would change the user's eager model. The first time a path is touched, the leaf
+    is replaced by a shallow copy that shares its parameters and buffers but has its own child list.
+    """
+    parent: nn.Module = gm
+    parts = path.split(".") if path else []
+    for i, part in enumerate(parts):
+        child = getattr(parent, part, None)
+        if child is None:
+            child = nn.Module()
+            parent.add_module(part, child)
+            state.owned_modules.add(".".join(parts[: i + 1]))
+        elif not isinstance(child, nn.Module):
+            raise TypeError(f"cannot put LoRA modules under {path!r}: {part!r} is a {type(child).__name__}")
+        parent = child
+    if path and path not in state.owned_modules:
+        clone = copy.copy(parent)
+        clone._modules = dict(parent._modules)
+        clone._parameters = dict(parent._parameters)
+        clone._buffers = dict(parent._buffers)
+        owner = get_attr(gm, path.rsplit(".", 1)[0]) if "." in path else gm
+        setattr(owner, parts[-1], clone)
+        state.owned_modules.add(path)
+        parent = clone
+    return parent
+
+
+def set_module(gm: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at `path` (parents must exist)."""
+    owner, _, name = path.rpartition(".")
+    setattr(get_attr(gm, owner) if owner else gm, name, module)
+
+
+def delete_attr(gm: nn.Module, path: str) -> bool:
+    """Remove a submodule or parameter by path; True if something was there."""
+    owner_path, _, name = path.rpartition(".")
+    try:
+        owner = get_attr(gm, owner_path) if owner_path else gm
+    except AttributeError:
+        return False
+    if not hasattr(owner, name):
+        return False
+    delattr(owner, name)
+    return True
+
+
+def weight_users(gm: torch.fx.GraphModule, weight: torch.Tensor) -> list[torch.fx.Node]:
+    """Nodes that read `weight`: get_attr nodes of it and call_module nodes of modules holding it."""
+    users = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            if get_attr(gm, node.target) is weight and node.users:
+                users.append(node)
+        elif node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if any(p is weight for p in module.parameters(recurse=False)):
+                users.append(node)
+    return users

@@ -1,0 +1,70 @@
+"""Where LoRA parameters live: module-tree paths (PEFT's in-memory names) and PEFT file keys.
+
+    in memory:  <site>.lora_A.<adapter>.weight         file:  base_model.model.<site>.lora_A.weight
+                <site>.lora_B.<adapter>.weight (.bias)        base_model.model.<site>.lora_B.weight (.bias)
+                <site>.lora_embedding_A.<adapter>             base_model.model.<site>.lora_embedding_A
+                <site>.lora_dropout.<adapter>                 (not saved)
+                <module>.modules_to_save.<adapter>.<p>        base_model.model.<module>.<p>
+
+Saving is a rename: drop the adapter name and prefix `base_model.model.`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "FILE_PREFIX",
+    "HOLDERS",
+    "LoraPaths",
+    "is_adapter_parameter",
+    "lora_paths",
+    "modules_to_save_path",
+]
+
+FILE_PREFIX = "base_model.model."
+# Child modules lora_fx adds to a site, by kind.
+HOLDERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout")
+
+
+@dataclass(frozen=True)
+class LoraPaths:
+    """Module-tree paths of one branch's tensors and their PEFT file keys."""
+
+    a: str
+    b: str
+    b_bias: str
+    dropout: str
+    a_key: str
+    b_key: str
+    b_bias_key: str
+
+
+def lora_paths(kind: str, site: str, adapter: str) -> LoraPaths:
+    """Paths and file keys of the A/B tensors of `adapter` on `site`."""
+    if kind == "embedding":
+        a, b = f"{site}.lora_embedding_A.{adapter}", f"{site}.lora_embedding_B.{adapter}"
+        a_key, b_key = f"{FILE_PREFIX}{site}.lora_embedding_A", f"{FILE_PREFIX}{site}.lora_embedding_B"
+    else:
+        a, b = f"{site}.lora_A.{adapter}.weight", f"{site}.lora_B.{adapter}.weight"
+        a_key, b_key = f"{FILE_PREFIX}{site}.lora_A.weight", f"{FILE_PREFIX}{site}.lora_B.weight"
+    return LoraPaths(
+        a=a,
+        b=b,
+        b_bias=f"{site}.lora_B.{adapter}.bias",
+        dropout=f"{site}.lora_dropout.{adapter}",
+        a_key=a_key,
+        b_key=b_key,
+        b_bias_key=f"{FILE_PREFIX}{site}.lora_B.bias",
+    )
+
+
+def modules_to_save_path(module: str, adapter: str) -> str:
+    """Where the trainable copy of a `modules_to_save` module lives."""
+    return f"{module}.modules_to_save.{adapter}"
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """Whether a parameter path lies inside a LoRA holder or a modules_to_save copy."""
+    parts = name.split(".")
+    return any(part in HOLDERS or part == "modules_to_save" for part in parts)

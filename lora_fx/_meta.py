@@ -1,0 +1,86 @@
+"""Keys lora_fx writes into `node.meta` / `gm.meta`, and the state record kept on the graph.
+
+Every node a pass creates carries `node.meta[LORA_META] = {"adapter", "site", "role"}` so later passes
+find branches without guessing from names. Everything that must last between calls lives in one
+`LoraState` at `gm.meta[STATE_META]`: no module-level registries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch.fx
+
+    from lora_fx.config import LoraConfig
+
+__all__ = [
+    "CAPTURE_META",
+    "LORA_META",
+    "ROLES",
+    "STATE_META",
+    "AdapterRecord",
+    "LoraState",
+    "SiteRecord",
+    "get_state",
+    "lora_tag",
+    "state_or_none",
+]
+
+LORA_META = "lora_fx"
+STATE_META = "lora_fx"
+CAPTURE_META = "lora_fx_capture"
+
+# Roles of nodes in a branch: y' = add(y, scale * lora_b(lora_a(dropout(x))))
+ROLES = ("dropout", "lora_a", "lora_b", "scale", "add", "weight")
+
+
+@dataclass
+class SiteRecord:
+    """What one adapter put on one site: enough to rebuild its branch or fold it."""
+
+    kind: str
+    r: int
+    lora_alpha: float
+    scale: float
+    dropout: float
+    lora_bias: bool
+
+
+@dataclass
+class AdapterRecord:
+    """One named adapter: its config, its sites and where its `modules_to_save` copies are."""
+
+    config: LoraConfig
+    sites: dict[str, SiteRecord]
+    modules_to_save: list[str] = field(default_factory=list)
+    merged: bool = False
+
+
+@dataclass
+class LoraState:
+    """The adapters on a graph, which are active, and the last merge's rounding report."""
+
+    adapters: dict[str, AdapterRecord] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    owned_modules: set[str] = field(default_factory=set)
+    merge_report: dict[str, float] = field(default_factory=dict)
+
+
+def state_or_none(gm: torch.fx.GraphModule) -> LoraState | None:
+    """The graph's LoRA state, or None if nothing was injected."""
+    return gm.meta.get(STATE_META)
+
+
+def get_state(gm: torch.fx.GraphModule) -> LoraState:
+    """The graph's LoRA state, created empty on first use."""
+    state = gm.meta.get(STATE_META)
+    if state is None:
+        state = gm.meta[STATE_META] = LoraState()
+    return state
+
+
+def lora_tag(node: torch.fx.Node) -> dict[str, Any] | None:
+    """The lora_fx tag of a node, or None for nodes lora_fx did not create."""
+    return node.meta.get(LORA_META)

@@ -1,0 +1,230 @@
+"""Capture a model as a trainable `torch.fx.GraphModule`.
+
+    model --torch.export / symbolic_trace--> GraphModule with
+        * every `aten.dropout(x, p, train_flag)` turned into a `call_module` `nn.Dropout(p)`,
+          so `gm.train()` / `gm.eval()` switch it (export bakes the flag as a constant);
+        * non-tensor keyword arguments (`use_cache=False`) bound as constants, so `gm(ids)` works;
+        * a plain `GraphModule` class, whose `train()` / `eval()` work (export's module refuses them).
+
+Rules and edge cases:
+1. Export runs with the model in eval mode and then sets the graph to the model's own mode. Fused
+   attention (`scaled_dot_product_attention`) therefore keeps `dropout_p=0`: attention-probability
+   dropout is off in training (most LLM configs set it to 0 anyway).
+2. The graph shares Parameter objects with the model (no copy): `merge` changes the model's weights.
+3. Batch-norm is captured in eval form; its running statistics do not update in `gm.train()`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from lora_fx._meta import CAPTURE_META
+from lora_fx.errors import CaptureError
+
+__all__ = ["as_graph_module", "capture"]
+
+log = logging.getLogger(__name__)
+
+_DROPOUT_OPS = (torch.ops.aten.dropout.default,)
+_METHODS = ("export", "fx")
+
+
+def capture(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None = None,
+    method: str = "export",
+    *,
+    dynamic_shapes: Any = None,
+) -> torch.fx.GraphModule:
+    """Capture `model` as a GraphModule that lora_fx passes can rewrite.
+
+    Args:
+        model: The eager model. Its parameters are shared with the graph, not copied.
+        args: Example positional inputs.
+        kwargs: Example keyword inputs; non-tensor values (`use_cache=False`) are bound as constants.
+        method: `"export"` (torch.export; transformers models go this way) or `"fx"` (symbolic_trace).
+        dynamic_shapes: Passed to `torch.export.export` (e.g. to allow other batch sizes).
+
+    Returns:
+        A `torch.fx.GraphModule` whose `train()` / `eval()` switch every dropout.
+
+    Raises:
+        ValueError: `method` is not `"export"` or `"fx"`.
+        CaptureError: The chosen method failed; the message says why and suggests the other one.
+
+    Example:
+        >>> gm = lora_fx.capture(model, (ids,), {"use_cache": False})
+        >>> gm = lora_fx.inject(gm, LoraConfig(target_modules="all-linear"))
+    """
+    if method not in _METHODS:
+        raise ValueError(f"method={method!r} is invalid; expected one of {list(_METHODS)}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"capture() needs an nn.Module, got {type(model).__name__}")
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    kwargs = dict(kwargs or {})
+    was_training = model.training
+    try:
+        model.eval()
+        gm = _export(model, args, kwargs, dynamic_shapes) if method == "export" else _trace(model, kwargs)
+    finally:
+        model.train(was_training)
+    gm.meta[CAPTURE_META] = {
+        "method": method,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "output_layer": _output_layer_name(model),
+    }
+    gm.train(was_training)
+    log.info("capture: %s via %s -> %d nodes", type(model).__name__, method, len(gm.graph.nodes))
+    return gm
+
+
+def as_graph_module(obj: Any) -> torch.fx.GraphModule:
+    """Accept a GraphModule or an ExportedProgram; turn the latter into a trainable GraphModule."""
+    if isinstance(obj, torch.export.ExportedProgram):
+        gm = _trainable_module(obj.module())
+        gm.meta.setdefault(CAPTURE_META, {"method": "export", "model_class": None, "output_layer": None})
+        return gm
+    if isinstance(obj, torch.fx.GraphModule):
+        return obj
+    raise TypeError(
+        f"expected a torch.fx.GraphModule or torch.export.ExportedProgram, got {type(obj).__name__}; "
+        "capture an nn.Module first with lora_fx.capture(model, args)"
+    )
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> torch.fx.GraphModule:
+    """torch.export, then the trainable-module fixes."""
+    try:
+        program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as e:
+        raise CaptureError(
+            f"method='export' failed on {type(model).__name__}: {type(e).__name__}: {_first_line(e)}; "
+            "for a model with simple Python control flow try method='fx'"
+        ) from e
+    gm = _trainable_module(program.module())
+    _bind_constant_kwargs(gm, args, kwargs)
+    return gm
+
+
+def _trace(model: nn.Module, kwargs: dict) -> torch.fx.GraphModule:
+    """torch.fx.symbolic_trace, binding non-tensor kwargs as concrete."""
+    concrete = {k: v for k, v in kwargs.items() if not _has_tensor(v)}
+    try:
+        gm = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
+    except Exception as e:
+        raise CaptureError(
+            f"method='fx' failed on {type(model).__name__}: {type(e).__name__}: {_first_line(e)}; "
+            "models with data-dependent control flow (e.g. transformers) need method='export'"
+        ) from e
+    _dropouts_to_modules(gm)
+    return gm
+
+
+def _trainable_module(exported: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Re-wrap export's module as a plain GraphModule (train()/eval() allowed) with live dropouts."""
+    gm = torch.fx.GraphModule(exported, exported.graph)
+    _dropouts_to_modules(gm)
+    # Export bakes each dropout's train flag; keep the mode the flags say the model was captured in.
+    gm.train(False)
+    return gm
+
+
+def _dropouts_to_modules(gm: torch.fx.GraphModule) -> bool:
+    """Replace `aten.dropout(x, p, flag)` nodes by `nn.Dropout(p)` modules; True if any was found."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _DROPOUT_OPS:
+            continue
+        x, p = node.args[0], float(node.args[1])
+        path = _free_module_path(gm, _module_path(node) or "dropout")
+        gm.add_submodule(path, nn.Dropout(p))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(path, (x,))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()
+    return changed
+
+
+def _bind_constant_kwargs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> bool:
+    """Turn placeholders of non-tensor kwargs into constants and drop them from the signature."""
+    constant = {k for k, v in kwargs.items() if not _has_tensor(v)}
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if not constant or info is None:
+        return False
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    leaves = pytree.tree_flatten_with_path((args, kwargs))[0]
+    if len(leaves) != len(placeholders):
+        return False  # an input layout we do not recognise: leave the signature as export made it
+    for (path, value), node in zip(leaves, placeholders, strict=True):
+        if len(path) >= 2 and getattr(path[1], "key", None) in constant:
+            for user in list(node.users):
+                user.args = pytree.tree_map(lambda a, n=node, v=value: v if a is n else a, user.args)
+                user.kwargs = pytree.tree_map(lambda a, n=node, v=value: v if a is n else a, user.kwargs)
+            gm.graph.erase_node(node)
+    kept = {k: v for k, v in kwargs.items() if k not in constant}
+    codegen.pytree_info = info._replace(
+        orig_args=[a for a in info.orig_args if a not in constant],
+        in_spec=pytree.tree_structure((args, kept)),
+    )
+    gm.recompile()
+    return True
+
+
+def _output_layer_name(model: nn.Module) -> str | None:
+    """The output embedding of a transformers model (PEFT's all-linear skips it), else None."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    if get_output is None or not type(model).__module__.startswith("transformers"):
+        return None
+    output = get_output()
+    return next((name for name, m in model.named_modules() if m is output), None)
+
+
+def _module_path(node: torch.fx.Node) -> str | None:
+    """The innermost module path recorded by export for a node."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path or None
+
+
+def _free_module_path(gm: torch.fx.GraphModule, path: str) -> str:
+    """`path` if nothing lives there yet, else `path_1`, `path_2`, ..."""
+    candidate, i = path, 0
+    while _exists(gm, candidate):
+        i += 1
+        candidate = f"{path}_{i}"
+    return candidate
+
+
+def _exists(gm: nn.Module, path: str) -> bool:
+    """Whether an attribute path resolves on gm."""
+    obj: Any = gm
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def _has_tensor(value: Any) -> bool:
+    """Whether a (nested) value holds a tensor."""
+    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
+
+
+def _first_line(e: BaseException) -> str:
+    """First line of an exception message, for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,180 @@
+"""`LoraConfig`: PEFT's LoRA fields, names and defaults, validated on construction.
+
+`from_dict` reads a PEFT `adapter_config.json` dict: known fields become attributes, every other key is
+kept in `extra` and written back by `to_dict`, so a config PEFT wrote round-trips without loss and
+never crashes on keys lora_fx does not use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from lora_fx.errors import ConfigError
+
+__all__ = ["LoraConfig"]
+
+_BIAS_MODES = ("none", "all", "lora_only")
+_INITS = (True, False, "gaussian")
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoraConfig:
+    """LoRA hyper-parameters with PEFT's field names and defaults.
+
+    Args:
+        r: Rank of the update `B @ A`.
+        lora_alpha: Scale numerator; a branch is scaled by `lora_alpha / r` (or `/ sqrt(r)` with rsLoRA).
+        target_modules: Sites to adapt. A list entry matches a site name exactly or as a dotted suffix;
+            a str is a regex that must match the whole name; `"all-linear"` takes every linear site
+            except a transformers model's output layer.
+        exclude_modules: Same matching rules as `target_modules`; matched sites are skipped.
+        lora_dropout: Dropout probability on the branch input (linear and conv sites).
+        fan_in_fan_out: PEFT's flag for weights stored `[in, out]`; lora_fx reads this from the graph.
+        bias: Which biases train: `"none"`, `"all"`, or `"lora_only"` (biases of adapted sites).
+        use_rslora: Scale by `lora_alpha / sqrt(r)`.
+        modules_to_save: Modules (matched by name suffix) that get a trainable, saved copy.
+        init_lora_weights: `True` (kaiming-uniform A, zero B), `"gaussian"`, or `False` (both random).
+        layers_to_transform: Layer indices to adapt (with a list `target_modules`).
+        layers_pattern: Name(s) of the layer container used to find the layer index.
+        rank_pattern: `{pattern: r}` overrides, matched as `(.*\\.)?pattern$`.
+        alpha_pattern: `{pattern: alpha}` overrides, matched the same way.
+        lora_bias: Give B a trainable bias (folded into the base bias on merge).
+        extra: Every other `adapter_config.json` key, kept as read.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    lora_bias: bool = False
+    use_dora: bool = False
+    layer_replication: list[list[int]] | None = None
+    target_parameters: list[str] | None = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        """Normalise containers and reject values PEFT would reject (and a few it lets through)."""
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+        _check_rank("r", self.r)
+        for key, rank in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{key!r}]", rank)
+        _check_number("lora_alpha", self.lora_alpha)
+        for key, alpha in self.alpha_pattern.items():
+            _check_number(f"alpha_pattern[{key!r}]", alpha)
+        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
+            raise ConfigError(f"lora_dropout={self.lora_dropout!r} is invalid; expected a float in [0, 1)")
+        if self.bias not in _BIAS_MODES:
+            raise ConfigError(f"bias={self.bias!r} is invalid; expected one of {list(_BIAS_MODES)}")
+        if self.init_lora_weights not in _INITS:
+            raise ConfigError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; "
+                f"expected one of {list(_INITS)}"
+            )
+        _check_names("target_modules", self.target_modules)
+        _check_names("exclude_modules", self.exclude_modules)
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ConfigError("layers_pattern is only used with layers_to_transform; set both or neither")
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ConfigError(
+                "layers_to_transform needs target_modules as a list of names (as in PEFT), "
+                f"got the regex {self.target_modules!r}"
+            )
+
+    @property
+    def is_all_linear(self) -> bool:
+        """Whether `target_modules` is the `"all-linear"` shorthand."""
+        return isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR
+
+    def rank_for(self, site: str) -> int:
+        """The rank for a site, after `rank_pattern` (first matching key wins, as in PEFT)."""
+        return self.rank_pattern.get(_pattern_key(self.rank_pattern, site), self.r)
+
+    def alpha_for(self, site: str) -> float:
+        """`lora_alpha` for a site, after `alpha_pattern`."""
+        return self.alpha_pattern.get(_pattern_key(self.alpha_pattern, site), self.lora_alpha)
+
+    def scale_for(self, site: str) -> float:
+        """The branch scale: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA."""
+        r, alpha = self.rank_for(site), self.alpha_for(site)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `adapter_config.json` dict PEFT writes (unknown keys read earlier come back)."""
+        data = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                data[f.name] = getattr(self, f.name)
+        data["peft_type"] = "LORA"
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        """Build a config from a PEFT `adapter_config.json` dict, keeping unknown keys in `extra`."""
+        peft_type = data.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise ConfigError(f"adapter config has peft_type={peft_type!r}; lora_fx reads only 'LORA'")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def from_json(cls, path: str) -> LoraConfig:
+        """Read an `adapter_config.json` file."""
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+def _check_rank(name: str, value: Any) -> None:
+    """Ranks are positive ints."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name}={value!r} is invalid; expected a positive integer")
+
+
+def _check_number(name: str, value: Any) -> None:
+    """Alphas are finite real numbers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} is invalid; expected a finite number")
+
+
+def _check_names(name: str, value: Any) -> None:
+    """Target lists are a str (regex) or a list of str."""
+    if value is None or isinstance(value, str):
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{name}={value!r} is invalid; expected a str (regex) or a list of names")
+
+
+def _pattern_key(patterns: dict[str, Any], site: str) -> str:
+    """PEFT's `get_pattern_key`: the first key matching `(.*\\.)?key$`, else the site itself."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", site):
+            return key
+    return site

@@ -1,0 +1,45 @@
+"""Exceptions raised by lora_fx.
+
+Each derives from `LoraFxError` and from the builtin a caller would expect, so `except ValueError`
+still catches a bad config and `except RuntimeError` a failed capture.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapterError",
+    "CaptureError",
+    "ConfigError",
+    "LoraFxError",
+    "MergeError",
+    "NoTargetMatchedError",
+    "UnsupportedSiteError",
+]
+
+
+class LoraFxError(Exception):
+    """Base class of every error lora_fx raises on purpose."""
+
+
+class ConfigError(LoraFxError, ValueError):
+    """A `LoraConfig` field has a value that is not allowed."""
+
+
+class CaptureError(LoraFxError, RuntimeError):
+    """A model could not be captured as a GraphModule."""
+
+
+class NoTargetMatchedError(LoraFxError, ValueError):
+    """`target_modules` (or `modules_to_save`) matched nothing in the graph."""
+
+
+class UnsupportedSiteError(LoraFxError, ValueError):
+    """A matched site cannot carry the requested adapter (e.g. rank not divisible by conv groups)."""
+
+
+class AdapterError(LoraFxError, ValueError):
+    """An adapter name, adapter file or adapter tensor does not fit the graph."""
+
+
+class MergeError(LoraFxError, RuntimeError):
+    """Merging or unloading failed; the weights were left as they were."""

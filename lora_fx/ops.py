@@ -1,0 +1,63 @@
+"""Pure LoRA tensor math: tensors in, tensors out; no graph, no modules."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["delta_weight", "rounding_error"]
+
+_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def delta_weight(
+    kind: str,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    *,
+    transposed: bool = False,
+    groups: int = 1,
+) -> torch.Tensor:
+    """`scale * B @ A` laid out like the base weight, computed in float32 (or float64 if given).
+
+    Args:
+        kind: `"linear"`, `"conv"` or `"embedding"`.
+        lora_a: linear `[r, in]`; conv `[r, in, *k]`; embedding `[r, num_embeddings]`.
+        lora_b: linear `[out, r]`; conv `[out, r // groups, 1, ...]`; embedding `[dim, r]`.
+        scale: The branch scale (`alpha / r` or `alpha / sqrt(r)`).
+        transposed: The base weight is stored `[in, out]` (transformers Conv1D, `addmm` sites).
+        groups: Conv groups; grouped convs cannot be folded into one weight.
+
+    Returns:
+        The delta in the base weight's layout, float32 unless the inputs are float64.
+
+    Raises:
+        ValueError: A grouped conv (PEFT cannot merge these either) or an unknown kind.
+    """
+    dtype = torch.float64 if lora_a.dtype == torch.float64 else torch.float32
+    a, b = lora_a.to(dtype), lora_b.to(dtype)
+    if kind == "linear":
+        delta = b @ a  # [out, r] @ [r, in] -> [out, in]
+        return (delta.T if transposed else delta) * scale
+    if kind == "embedding":
+        return (b @ a).T * scale  # ([dim, r] @ [r, num]).T -> [num, dim]
+    if kind == "conv":
+        if groups > 1:
+            raise ValueError(f"a conv with groups={groups} cannot be merged (its delta is not one weight)")
+        if all(k == 1 for k in a.shape[2:]):
+            flat = b.flatten(1) @ a.flatten(1)  # [out, r] @ [r, in] -> [out, in]
+            return flat.reshape(flat.shape + (1,) * (a.dim() - 2)) * scale
+        # Compose the two convs: the 1x1 B mixes A's r output channels.
+        conv = _CONV_FNS[a.dim() - 2]
+        return conv(a.transpose(0, 1), b).transpose(0, 1) * scale
+    raise ValueError(f"unknown site kind {kind!r}; expected 'linear', 'conv' or 'embedding'")
+
+
+def rounding_error(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor) -> float:
+    """Relative error of a folded delta: `||(after - before) - delta|| / ||delta||` (0 for a zero delta)."""
+    applied = after.to(delta.dtype) - before.to(delta.dtype)
+    norm = torch.linalg.vector_norm(delta)
+    if norm == 0:
+        return 0.0
+    return float(torch.linalg.vector_norm(applied - delta) / norm)

@@ -1,0 +1,120 @@
+"""Insert and remove one adapter's branch at a site.
+
+    y = site(x, W, b)   ->   y' = y + scale * lora_B(lora_A(dropout(x)))
+
+    linear:    lora_A = linear(x, A[r, in]);            lora_B = linear(., B[out, r], b_B)
+    conv:      lora_A = conv(x, A, stride, padding, dilation);  lora_B = 1x1 conv(., B, groups)
+    embedding: lora_A = embedding(A.T, ids, padding_idx);       lora_B = linear(., B[dim, r])
+
+Rules:
+1. Every node created here is tagged `{"adapter", "site", "role"}`; removal finds nodes by tag only.
+2. Branches of several adapters on one site chain: y -> add_a -> add_b; a new branch adds to the end
+   of the chain, so adapters are summed in the order they were activated, as in PEFT.
+3. Dropout with p == 0 is no node at all (PEFT's nn.Identity).
+4. Each call of a site (a module called twice) gets its own branch reading the same parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from lora_fx._keys import lora_paths
+from lora_fx._meta import LORA_META, SiteRecord, lora_tag
+from lora_fx.sites import Site
+
+__all__ = ["insert_branch", "remove_branch"]
+
+_aten = torch.ops.aten
+
+
+def insert_branch(gm: torch.fx.GraphModule, site: Site, adapter: str, record: SiteRecord) -> None:
+    """Add `adapter`'s branch after every node of `site` (parameters must already be registered)."""
+    paths = lora_paths(site.kind, site.fqn, adapter)
+    for base, x in zip(site.nodes, site.inputs, strict=True):
+        end = _chain_end(base)
+        emit = _Emitter(gm.graph, end, {"adapter": adapter, "site": site.fqn})
+        a = emit("weight", "get_attr", paths.a)
+        b = emit("weight", "get_attr", paths.b)
+        b_bias = emit("weight", "get_attr", paths.b_bias) if record.lora_bias else None
+        if record.dropout > 0 and site.kind != "embedding":
+            x = emit("dropout", "call_module", paths.dropout, (x,))
+        low = _lora_a(emit, site, x, a)
+        up = _lora_b(emit, site, low, b, b_bias)
+        scaled = emit("scale", "call_function", _aten.mul.Tensor, (up, record.scale))
+        add = emit("add", "call_function", _aten.add.Tensor, (end, scaled))
+        end.replace_all_uses_with(add, delete_user_cb=lambda user, add=add: user is not add)
+
+
+def remove_branch(gm: torch.fx.GraphModule, site: str, adapter: str) -> bool:
+    """Erase `adapter`'s branch nodes on `site`; True if there were any."""
+    graph = gm.graph
+    mine = [n for n in graph.nodes if _tag_is(n, adapter, site)]
+    for node in mine:
+        if lora_tag(node)["role"] == "add":
+            node.replace_all_uses_with(node.args[0])
+    for node in reversed(mine):
+        graph.erase_node(node)
+    return bool(mine)
+
+
+class _Emitter:
+    """Creates tagged nodes one after another, starting after an anchor node."""
+
+    def __init__(self, graph: torch.fx.Graph, anchor: torch.fx.Node, tag: dict[str, str]) -> None:
+        self.graph, self.cursor, self.tag = graph, anchor, tag
+
+    def __call__(self, role: str, op: str, target, args: tuple = ()) -> torch.fx.Node:
+        with self.graph.inserting_after(self.cursor):
+            node = self.graph.create_node(op, target, args)
+        node.meta[LORA_META] = {**self.tag, "role": role}
+        self.cursor = node
+        return node
+
+
+def _tag_is(node: torch.fx.Node, adapter: str, site: str) -> bool:
+    """Whether a node belongs to `adapter`'s branch on `site`."""
+    tag = lora_tag(node)
+    return tag is not None and tag["adapter"] == adapter and tag["site"] == site
+
+
+def _chain_end(base: torch.fx.Node) -> torch.fx.Node:
+    """The last `add` of the branches already on this node's output (or the node itself)."""
+    end = base
+    while True:
+        nxt = next(
+            (u for u in end.users if (lora_tag(u) or {}).get("role") == "add" and u.args[0] is end), None
+        )
+        if nxt is None:
+            return end
+        end = nxt
+
+
+def _lora_a(emit: _Emitter, site: Site, x: torch.fx.Node, a: torch.fx.Node) -> torch.fx.Node:
+    """The down-projection: x -> [.., r]."""
+    if site.kind == "linear":
+        return emit("lora_a", "call_function", _aten.linear.default, (x, a))
+    if site.kind == "embedding":
+        a_t = emit("lora_a", "call_function", _aten.t.default, (a,))  # [r, num] -> [num, r]
+        padding_idx = -1 if site.padding_idx is None else site.padding_idx
+        return emit("lora_a", "call_function", _aten.embedding.default, (a_t, x, padding_idx))
+    spec = site.conv
+    if isinstance(spec.padding, str):
+        op = {1: _aten.conv1d.padding, 2: _aten.conv2d.padding, 3: _aten.conv3d.padding}[spec.dims]
+        args = (x, a, None, list(spec.stride), spec.padding, list(spec.dilation), 1)
+        return emit("lora_a", "call_function", op, args)
+    zeros = [0] * spec.dims
+    args = (x, a, None, list(spec.stride), list(spec.padding), list(spec.dilation), False, zeros, 1)
+    return emit("lora_a", "call_function", _aten.convolution.default, args)
+
+
+def _lora_b(
+    emit: _Emitter, site: Site, low: torch.fx.Node, b: torch.fx.Node, bias: torch.fx.Node | None
+) -> torch.fx.Node:
+    """The up-projection: [.., r] -> [.., out]."""
+    if site.kind in ("linear", "embedding"):
+        return emit("lora_b", "call_function", _aten.linear.default, (low, b, bias))
+    spec = site.conv
+    ones, zeros = [1] * spec.dims, [0] * spec.dims
+    args = (low, b, bias, ones, zeros, ones, False, zeros, spec.groups)
+    return emit("lora_b", "call_function", _aten.convolution.default, args)

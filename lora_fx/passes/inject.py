@@ -1,0 +1,237 @@
+"""Inject LoRA branches beside every site a config selects.
+
+    y = linear(x, W, b)  ->  y = linear(x, W, b) + scale * lora_B(lora_A(dropout(x)))
+
+Rules:
+1. Plan first (match sites and `modules_to_save`, check every value), then change anything: a rejected
+   call leaves the graph and its parameters as they were.
+2. Parameters are registered in the module tree under PEFT's in-memory names
+   (`<site>.lora_A.<adapter>.weight`), so `gm.state_dict()` reads like a PEFT model's.
+3. Base parameters are frozen; the adapter's A/B, the biases `bias` selects and the trainable copies of
+   `modules_to_save` require grad (PEFT's `_mark_only_adapters_as_trainable`).
+4. `modules_to_save` modules get a deep copy at `<module>.modules_to_save.<adapter>` and every graph
+   reference to the module is pointed at the copy; the original stays, frozen.
+5. LoRA parameters take the dtype and device of the site's base weight.
+6. Each new adapter becomes active beside those already active (branches are summed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import warnings
+from collections import Counter
+
+import torch
+import torch.fx
+from torch import nn
+
+from lora_fx import _graph
+from lora_fx._keys import is_adapter_parameter, lora_paths, modules_to_save_path
+from lora_fx._meta import AdapterRecord, SiteRecord, get_state, state_or_none
+from lora_fx.capture import as_graph_module
+from lora_fx.config import LoraConfig
+from lora_fx.errors import AdapterError, ConfigError
+from lora_fx.passes._branch import insert_branch
+from lora_fx.sites import Site, find_sites, match_modules_to_save
+
+__all__ = ["inject"]
+
+log = logging.getLogger(__name__)
+
+_CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_NOT_YET = {
+    "use_dora": "DoRA (issue 5)",
+    "layer_replication": "layer replication (issue 6)",
+    "target_parameters": "target_parameters (issue 5)",
+}
+
+
+def inject(
+    gm: torch.fx.GraphModule | torch.export.ExportedProgram,
+    cfg: LoraConfig,
+    adapter_name: str = "default",
+) -> torch.fx.GraphModule:
+    """Add adapter `adapter_name` to every site `cfg` selects, in place.
+
+    Args:
+        gm: A captured graph (`lora_fx.capture`), an ExportedProgram, or a traced GraphModule.
+        cfg: The LoRA config (PEFT field names and semantics).
+        adapter_name: Name of the new adapter.
+
+    Returns:
+        The same GraphModule (a new one only when given an ExportedProgram), recompiled.
+
+    Raises:
+        TypeError: `cfg` is not a LoraConfig.
+        ConfigError: A config value lora_fx cannot honour.
+        AdapterError: `adapter_name` is taken or not a valid name.
+        NoTargetMatchedError: `target_modules` or `modules_to_save` matched nothing.
+        UnsupportedSiteError: A matched site cannot carry this adapter (e.g. conv groups vs rank).
+
+    Example:
+        >>> gm = lora_fx.capture(model, (ids,), {"use_cache": False})
+        >>> gm = lora_fx.inject(gm, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    """
+    # plan
+    if not isinstance(cfg, LoraConfig):
+        raise TypeError(f"cfg must be a lora_fx.LoraConfig, got {type(cfg).__name__}")
+    gm = as_graph_module(gm)
+    _check_request(gm, cfg, adapter_name)
+    sites = find_sites(gm, cfg)
+    saved_modules = match_modules_to_save(gm, cfg.modules_to_save) if cfg.modules_to_save else []
+    _warn_fan_in_fan_out(cfg, sites)
+    records = {site.fqn: _site_record(cfg, site) for site in sites}
+
+    # apply
+    state = get_state(gm)
+    for site in sites:
+        _add_lora_modules(gm, site, adapter_name, records[site.fqn], cfg.init_lora_weights, state)
+        insert_branch(gm, site, adapter_name, records[site.fqn])
+    for path in saved_modules:
+        _add_module_copy(gm, path, adapter_name, state)
+    state.adapters[adapter_name] = AdapterRecord(cfg, records, saved_modules)
+    state.active.append(adapter_name)
+    _mark_trainable(gm, adapter_name, sites, saved_modules, cfg.bias)
+
+    # finish
+    _graph.cleanup(gm)
+    kinds = Counter(site.kind for site in sites)
+    log.info(
+        "inject: adapter %r -> %d sites (%s)%s",
+        adapter_name,
+        len(sites),
+        ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())),
+        f", {len(saved_modules)} modules_to_save" if saved_modules else "",
+    )
+    return gm
+
+
+def _check_request(gm: torch.fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> None:
+    """Reject names and config features that cannot be honoured, before anything changes."""
+    if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
+        raise AdapterError(f"adapter_name={adapter_name!r} is invalid; expected a Python identifier")
+    state = state_or_none(gm)
+    if state is not None and adapter_name in state.adapters:
+        raise AdapterError(
+            f"adapter {adapter_name!r} already exists; existing adapters: {list(state.adapters)}"
+        )
+    if state is not None and any(rec.merged for rec in state.adapters.values()):
+        raise AdapterError("cannot inject while adapters are merged; call lora_fx.unmerge(gm) first")
+    for name, feature in _NOT_YET.items():
+        if getattr(cfg, name):
+            raise ConfigError(f"{name}={getattr(cfg, name)!r}: {feature} is not supported yet")
+
+
+def _site_record(cfg: LoraConfig, site: Site) -> SiteRecord:
+    """Rank, alpha and scale for one site after rank/alpha patterns."""
+    r, alpha = cfg.rank_for(site.fqn), cfg.alpha_for(site.fqn)
+    scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+    return SiteRecord(site.kind, r, alpha, scale, float(cfg.lora_dropout), bool(cfg.lora_bias))
+
+
+def _warn_fan_in_fan_out(cfg: LoraConfig, sites: list[Site]) -> None:
+    """PEFT warns when fan_in_fan_out disagrees with the layer; lora_fx reads the layout from the graph."""
+    linear = [s for s in sites if s.kind == "linear"]
+    if cfg.fan_in_fan_out and any(not s.transposed for s in linear):
+        warnings.warn(
+            "fan_in_fan_out=True but some sites store weights [out, in]; lora_fx uses each site's own "
+            "layout from the graph",
+            stacklevel=3,
+        )
+
+
+def _add_lora_modules(
+    gm: torch.fx.GraphModule,
+    site: Site,
+    adapter: str,
+    record: SiteRecord,
+    init: bool | str,
+    state,
+) -> None:
+    """Register A, B and dropout for one site under PEFT's names, initialised as PEFT does."""
+    holder = _graph.own_module(gm, site.fqn, state)
+    base = _graph.get_attr(gm, site.weight)
+    if site.kind == "embedding":
+        a, b = _embedding_factors(site, record.r, init)
+        for name, tensor in (("lora_embedding_A", a), ("lora_embedding_B", b)):
+            if name not in holder._modules:
+                holder.add_module(name, nn.ParameterDict())
+            getattr(holder, name)[adapter] = nn.Parameter(tensor.to(base.device, base.dtype))
+    else:
+        lora_a, lora_b = _factor_modules(site, record.r, record.lora_bias, init)
+        for name, module in (("lora_A", lora_a), ("lora_B", lora_b)):
+            if name not in holder._modules:
+                holder.add_module(name, nn.ModuleDict())
+            getattr(holder, name)[adapter] = module.to(base.device, base.dtype)
+    if "lora_dropout" not in holder._modules:
+        holder.add_module("lora_dropout", nn.ModuleDict())
+    dropout = nn.Dropout(record.dropout) if record.dropout > 0 else nn.Identity()
+    holder.lora_dropout[adapter] = dropout.train(gm.training)
+
+
+def _factor_modules(site: Site, r: int, lora_bias: bool, init: bool | str) -> tuple[nn.Module, nn.Module]:
+    """PEFT's lora_A / lora_B modules for a linear or conv site."""
+    if site.kind == "linear":
+        lora_a = nn.Linear(site.in_features, r, bias=False)
+        lora_b = nn.Linear(r, site.out_features, bias=lora_bias)
+    else:
+        spec, conv = site.conv, _CONV_CLASSES[site.conv.dims]
+        lora_a = conv(site.in_features, r, spec.kernel_size, spec.stride, spec.padding, spec.dilation, bias=False)
+        lora_b = conv(r, site.out_features, 1, groups=spec.groups, bias=lora_bias)
+    if init is not False:
+        if init is True:
+            nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+        else:  # "gaussian"
+            nn.init.normal_(lora_a.weight, std=1 / r)
+        nn.init.zeros_(lora_b.weight)
+        if lora_b.bias is not None:
+            nn.init.zeros_(lora_b.bias)
+    return lora_a, lora_b
+
+
+def _embedding_factors(site: Site, r: int, init: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's embedding factors: A `[r, num]` zeros and B `[dim, r]` normal, or both random."""
+    if init is False:
+        return torch.randn(r, site.in_features), torch.randn(site.out_features, r)
+    return torch.zeros(r, site.in_features), torch.randn(site.out_features, r)
+
+
+def _add_module_copy(gm: torch.fx.GraphModule, path: str, adapter: str, state) -> None:
+    """A trainable deep copy of a module, with every graph reference to it moved to the copy."""
+    trained = copy.deepcopy(gm.get_submodule(path))
+    holder = _graph.own_module(gm, path, state)
+    if "modules_to_save" not in holder._modules:
+        holder.add_module("modules_to_save", nn.ModuleDict())
+    holder.modules_to_save[adapter] = trained
+    copy_path = modules_to_save_path(path, adapter)
+    for node in gm.graph.nodes:
+        if node.op in ("get_attr", "call_module") and _is_under(node.target, path):
+            node.target = copy_path + node.target[len(path) :]
+
+
+def _is_under(target: str, path: str) -> bool:
+    """Whether a node target is `path` or inside it, but not already inside a modules_to_save copy."""
+    if target != path and not target.startswith(path + "."):
+        return False
+    return not target[len(path) :].startswith(".modules_to_save.")
+
+
+def _mark_trainable(
+    gm: torch.fx.GraphModule, adapter: str, sites: list[Site], saved_modules: list[str], bias: str
+) -> None:
+    """Freeze the base; train this adapter, its module copies and the biases `bias` selects."""
+    for name, param in gm.named_parameters():
+        if not is_adapter_parameter(name):
+            param.requires_grad_(bias == "all" and name.rsplit(".", 1)[-1] == "bias")
+    for site in sites:
+        paths = lora_paths(site.kind, site.fqn, adapter)
+        for path in (paths.a, paths.b, paths.b_bias):
+            with contextlib.suppress(AttributeError):
+                _graph.get_attr(gm, path).requires_grad_(True)
+        if bias == "lora_only" and site.bias is not None:
+            _graph.get_attr(gm, site.bias).requires_grad_(True)
+    for path in saved_modules:
+        gm.get_submodule(modules_to_save_path(path, adapter)).requires_grad_(True)

@@ -1,0 +1,247 @@
+"""Merge adapters into the base weights, and take them back out.
+
+    merge:    W <- W + scale * B @ A   (per site; the branch nodes leave the graph)
+    unmerge:  W <- W - scale * B @ A   (the branches come back for active adapters)
+
+Rules:
+1. The delta is computed in float32 and added in place, one site at a time: extra memory is one
+   site's delta. `lora_bias` folds `scale * b_B` into the base bias.
+2. Low-precision weights lose part of the delta to rounding. `merge` measures it per site
+   (`||applied - delta|| / ||delta||`), keeps the report in the graph state
+   (`lora_fx.merge_report(gm)`), logs it, and warns when it exceeds 1 %.
+3. `safe_merge=True` computes every merged weight in a copy first and raises on non-finite values
+   before any weight is written.
+4. A weight read by several sites (tied embeddings) or other ops is first given a private copy for the
+   merged site, so the other users keep the base weight (PEFT would change them all). A warning says
+   how many bytes that costs.
+5. A merged graph runs exactly the base ops: merging an adapter removes its branch nodes.
+6. The graph shares weights with the captured model, so merging changes the eager model too (as
+   PEFT's merge does); `unmerge` restores it, up to rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable
+
+import torch
+import torch.fx
+from torch import nn
+
+from lora_fx import _graph, ops
+from lora_fx._keys import lora_paths
+from lora_fx._meta import LoraState, SiteRecord, state_or_none
+from lora_fx.errors import AdapterError, MergeError
+from lora_fx.passes._branch import insert_branch, remove_branch
+from lora_fx.sites import Site, all_sites
+
+__all__ = ["merge", "merge_report", "require_state", "unmerge"]
+
+log = logging.getLogger(__name__)
+
+_ROUNDING_WARN = 0.01
+
+
+def merge(
+    gm: torch.fx.GraphModule, adapter_names: Iterable[str] | None = None, safe_merge: bool = False
+) -> torch.fx.GraphModule:
+    """Fold adapters into the base weights, in place, and remove their branches from the graph.
+
+    Args:
+        gm: A graph with adapters injected.
+        adapter_names: Adapters to merge; default: every active adapter not merged yet.
+        safe_merge: Compute all merged weights in copies and check they are finite before writing.
+
+    Returns:
+        The same GraphModule, recompiled. `merge_report(gm)` gives the rounding loss per site.
+
+    Raises:
+        AdapterError: An unknown adapter name, or no adapter on the graph.
+        MergeError: `safe_merge` found non-finite values, or a site cannot be merged
+            (grouped conv, `lora_bias` on a site without bias). Nothing was written.
+
+    Example:
+        >>> gm = lora_fx.merge(gm)   # outputs unchanged, zero LoRA overhead
+    """
+    # plan
+    state = require_state(gm)
+    names = _resolve(state, adapter_names)
+    already = [n for n in names if state.adapters[n].merged]
+    for name in already:
+        warnings.warn(f"adapter {name!r} is already merged; nothing to do for it", stacklevel=2)
+    names = [n for n in names if not state.adapters[n].merged]
+    sites = all_sites(gm)
+    plan = [(name, sites[fqn], rec) for name in names for fqn, rec in state.adapters[name].sites.items()]
+    for name, site, rec in plan:
+        _check_mergeable(gm, site, rec)
+    if safe_merge:
+        _check_finite(gm, plan)
+
+    # apply
+    report: dict[str, float] = {}
+    for name, site, rec in plan:
+        _untie_if_shared(gm, site, state)
+        report[f"{name}:{site.fqn}"] = _fold(gm, site, name, rec, sign=1.0)
+    for name, site, _ in plan:
+        remove_branch(gm, site.fqn, name)
+    for name in names:
+        state.adapters[name].merged = True
+    state.merge_report = report
+
+    # finish
+    _graph.cleanup(gm)
+    worst = max(report.values(), default=0.0)
+    log.info("merge: %d adapters, %d sites, worst rounding loss %.2e", len(names), len(plan), worst)
+    if worst > _ROUNDING_WARN:
+        warnings.warn(
+            f"merge lost up to {worst:.1%} of a site's delta to rounding in the base weight dtype; "
+            "merge in float32 (gm.float()) to keep it; see lora_fx.merge_report(gm)",
+            stacklevel=2,
+        )
+    return gm
+
+
+def unmerge(gm: torch.fx.GraphModule, adapter_names: Iterable[str] | None = None) -> torch.fx.GraphModule:
+    """Take merged adapters back out of the base weights, in place, restoring active branches.
+
+    Args:
+        gm: A graph with merged adapters.
+        adapter_names: Adapters to unmerge; default: every merged adapter.
+
+    Returns:
+        The same GraphModule, recompiled.
+
+    Raises:
+        AdapterError: An unknown adapter name.
+
+    Example:
+        >>> gm = lora_fx.unmerge(gm)   # base weights as before merge (up to rounding)
+    """
+    state = require_state(gm)
+    merged = [n for n, rec in state.adapters.items() if rec.merged]
+    names = merged if adapter_names is None else [n for n in _resolve(state, adapter_names) if n in merged]
+    sites = all_sites(gm)
+    for name in reversed(names):
+        for fqn, rec in state.adapters[name].sites.items():
+            _fold(gm, sites[fqn], name, rec, sign=-1.0)
+        state.adapters[name].merged = False
+    # Branches come back in activation order, so the sum order is the same as before merging.
+    for name in state.active:
+        if name in names:
+            for fqn, rec in state.adapters[name].sites.items():
+                insert_branch(gm, all_sites(gm)[fqn], name, rec)
+    _graph.cleanup(gm)
+    log.info("unmerge: %d adapters", len(names))
+    return gm
+
+
+def merge_report(gm: torch.fx.GraphModule) -> dict[str, float]:
+    """The last merge's rounding loss per `"adapter:site"` (relative error of the folded delta)."""
+    state = state_or_none(gm)
+    return dict(state.merge_report) if state else {}
+
+
+def site_delta(gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord) -> torch.Tensor:
+    """The float32 delta of one adapter on one site, in the base weight's layout."""
+    paths = lora_paths(site.kind, site.fqn, adapter)
+    a, b = _graph.get_attr(gm, paths.a), _graph.get_attr(gm, paths.b)
+    groups = site.conv.groups if site.conv else 1
+    return ops.delta_weight(site.kind, a.detach(), b.detach(), rec.scale, transposed=site.transposed, groups=groups)
+
+
+def _fold(gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord, *, sign: float) -> float:
+    """Add (sign=1) or subtract (sign=-1) the delta in place; returns the rounding loss."""
+    weight = _graph.get_attr(gm, site.weight)
+    delta = site_delta(gm, site, adapter, rec) * sign
+    with torch.no_grad():
+        before = weight.detach().clone() if weight.dtype != delta.dtype else None
+        if before is None:
+            weight.add_(delta)
+            loss = 0.0
+        else:
+            weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
+            loss = ops.rounding_error(before, weight, delta)
+        if rec.lora_bias:
+            b_bias = _graph.get_attr(gm, lora_paths(site.kind, site.fqn, adapter).b_bias)
+            bias = _graph.get_attr(gm, site.bias)
+            bias.add_((b_bias.detach().float() * rec.scale * sign).to(bias.dtype))
+    return loss
+
+
+def _check_mergeable(gm: torch.fx.GraphModule, site: Site, rec: SiteRecord) -> None:
+    """Refuse sites whose delta is not one weight, before anything is written."""
+    if site.conv is not None and site.conv.groups > 1:
+        raise MergeError(f"site {site.fqn!r} is a conv with groups={site.conv.groups}; it cannot be merged")
+    if rec.lora_bias and site.bias is None:
+        raise MergeError(f"site {site.fqn!r} has lora_bias=True but no base bias to fold it into")
+
+
+def _check_finite(gm: torch.fx.GraphModule, plan: list[tuple[str, Site, SiteRecord]]) -> None:
+    """safe_merge: every merged weight must be finite; nothing is written here."""
+    for name, site, rec in plan:
+        weight = _graph.get_attr(gm, site.weight)
+        merged = weight.detach().to(torch.float32) + site_delta(gm, site, name, rec)
+        if not torch.isfinite(merged).all():
+            raise MergeError(
+                f"safe_merge: merging adapter {name!r} into site {site.fqn!r} gives non-finite weights; "
+                "nothing was merged"
+            )
+
+
+def _untie_if_shared(gm: torch.fx.GraphModule, site: Site, state: LoraState) -> bool:
+    """Give the site a private copy of its weight when other nodes read it too; True if copied."""
+    weight = _graph.get_attr(gm, site.weight)
+    own_nodes = set(site.nodes)
+    readers = _graph.weight_users(gm, weight)
+    others = [n for n in readers if n not in own_nodes and not set(n.users) <= own_nodes]
+    if not others:
+        return False
+    private = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    path = f"{site.fqn}.weight"
+    holder = _graph.own_module(gm, site.fqn, state)
+    if site.nodes[0].op == "call_module":
+        holder.weight = private
+    else:
+        holder.register_parameter("weight", private)
+        for node in site.nodes:
+            reader = _weight_reader(node, site.weight)
+            with gm.graph.inserting_before(node):
+                getter = gm.graph.get_attr(path)
+            node.replace_input_with(reader, getter)
+    warnings.warn(
+        f"site {site.fqn!r} shares its weight with {[n.name for n in others]}; merging gives it a private "
+        f"copy ({private.numel() * private.element_size():,d} bytes) so the other users keep the base weight",
+        stacklevel=3,
+    )
+    return True
+
+
+def _weight_reader(node: torch.fx.Node, weight: str) -> torch.fx.Node:
+    """The get_attr input of a site op that reads `weight`."""
+    for arg in node.all_input_nodes:
+        if arg.op == "get_attr" and arg.target == weight:
+            return arg
+    raise MergeError(
+        f"cannot give {node.format_node()} a private weight: it reads {weight!r} through another op"
+    )
+
+
+def require_state(gm: torch.fx.GraphModule) -> LoraState:
+    """The LoRA state, or a clear error when nothing was injected."""
+    state = state_or_none(gm)
+    if state is None or not state.adapters:
+        raise AdapterError("this graph has no LoRA adapter; call lora_fx.inject(gm, cfg) first")
+    return state
+
+
+def _resolve(state: LoraState, adapter_names: Iterable[str] | None) -> list[str]:
+    """Adapter names to act on (default: the active ones), checked against the known ones."""
+    if adapter_names is None:
+        return list(state.active)
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    unknown = [n for n in names if n not in state.adapters]
+    if unknown:
+        raise AdapterError(f"unknown adapter(s) {unknown}; adapters on this graph: {list(state.adapters)}")
+    return names
+
