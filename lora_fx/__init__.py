@@ -1,8 +1,8 @@
 """lora_fx: LoRA as compiler passes over torch.fx graphs.
 
-    model --capture--> GraphModule --inject--> + LoRA branches --(train)--> save_adapter
-                                                     |--merge / unmerge--> weights folded in / out
-                                                     `--unload / merge_and_unload--> plain graph
+model --capture--> GraphModule --inject--> + LoRA branches --(train)--> save_adapter
+                                                 |--merge / unmerge--> weights folded in / out
+                                                 `--unload / merge_and_unload--> plain graph
 """
 
 from lora_fx.capture import capture

@@ -48,7 +48,9 @@ def own_module(gm: torch.fx.GraphModule, path: str, state: LoraState) -> nn.Modu
             parent.add_module(part, child)
             state.owned_modules.add(".".join(parts[: i + 1]))
         elif not isinstance(child, nn.Module):
-            raise TypeError(f"cannot put LoRA modules under {path!r}: {part!r} is a {type(child).__name__}")
+            raise TypeError(
+                f"cannot put LoRA modules under {path!r}: {part!r} is a {type(child).__name__}"
+            )
         parent = child
     if path and path not in state.owned_modules:
         clone = copy.copy(parent)

@@ -44,7 +44,10 @@ def lora_paths(kind: str, site: str, adapter: str) -> LoraPaths:
     """Paths and file keys of the A/B tensors of `adapter` on `site`."""
     if kind == "embedding":
         a, b = f"{site}.lora_embedding_A.{adapter}", f"{site}.lora_embedding_B.{adapter}"
-        a_key, b_key = f"{FILE_PREFIX}{site}.lora_embedding_A", f"{FILE_PREFIX}{site}.lora_embedding_B"
+        a_key, b_key = (
+            f"{FILE_PREFIX}{site}.lora_embedding_A",
+            f"{FILE_PREFIX}{site}.lora_embedding_B",
+        )
     else:
         a, b = f"{site}.lora_A.{adapter}.weight", f"{site}.lora_B.{adapter}.weight"
         a_key, b_key = f"{FILE_PREFIX}{site}.lora_A.weight", f"{FILE_PREFIX}{site}.lora_B.weight"

@@ -72,7 +72,11 @@ def capture(
     was_training = model.training
     try:
         model.eval()
-        gm = _export(model, args, kwargs, dynamic_shapes) if method == "export" else _trace(model, kwargs)
+        gm = (
+            _export(model, args, kwargs, dynamic_shapes)
+            if method == "export"
+            else _trace(model, kwargs)
+        )
     finally:
         model.train(was_training)
     gm.meta[CAPTURE_META] = {
@@ -89,7 +93,9 @@ def as_graph_module(obj: Any) -> torch.fx.GraphModule:
     """Accept a GraphModule or an ExportedProgram; turn the latter into a trainable GraphModule."""
     if isinstance(obj, torch.export.ExportedProgram):
         gm = _trainable_module(obj.module())
-        gm.meta.setdefault(CAPTURE_META, {"method": "export", "model_class": None, "output_layer": None})
+        gm.meta.setdefault(
+            CAPTURE_META, {"method": "export", "model_class": None, "output_layer": None}
+        )
         return gm
     if isinstance(obj, torch.fx.GraphModule):
         return obj
@@ -99,10 +105,14 @@ def as_graph_module(obj: Any) -> torch.fx.GraphModule:
     )
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> torch.fx.GraphModule:
+def _export(
+    model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any
+) -> torch.fx.GraphModule:
     """torch.export, then the trainable-module fixes."""
     try:
-        program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        program = torch.export.export(
+            model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False
+        )
     except Exception as e:
         raise CaptureError(
             f"method='export' failed on {type(model).__name__}: {type(e).__name__}: {_first_line(e)}; "
@@ -170,8 +180,12 @@ def _bind_constant_kwargs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -
     for (path, value), node in zip(leaves, placeholders, strict=True):
         if len(path) >= 2 and getattr(path[1], "key", None) in constant:
             for user in list(node.users):
-                user.args = pytree.tree_map(lambda a, n=node, v=value: v if a is n else a, user.args)
-                user.kwargs = pytree.tree_map(lambda a, n=node, v=value: v if a is n else a, user.kwargs)
+                user.args = pytree.tree_map(
+                    lambda a, n=node, v=value: v if a is n else a, user.args
+                )
+                user.kwargs = pytree.tree_map(
+                    lambda a, n=node, v=value: v if a is n else a, user.kwargs
+                )
             gm.graph.erase_node(node)
     kept = {k: v for k, v in kwargs.items() if k not in constant}
     codegen.pytree_info = info._replace(

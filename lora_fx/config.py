@@ -89,7 +89,9 @@ class LoraConfig:
         for key, alpha in self.alpha_pattern.items():
             _check_number(f"alpha_pattern[{key!r}]", alpha)
         if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
-            raise ConfigError(f"lora_dropout={self.lora_dropout!r} is invalid; expected a float in [0, 1)")
+            raise ConfigError(
+                f"lora_dropout={self.lora_dropout!r} is invalid; expected a float in [0, 1)"
+            )
         if self.bias not in _BIAS_MODES:
             raise ConfigError(f"bias={self.bias!r} is invalid; expected one of {list(_BIAS_MODES)}")
         if self.init_lora_weights not in _INITS:
@@ -100,7 +102,9 @@ class LoraConfig:
         _check_names("target_modules", self.target_modules)
         _check_names("exclude_modules", self.exclude_modules)
         if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ConfigError("layers_pattern is only used with layers_to_transform; set both or neither")
+            raise ConfigError(
+                "layers_pattern is only used with layers_to_transform; set both or neither"
+            )
         if self.layers_to_transform is not None and isinstance(self.target_modules, str):
             raise ConfigError(
                 "layers_to_transform needs target_modules as a list of names (as in PEFT), "
@@ -139,7 +143,9 @@ class LoraConfig:
         """Build a config from a PEFT `adapter_config.json` dict, keeping unknown keys in `extra`."""
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
-            raise ConfigError(f"adapter config has peft_type={peft_type!r}; lora_fx reads only 'LORA'")
+            raise ConfigError(
+                f"adapter config has peft_type={peft_type!r}; lora_fx reads only 'LORA'"
+            )
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names}

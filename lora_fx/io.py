@@ -46,7 +46,9 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 
 
-def save_adapter(gm: torch.fx.GraphModule, path: str | os.PathLike, adapter_name: str = "default") -> None:
+def save_adapter(
+    gm: torch.fx.GraphModule, path: str | os.PathLike, adapter_name: str = "default"
+) -> None:
     """Write one adapter in PEFT's layout into the folder `path` (created if needed).
 
     Args:
@@ -63,20 +65,30 @@ def save_adapter(gm: torch.fx.GraphModule, path: str | os.PathLike, adapter_name
     """
     state = require_state(gm)
     if adapter_name not in state.adapters:
-        raise AdapterError(f"unknown adapter {adapter_name!r}; adapters on this graph: {list(state.adapters)}")
+        raise AdapterError(
+            f"unknown adapter {adapter_name!r}; adapters on this graph: {list(state.adapters)}"
+        )
     record = state.adapters[adapter_name]
     sites = all_sites(gm)
     adapter_sites = [sites[fqn] for fqn in record.sites]
     keys = _adapter_keys(gm, adapter_name, adapter_sites, record.sites, record.modules_to_save)
     keys.update(_bias_keys(gm, record.config.bias, adapter_sites))
-    tensors = {key: _graph.get_attr(gm, p).detach().cpu().contiguous() for key, (p, _) in keys.items()}
+    tensors = {
+        key: _graph.get_attr(gm, p).detach().cpu().contiguous() for key, (p, _) in keys.items()
+    }
     config = record.config.to_dict()
     if record.config.is_all_linear:
         config["target_modules"] = sorted(record.sites)  # PEFT writes the resolved names
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / SAFETENSORS_NAME, lambda f: safetensors.torch.save_file(tensors, f, {"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2, sort_keys=True)))
+    _atomic_write(
+        folder / SAFETENSORS_NAME,
+        lambda f: safetensors.torch.save_file(tensors, f, {"format": "pt"}),
+    )
+    _atomic_write(
+        folder / CONFIG_NAME,
+        lambda f: Path(f).write_text(json.dumps(config, indent=2, sort_keys=True)),
+    )
     log.info("save_adapter: %r -> %s (%d tensors)", adapter_name, folder, len(tensors))
 
 
@@ -113,14 +125,18 @@ def load_adapter(
     if state is not None and adapter_name in state.adapters:
         record = state.adapters[adapter_name]
         if record.merged:
-            raise AdapterError(f"adapter {adapter_name!r} is merged; unmerge it before loading weights into it")
+            raise AdapterError(
+                f"adapter {adapter_name!r} is merged; unmerge it before loading weights into it"
+            )
         sites_by_name = all_sites(gm)
         sites = [sites_by_name[fqn] for fqn in record.sites]
         records, saved_modules = record.sites, record.modules_to_save
     else:
         sites = find_sites(gm, cfg)
         records = {site.fqn: _site_record(cfg, site) for site in sites}
-        saved_modules = match_modules_to_save(gm, cfg.modules_to_save) if cfg.modules_to_save else []
+        saved_modules = (
+            match_modules_to_save(gm, cfg.modules_to_save) if cfg.modules_to_save else []
+        )
     expected = _adapter_keys(gm, adapter_name, sites, records, saved_modules)
     base_keys = _base_keys(gm, sites)
     _check_tensors(tensors, expected, base_keys, folder)
@@ -162,17 +178,26 @@ def _adapter_keys(
     return keys
 
 
-def _bias_keys(gm: torch.fx.GraphModule, bias: str, sites: list[Site]) -> dict[str, tuple[str, tuple]]:
+def _bias_keys(
+    gm: torch.fx.GraphModule, bias: str, sites: list[Site]
+) -> dict[str, tuple[str, tuple]]:
     """PEFT's bias keys: `<site>.base_layer.bias` for adapted sites, `<module>.bias` for the rest."""
     if bias == "none":
         return {}
     keys: dict[str, tuple[str, tuple]] = {}
     site_biases = {site.bias: site for site in sites if site.bias is not None}
     for path, site in site_biases.items():
-        keys[f"{FILE_PREFIX}{site.fqn}.base_layer.bias"] = (path, tuple(_graph.get_attr(gm, path).shape))
+        keys[f"{FILE_PREFIX}{site.fqn}.base_layer.bias"] = (
+            path,
+            tuple(_graph.get_attr(gm, path).shape),
+        )
     if bias == "all":
         for name, param in gm.named_parameters():
-            if name.rsplit(".", 1)[-1] == "bias" and not is_adapter_parameter(name) and name not in site_biases:
+            if (
+                name.rsplit(".", 1)[-1] == "bias"
+                and not is_adapter_parameter(name)
+                and name not in site_biases
+            ):
                 keys[f"{FILE_PREFIX}{name}"] = (name, tuple(param.shape))
     return keys
 
@@ -219,7 +244,9 @@ def _check_tensors(
         problems.append(f"{len(wrong)} mis-shaped tensors, e.g. {wrong[:3]}")
     if problems:
         raise AdapterError(
-            f"adapter in {str(folder)!r} does not fit this graph: " + "; ".join(problems) + "; nothing was loaded"
+            f"adapter in {str(folder)!r} does not fit this graph: "
+            + "; ".join(problems)
+            + "; nothing was loaded"
         )
 
 

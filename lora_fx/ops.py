@@ -44,7 +44,9 @@ def delta_weight(
         return (b @ a).T * scale  # ([dim, r] @ [r, num]).T -> [num, dim]
     if kind == "conv":
         if groups > 1:
-            raise ValueError(f"a conv with groups={groups} cannot be merged (its delta is not one weight)")
+            raise ValueError(
+                f"a conv with groups={groups} cannot be merged (its delta is not one weight)"
+            )
         if all(k == 1 for k in a.shape[2:]):
             flat = b.flatten(1) @ a.flatten(1)  # [out, r] @ [r, in] -> [out, in]
             return flat.reshape(flat.shape + (1,) * (a.dim() - 2)) * scale

@@ -37,7 +37,11 @@ __all__ = ["ConvSpec", "Site", "all_sites", "find_sites", "match_modules_to_save
 
 _LINEAR_OPS = (torch.ops.aten.linear.default, torch._C._nn.linear, nn.functional.linear)
 _MM_OPS = (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
-_TRANSPOSE_OPS = (torch.ops.aten.t.default, torch.ops.aten.permute.default, torch.ops.aten.transpose.int)
+_TRANSPOSE_OPS = (
+    torch.ops.aten.t.default,
+    torch.ops.aten.permute.default,
+    torch.ops.aten.transpose.int,
+)
 _CONV_OPS = {
     torch.ops.aten.conv1d.default: 1,
     torch.ops.aten.conv2d.default: 2,
@@ -162,7 +166,9 @@ def match_modules_to_save(gm: torch.fx.GraphModule, names: list[str]) -> list[st
     holders = [
         path
         for path, module in gm.named_modules()
-        if path and any(True for _ in module.parameters(recurse=False)) and ".lora_" not in path
+        if path
+        and any(True for _ in module.parameters(recurse=False))
+        and ".lora_" not in path
         and ".modules_to_save." not in path
     ]
     chosen: list[str] = []
@@ -188,7 +194,9 @@ def _check_site(site: Site, cfg: LoraConfig) -> None:
             f"site {site.fqn!r} is a conv with groups={site.conv.groups}; r={r} must be divisible by it"
         )
     if cfg.lora_bias and site.kind == "embedding":
-        raise UnsupportedSiteError(f"lora_bias=True is not supported on embedding site {site.fqn!r}")
+        raise UnsupportedSiteError(
+            f"lora_bias=True is not supported on embedding site {site.fqn!r}"
+        )
 
 
 def _target_matches(cfg: LoraConfig, fqn: str) -> bool:
@@ -280,7 +288,9 @@ def _match_call_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match 
     path, x = node.target, node.args[0]
     bias = f"{path}.bias" if getattr(module, "bias", None) is not None else None
     if isinstance(module, nn.Linear):
-        return _Match(path, "linear", node, x, f"{path}.weight", bias, module.in_features, module.out_features)
+        return _Match(
+            path, "linear", node, x, f"{path}.weight", bias, module.in_features, module.out_features
+        )
     if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
         rows, cols = module.weight.shape  # Conv1D stores [in, out]
         return _Match(path, "linear", node, x, f"{path}.weight", bias, rows, cols, transposed=True)
@@ -294,7 +304,15 @@ def _match_call_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match 
             groups=module.groups,
         )
         return _Match(
-            path, "conv", node, x, f"{path}.weight", bias, module.in_channels, module.out_channels, conv=spec
+            path,
+            "conv",
+            node,
+            x,
+            f"{path}.weight",
+            bias,
+            module.in_channels,
+            module.out_channels,
+            conv=spec,
         )
     if isinstance(module, nn.Embedding):
         return _Match(
@@ -330,7 +348,11 @@ def _match_mm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match | None:
     is_addmm = node.target == torch.ops.aten.addmm.default
     x, w_arg = (node.args[1], node.args[2]) if is_addmm else (node.args[0], node.args[1])
     transposed = True
-    if isinstance(w_arg, torch.fx.Node) and w_arg.op == "call_function" and w_arg.target in _TRANSPOSE_OPS:
+    if (
+        isinstance(w_arg, torch.fx.Node)
+        and w_arg.op == "call_function"
+        and w_arg.target in _TRANSPOSE_OPS
+    ):
         if not _is_2d_transpose(w_arg):
             return None
         w_arg, transposed = w_arg.args[0], False
@@ -340,7 +362,9 @@ def _match_mm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match | None:
     rows, cols = gm.get_parameter(weight).shape
     in_f, out_f = (rows, cols) if transposed else (cols, rows)
     bias = _parameter_path(gm, node.args[0]) if is_addmm else None
-    return _Match(_site_name(node, weight), "linear", node, x, weight, bias, in_f, out_f, transposed)
+    return _Match(
+        _site_name(node, weight), "linear", node, x, weight, bias, in_f, out_f, transposed
+    )
 
 
 def _match_conv(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match | None:
@@ -356,7 +380,12 @@ def _match_conv(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match | None:
         b = _arg(node, 2, "bias")
         stride, padding, dilation, groups = (
             _arg(node, i, name, default)
-            for i, name, default in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1), (6, "groups", 1))
+            for i, name, default in (
+                (3, "stride", 1),
+                (4, "padding", 0),
+                (5, "dilation", 1),
+                (6, "groups", 1),
+            )
         )
     else:
         return None
@@ -375,7 +404,9 @@ def _match_conv(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match | None:
     )
     bias = _parameter_path(gm, b)
     in_ch = shape[1] * spec.groups
-    return _Match(_site_name(node, weight), "conv", node, x, weight, bias, in_ch, shape[0], conv=spec)
+    return _Match(
+        _site_name(node, weight), "conv", node, x, weight, bias, in_ch, shape[0], conv=spec
+    )
 
 
 def _match_embedding(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match | None:

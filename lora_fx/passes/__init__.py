@@ -1,6 +1,10 @@
 """The passes, in pipeline order: inject -> (train) -> merge / unmerge -> unload / merge_and_unload."""
 
-from lora_fx.passes.adapters import count_parameters, print_trainable_parameters, trainable_parameters
+from lora_fx.passes.adapters import (
+    count_parameters,
+    print_trainable_parameters,
+    trainable_parameters,
+)
 from lora_fx.passes.inject import inject
 from lora_fx.passes.merge import merge, merge_report, unmerge
 from lora_fx.passes.unload import merge_and_unload, unload

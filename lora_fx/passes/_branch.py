@@ -83,7 +83,8 @@ def _chain_end(base: torch.fx.Node) -> torch.fx.Node:
     end = base
     while True:
         nxt = next(
-            (u for u in end.users if (lora_tag(u) or {}).get("role") == "add" and u.args[0] is end), None
+            (u for u in end.users if (lora_tag(u) or {}).get("role") == "add" and u.args[0] is end),
+            None,
         )
         if nxt is None:
             return end

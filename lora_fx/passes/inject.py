@@ -112,14 +112,18 @@ def inject(
 def _check_request(gm: torch.fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> None:
     """Reject names and config features that cannot be honoured, before anything changes."""
     if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
-        raise AdapterError(f"adapter_name={adapter_name!r} is invalid; expected a Python identifier")
+        raise AdapterError(
+            f"adapter_name={adapter_name!r} is invalid; expected a Python identifier"
+        )
     state = state_or_none(gm)
     if state is not None and adapter_name in state.adapters:
         raise AdapterError(
             f"adapter {adapter_name!r} already exists; existing adapters: {list(state.adapters)}"
         )
     if state is not None and any(rec.merged for rec in state.adapters.values()):
-        raise AdapterError("cannot inject while adapters are merged; call lora_fx.unmerge(gm) first")
+        raise AdapterError(
+            "cannot inject while adapters are merged; call lora_fx.unmerge(gm) first"
+        )
     for name, feature in _NOT_YET.items():
         if getattr(cfg, name):
             raise ConfigError(f"{name}={getattr(cfg, name)!r}: {feature} is not supported yet")
@@ -172,14 +176,24 @@ def _add_lora_modules(
     holder.lora_dropout[adapter] = dropout.train(gm.training)
 
 
-def _factor_modules(site: Site, r: int, lora_bias: bool, init: bool | str) -> tuple[nn.Module, nn.Module]:
+def _factor_modules(
+    site: Site, r: int, lora_bias: bool, init: bool | str
+) -> tuple[nn.Module, nn.Module]:
     """PEFT's lora_A / lora_B modules for a linear or conv site."""
     if site.kind == "linear":
         lora_a = nn.Linear(site.in_features, r, bias=False)
         lora_b = nn.Linear(r, site.out_features, bias=lora_bias)
     else:
         spec, conv = site.conv, _CONV_CLASSES[site.conv.dims]
-        lora_a = conv(site.in_features, r, spec.kernel_size, spec.stride, spec.padding, spec.dilation, bias=False)
+        lora_a = conv(
+            site.in_features,
+            r,
+            spec.kernel_size,
+            spec.stride,
+            spec.padding,
+            spec.dilation,
+            bias=False,
+        )
         lora_b = conv(r, site.out_features, 1, groups=spec.groups, bias=lora_bias)
     if init is not False:
         if init is True:

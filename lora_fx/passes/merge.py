@@ -72,7 +72,9 @@ def merge(
         warnings.warn(f"adapter {name!r} is already merged; nothing to do for it", stacklevel=2)
     names = [n for n in names if not state.adapters[n].merged]
     sites = all_sites(gm)
-    plan = [(name, sites[fqn], rec) for name in names for fqn, rec in state.adapters[name].sites.items()]
+    plan = [
+        (name, sites[fqn], rec) for name in names for fqn, rec in state.adapters[name].sites.items()
+    ]
     for name, site, rec in plan:
         _check_mergeable(gm, site, rec)
     if safe_merge:
@@ -102,7 +104,9 @@ def merge(
     return gm
 
 
-def unmerge(gm: torch.fx.GraphModule, adapter_names: Iterable[str] | None = None) -> torch.fx.GraphModule:
+def unmerge(
+    gm: torch.fx.GraphModule, adapter_names: Iterable[str] | None = None
+) -> torch.fx.GraphModule:
     """Take merged adapters back out of the base weights, in place, restoring active branches.
 
     Args:
@@ -120,7 +124,11 @@ def unmerge(gm: torch.fx.GraphModule, adapter_names: Iterable[str] | None = None
     """
     state = require_state(gm)
     merged = [n for n, rec in state.adapters.items() if rec.merged]
-    names = merged if adapter_names is None else [n for n in _resolve(state, adapter_names) if n in merged]
+    names = (
+        merged
+        if adapter_names is None
+        else [n for n in _resolve(state, adapter_names) if n in merged]
+    )
     sites = all_sites(gm)
     for name in reversed(names):
         for fqn, rec in state.adapters[name].sites.items():
@@ -147,10 +155,14 @@ def site_delta(gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteReco
     paths = lora_paths(site.kind, site.fqn, adapter)
     a, b = _graph.get_attr(gm, paths.a), _graph.get_attr(gm, paths.b)
     groups = site.conv.groups if site.conv else 1
-    return ops.delta_weight(site.kind, a.detach(), b.detach(), rec.scale, transposed=site.transposed, groups=groups)
+    return ops.delta_weight(
+        site.kind, a.detach(), b.detach(), rec.scale, transposed=site.transposed, groups=groups
+    )
 
 
-def _fold(gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord, *, sign: float) -> float:
+def _fold(
+    gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord, *, sign: float
+) -> float:
     """Add (sign=1) or subtract (sign=-1) the delta in place; returns the rounding loss."""
     weight = _graph.get_attr(gm, site.weight)
     delta = site_delta(gm, site, adapter, rec) * sign
@@ -172,7 +184,9 @@ def _fold(gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord, *
 def _check_mergeable(gm: torch.fx.GraphModule, site: Site, rec: SiteRecord) -> None:
     """Refuse sites whose delta is not one weight, before anything is written."""
     if site.conv is not None and site.conv.groups > 1:
-        raise MergeError(f"site {site.fqn!r} is a conv with groups={site.conv.groups}; it cannot be merged")
+        raise MergeError(
+            f"site {site.fqn!r} is a conv with groups={site.conv.groups}; it cannot be merged"
+        )
     if rec.lora_bias and site.bias is None:
         raise MergeError(f"site {site.fqn!r} has lora_bias=True but no base bias to fold it into")
 
@@ -242,6 +256,7 @@ def _resolve(state: LoraState, adapter_names: Iterable[str] | None) -> list[str]
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     unknown = [n for n in names if n not in state.adapters]
     if unknown:
-        raise AdapterError(f"unknown adapter(s) {unknown}; adapters on this graph: {list(state.adapters)}")
+        raise AdapterError(
+            f"unknown adapter(s) {unknown}; adapters on this graph: {list(state.adapters)}"
+        )
     return names
-

@@ -58,10 +58,17 @@ def unload(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for fqn in sites:
         for holder in HOLDERS:
             _graph.delete_attr(gm, f"{fqn}.{holder}")
-    kept = _keep_trained_copies(gm, {p for rec in state.adapters.values() for p in rec.modules_to_save})
+    kept = _keep_trained_copies(
+        gm, {p for rec in state.adapters.values() for p in rec.modules_to_save}
+    )
     del gm.meta[STATE_META]
     _graph.cleanup(gm)
-    log.info("unload: %d adapters, %d sites, %d modules_to_save kept", len(state.adapters), len(sites), kept)
+    log.info(
+        "unload: %d adapters, %d sites, %d modules_to_save kept",
+        len(state.adapters),
+        len(sites),
+        kept,
+    )
     return gm
 
 
@@ -105,7 +112,11 @@ def _keep_trained_copies(gm: torch.fx.GraphModule, paths: set[str]) -> int:
     kept = 0
     for path in sorted(paths):
         prefix = f"{path}.modules_to_save."
-        users = [n for n in gm.graph.nodes if n.op in ("get_attr", "call_module") and n.target.startswith(prefix)]
+        users = [
+            n
+            for n in gm.graph.nodes
+            if n.op in ("get_attr", "call_module") and n.target.startswith(prefix)
+        ]
         if not users:
             continue
         adapter = users[0].target[len(prefix) :].split(".", 1)[0]

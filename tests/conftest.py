@@ -1,0 +1,40 @@
+"""Shared fixtures: a fixed seed for every test, one tolerance table, capture-method parametrization."""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # `import models` from tests and examples
+
+# One table of tolerances, by dtype. float32: LoRA branches and merged weights differ from PEFT's
+# only by summation order (~1e-6 on these tiny models).
+TOLERANCES = {
+    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+    torch.float64: {"atol": 1e-10, "rtol": 1e-10},
+    torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    torch.manual_seed(0)
+    logging.getLogger("lora_fx").setLevel(logging.INFO)
+
+
+def assert_close(actual, expected, dtype=torch.float32):
+    """torch.testing.assert_close with the table's tolerance for `dtype`."""
+    torch.testing.assert_close(actual, expected, **TOLERANCES[dtype])
+
+
+def assert_differs(a, b, min_diff=1e-3):
+    """Guard against vacuous checks: the adapter must change the output."""
+    assert (a - b).abs().max().item() > min_diff, (
+        "adapter did not change the output; test is vacuous"
+    )
