@@ -1,0 +1,328 @@
+"""PEFT as the oracle: one model and one config through PEFT and through lora_fx must agree.
+
+For every case (model x capture method x config):
+1. PEFT -> lora_fx: an adapter PEFT saved loads into the captured graph and gives PEFT's outputs;
+2. `merge_and_unload` gives PEFT's merged outputs and leaves no lora_fx node;
+3. trainable / total parameter counts equal `PeftModel.get_nb_trainable_parameters()`;
+4. the keys of `adapter_model.safetensors` equal the keys PEFT writes;
+5. lora_fx -> PEFT: an adapter lora_fx saved loads with `PeftModel.from_pretrained` and gives lora_fx's
+   outputs.
+Adapters are created with `init_lora_weights=False`, and every other trainable tensor (biases,
+`modules_to_save` copies) is perturbed, so each check fails when a feature is ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import peft
+import pytest
+import safetensors.torch
+import torch
+from conftest import assert_close, assert_differs
+from models import TinyConv, TinyEmbedding, TinyMLP, tiny_bert, tiny_gpt2, tiny_llama
+from torch import nn
+
+import lora_fx
+
+_NO_CACHE = {"use_cache": False}
+
+
+def _features(x: int = 10) -> Callable[[], torch.Tensor]:
+    return lambda: torch.randn(4, x)
+
+
+def _images() -> torch.Tensor:
+    return torch.randn(2, 3, 6, 6)
+
+
+def _ids(vocab: int) -> Callable[[], torch.Tensor]:
+    return lambda: torch.randint(0, vocab, (2, 8))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model, capture method and LoRA config (PEFT field names, without `init_lora_weights`)."""
+
+    id: str
+    model: Callable[[], nn.Module]
+    inputs: Callable[[], torch.Tensor]
+    cfg: dict[str, Any]
+    method: str = "export"
+    kwargs: dict[str, Any] | None = field(default=None)
+
+
+def _custom(name, model, inputs, cfg, methods=("export", "fx")) -> list[Case]:
+    return [Case(f"{name}-{m}", model, inputs, cfg, method=m) for m in methods]
+
+
+_MLP_CONFIGS = {
+    "list": {"target_modules": ["lin0", "lin1"]},
+    "regex": {"target_modules": r"lin\d"},
+    "all_linear": {"target_modules": "all-linear"},  # custom model: the last Linear is targeted too
+    "exclude": {"target_modules": "all-linear", "exclude_modules": ["lin1"]},
+    "bias_all": {"target_modules": ["lin0"], "bias": "all"},
+    "bias_lora_only": {"target_modules": ["lin0"], "bias": "lora_only"},
+    "rslora": {"target_modules": ["lin0", "lin1"], "r": 4, "lora_alpha": 8, "use_rslora": True},
+    "patterns": {
+        "target_modules": ["lin0", "lin1"],
+        "r": 4,
+        "rank_pattern": {"lin0": 2},
+        "alpha_pattern": {"lin1": 3},
+    },
+    "modules_to_save": {"target_modules": ["lin0"], "modules_to_save": ["lin1"]},
+    "dropout": {"target_modules": ["lin0", "lin1"], "lora_dropout": 0.3},
+    "lora_bias": {"target_modules": ["lin0", "lin1"], "lora_bias": True},
+}
+
+_CONV_TARGETS = ["conv0", "conv1", "lin0"]
+
+CASES = [
+    *(
+        case
+        for name, cfg in _MLP_CONFIGS.items()
+        for case in _custom(f"mlp-{name}", TinyMLP, _features(), cfg)
+    ),
+    *_custom("conv-list", TinyConv, _images, {"target_modules": _CONV_TARGETS, "r": 4}),
+    *_custom(
+        "conv-patterns",
+        TinyConv,
+        _images,
+        {"target_modules": _CONV_TARGETS, "r": 4, "rank_pattern": {"conv0": 2}, "lora_dropout": 0.2},
+    ),
+    *_custom(
+        "conv-lora_bias", TinyConv, _images, {"target_modules": ["conv0", "conv1"], "lora_bias": True}
+    ),
+    *_custom(
+        "conv-bias_all", TinyConv, _images, {"target_modules": ["conv0"], "bias": "all"}, ("fx",)
+    ),
+    *_custom("emb-list", TinyEmbedding, _ids(100), {"target_modules": ["emb", "lin0"], "r": 4}),
+    *_custom(
+        "emb-modules_to_save",
+        TinyEmbedding,
+        _ids(100),
+        {"target_modules": ["emb"], "modules_to_save": ["lin0"], "use_rslora": True},
+    ),
+    *(
+        Case(f"gpt2-{name}", tiny_gpt2, _ids(256), cfg, kwargs=_NO_CACHE)
+        for name, cfg in {
+            "list": {"target_modules": ["c_attn", "c_proj"], "r": 4},
+            "all_linear": {"target_modules": "all-linear", "r": 4},
+            "layers": {
+                "target_modules": ["c_attn", "c_fc"],
+                "layers_to_transform": [1],
+                "layers_pattern": "h",
+            },
+            "bias_lora_only": {"target_modules": ["c_fc"], "bias": "lora_only", "lora_bias": True},
+        }.items()
+    ),
+    *(
+        Case(f"llama-{name}", tiny_llama, _ids(256), cfg, kwargs=_NO_CACHE)
+        for name, cfg in {
+            "list": {"target_modules": ["q_proj", "v_proj"], "r": 4, "lora_alpha": 16},
+            "regex": {"target_modules": r".*\.(k|o)_proj"},
+            "all_linear_exclude": {
+                "target_modules": "all-linear",
+                "exclude_modules": r".*\.mlp\..*",
+                "r": 4,
+            },
+            "patterns": {
+                "target_modules": ["q_proj", "down_proj"],
+                "use_rslora": True,
+                "rank_pattern": {"down_proj": 2},
+                "alpha_pattern": {r"layers\.1\.self_attn\.q_proj": 32},
+            },
+            "layers": {"target_modules": ["gate_proj", "up_proj"], "layers_to_transform": [1]},
+            # PEFT matches modules_to_save with `endswith`: every RMSNorm ("input_layernorm", ...)
+            "modules_to_save": {"target_modules": ["q_proj"], "modules_to_save": ["norm"]},
+            "dropout": {"target_modules": ["v_proj", "o_proj"], "lora_dropout": 0.1},
+            "embed_tokens": {"target_modules": ["embed_tokens", "q_proj"], "r": 4},
+        }.items()
+    ),
+    *(
+        Case(f"bert-{name}", tiny_bert, _ids(256), cfg)
+        for name, cfg in {
+            # BertForSequenceClassification has no output embedding: PEFT's all-linear also takes
+            # `bert.pooler.dense` and `classifier`.
+            "all_linear": {"target_modules": "all-linear", "r": 4},
+            "modules_to_save": {
+                "target_modules": ["query", "value"],
+                "modules_to_save": ["classifier"],
+            },
+            "bias_all": {"target_modules": ["query", "key", "value"], "bias": "all"},
+        }.items()
+    ),
+]
+
+_IDS = [case.id for case in CASES]
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _out(output: Any) -> torch.Tensor:
+    """The logits of a transformers output, or the tensor itself."""
+    return output.logits if hasattr(output, "logits") else output
+
+
+def _perturb_trainable(model: nn.Module, skip_lora: bool = True) -> None:
+    """Move every trainable non-LoRA tensor (biases, modules_to_save copies) off its base value."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and not (skip_lora and ".lora_" in name):
+                param.add_(0.1 * torch.randn_like(param))
+
+
+def _file_keys(folder: Path) -> set[str]:
+    return set(safetensors.torch.load_file(str(folder / "adapter_model.safetensors")))
+
+
+def _lora_nodes(gm: torch.fx.GraphModule) -> list[str]:
+    return [n.format_node() for n in gm.graph.nodes if "lora_fx" in n.meta]
+
+
+def _capture(case: Case, model: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
+    return lora_fx.capture(model, (x,), case.kwargs, method=case.method)
+
+
+@dataclass
+class Oracle:
+    """What PEFT does with one case, computed once per module."""
+
+    model: nn.Module  # the untouched base model; deep-copy before capturing (merge writes to it)
+    x: torch.Tensor
+    base: torch.Tensor
+    peft: torch.Tensor
+    peft_merged: torch.Tensor
+    counts: tuple[int, int]
+    folder: Path
+
+
+@pytest.fixture(scope="module")
+def oracle(tmp_path_factory) -> Callable[[Case], Oracle]:
+    cache: dict[str, Oracle] = {}
+
+    def get(case: Case) -> Oracle:
+        if case.id not in cache:
+            cache[case.id] = _run_peft(case, tmp_path_factory.mktemp(case.id))
+        return cache[case.id]
+
+    return get
+
+
+def _run_peft(case: Case, folder: Path) -> Oracle:
+    torch.manual_seed(0)
+    model = case.model().eval()
+    x = case.inputs()
+    pm = peft.get_peft_model(
+        copy.deepcopy(model), peft.LoraConfig(**case.cfg, init_lora_weights=False)
+    ).eval()
+    _perturb_trainable(pm)
+    counts = pm.get_nb_trainable_parameters()
+    with torch.no_grad():
+        base, out = _out(model(x)), _out(pm(x))
+        pm.save_pretrained(folder)
+        merged = _out(pm.merge_and_unload()(x))
+    assert_differs(out, base)
+    assert_close(merged, out)  # PEFT agrees with itself
+    return Oracle(model, x, base, out, merged, counts, folder)
+
+
+def _loaded(case: Case, oracle: Oracle) -> torch.fx.GraphModule:
+    """A fresh capture of the base model with PEFT's adapter loaded."""
+    model = copy.deepcopy(oracle.model)
+    gm = lora_fx.load_adapter(_capture(case, model, oracle.x), oracle.folder)
+    gm.graph.lint()
+    return gm
+
+
+# ------------------------------------------------------------------------------- PEFT -> lora_fx
+
+
+@pytest.mark.parametrize("case", CASES, ids=_IDS)
+def test_peft_adapter_gives_peft_outputs(case, oracle):
+    o = oracle(case)
+    gm = _loaded(case, o)
+    with torch.no_grad():
+        assert_close(_out(gm(o.x)), o.peft)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_IDS)
+def test_merge_and_unload_matches_peft(case, oracle):
+    o = oracle(case)
+    gm = _loaded(case, o)
+    gm = lora_fx.merge_and_unload(gm)
+    assert _lora_nodes(gm) == []
+    gm.graph.lint()
+    with torch.no_grad():
+        assert_close(_out(gm(o.x)), o.peft_merged)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_IDS)
+def test_parameter_counts_match_peft(case, oracle):
+    o = oracle(case)
+    gm = _loaded(case, o)
+    assert lora_fx.count_parameters(gm) == o.counts
+
+
+@pytest.mark.parametrize("case", CASES, ids=_IDS)
+def test_saved_keys_match_peft(case, oracle, tmp_path):
+    o = oracle(case)
+    gm = _loaded(case, o)
+    lora_fx.save_adapter(gm, tmp_path)
+    assert _file_keys(tmp_path) == _file_keys(o.folder)
+
+
+# ------------------------------------------------------------------------------- lora_fx -> PEFT
+
+
+@pytest.mark.parametrize("case", CASES, ids=_IDS)
+def test_lora_fx_adapter_loads_into_peft(case, tmp_path):
+    model = case.model().eval()
+    x = case.inputs()
+    reference = copy.deepcopy(model)  # before capture: the graph shares (and may train) its params
+    gm = _capture(case, model, x)
+    gm = lora_fx.inject(gm, lora_fx.LoraConfig(**case.cfg, init_lora_weights=False))
+    _perturb_trainable(gm)
+    with torch.no_grad():
+        out = _out(gm(x))
+        assert_differs(out, _out(reference(x)))
+    lora_fx.save_adapter(gm, tmp_path)
+    pm = peft.PeftModel.from_pretrained(reference, tmp_path).eval()
+    with torch.no_grad():
+        assert_close(_out(pm(x)), out)
+
+
+# ------------------------------------------------------------------------------- GPT-2 tied weights
+
+
+@pytest.mark.parametrize("targets", [["wte", "lm_head"], ["c_attn", "wte"]], ids=["wte+lm_head", "c_attn+wte"])
+def test_gpt2_tied_weight_merge(targets, tmp_path):
+    model = tiny_gpt2().eval()
+    x = _ids(256)()
+    reference = copy.deepcopy(model)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    gm = lora_fx.capture(model, (x,), _NO_CACHE)
+    gm = lora_fx.inject(gm, lora_fx.LoraConfig(target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        base = _out(reference(x))
+        out = _out(gm(x))
+    assert_differs(out, base)
+
+    # the unmerged adapter is PEFT's
+    lora_fx.save_adapter(gm, tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path).eval()
+    with torch.no_grad():
+        assert_close(_out(pm(x)), out)
+
+    # merging the embedding site unties it: a private copy, with a warning
+    with pytest.warns(UserWarning, match="private"):
+        gm = lora_fx.merge_and_unload(gm)
+    assert _lora_nodes(gm) == []
+    gm.graph.lint()
+    with torch.no_grad():
+        assert_close(_out(gm(x)), out)
