@@ -55,7 +55,9 @@ def run_demo(out_dir: str, *, steps: int = 30, quiet: bool = False) -> dict[str,
     start = time.perf_counter()
     for _ in (bar := tqdm(range(steps), desc="train", disable=quiet)):
         logits = gm(ids).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1)
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -73,7 +75,12 @@ def run_demo(out_dir: str, *, steps: int = 30, quiet: bool = False) -> dict[str,
         timings["merge_and_unload_s"] = time.perf_counter() - start
         merged = gm(ids).logits
     max_diff = (merged - trained).abs().max().item()
-    figures = {"loss_first": losses[0], "loss_last": losses[-1], "merged_max_abs_diff": max_diff, **timings}
+    figures = {
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "merged_max_abs_diff": max_diff,
+        **timings,
+    }
     if not quiet:
         print(f"loss: {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps")
         print(f"merged vs trained logits: max |diff| = {max_diff:.2e}")

@@ -57,7 +57,9 @@ def test_graph_shares_parameters_with_model():
     before = model.lin0.weight.detach().clone()
     lora_fx.inject(gm, LoraConfig(target_modules=["lin0"], init_lora_weights=False))
     lora_fx.merge(gm)
-    assert not torch.equal(model.lin0.weight, before), "merge folds into the shared weight (documented)"
+    assert not torch.equal(model.lin0.weight, before), (
+        "merge folds into the shared weight (documented)"
+    )
     lora_fx.unmerge(gm)
     assert_close(model.lin0.weight, before)
 
@@ -81,19 +83,27 @@ def test_inject_accepts_exported_program():
 
 
 def test_export_failure_says_why_and_suggests_fx():
-    with pytest.raises(CaptureError, match=r"method='export' failed on DataDependent: .*try method='fx'"):
+    with pytest.raises(
+        CaptureError, match=r"method='export' failed on DataDependent: .*try method='fx'"
+    ):
         lora_fx.capture(DataDependent(), (torch.randn(2, 4),))
 
 
 def test_fx_failure_suggests_export():
-    with pytest.raises(CaptureError, match=r"method='fx' failed on DataDependent: .*need method='export'"):
+    with pytest.raises(
+        CaptureError, match=r"method='fx' failed on DataDependent: .*need method='export'"
+    ):
         lora_fx.capture(DataDependent(), (torch.randn(2, 4),), method="fx")
 
 
 def test_bad_method_and_bad_model():
-    with pytest.raises(ValueError, match=r"method='jit' is invalid; expected one of \['export', 'fx'\]"):
+    with pytest.raises(
+        ValueError, match=r"method='jit' is invalid; expected one of \['export', 'fx'\]"
+    ):
         lora_fx.capture(TinyMLP(), (torch.randn(2, 10),), method="jit")
     with pytest.raises(TypeError, match="capture\\(\\) needs an nn.Module, got function"):
         lora_fx.capture(lambda x: x, (torch.randn(2, 10),))
-    with pytest.raises(TypeError, match="expected a torch.fx.GraphModule or torch.export.ExportedProgram"):
+    with pytest.raises(
+        TypeError, match="expected a torch.fx.GraphModule or torch.export.ExportedProgram"
+    ):
         lora_fx.inject(TinyMLP(), LoraConfig(target_modules=["lin0"]))

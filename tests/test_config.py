@@ -24,7 +24,10 @@ def test_defaults_are_peft_defaults():
         ({"r": 0}, r"r=0 is invalid; expected a positive integer"),
         ({"r": -2}, r"r=-2 is invalid"),
         ({"r": 2.5}, r"r=2.5 is invalid"),
-        ({"bias": "some"}, r"bias='some' is invalid; expected one of \['none', 'all', 'lora_only'\]"),
+        (
+            {"bias": "some"},
+            r"bias='some' is invalid; expected one of \['none', 'all', 'lora_only'\]",
+        ),
         ({"lora_dropout": 1.5}, r"lora_dropout=1.5 is invalid"),
         ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa' is not supported"),
         ({"target_modules": [1, 2]}, r"target_modules=\[1, 2\] is invalid"),
@@ -45,7 +48,9 @@ def test_config_error_is_value_error():
 
 
 def test_scale_rank_and_alpha_patterns():
-    cfg = LoraConfig(r=8, lora_alpha=16, rank_pattern={"q_proj": 4}, alpha_pattern={"layers.1.v_proj": 2})
+    cfg = LoraConfig(
+        r=8, lora_alpha=16, rank_pattern={"q_proj": 4}, alpha_pattern={"layers.1.v_proj": 2}
+    )
     assert cfg.rank_for("model.layers.0.q_proj") == 4
     assert cfg.rank_for("model.layers.0.k_proj") == 8
     assert cfg.alpha_for("model.layers.1.v_proj") == 2

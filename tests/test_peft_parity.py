@@ -92,10 +92,18 @@ CASES = [
         "conv-patterns",
         TinyConv,
         _images,
-        {"target_modules": _CONV_TARGETS, "r": 4, "rank_pattern": {"conv0": 2}, "lora_dropout": 0.2},
+        {
+            "target_modules": _CONV_TARGETS,
+            "r": 4,
+            "rank_pattern": {"conv0": 2},
+            "lora_dropout": 0.2,
+        },
     ),
     *_custom(
-        "conv-lora_bias", TinyConv, _images, {"target_modules": ["conv0", "conv1"], "lora_bias": True}
+        "conv-lora_bias",
+        TinyConv,
+        _images,
+        {"target_modules": ["conv0", "conv1"], "lora_bias": True},
     ),
     *_custom(
         "conv-bias_all", TinyConv, _images, {"target_modules": ["conv0"], "bias": "all"}, ("fx",)
@@ -300,7 +308,9 @@ def test_lora_fx_adapter_loads_into_peft(case, tmp_path):
 # ------------------------------------------------------------------------------- GPT-2 tied weights
 
 
-@pytest.mark.parametrize("targets", [["wte", "lm_head"], ["c_attn", "wte"]], ids=["wte+lm_head", "c_attn+wte"])
+@pytest.mark.parametrize(
+    "targets", [["wte", "lm_head"], ["c_attn", "wte"]], ids=["wte+lm_head", "c_attn+wte"]
+)
 def test_gpt2_tied_weight_merge(targets, tmp_path):
     model = tiny_gpt2().eval()
     x = _ids(256)()

@@ -23,7 +23,11 @@ def test_custom_sites_by_kind(method):
     assert conv["conv0"].kind == "conv"
     assert conv["conv0"].conv.kernel_size == (3, 3) and conv["conv0"].conv.padding == (1, 1)
     emb = all_sites(_capture(TinyEmbedding(), torch.randint(0, 100, (2, 5)), method))
-    assert (emb["emb"].kind, emb["emb"].in_features, emb["emb"].out_features) == ("embedding", 100, 16)
+    assert (emb["emb"].kind, emb["emb"].in_features, emb["emb"].out_features) == (
+        "embedding",
+        100,
+        16,
+    )
 
 
 def test_gpt2_conv1d_is_a_transposed_linear_site_and_tied_weights_are_two_sites():
@@ -31,14 +35,21 @@ def test_gpt2_conv1d_is_a_transposed_linear_site_and_tied_weights_are_two_sites(
     sites = all_sites(_capture(tiny_gpt2(), ids, kwargs={"use_cache": False}))
     c_attn = sites["transformer.h.0.attn.c_attn"]
     assert c_attn.nodes[0].target is torch.ops.aten.addmm.default
-    assert (c_attn.kind, c_attn.transposed, c_attn.in_features, c_attn.out_features) == ("linear", True, 32, 96)
+    assert (c_attn.kind, c_attn.transposed, c_attn.in_features, c_attn.out_features) == (
+        "linear",
+        True,
+        32,
+        96,
+    )
     assert sites["transformer.wte"].kind == "embedding"
     assert sites["lm_head"].kind == "linear"
     assert sites["transformer.wte"].weight == sites["lm_head"].weight  # one tensor, two sites
 
 
 def test_llama_site_names_are_peft_module_paths():
-    sites = all_sites(_capture(tiny_llama(), torch.randint(0, 256, (1, 8)), kwargs={"use_cache": False}))
+    sites = all_sites(
+        _capture(tiny_llama(), torch.randint(0, 256, (1, 8)), kwargs={"use_cache": False})
+    )
     assert "model.layers.0.self_attn.q_proj" in sites
     assert "model.layers.1.mlp.down_proj" in sites
     assert sites["model.embed_tokens"].kind == "embedding"
@@ -50,7 +61,10 @@ def test_all_linear_skips_only_transformers_output_layer():
     assert "lm_head" not in names and "model.layers.0.self_attn.q_proj" in names
     assert len(names) == 14
     custom = _capture(TinyMLP(), torch.randn(2, 10))
-    assert {s.fqn for s in find_sites(custom, LoraConfig(target_modules="all-linear"))} == {"lin0", "lin1"}
+    assert {s.fqn for s in find_sites(custom, LoraConfig(target_modules="all-linear"))} == {
+        "lin0",
+        "lin1",
+    }
 
 
 def test_list_regex_exclude_and_layers():
@@ -63,16 +77,26 @@ def test_list_regex_exclude_and_layers():
     assert names(target_modules=["0.attn", "head"]) == ["head", "layers.0.attn"]
     assert names(target_modules="layers\\.[12]\\.mlp") == ["layers.1.mlp", "layers.2.mlp"]
     assert names(target_modules=["attn", "mlp"], exclude_modules=["1.mlp"]) == [
-        "layers.0.attn", "layers.0.mlp", "layers.1.attn", "layers.2.attn", "layers.2.mlp"
+        "layers.0.attn",
+        "layers.0.mlp",
+        "layers.1.attn",
+        "layers.2.attn",
+        "layers.2.mlp",
     ]
     # Without layers_pattern PEFT's index regex needs a container above `layers` (model.layers.0...).
     with pytest.raises(NoTargetMatchedError):
         names(target_modules=["attn"], layers_to_transform=[0, 2])
-    two = names(target_modules=["attn"], layers_to_transform=[0, 2], layers_pattern=["blocks", "layers"])
+    two = names(
+        target_modules=["attn"], layers_to_transform=[0, 2], layers_pattern=["blocks", "layers"]
+    )
     assert two == ["layers.0.attn", "layers.2.attn"]
-    assert names(target_modules=["attn"], layers_to_transform=1, layers_pattern="layers") == ["layers.1.attn"]
+    assert names(target_modules=["attn"], layers_to_transform=1, layers_pattern="layers") == [
+        "layers.1.attn"
+    ]
     assert names(target_modules=["attn", "embed"], modules_to_save=["embed"]) == [
-        "layers.0.attn", "layers.1.attn", "layers.2.attn"
+        "layers.0.attn",
+        "layers.1.attn",
+        "layers.2.attn",
     ]
 
 
@@ -84,7 +108,10 @@ def test_regex_must_match_the_whole_name():
 
 def test_no_match_lists_candidates():
     gm = _capture(TinyMLP(), torch.randn(2, 10))
-    with pytest.raises(NoTargetMatchedError, match=r"target_modules=\['q_proj'\] matched no site.*\['lin0', 'lin1'\]"):
+    with pytest.raises(
+        NoTargetMatchedError,
+        match=r"target_modules=\['q_proj'\] matched no site.*\['lin0', 'lin1'\]",
+    ):
         lora_fx.inject(gm, LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(NoTargetMatchedError, match=r"target_modules is None; name the sites"):
         lora_fx.inject(gm, LoraConfig())
@@ -109,7 +136,9 @@ class Grouped(torch.nn.Module):
 
 def test_grouped_conv_needs_rank_divisible_by_groups():
     gm = _capture(Grouped(), torch.randn(1, 4, 5, 5))
-    with pytest.raises(UnsupportedSiteError, match=r"site 'conv' is a conv with groups=2; r=3 must be divisible"):
+    with pytest.raises(
+        UnsupportedSiteError, match=r"site 'conv' is a conv with groups=2; r=3 must be divisible"
+    ):
         lora_fx.inject(gm, LoraConfig(r=3, target_modules=["conv"]))
     lora_fx.inject(gm, LoraConfig(r=4, target_modules=["conv"], init_lora_weights=False))
     with pytest.raises(lora_fx.MergeError, match="groups=2; it cannot be merged"):
@@ -132,7 +161,9 @@ def test_module_called_twice_is_one_site_with_two_branches(method):
     gm = _capture(model, x, method)
     site = all_sites(gm)["lin"]
     assert len(site.nodes) == 2
-    lora_fx.inject(gm, LoraConfig(r=2, lora_alpha=4, target_modules=["lin"], init_lora_weights=False))
+    lora_fx.inject(
+        gm, LoraConfig(r=2, lora_alpha=4, target_modules=["lin"], init_lora_weights=False)
+    )
     a, b = gm.lin.lora_A.default.weight, gm.lin.lora_B.default.weight
 
     def adapted(h):

@@ -21,6 +21,7 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Iterable
@@ -83,7 +84,7 @@ def merge(
     # apply
     report: dict[str, float] = {}
     for name, site, rec in plan:
-        _untie_if_shared(gm, site, state)
+        site = _untie_if_shared(gm, site, state)
         report[f"{name}:{site.fqn}"] = _fold(gm, site, name, rec, sign=1.0)
     for name, site, _ in plan:
         remove_branch(gm, site.fqn, name)
@@ -203,14 +204,14 @@ def _check_finite(gm: torch.fx.GraphModule, plan: list[tuple[str, Site, SiteReco
             )
 
 
-def _untie_if_shared(gm: torch.fx.GraphModule, site: Site, state: LoraState) -> bool:
-    """Give the site a private copy of its weight when other nodes read it too; True if copied."""
+def _untie_if_shared(gm: torch.fx.GraphModule, site: Site, state: LoraState) -> Site:
+    """Give the site a private copy of its weight when other nodes read it too; returns the site."""
     weight = _graph.get_attr(gm, site.weight)
     own_nodes = set(site.nodes)
     readers = _graph.weight_users(gm, weight)
     others = [n for n in readers if n not in own_nodes and not set(n.users) <= own_nodes]
     if not others:
-        return False
+        return site
     private = nn.Parameter(weight.detach().clone(), requires_grad=False)
     path = f"{site.fqn}.weight"
     holder = _graph.own_module(gm, site.fqn, state)
@@ -228,7 +229,7 @@ def _untie_if_shared(gm: torch.fx.GraphModule, site: Site, state: LoraState) -> 
         f"copy ({private.numel() * private.element_size():,d} bytes) so the other users keep the base weight",
         stacklevel=3,
     )
-    return True
+    return dataclasses.replace(site, weight=path)
 
 
 def _weight_reader(node: torch.fx.Node, weight: str) -> torch.fx.Node:
