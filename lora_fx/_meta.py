@@ -33,7 +33,7 @@ STATE_META = "lora_fx"
 CAPTURE_META = "lora_fx_capture"
 
 # Roles of nodes in a branch: y' = add(y, scale * lora_b(lora_a(dropout(x))))
-ROLES = ("dropout", "lora_a", "lora_b", "scale", "add", "weight")
+ROLES = ("dropout", "lora_a", "lora_b", "scale", "add", "weight", "mask")
 
 
 @dataclass
@@ -66,6 +66,8 @@ class LoraState:
     active: list[str] = field(default_factory=list)
     owned_modules: set[str] = field(default_factory=set)
     merge_report: dict[str, float] = field(default_factory=dict)
+    # Mixed-batch mode: adapters whose branches are masked per row (None: normal mode).
+    batch_adapters: list[str] | None = None
 
 
 def state_or_none(gm: torch.fx.GraphModule) -> LoraState | None:

@@ -98,17 +98,17 @@ def test_modules_to_save_copy_trains_and_original_stays():
     assert not model.lin1.weight.requires_grad
 
 
-def test_second_adapter_adds_beside_the_first():
+def test_second_adapter_is_added_inactive_and_frozen_as_peft():
     model = TinyMLP().eval()
     x = torch.randn(4, 10)
     gm = lora_fx.capture(model, (x,))
     lora_fx.inject(gm, LoraConfig(target_modules=["lin0"], init_lora_weights=False), "a")
     only_a = gm(x).detach()
-    lora_fx.inject(
-        gm, LoraConfig(r=2, target_modules=["lin0", "lin1"], init_lora_weights=False), "b"
-    )
-    assert lora_roles(gm, "a")["add"] == 1 and lora_roles(gm, "b")["add"] == 2
-    assert_differs(gm(x), only_a)
+    lora_fx.inject(gm, LoraConfig(r=2, target_modules=["lin0", "lin1"], init_lora_weights=False), "b")
+    assert lora_roles(gm, "a")["add"] == 1 and not lora_roles(gm, "b")
+    assert lora_fx.active_adapters(gm) == ["a"]
+    assert not gm.lin1.lora_A.b.weight.requires_grad
+    assert_close(gm(x), only_a)
 
 
 @pytest.mark.parametrize(

@@ -23,13 +23,24 @@ from lora_fx._keys import lora_paths
 from lora_fx._meta import LORA_META, SiteRecord, lora_tag
 from lora_fx.sites import Site
 
-__all__ = ["insert_branch", "remove_branch"]
+__all__ = ["insert_branch", "remove_branch", "row_weights"]
 
 _aten = torch.ops.aten
 
 
-def insert_branch(gm: torch.fx.GraphModule, site: Site, adapter: str, record: SiteRecord) -> None:
-    """Add `adapter`'s branch after every node of `site` (parameters must already be registered)."""
+def insert_branch(
+    gm: torch.fx.GraphModule,
+    site: Site,
+    adapter: str,
+    record: SiteRecord,
+    *,
+    row_mask: tuple[str, int] | None = None,
+) -> None:
+    """Add `adapter`'s branch after every node of `site` (parameters must already be registered).
+
+    With `row_mask=(buffer_path, k)` the branch output is multiplied per batch row by row `k` of the
+    `[n_adapters, batch]` mask buffer (mixed-batch inference).
+    """
     paths = lora_paths(site.kind, site.fqn, adapter)
     for base, x in zip(site.nodes, site.inputs, strict=True):
         end = _chain_end(base)
@@ -42,6 +53,10 @@ def insert_branch(gm: torch.fx.GraphModule, site: Site, adapter: str, record: Si
         low = _lora_a(emit, site, x, a)
         up = _lora_b(emit, site, low, b, b_bias)
         scaled = emit("scale", "call_function", _aten.mul.Tensor, (up, record.scale))
+        if row_mask is not None:
+            mask = emit("mask", "get_attr", row_mask[0])
+            rows = emit("mask", "call_function", row_weights, (mask, row_mask[1], scaled))
+            scaled = emit("mask", "call_function", _aten.mul.Tensor, (scaled, rows))
         add = emit("add", "call_function", _aten.add.Tensor, (end, scaled))
         end.replace_all_uses_with(add, delete_user_cb=lambda user, add=add: user is not add)
 
@@ -56,6 +71,17 @@ def remove_branch(gm: torch.fx.GraphModule, site: str, adapter: str) -> bool:
     for node in reversed(mine):
         graph.erase_node(node)
     return bool(mine)
+
+
+def row_weights(mask: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor:
+    """Row `k` of a `[n_adapters, batch]` mask, shaped to broadcast over `out`'s rows.
+
+    Sites that flatten the batch (GPT-2's `addmm` on `[batch * seq, in]`) see `batch * seq` rows, so
+    each sample's weight is repeated over its rows. Plain tensor ops: dynamo and export trace it.
+    """
+    weights = mask[k].to(out.dtype)
+    weights = weights.repeat_interleave(out.shape[0] // weights.shape[0])
+    return weights.view((out.shape[0],) + (1,) * (out.dim() - 1))
 
 
 class _Emitter:

@@ -1,12 +1,180 @@
-"""Read-only views of the adapters on a graph: trainable parameters and PEFT's parameter report."""
+"""Switch between the adapters on a graph, and report its parameters.
+
+    set_adapter(gm, ["a", "b"]):  y' = y + branch_a(x) + branch_b(x)    (other adapters: no nodes)
+    disable_adapters(gm):         y' = y                                  (restored on exit)
+    delete_adapter(gm, "a"):      a's nodes, parameters and module copies are gone
+
+Rules (PEFT's, unless noted):
+1. Switching is a graph rewrite: an inactive adapter costs nothing at run time.
+2. Active adapters train; inactive ones are frozen (`set_adapter`'s requires_grad handling).
+3. Switching away from merged adapters unmerges them first, with a warning.
+4. Deleting an active adapter leaves the other active ones; if none is left, the first remaining
+   adapter becomes active (with a warning); deleting the last adapter leaves none. A merged adapter
+   cannot be deleted.
+5. `disable_adapters` unmerges merged adapters for its body and merges them back on exit (PEFT
+   leaves them unmerged), even when the body raises.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["count_parameters", "print_trainable_parameters", "trainable_parameters"]
+from lora_fx import _graph
+from lora_fx._keys import HOLDERS, lora_paths, modules_to_save_path
+from lora_fx._meta import LoraState
+from lora_fx.errors import AdapterError
+from lora_fx.passes._active import apply_active
+from lora_fx.passes.merge import merge, require_state, resolve_adapters, unmerge
+
+__all__ = [
+    "active_adapters",
+    "count_parameters",
+    "delete_adapter",
+    "disable_adapters",
+    "print_trainable_parameters",
+    "set_adapter",
+    "trainable_parameters",
+]
+
+log = logging.getLogger(__name__)
+
+
+def set_adapter(gm: torch.fx.GraphModule, adapter_names: str | list[str]) -> torch.fx.GraphModule:
+    """Make `adapter_names` the active adapters (summed, in this order), in place.
+
+    Args:
+        gm: A graph with adapters.
+        adapter_names: One name or a list of names.
+
+    Returns:
+        The same GraphModule, recompiled.
+
+    Raises:
+        AdapterError: An unknown name (the known ones are listed), or mixed-batch mode is on.
+
+    Example:
+        >>> lora_fx.set_adapter(gm, ["a", "b"])
+    """
+    state = require_state(gm)
+    names = resolve_adapters(state, adapter_names)
+    if state.batch_adapters is not None:
+        raise AdapterError("mixed-batch mode is on; call set_adapter_batch(gm, None) first")
+    merged = [n for n, rec in state.adapters.items() if rec.merged]
+    if merged:
+        warnings.warn(f"set_adapter: unmerging {merged} first", stacklevel=2)
+        unmerge(gm, merged)
+    state.active = list(dict.fromkeys(names))
+    _set_trainable(gm, state)
+    apply_active(gm, state)
+    _graph.cleanup(gm)
+    log.info("set_adapter: active %s", state.active)
+    return gm
+
+
+def active_adapters(gm: torch.fx.GraphModule) -> list[str]:
+    """Names of the active adapters, in summation order."""
+    return list(require_state(gm).active)
+
+
+@contextlib.contextmanager
+def disable_adapters(gm: torch.fx.GraphModule) -> Iterator[torch.fx.GraphModule]:
+    """Run the base model inside the block; the previous adapters come back on exit.
+
+    Example:
+        >>> with lora_fx.disable_adapters(gm):
+        ...     base_logits = gm(ids).logits
+    """
+    state = require_state(gm)
+    if state.batch_adapters is not None:
+        raise AdapterError("mixed-batch mode is on; call set_adapter_batch(gm, None) first")
+    previous = list(state.active)
+    merged = [n for n, rec in state.adapters.items() if rec.merged]
+    if merged:
+        warnings.warn(f"disable_adapters: unmerging {merged} for the block", stacklevel=3)
+        unmerge(gm, merged)
+    state.active = []
+    apply_active(gm, state)
+    _graph.cleanup(gm)
+    try:
+        yield gm
+    finally:
+        state.active = previous
+        apply_active(gm, state)
+        _graph.cleanup(gm)
+        if merged:
+            merge(gm, merged)
+
+
+def delete_adapter(gm: torch.fx.GraphModule, adapter_name: str) -> torch.fx.GraphModule:
+    """Remove an adapter's branches, parameters and module copies, in place.
+
+    Raises:
+        AdapterError: An unknown or merged adapter.
+
+    Example:
+        >>> lora_fx.delete_adapter(gm, "old")
+    """
+    state = require_state(gm)
+    resolve_adapters(state, [adapter_name])
+    record = state.adapters[adapter_name]
+    if record.merged:
+        raise AdapterError(f"adapter {adapter_name!r} is merged; unmerge it before deleting it")
+    if state.batch_adapters is not None:
+        raise AdapterError("mixed-batch mode is on; call set_adapter_batch(gm, None) first")
+    del state.adapters[adapter_name]
+    if adapter_name in state.active:
+        state.active.remove(adapter_name)
+        if not state.active and state.adapters:
+            state.active = [next(iter(state.adapters))]
+            warnings.warn(
+                f"adapter {adapter_name!r} was active and is deleted; "
+                f"adapter {state.active[0]!r} is now active",
+                stacklevel=2,
+            )
+    apply_active(gm, state)
+    _delete_parameters(gm, adapter_name, record)
+    _set_trainable(gm, state)
+    _graph.cleanup(gm)
+    log.info("delete_adapter: %r (%d sites)", adapter_name, len(record.sites))
+    return gm
+
+
+def _delete_parameters(gm: torch.fx.GraphModule, adapter: str, record) -> None:
+    """Drop the adapter's entries from every holder; drop holders left empty."""
+    for fqn in record.sites:
+        for holder in HOLDERS:
+            container = getattr(gm.get_submodule(fqn), holder, None)
+            if container is None:
+                continue
+            if adapter in container:
+                del container[adapter]
+            if len(container) == 0:
+                _graph.delete_attr(gm, f"{fqn}.{holder}")
+    for path in record.modules_to_save:
+        copies = gm.get_submodule(path).modules_to_save
+        del copies[adapter]
+        if len(copies) == 0:
+            _graph.delete_attr(gm, f"{path}.modules_to_save")
+
+
+def _set_trainable(gm: torch.fx.GraphModule, state: LoraState) -> None:
+    """Active adapters (and their module copies) train; inactive ones are frozen."""
+    for name, record in state.adapters.items():
+        on = name in state.active
+        for fqn, rec in record.sites.items():
+            paths = lora_paths(rec.kind, fqn, name)
+            for path in (paths.a, paths.b, paths.b_bias):
+                with contextlib.suppress(AttributeError):
+                    _graph.get_attr(gm, path).requires_grad_(on)
+        for path in record.modules_to_save:
+            gm.get_submodule(modules_to_save_path(path, name)).requires_grad_(on)
 
 
 def trainable_parameters(gm: torch.fx.GraphModule) -> dict[str, nn.Parameter]:

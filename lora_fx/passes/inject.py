@@ -12,7 +12,8 @@ Rules:
 4. `modules_to_save` modules get a deep copy at `<module>.modules_to_save.<adapter>` and every graph
    reference to the module is pointed at the copy; the original stays, frozen.
 5. LoRA parameters take the dtype and device of the site's base weight.
-6. Each new adapter becomes active beside those already active (branches are summed).
+6. As in PEFT, the first adapter on a graph becomes active and trainable; later ones are added
+   inactive and frozen (no nodes, no cost) until `set_adapter` activates them.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from lora_fx._meta import AdapterRecord, SiteRecord, get_state, state_or_none
 from lora_fx.capture import as_graph_module
 from lora_fx.config import LoraConfig
 from lora_fx.errors import AdapterError, ConfigError
-from lora_fx.passes._branch import insert_branch
+from lora_fx.passes._active import apply_active
 from lora_fx.sites import Site, find_sites, match_modules_to_save
 
 __all__ = ["inject"]
@@ -87,14 +88,16 @@ def inject(
 
     # apply
     state = get_state(gm)
+    first = not state.adapters  # PEFT: the first adapter is active; later ones start inactive
     for site in sites:
         _add_lora_modules(gm, site, adapter_name, records[site.fqn], cfg.init_lora_weights, state)
-        insert_branch(gm, site, adapter_name, records[site.fqn])
     for path in saved_modules:
         _add_module_copy(gm, path, adapter_name, state)
     state.adapters[adapter_name] = AdapterRecord(cfg, records, saved_modules)
-    state.active.append(adapter_name)
-    _mark_trainable(gm, adapter_name, sites, saved_modules, cfg.bias)
+    if first:
+        state.active.append(adapter_name)
+    apply_active(gm, state)
+    _mark_trainable(gm, adapter_name, sites, saved_modules, cfg.bias, trainable=first)
 
     # finish
     _graph.cleanup(gm)
@@ -214,29 +217,24 @@ def _embedding_factors(site: Site, r: int, init: bool | str) -> tuple[torch.Tens
 
 
 def _add_module_copy(gm: torch.fx.GraphModule, path: str, adapter: str, state) -> None:
-    """A trainable deep copy of a module, with every graph reference to it moved to the copy."""
+    """A deep copy of a module at `<path>.modules_to_save.<adapter>` (apply_active points the graph)."""
     trained = copy.deepcopy(gm.get_submodule(path))
     holder = _graph.own_module(gm, path, state)
     if "modules_to_save" not in holder._modules:
         holder.add_module("modules_to_save", nn.ModuleDict())
     holder.modules_to_save[adapter] = trained
-    copy_path = modules_to_save_path(path, adapter)
-    for node in gm.graph.nodes:
-        if node.op in ("get_attr", "call_module") and _is_under(node.target, path):
-            node.target = copy_path + node.target[len(path) :]
-
-
-def _is_under(target: str, path: str) -> bool:
-    """Whether a node target is `path` or inside it, but not already inside a modules_to_save copy."""
-    if target != path and not target.startswith(path + "."):
-        return False
-    return not target[len(path) :].startswith(".modules_to_save.")
 
 
 def _mark_trainable(
-    gm: torch.fx.GraphModule, adapter: str, sites: list[Site], saved_modules: list[str], bias: str
+    gm: torch.fx.GraphModule,
+    adapter: str,
+    sites: list[Site],
+    saved_modules: list[str],
+    bias: str,
+    *,
+    trainable: bool,
 ) -> None:
-    """Freeze the base; train this adapter, its module copies and the biases `bias` selects."""
+    """Freeze the base; train (or freeze) this adapter, its module copies and selected biases."""
     for name, param in gm.named_parameters():
         if not is_adapter_parameter(name):
             param.requires_grad_(bias == "all" and name.rsplit(".", 1)[-1] == "bias")
@@ -244,8 +242,8 @@ def _mark_trainable(
         paths = lora_paths(site.kind, site.fqn, adapter)
         for path in (paths.a, paths.b, paths.b_bias):
             with contextlib.suppress(AttributeError):
-                _graph.get_attr(gm, path).requires_grad_(True)
+                _graph.get_attr(gm, path).requires_grad_(trainable)
         if bias == "lora_only" and site.bias is not None:
             _graph.get_attr(gm, site.bias).requires_grad_(True)
     for path in saved_modules:
-        gm.get_submodule(modules_to_save_path(path, adapter)).requires_grad_(True)
+        gm.get_submodule(modules_to_save_path(path, adapter)).requires_grad_(trainable)

@@ -34,10 +34,10 @@ from lora_fx import _graph, ops
 from lora_fx._keys import lora_paths
 from lora_fx._meta import LoraState, SiteRecord, state_or_none
 from lora_fx.errors import AdapterError, MergeError
-from lora_fx.passes._branch import insert_branch, remove_branch
+from lora_fx.passes._active import apply_active
 from lora_fx.sites import Site, all_sites
 
-__all__ = ["merge", "merge_report", "require_state", "unmerge"]
+__all__ = ["merge", "merge_report", "require_state", "resolve_adapters", "unmerge"]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,9 @@ def merge(
     """
     # plan
     state = require_state(gm)
-    names = _resolve(state, adapter_names)
+    names = resolve_adapters(state, adapter_names)
+    if state.batch_adapters is not None:
+        raise AdapterError("cannot merge in mixed-batch mode; call set_adapter_batch(gm, None) first")
     already = [n for n in names if state.adapters[n].merged]
     for name in already:
         warnings.warn(f"adapter {name!r} is already merged; nothing to do for it", stacklevel=2)
@@ -86,11 +88,10 @@ def merge(
     for name, site, rec in plan:
         site = _untie_if_shared(gm, site, state)
         report[f"{name}:{site.fqn}"] = _fold(gm, site, name, rec, sign=1.0)
-    for name, site, _ in plan:
-        remove_branch(gm, site.fqn, name)
     for name in names:
         state.adapters[name].merged = True
     state.merge_report = report
+    apply_active(gm, state)
 
     # finish
     _graph.cleanup(gm)
@@ -128,18 +129,14 @@ def unmerge(
     names = (
         merged
         if adapter_names is None
-        else [n for n in _resolve(state, adapter_names) if n in merged]
+        else [n for n in resolve_adapters(state, adapter_names) if n in merged]
     )
     sites = all_sites(gm)
     for name in reversed(names):
         for fqn, rec in state.adapters[name].sites.items():
             _fold(gm, sites[fqn], name, rec, sign=-1.0)
         state.adapters[name].merged = False
-    # Branches come back in activation order, so the sum order is the same as before merging.
-    for name in state.active:
-        if name in names:
-            for fqn, rec in state.adapters[name].sites.items():
-                insert_branch(gm, all_sites(gm)[fqn], name, rec)
+    apply_active(gm, state)  # active branches come back, in activation order
     _graph.cleanup(gm)
     log.info("unmerge: %d adapters", len(names))
     return gm
@@ -250,7 +247,7 @@ def require_state(gm: torch.fx.GraphModule) -> LoraState:
     return state
 
 
-def _resolve(state: LoraState, adapter_names: Iterable[str] | None) -> list[str]:
+def resolve_adapters(state: LoraState, adapter_names: Iterable[str] | None) -> list[str]:
     """Adapter names to act on (default: the active ones), checked against the known ones."""
     if adapter_names is None:
         return list(state.active)

@@ -1,0 +1,68 @@
+"""Make the graph match the state: branches for the active adapters, module copies pointed at.
+
+    state.active = ["a", "b"]  ->  y' = y + branch_a(x) + branch_b(x)   (inactive adapters: no nodes)
+
+Rules:
+1. Every switch rebuilds all branches: remove every lora_fx branch, then insert those of the active,
+   unmerged adapters in the order given, so the sum order is PEFT's (its `active_adapters` order).
+2. In mixed-batch mode (`state.batch_adapters`), the branches of those adapters are all present and
+   each is multiplied per batch row by its row of the mask buffer.
+3. Graph references to a `modules_to_save` module point at the copy of the first active adapter
+   that has one, else at the original module.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from lora_fx._keys import modules_to_save_path
+from lora_fx._meta import LoraState, lora_tag
+from lora_fx.passes._branch import insert_branch, remove_branch
+from lora_fx.sites import all_sites
+
+__all__ = ["MASK_BUFFER", "apply_active"]
+
+MASK_BUFFER = "lora_fx_batch_mask"
+
+
+def apply_active(gm: torch.fx.GraphModule, state: LoraState) -> None:
+    """Rebuild branches and module-copy references from `state` (no recompile; callers finish)."""
+    tagged = {(t["adapter"], t["site"]) for n in gm.graph.nodes if (t := lora_tag(n)) is not None}
+    for adapter, site in tagged:
+        remove_branch(gm, site, adapter)
+    sites = all_sites(gm)
+    if state.batch_adapters is not None:
+        for k, name in enumerate(state.batch_adapters):
+            for fqn, rec in state.adapters[name].sites.items():
+                insert_branch(gm, sites[fqn], name, rec, row_mask=(MASK_BUFFER, k))
+    else:
+        for name in state.active:
+            if not state.adapters[name].merged:
+                for fqn, rec in state.adapters[name].sites.items():
+                    insert_branch(gm, sites[fqn], name, rec)
+    _point_module_copies(gm, state)
+
+
+def _point_module_copies(gm: torch.fx.GraphModule, state: LoraState) -> None:
+    """Point each modules_to_save module's graph references at the active copy (or the original)."""
+    paths = {p for rec in state.adapters.values() for p in rec.modules_to_save}
+    for path in paths:
+        owner = next((a for a in state.active if path in state.adapters[a].modules_to_save), None)
+        prefix = modules_to_save_path(path, owner) if owner else path
+        for node in gm.graph.nodes:
+            if node.op in ("get_attr", "call_module"):
+                rest = _relative(node.target, path)
+                if rest is not None:
+                    node.target = prefix + rest
+
+
+def _relative(target: str, path: str) -> str | None:
+    """The part of `target` below `path` (skipping any `.modules_to_save.<name>`), or None."""
+    if target != path and not target.startswith(path + "."):
+        return None
+    rest = target[len(path) :]
+    if rest.startswith(".modules_to_save."):
+        rest = rest[len(".modules_to_save.") :]
+        rest = rest[rest.index(".") :] if "." in rest else ""
+    return rest
