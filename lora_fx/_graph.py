@@ -11,7 +11,14 @@ from torch import nn
 
 from lora_fx._meta import LoraState
 
-__all__ = ["cleanup", "delete_attr", "get_attr", "own_module", "set_module", "weight_users"]
+__all__ = [
+    "cleanup",
+    "delete_attr",
+    "get_attr",
+    "own_module",
+    "set_module",
+    "tensor_readers",
+]
 
 
 def cleanup(gm: torch.fx.GraphModule) -> None:
@@ -83,15 +90,16 @@ def delete_attr(gm: nn.Module, path: str) -> bool:
     return True
 
 
-def weight_users(gm: torch.fx.GraphModule, weight: torch.Tensor) -> list[torch.fx.Node]:
-    """Nodes that read `weight`: get_attr nodes of it and call_module nodes of modules holding it."""
-    users = []
+def tensor_readers(gm: torch.fx.GraphModule) -> dict[int, list[torch.fx.Node]]:
+    """`id(tensor)` -> nodes reading it: used get_attr nodes, and call_module nodes of its module.
+
+    One pass over the graph; callers build it once per pass, not once per site.
+    """
+    readers: dict[int, list[torch.fx.Node]] = {}
     for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            if get_attr(gm, node.target) is weight and node.users:
-                users.append(node)
+        if node.op == "get_attr" and node.users:
+            readers.setdefault(id(get_attr(gm, node.target)), []).append(node)
         elif node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            if any(p is weight for p in module.parameters(recurse=False)):
-                users.append(node)
-    return users
+            for param in gm.get_submodule(node.target).parameters(recurse=False):
+                readers.setdefault(id(param), []).append(node)
+    return readers

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["delta_weight", "rounding_error"]
+__all__ = ["alpha_for_scale", "delta_weight", "pad_rank", "rounding_error"]
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -63,3 +63,32 @@ def rounding_error(before: torch.Tensor, after: torch.Tensor, delta: torch.Tenso
     if norm == 0:
         return 0.0
     return float(torch.linalg.vector_norm(applied - delta) / norm)
+
+
+def pad_rank(
+    kind: str, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad A's rows and B's columns up to `rank`; `B @ A` is unchanged.
+
+    Args:
+        kind: `"linear"`, `"conv"` or `"embedding"` (A's rank is dim 0, B's is dim 1 for all three).
+        lora_a: A with rank `r <= rank` in dim 0.
+        lora_b: B with rank `r` in dim 1.
+        rank: The target rank.
+
+    Returns:
+        The padded `(A, B)`.
+    """
+    if kind not in ("linear", "conv", "embedding"):
+        raise ValueError(f"unknown site kind {kind!r}; expected 'linear', 'conv' or 'embedding'")
+    r = lora_a.shape[0]
+    if r > rank:
+        raise ValueError(f"cannot pad rank {r} down to {rank}")
+    a = torch.cat([lora_a, lora_a.new_zeros((rank - r, *lora_a.shape[1:]))], dim=0)
+    b_pad = lora_b.new_zeros((lora_b.shape[0], rank - r, *lora_b.shape[2:]))
+    return a, torch.cat([lora_b, b_pad], dim=1)
+
+
+def alpha_for_scale(scale: float, r: int, use_rslora: bool) -> float:
+    """The `lora_alpha` that gives `scale` at rank `r` (`alpha / r`, or `alpha / sqrt(r)`)."""
+    return scale * (r**0.5 if use_rslora else r)

@@ -9,21 +9,28 @@ from lora_fx.passes.adapters import (
     set_adapter,
     trainable_parameters,
 )
+from lora_fx.passes.hotswap import hotswap_adapter, prepare_for_hotswap
 from lora_fx.passes.inject import inject
 from lora_fx.passes.merge import merge, merge_report, unmerge
+from lora_fx.passes.mixed_batch import BASE, adapter_batch, set_adapter_batch
 from lora_fx.passes.unload import merge_and_unload, unload
 
 __all__ = [
+    "BASE",
+    "adapter_batch",
     "active_adapters",
     "count_parameters",
     "delete_adapter",
     "disable_adapters",
+    "hotswap_adapter",
     "inject",
     "merge",
     "merge_and_unload",
     "merge_report",
+    "prepare_for_hotswap",
     "print_trainable_parameters",
     "set_adapter",
+    "set_adapter_batch",
     "trainable_parameters",
     "unload",
     "unmerge",

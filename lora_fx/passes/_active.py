@@ -17,8 +17,8 @@ import torch
 import torch.fx
 
 from lora_fx._keys import modules_to_save_path
-from lora_fx._meta import LoraState, lora_tag
-from lora_fx.passes._branch import insert_branch, remove_branch
+from lora_fx._meta import LoraState
+from lora_fx.passes._branch import insert_branch, remove_branches
 from lora_fx.sites import all_sites
 
 __all__ = ["MASK_BUFFER", "apply_active"]
@@ -28,9 +28,7 @@ MASK_BUFFER = "lora_fx_batch_mask"
 
 def apply_active(gm: torch.fx.GraphModule, state: LoraState) -> None:
     """Rebuild branches and module-copy references from `state` (no recompile; callers finish)."""
-    tagged = {(t["adapter"], t["site"]) for n in gm.graph.nodes if (t := lora_tag(n)) is not None}
-    for adapter, site in tagged:
-        remove_branch(gm, site, adapter)
+    remove_branches(gm)
     sites = all_sites(gm)
     if state.batch_adapters is not None:
         for k, name in enumerate(state.batch_adapters):

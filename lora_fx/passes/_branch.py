@@ -23,7 +23,7 @@ from lora_fx._keys import lora_paths
 from lora_fx._meta import LORA_META, SiteRecord, lora_tag
 from lora_fx.sites import Site
 
-__all__ = ["insert_branch", "remove_branch", "row_weights"]
+__all__ = ["insert_branch", "remove_branches", "row_weights"]
 
 _aten = torch.ops.aten
 
@@ -61,16 +61,16 @@ def insert_branch(
         end.replace_all_uses_with(add, delete_user_cb=lambda user, add=add: user is not add)
 
 
-def remove_branch(gm: torch.fx.GraphModule, site: str, adapter: str) -> bool:
-    """Erase `adapter`'s branch nodes on `site`; True if there were any."""
+def remove_branches(gm: torch.fx.GraphModule) -> int:
+    """Erase every lora_fx branch node in one pass over the graph; returns how many."""
     graph = gm.graph
-    mine = [n for n in graph.nodes if _tag_is(n, adapter, site)]
+    mine = [n for n in graph.nodes if lora_tag(n) is not None]
     for node in mine:
         if lora_tag(node)["role"] == "add":
             node.replace_all_uses_with(node.args[0])
     for node in reversed(mine):
         graph.erase_node(node)
-    return bool(mine)
+    return len(mine)
 
 
 def row_weights(mask: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor:
@@ -96,12 +96,6 @@ class _Emitter:
         node.meta[LORA_META] = {**self.tag, "role": role}
         self.cursor = node
         return node
-
-
-def _tag_is(node: torch.fx.Node, adapter: str, site: str) -> bool:
-    """Whether a node belongs to `adapter`'s branch on `site`."""
-    tag = lora_tag(node)
-    return tag is not None and tag["adapter"] == adapter and tag["site"] == site
 
 
 def _chain_end(base: torch.fx.Node) -> torch.fx.Node:

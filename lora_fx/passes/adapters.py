@@ -28,7 +28,7 @@ from torch import nn
 
 from lora_fx import _graph
 from lora_fx._keys import HOLDERS, lora_paths, modules_to_save_path
-from lora_fx._meta import LoraState
+from lora_fx._meta import LoraState, state_or_none
 from lora_fx.errors import AdapterError
 from lora_fx.passes._active import apply_active
 from lora_fx.passes.merge import merge, require_state, resolve_adapters, unmerge
@@ -79,8 +79,9 @@ def set_adapter(gm: torch.fx.GraphModule, adapter_names: str | list[str]) -> tor
 
 
 def active_adapters(gm: torch.fx.GraphModule) -> list[str]:
-    """Names of the active adapters, in summation order."""
-    return list(require_state(gm).active)
+    """Names of the active adapters, in summation order (empty without adapters)."""
+    state = state_or_none(gm)
+    return list(state.active) if state else []
 
 
 @contextlib.contextmanager

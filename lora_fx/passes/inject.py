@@ -38,7 +38,7 @@ from lora_fx.errors import AdapterError, ConfigError
 from lora_fx.passes._active import apply_active
 from lora_fx.sites import Site, find_sites, match_modules_to_save
 
-__all__ = ["inject"]
+__all__ = ["inject", "site_record"]
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def inject(
     sites = find_sites(gm, cfg)
     saved_modules = match_modules_to_save(gm, cfg.modules_to_save) if cfg.modules_to_save else []
     _warn_fan_in_fan_out(cfg, sites)
-    records = {site.fqn: _site_record(cfg, site) for site in sites}
+    records = {site.fqn: site_record(cfg, site) for site in sites}
 
     # apply
     state = get_state(gm)
@@ -132,7 +132,7 @@ def _check_request(gm: torch.fx.GraphModule, cfg: LoraConfig, adapter_name: str)
             raise ConfigError(f"{name}={getattr(cfg, name)!r}: {feature} is not supported yet")
 
 
-def _site_record(cfg: LoraConfig, site: Site) -> SiteRecord:
+def site_record(cfg: LoraConfig, site: Site) -> SiteRecord:
     """Rank, alpha and scale for one site after rank/alpha patterns."""
     r, alpha = cfg.rank_for(site.fqn), cfg.alpha_for(site.fqn)
     scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r

@@ -69,7 +69,9 @@ def merge(
     state = require_state(gm)
     names = resolve_adapters(state, adapter_names)
     if state.batch_adapters is not None:
-        raise AdapterError("cannot merge in mixed-batch mode; call set_adapter_batch(gm, None) first")
+        raise AdapterError(
+            "cannot merge in mixed-batch mode; call set_adapter_batch(gm, None) first"
+        )
     already = [n for n in names if state.adapters[n].merged]
     for name in already:
         warnings.warn(f"adapter {name!r} is already merged; nothing to do for it", stacklevel=2)
@@ -85,8 +87,9 @@ def merge(
 
     # apply
     report: dict[str, float] = {}
+    readers = _graph.tensor_readers(gm)
     for name, site, rec in plan:
-        site = _untie_if_shared(gm, site, state)
+        site = _untie_if_shared(gm, site, state, readers)
         report[f"{name}:{site.fqn}"] = _fold(gm, site, name, rec, sign=1.0)
     for name in names:
         state.adapters[name].merged = True
@@ -201,12 +204,17 @@ def _check_finite(gm: torch.fx.GraphModule, plan: list[tuple[str, Site, SiteReco
             )
 
 
-def _untie_if_shared(gm: torch.fx.GraphModule, site: Site, state: LoraState) -> Site:
+def _untie_if_shared(
+    gm: torch.fx.GraphModule, site: Site, state: LoraState, readers: dict[int, list[torch.fx.Node]]
+) -> Site:
     """Give the site a private copy of its weight when other nodes read it too; returns the site."""
     weight = _graph.get_attr(gm, site.weight)
     own_nodes = set(site.nodes)
-    readers = _graph.weight_users(gm, weight)
-    others = [n for n in readers if n not in own_nodes and not set(n.users) <= own_nodes]
+    others = [
+        n
+        for n in readers.get(id(weight), [])
+        if n not in own_nodes and not set(n.users) <= own_nodes
+    ]
     if not others:
         return site
     private = nn.Parameter(weight.detach().clone(), requires_grad=False)

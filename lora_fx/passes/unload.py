@@ -23,7 +23,7 @@ from lora_fx import _graph
 from lora_fx._keys import HOLDERS
 from lora_fx._meta import STATE_META
 from lora_fx.errors import LoraFxError, MergeError
-from lora_fx.passes._branch import remove_branch
+from lora_fx.passes._branch import remove_branches
 from lora_fx.passes.merge import merge, require_state, unmerge
 
 __all__ = ["merge_and_unload", "unload"]
@@ -50,11 +50,8 @@ def unload(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             stacklevel=2,
         )
         unmerge(gm)
-    sites: set[str] = set()
-    for name, record in state.adapters.items():
-        for fqn in record.sites:
-            remove_branch(gm, fqn, name)
-            sites.add(fqn)
+    remove_branches(gm)
+    sites = {fqn for record in state.adapters.values() for fqn in record.sites}
     for fqn in sites:
         for holder in HOLDERS:
             _graph.delete_attr(gm, f"{fqn}.{holder}")

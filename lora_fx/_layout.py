@@ -1,0 +1,116 @@
+"""The PEFT file layout of an adapter on a graph: file key -> (module-tree path, shape).
+
+Shared by `save_adapter`, `load_adapter` and hot-swapping, so the three agree on every key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.fx
+
+from lora_fx import _graph
+from lora_fx._keys import FILE_PREFIX, is_adapter_parameter, lora_paths, modules_to_save_path
+from lora_fx._meta import SiteRecord
+from lora_fx.errors import AdapterError
+from lora_fx.sites import Site
+
+__all__ = ["adapter_keys", "base_keys", "bias_keys", "check_tensors", "factor_shapes"]
+
+
+def adapter_keys(
+    gm: torch.fx.GraphModule,
+    adapter: str,
+    sites: list[Site],
+    records: dict[str, SiteRecord],
+    saved_modules: list[str],
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """PEFT file key -> (module-tree path, shape) for the adapter's A/B tensors and module copies."""
+    keys: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for site in sites:
+        rec = records[site.fqn]
+        paths = lora_paths(site.kind, site.fqn, adapter)
+        a_shape, b_shape = factor_shapes(site, rec.r)
+        keys[paths.a_key] = (paths.a, a_shape)
+        keys[paths.b_key] = (paths.b, b_shape)
+        if rec.lora_bias:
+            keys[paths.b_bias_key] = (paths.b_bias, (site.out_features,))
+    for module in saved_modules:
+        copy_path = modules_to_save_path(module, adapter)
+        for name, param in gm.get_submodule(module).named_parameters():
+            if not is_adapter_parameter(name):
+                keys[f"{FILE_PREFIX}{module}.{name}"] = (f"{copy_path}.{name}", tuple(param.shape))
+    return keys
+
+
+def bias_keys(
+    gm: torch.fx.GraphModule, bias: str, sites: list[Site]
+) -> dict[str, tuple[str, tuple]]:
+    """PEFT's bias keys: `<site>.base_layer.bias` for adapted sites, `<module>.bias` for the rest."""
+    if bias == "none":
+        return {}
+    keys: dict[str, tuple[str, tuple]] = {}
+    site_biases = {site.bias: site for site in sites if site.bias is not None}
+    for path, site in site_biases.items():
+        keys[f"{FILE_PREFIX}{site.fqn}.base_layer.bias"] = (
+            path,
+            tuple(_graph.get_attr(gm, path).shape),
+        )
+    if bias == "all":
+        for name, param in gm.named_parameters():
+            if (
+                name.rsplit(".", 1)[-1] == "bias"
+                and not is_adapter_parameter(name)
+                and name not in site_biases
+            ):
+                keys[f"{FILE_PREFIX}{name}"] = (name, tuple(param.shape))
+    return keys
+
+
+def base_keys(gm: torch.fx.GraphModule, sites: list[Site]) -> dict[str, str]:
+    """Base-parameter keys an adapter file may carry: every bias key, and full site weights."""
+    keys = {key: p for key, (p, _) in bias_keys(gm, "all", sites).items()}
+    for site in sites:
+        keys[f"{FILE_PREFIX}{site.fqn}.base_layer.weight"] = site.weight
+    return keys
+
+
+def factor_shapes(site: Site, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of A and B, as PEFT's modules have them."""
+    if site.kind == "linear":
+        return (r, site.in_features), (site.out_features, r)
+    if site.kind == "embedding":
+        return (r, site.in_features), (site.out_features, r)
+    spec = site.conv
+    ones = (1,) * spec.dims
+    return (r, site.in_features, *spec.kernel_size), (site.out_features, r // spec.groups, *ones)
+
+
+def check_tensors(
+    tensors: dict[str, torch.Tensor],
+    expected: dict[str, tuple[str, tuple[int, ...]]],
+    base_keys: dict[str, str],
+    folder: Path,
+) -> None:
+    """Every expected key present with its shape, and nothing unknown; else one clear error."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected) - set(base_keys))
+    wrong = [
+        f"{key}: file {tuple(tensors[key].shape)} vs graph {shape}"
+        for key, (_, shape) in expected.items()
+        if key in tensors and tuple(tensors[key].shape) != shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors, e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors that fit no site, e.g. {unexpected[:3]}")
+    if wrong:
+        problems.append(f"{len(wrong)} mis-shaped tensors, e.g. {wrong[:3]}")
+    if problems:
+        raise AdapterError(
+            f"adapter in {str(folder)!r} does not fit this graph: "
+            + "; ".join(problems)
+            + "; nothing was loaded"
+        )
