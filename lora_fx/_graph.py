@@ -1,4 +1,4 @@
-"""Graph and module-tree mechanics shared by the passes: attributes by path, owned modules, cleanup."""
+"""Graph and module-tree mechanics shared by the passes: attribute paths, owned modules."""
 
 from __future__ import annotations
 
@@ -42,9 +42,10 @@ def get_attr(gm: nn.Module, path: str) -> Any:
 def own_module(gm: torch.fx.GraphModule, path: str, state: LoraState) -> nn.Module:
     """The module at `path`, made safe to add children to, creating empty containers on the way.
 
-    `symbolic_trace` puts the user's own leaf modules (nn.Linear, ...) into the GraphModule, so adding
-    `lora_A` to them would change the user's eager model. The first time a path is touched, the leaf
-    is replaced by a shallow copy that shares its parameters and buffers but has its own child list.
+    `symbolic_trace` puts the user's own leaf modules (nn.Linear, ...) into the GraphModule, so
+    adding `lora_A` to them would change the user's eager model. The first time a path is touched,
+    the leaf is replaced by a shallow copy that shares its parameters and buffers but has its own
+    child list.
     """
     parent: nn.Module = gm
     parts = path.split(".") if path else []

@@ -1,10 +1,11 @@
 """Where LoRA parameters live: module-tree paths (PEFT's in-memory names) and PEFT file keys.
 
-    in memory:  <site>.lora_A.<adapter>.weight         file:  base_model.model.<site>.lora_A.weight
-                <site>.lora_B.<adapter>.weight (.bias)        base_model.model.<site>.lora_B.weight (.bias)
-                <site>.lora_embedding_A.<adapter>             base_model.model.<site>.lora_embedding_A
-                <site>.lora_dropout.<adapter>                 (not saved)
-                <module>.modules_to_save.<adapter>.<p>        base_model.model.<module>.<p>
+    in memory                                 file (prefix base_model.model.)
+    <site>.lora_A.<adapter>.weight            <site>.lora_A.weight
+    <site>.lora_B.<adapter>.weight (.bias)    <site>.lora_B.weight (.bias)
+    <site>.lora_embedding_A.<adapter>         <site>.lora_embedding_A
+    <site>.lora_dropout.<adapter>             (not saved)
+    <module>.modules_to_save.<adapter>.<p>    <module>.<p>
 
 Saving is a rename: drop the adapter name and prefix `base_model.model.`.
 """

@@ -26,7 +26,7 @@ def adapter_keys(
     records: dict[str, SiteRecord],
     saved_modules: list[str],
 ) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """PEFT file key -> (module-tree path, shape) for the adapter's A/B tensors and module copies."""
+    """PEFT file key -> (module-tree path, shape) for the A/B tensors and module copies."""
     keys: dict[str, tuple[str, tuple[int, ...]]] = {}
     for site in sites:
         rec = records[site.fqn]
@@ -47,7 +47,7 @@ def adapter_keys(
 def bias_keys(
     gm: torch.fx.GraphModule, bias: str, sites: list[Site]
 ) -> dict[str, tuple[str, tuple]]:
-    """PEFT's bias keys: `<site>.base_layer.bias` for adapted sites, `<module>.bias` for the rest."""
+    """PEFT's bias keys: `<site>.base_layer.bias` for adapted sites, else `<module>.bias`."""
     if bias == "none":
         return {}
     keys: dict[str, tuple[str, tuple]] = {}

@@ -4,7 +4,7 @@
         * every `aten.dropout(x, p, train_flag)` turned into a `call_module` `nn.Dropout(p)`,
           so `gm.train()` / `gm.eval()` switch it (export bakes the flag as a constant);
         * non-tensor keyword arguments (`use_cache=False`) bound as constants, so `gm(ids)` works;
-        * a plain `GraphModule` class, whose `train()` / `eval()` work (export's module refuses them).
+        * a plain `GraphModule` class, whose `train()` / `eval()` work (export's module refuses).
 
 Rules and edge cases:
 1. Export runs with the model in eval mode and then sets the graph to the model's own mode. Fused
@@ -48,8 +48,8 @@ def capture(
     Args:
         model: The eager model. Its parameters are shared with the graph, not copied.
         args: Example positional inputs.
-        kwargs: Example keyword inputs; non-tensor values (`use_cache=False`) are bound as constants.
-        method: `"export"` (torch.export; transformers models go this way) or `"fx"` (symbolic_trace).
+        kwargs: Example keyword inputs; non-tensor values (`use_cache=False`) become constants.
+        method: `"export"` (torch.export; for transformers models) or `"fx"` (symbolic_trace).
         dynamic_shapes: Passed to `torch.export.export` (e.g. to allow other batch sizes).
 
     Returns:
@@ -100,7 +100,8 @@ def as_graph_module(obj: Any) -> torch.fx.GraphModule:
     if isinstance(obj, torch.fx.GraphModule):
         return obj
     raise TypeError(
-        f"expected a torch.fx.GraphModule or torch.export.ExportedProgram, got {type(obj).__name__}; "
+        "expected a torch.fx.GraphModule or torch.export.ExportedProgram, got "
+        f"{type(obj).__name__}; "
         "capture an nn.Module first with lora_fx.capture(model, args)"
     )
 
@@ -115,7 +116,8 @@ def _export(
         )
     except Exception as e:
         raise CaptureError(
-            f"method='export' failed on {type(model).__name__}: {type(e).__name__}: {_first_line(e)}; "
+            f"method='export' failed on {type(model).__name__}: "
+            f"{type(e).__name__}: {_first_line(e)}; "
             "for a model with simple Python control flow try method='fx'"
         ) from e
     gm = _trainable_module(program.module())
@@ -138,7 +140,7 @@ def _trace(model: nn.Module, kwargs: dict) -> torch.fx.GraphModule:
 
 
 def _trainable_module(exported: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Re-wrap export's module as a plain GraphModule (train()/eval() allowed) with live dropouts."""
+    """Re-wrap export's module as a plain GraphModule (train()/eval() allowed), live dropouts."""
     gm = torch.fx.GraphModule(exported, exported.graph)
     _dropouts_to_modules(gm)
     # Export bakes each dropout's train flag; keep the mode the flags say the model was captured in.
@@ -147,7 +149,7 @@ def _trainable_module(exported: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def _dropouts_to_modules(gm: torch.fx.GraphModule) -> bool:
-    """Replace `aten.dropout(x, p, flag)` nodes by `nn.Dropout(p)` modules; True if any was found."""
+    """Replace `aten.dropout(x, p, flag)` nodes by `nn.Dropout(p)` modules; True if any."""
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _DROPOUT_OPS:

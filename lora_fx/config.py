@@ -1,8 +1,8 @@
 """`LoraConfig`: PEFT's LoRA fields, names and defaults, validated on construction.
 
-`from_dict` reads a PEFT `adapter_config.json` dict: known fields become attributes, every other key is
-kept in `extra` and written back by `to_dict`, so a config PEFT wrote round-trips without loss and
-never crashes on keys lora_fx does not use.
+`from_dict` reads a PEFT `adapter_config.json` dict: known fields become attributes, every other
+key is kept in `extra` and written back by `to_dict`, so a config PEFT wrote round-trips without
+loss and never crashes on keys lora_fx does not use.
 """
 
 from __future__ import annotations
@@ -25,21 +25,22 @@ ALL_LINEAR = "all-linear"
 
 @dataclass
 class LoraConfig:
-    """LoRA hyper-parameters with PEFT's field names and defaults.
+    r"""LoRA hyper-parameters with PEFT's field names and defaults.
 
     Args:
         r: Rank of the update `B @ A`.
-        lora_alpha: Scale numerator; a branch is scaled by `lora_alpha / r` (or `/ sqrt(r)` with rsLoRA).
-        target_modules: Sites to adapt. A list entry matches a site name exactly or as a dotted suffix;
+        lora_alpha: Scale numerator: a branch is scaled by `lora_alpha / r` (`/ sqrt(r)`: rsLoRA).
+        target_modules: Sites to adapt. A list entry matches a site name exactly or as a dotted
+            suffix;
             a str is a regex that must match the whole name; `"all-linear"` takes every linear site
             except a transformers model's output layer.
         exclude_modules: Same matching rules as `target_modules`; matched sites are skipped.
         lora_dropout: Dropout probability on the branch input (linear and conv sites).
-        fan_in_fan_out: PEFT's flag for weights stored `[in, out]`; lora_fx reads this from the graph.
+        fan_in_fan_out: PEFT's flag for weights stored `[in, out]`; lora_fx reads it from the graph.
         bias: Which biases train: `"none"`, `"all"`, or `"lora_only"` (biases of adapted sites).
         use_rslora: Scale by `lora_alpha / sqrt(r)`.
         modules_to_save: Modules (matched by name suffix) that get a trainable, saved copy.
-        init_lora_weights: `True` (kaiming-uniform A, zero B), `"gaussian"`, or `False` (both random).
+        init_lora_weights: `True` (kaiming-uniform A, zero B), `"gaussian"`, `False` (both random).
         layers_to_transform: Layer indices to adapt (with a list `target_modules`).
         layers_pattern: Name(s) of the layer container used to find the layer index.
         rank_pattern: `{pattern: r}` overrides, matched as `(.*\\.)?pattern$`.
@@ -140,7 +141,7 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
-        """Build a config from a PEFT `adapter_config.json` dict, keeping unknown keys in `extra`."""
+        """Build a config from a PEFT `adapter_config.json` dict; unknown keys go to `extra`."""
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
             raise ConfigError(
@@ -179,7 +180,7 @@ def _check_names(name: str, value: Any) -> None:
 
 
 def _pattern_key(patterns: dict[str, Any], site: str) -> str:
-    """PEFT's `get_pattern_key`: the first key matching `(.*\\.)?key$`, else the site itself."""
+    r"""PEFT's `get_pattern_key`: the first key matching `(.*\\.)?key$`, else the site itself."""
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", site):
             return key

@@ -1,7 +1,8 @@
 """Save and load adapters in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
 
-Keys are PEFT's (`base_model.model.<site>.lora_A.weight`, see `_keys.py`), so `PeftModel.from_pretrained`
-reads what `save_adapter` writes and `load_adapter` reads what PEFT's `save_pretrained` writes.
+Keys are PEFT's (`base_model.model.<site>.lora_A.weight`, see `_keys.py`), so
+`PeftModel.from_pretrained` reads what `save_adapter` writes and `load_adapter` reads what PEFT's
+`save_pretrained` writes.
 
 Rules:
 1. Files are written to a temporary name and renamed into place: a failed save leaves no half file.

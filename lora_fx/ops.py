@@ -57,7 +57,7 @@ def delta_weight(
 
 
 def rounding_error(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor) -> float:
-    """Relative error of a folded delta: `||(after - before) - delta|| / ||delta||` (0 for a zero delta)."""
+    """Relative error of a folded delta: `||(after - before) - delta|| / ||delta||` (0 if none)."""
     applied = after.to(delta.dtype) - before.to(delta.dtype)
     norm = torch.linalg.vector_norm(delta)
     if norm == 0:

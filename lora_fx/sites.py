@@ -1,10 +1,10 @@
 """Find LoRA sites: the linear, conv and embedding ops of a graph that read a parameter weight.
 
 A **site** is named by the module path PEFT would use (`model.layers.0.self_attn.q_proj`): the
-`call_module` target, or for ATen graphs the innermost module in export's `nn_module_stack` when that
-module is a Linear/Conv/Embedding/Conv1D, else the weight's path without `.weight`. Naming by module
-rather than by weight keeps tied weights apart: GPT-2's `wte` embedding and `lm_head` read one tensor
-but are two sites, as in PEFT.
+`call_module` target, or for ATen graphs the innermost module in export's `nn_module_stack` when
+that module is a Linear/Conv/Embedding/Conv1D, else the weight's path without `.weight`. Naming by
+module rather than by weight keeps tied weights apart: GPT-2's `wte` embedding and `lm_head` read
+one tensor but are two sites, as in PEFT.
 
 Matchers (first match wins), one per op family:
 1. `call_module` nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d, nn.Embedding;
@@ -149,7 +149,8 @@ def find_sites(gm: torch.fx.GraphModule, cfg: LoraConfig) -> list[Site]:
         kinds = sorted({s.kind for s in sites.values()})
         raise NoTargetMatchedError(
             f"target_modules={cfg.target_modules!r} matched no site "
-            f"(layers_to_transform={cfg.layers_to_transform!r}); sites in this graph ({', '.join(kinds)}): "
+            f"(layers_to_transform={cfg.layers_to_transform!r}); "
+            f"sites in this graph ({', '.join(kinds)}): "
             f"{list(sites)[:6]!r}{' ...' if len(sites) > 6 else ''}"
         )
     for site in chosen:
@@ -179,7 +180,8 @@ def match_modules_to_save(gm: torch.fx.GraphModule, names: list[str]) -> list[st
             hits = [p for p, _ in gm.named_modules() if p and p.endswith(name) and p not in chosen]
         if not hits:
             raise NoTargetMatchedError(
-                f"modules_to_save entry {name!r} matched no module; modules with parameters: {holders[:6]!r}"
+                f"modules_to_save entry {name!r} matched no module; "
+                f"modules with parameters: {holders[:6]!r}"
             )
         chosen += [h for h in hits if h not in chosen]
     # A module inside another chosen one travels with it.
@@ -191,7 +193,8 @@ def _check_site(site: Site, cfg: LoraConfig) -> None:
     r = cfg.rank_for(site.fqn)
     if site.conv is not None and r % site.conv.groups != 0:
         raise UnsupportedSiteError(
-            f"site {site.fqn!r} is a conv with groups={site.conv.groups}; r={r} must be divisible by it"
+            f"site {site.fqn!r} is a conv with groups={site.conv.groups}; "
+            f"r={r} must be divisible by it"
         )
     if cfg.lora_bias and site.kind == "embedding":
         raise UnsupportedSiteError(
@@ -368,7 +371,7 @@ def _match_mm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match | None:
 
 
 def _match_conv(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match | None:
-    """`conv{1,2,3}d(x, W, b, stride, padding, dilation, groups)` and non-transposed `convolution`."""
+    """`conv{1,2,3}d(x, W, b, stride, padding, dilation, groups)`, non-transposed `convolution`."""
     if node.op != "call_function":
         return None
     if node.target in _CONVOLUTION_OPS:
@@ -441,7 +444,7 @@ _MATCHERS: tuple[Callable[[torch.fx.GraphModule, torch.fx.Node], _Match | None],
 
 
 def _site_name(node: torch.fx.Node, weight: str) -> str:
-    """The owning Linear/Conv/Embedding module's path from export's stack, else the weight's path."""
+    """The owning Linear/Conv/Embedding module's path in export's stack, else the weight's path."""
     stack = node.meta.get("nn_module_stack")
     if stack:
         path, cls = list(stack.values())[-1]

@@ -1,6 +1,6 @@
 """Make the graph match the state: branches for the active adapters, module copies pointed at.
 
-    state.active = ["a", "b"]  ->  y' = y + branch_a(x) + branch_b(x)   (inactive adapters: no nodes)
+    state.active = ["a", "b"]  ->  y' = y + branch_a(x) + branch_b(x)   (inactive ones: no nodes)
 
 Rules:
 1. Every switch rebuilds all branches: remove every lora_fx branch, then insert those of the active,

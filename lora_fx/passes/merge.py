@@ -11,9 +11,9 @@ Rules:
    (`lora_fx.merge_report(gm)`), logs it, and warns when it exceeds 1 %.
 3. `safe_merge=True` computes every merged weight in a copy first and raises on non-finite values
    before any weight is written.
-4. A weight read by several sites (tied embeddings) or other ops is first given a private copy for the
-   merged site, so the other users keep the base weight (PEFT would change them all). A warning says
-   how many bytes that costs.
+4. A weight read by several sites (tied embeddings) or other ops is first given a private copy for
+   the merged site, so the other users keep the base weight (PEFT would change them all). A
+   warning says how many bytes that costs.
 5. A merged graph runs exactly the base ops: merging an adapter removes its branch nodes.
 6. The graph shares weights with the captured model, so merging changes the eager model too (as
    PEFT's merge does); `unmerge` restores it, up to rounding.
@@ -80,7 +80,7 @@ def merge(
     plan = [
         (name, sites[fqn], rec) for name in names for fqn, rec in state.adapters[name].sites.items()
     ]
-    for name, site, rec in plan:
+    for _, site, rec in plan:
         _check_mergeable(gm, site, rec)
     if safe_merge:
         _check_finite(gm, plan)
@@ -199,8 +199,8 @@ def _check_finite(gm: torch.fx.GraphModule, plan: list[tuple[str, Site, SiteReco
         merged = weight.detach().to(torch.float32) + site_delta(gm, site, name, rec)
         if not torch.isfinite(merged).all():
             raise MergeError(
-                f"safe_merge: merging adapter {name!r} into site {site.fqn!r} gives non-finite weights; "
-                "nothing was merged"
+                f"safe_merge: merging adapter {name!r} into site {site.fqn!r} gives non-finite "
+                "weights; nothing was merged"
             )
 
 
@@ -230,8 +230,9 @@ def _untie_if_shared(
                 getter = gm.graph.get_attr(path)
             node.replace_input_with(reader, getter)
     warnings.warn(
-        f"site {site.fqn!r} shares its weight with {[n.name for n in others]}; merging gives it a private "
-        f"copy ({private.numel() * private.element_size():,d} bytes) so the other users keep the base weight",
+        f"site {site.fqn!r} shares its weight with {[n.name for n in others]}; merging gives it a "
+        f"private copy ({private.numel() * private.element_size():,d} bytes) so the other users "
+        "keep the base weight",
         stacklevel=3,
     )
     return dataclasses.replace(site, weight=path)

@@ -6,8 +6,8 @@ Rules:
 1. Entering mixed mode puts a branch of every unmerged adapter on the graph, each scaled per row by
    its row of the mask buffer `lora_fx_batch_mask`. A new composition of the same batch size only
    writes new mask values, so a compiled graph is reused (PEFT compiles anew per composition).
-2. `"__base__"` rows get no adapter. Merged adapters must be unmerged first; as in PEFT, mixed batches
-   are for inference and refused in training mode.
+2. `"__base__"` rows get no adapter. Merged adapters must be unmerged first; as in PEFT, mixed
+   batches are for inference and refused in training mode.
 3. Each sample's output equals running it alone with its adapter (up to float summation order).
 """
 

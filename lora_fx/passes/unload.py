@@ -3,8 +3,9 @@
     y' = y + scale * lora_B(lora_A(dropout(x)))   ->   y            (branch, A, B, dropout removed)
 
 Rules:
-1. `unload` on a graph with merged adapters unmerges them first (with a warning: the weights are then
-   restored up to rounding, not bitwise). Without a merge, every base weight is bitwise untouched.
+1. `unload` on a graph with merged adapters unmerges them first (with a warning: the weights are
+   then restored up to rounding, not bitwise). Without a merge, every base weight is bitwise
+   untouched.
 2. Trained `modules_to_save` copies replace their originals, and trained biases stay, as PEFT's
    `unload` does.
 3. Afterwards the graph holds no lora_fx node, no LoRA parameter and no LoRA state.
