@@ -1,0 +1,120 @@
+"""Model-folder workflows against PEFT's merge_and_unload, and every bad input."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import assert_close
+from models import tiny_llama
+from peft import LoraConfig as PeftConfig
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM
+
+import lora_fx
+from lora_fx import AdapterError, ConfigError, NoTargetMatchedError
+from lora_fx.model_folder import FolderError, inspect_model_folder, merge_model_folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folders")
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    model.save_pretrained(root / "model", max_shard_size="100KB")  # sharded safetensors
+    (root / "model" / "tokenizer_config.json").write_text("{}")
+    pm = get_peft_model(
+        copy.deepcopy(model),
+        PeftConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+    ).eval()
+    pm.save_pretrained(root / "adapter")
+    ids = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        expected = pm.merge_and_unload()(ids).logits
+    other = tiny_llama(hidden=32).eval()  # another base: shapes do not fit
+    get_peft_model(other, PeftConfig(r=4, target_modules=["q_proj"])).save_pretrained(
+        root / "misfit"
+    )
+    return root, ids, expected
+
+
+def test_merge_folder_equals_peft_merge(folders, tmp_path):
+    root, ids, expected = folders
+    summary = merge_model_folder(root / "model", root / "adapter", tmp_path / "out")
+    assert summary.sites == 6
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert_close(merged(ids).logits, expected)
+    assert (tmp_path / "out" / "tokenizer_config.json").is_file()
+    assert sorted(
+        p.name for p in (root / "model").iterdir() if p.suffix == ".safetensors"
+    )  # untouched
+
+
+def test_merge_folder_in_bfloat16(folders, tmp_path):
+    root, ids, expected = folders
+    merge_model_folder(root / "model", root / "adapter", tmp_path / "out", dtype="bfloat16")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert merged.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert_close(merged(ids).logits.float(), expected, torch.bfloat16)
+
+
+def test_bad_inputs_write_nothing(folders, tmp_path):
+    root, _, _ = folders
+    out = tmp_path / "out"
+    with pytest.raises(FolderError, match=r"model folder '.*nope' does not exist"):
+        merge_model_folder(root / "nope", root / "adapter", out)
+    with pytest.raises(FolderError, match=r"has no adapter_config.json"):
+        merge_model_folder(root / "model", root / "model", out)
+    with pytest.raises(AdapterError, match=r"does not fit this graph: .*mis-shaped tensors"):
+        merge_model_folder(root / "model", root / "misfit", out)
+    assert not out.exists()
+    bad = tmp_path / "ia3"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(ConfigError, match=r"peft_type='IA3'; lora_fx reads only 'LORA'"):
+        merge_model_folder(root / "model", bad, out)
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FolderError, match=r"is not empty; pass --force"):
+        merge_model_folder(root / "model", root / "adapter", out)
+    with pytest.raises(FolderError, match=r"is \(inside\) the model folder"):
+        merge_model_folder(root / "model", root / "adapter", root / "model")
+    with pytest.raises(FolderError, match=r"dtype='int8' is invalid"):
+        merge_model_folder(root / "model", root / "adapter", tmp_path / "o2", dtype="int8")
+    assert (out / "keep.txt").read_text() == "x"
+
+
+def test_force_replaces_output(folders, tmp_path):
+    root, _, _ = folders
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    merge_model_folder(root / "model", root / "adapter", out, force=True)
+    assert not (out / "old.txt").exists() and (out / "config.json").is_file()
+
+
+def test_inspect_lists_sites_and_peft_figures(folders):
+    root, _, _ = folders
+    report = inspect_model_folder(
+        root / "model", lora_fx.LoraConfig(r=8, target_modules=["q_proj", "o_proj"])
+    )
+    assert [s["path"] for s in report["sites"]][:2] == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.o_proj",
+    ]
+    q = report["sites"][0]
+    assert (q["kind"], q["in"], q["out"], q["r"], q["lora_params"]) == (
+        "linear",
+        64,
+        64,
+        8,
+        8 * 128,
+    )
+    totals = report["totals"]
+    assert totals["sites"] == 4 and totals["lora_params"] == totals["trainable_params"]
+    pm = get_peft_model(tiny_llama(), PeftConfig(r=8, target_modules=["q_proj", "o_proj"]))
+    assert (totals["trainable_params"], totals["all_params"]) == pm.get_nb_trainable_parameters()
+    with pytest.raises(NoTargetMatchedError, match=r"matched no site"):
+        inspect_model_folder(root / "model", lora_fx.LoraConfig(target_modules=["nope"]))
