@@ -14,12 +14,15 @@ from lora_fx.errors import (
     LoraFxError,
     MergeError,
     NoTargetMatchedError,
+    ReplicationError,
     UnsupportedSiteError,
 )
 from lora_fx.io import load_adapter, save_adapter
 from lora_fx.passes import (
     BASE,
+    COMBINATION_TYPES,
     adapter_batch,
+    add_weighted_adapter,
     active_adapters,
     count_parameters,
     delete_adapter,
@@ -31,6 +34,7 @@ from lora_fx.passes import (
     merge_report,
     prepare_for_hotswap,
     print_trainable_parameters,
+    replicate_layers,
     set_adapter,
     set_adapter_batch,
     trainable_parameters,
@@ -42,6 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BASE",
+    "COMBINATION_TYPES",
     "AdapterError",
     "CaptureError",
     "ConfigError",
@@ -49,9 +54,11 @@ __all__ = [
     "LoraFxError",
     "MergeError",
     "NoTargetMatchedError",
+    "ReplicationError",
     "UnsupportedSiteError",
     "active_adapters",
     "adapter_batch",
+    "add_weighted_adapter",
     "capture",
     "count_parameters",
     "delete_adapter",
@@ -64,6 +71,7 @@ __all__ = [
     "merge_report",
     "prepare_for_hotswap",
     "print_trainable_parameters",
+    "replicate_layers",
     "save_adapter",
     "set_adapter",
     "set_adapter_batch",

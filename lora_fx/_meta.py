@@ -33,7 +33,8 @@ STATE_META = "lora_fx"
 CAPTURE_META = "lora_fx_capture"
 
 # Roles of nodes in a branch: y' = add(y, scale * lora_b(lora_a(dropout(x))))
-ROLES = ("dropout", "lora_a", "lora_b", "scale", "add", "weight", "mask")
+# "cast": dtype casts around a float32 adapter on a half-precision site (autocast_adapter_dtype).
+ROLES = ("dropout", "lora_a", "lora_b", "scale", "add", "weight", "mask", "cast")
 
 
 @dataclass

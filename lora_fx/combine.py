@@ -1,7 +1,7 @@
 """Pure math for weighted adapters: several LoRA adapters in, one adapter's factors out.
 
-Adapter i has factors `A_i [r_i, in]`, `B_i [out, r_i]`, scale `s_i` and user weight `w_i`; its delta
-is `Δ_i = s_i · B_i @ A_i`. The new adapter has scale 1, so its delta is `B' @ A'`. PEFT's
+Adapter i has factors `A_i [r_i, in]`, `B_i [out, r_i]`, scale `s_i` and user weight `w_i`; its
+delta is `Δ_i = s_i · B_i @ A_i`. The new adapter has scale 1, so its delta is `B' @ A'`. PEFT's
 `add_weighted_adapter` has three families, reproduced here op for op:
 
     factor types (equal ranks)   c_i = w_i · s_i
@@ -15,9 +15,9 @@ is `Δ_i = s_i · B_i @ A_i`. The new adapter has scale 1, so its delta is `B' @
 where `merge` is one of the task-arithmetic merges of PEFT's `utils/merge_utils.py`:
 
     linear            Σ w_i t_i
-    magnitude_prune   Σ w_i topk_density(|t_i|)                        (keep the largest entries)
-    ties              mean over i of the entries of w_i topk(t_i) whose sign agrees with the majority
-    dare_linear       Σ w_i (t_i ⊙ bernoulli(density)) / density       (random drop, rescaled)
+    magnitude_prune   Σ w_i topk_density(|t_i|)                   (keep the largest entries)
+    ties              mean of the entries of w_i topk(t_i) whose sign agrees with the majority
+    dare_linear       Σ w_i (t_i ⊙ bernoulli(density)) / density  (random drop, rescaled)
     dare_ties         ties with DARE's random drop instead of topk
 
 Rules:
@@ -38,13 +38,14 @@ import torch
 
 __all__ = [
     "MERGES",
+    "SIGN_METHODS",
     "combine_factors",
     "concat_factors",
     "dare_linear",
     "dare_ties",
     "disjoint_merge",
-    "majority_sign_mask",
     "magnitude_prune",
+    "majority_sign_mask",
     "merge_tensors",
     "prune_magnitude",
     "prune_random",
@@ -80,7 +81,7 @@ def prune_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def prune_random(tensor: torch.Tensor, density: float) -> torch.Tensor:
-    """DARE's drop: keep each entry with probability `density` (global RNG) and rescale by `1/density`.
+    """DARE's drop: keep each entry with probability `density` (global RNG), rescale by 1/density.
 
     Args:
         tensor: Any shape.
@@ -150,7 +151,7 @@ def ties(
     density: float,
     majority_sign_method: str = "total",
 ) -> torch.Tensor:
-    """TIES: magnitude-prune each task, elect a sign per entry, average the agreeing weighted entries."""
+    """TIES: magnitude-prune each task, elect a sign per entry, average the agreeing entries."""
     stacked = torch.stack([prune_magnitude(t, density) for t in tensors])
     mask = majority_sign_mask(stacked, majority_sign_method)  # elected on the unweighted tensors
     return disjoint_merge(_weighted(stacked, weights), mask)
@@ -228,8 +229,8 @@ def combine_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge equal-rank factors: A' = merge(sign·sqrt|w s| · A_i), B' = merge(sqrt|w s| · B_i).
 
-    For `linear` this makes `B'A' = Σ_ij sqrt|c_i c_j| sign(c_i) B_j A_i`: exact only for one adapter
-    (or orthogonal factors); PEFT calls it a rough approximation.
+    For `linear` this makes `B'A' = Σ_ij sqrt|c_i c_j| sign(c_i) B_j A_i`: exact only for one
+    adapter (or orthogonal factors); PEFT calls it a rough approximation.
 
     Args:
         method: One of `MERGES`.
@@ -259,7 +260,7 @@ def concat_factors(
     weights: Sequence[float],
     scales: Sequence[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the ranks: A' = [w_i s_i A_i] on dim 0, B' = [B_i] on dim 1, so `B'A' = Σ w_i s_i B_i A_i`.
+    """Stack the ranks: A' = [w_i s_i A_i] on dim 0, B' = [B_i] on dim 1: B'A' = Σ w_i s_i B_i A_i.
 
     Args:
         lora_as: `A_i [r_i, in, ...]` (ranks may differ).
@@ -306,13 +307,16 @@ def svd_factors(
     Args:
         matrix: `[out, in]`, float32 or float64 (torch has no half-precision SVD).
         rank: Rank of the factors.
-        clamp: Quantile in [0, 1] of the entries of U_r·S_r and Vh_r; entries are clamped to
-            `±quantile` (kohya's `svd_merge_lora`). None: no clamping.
+        clamp: Quantile in [0, 1] of the (signed) entries of U_r·S_r and Vh_r; entries are clamped
+            to `±quantile` (kohya's `svd_merge_lora`, e.g. 0.99). None: no clamping.
         full_matrices: Passed to `torch.linalg.svd` (the result does not depend on it).
         driver: cuSOLVER driver for CUDA tensors, passed to `torch.linalg.svd`.
 
     Returns:
         `(A' [rank, in], B' [out, rank])`; rows of A' and columns of B' beyond `min(out, in)` are 0.
+
+    Raises:
+        ValueError: `clamp` gives a negative bound (PEFT then sets every entry to that bound).
     """
     u, s, vh = torch.linalg.svd(matrix, full_matrices=full_matrices, driver=driver)
     k = min(rank, s.numel())
@@ -320,6 +324,11 @@ def svd_factors(
     a = vh[:k, :]  # [k, in]
     if clamp is not None:
         hi = torch.quantile(torch.cat([b.flatten(), a.flatten()]), clamp)
+        if hi < 0:  # clamp(-hi, hi) would then set every entry to hi (PEFT does, silently)
+            raise ValueError(
+                f"svd_clamp={clamp} is the quantile of the signed factor entries and gives a "
+                f"negative bound {float(hi):.4g}; use a quantile near 1, e.g. 0.99"
+            )
         b, a = b.clamp(-hi, hi), a.clamp(-hi, hi)
     if k < rank:  # pad: a rank-k matrix is also a rank-`rank` adapter with zero directions
         a = torch.cat([a, a.new_zeros(rank - k, a.shape[1])], dim=0)

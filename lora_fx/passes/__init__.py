@@ -13,11 +13,15 @@ from lora_fx.passes.hotswap import hotswap_adapter, prepare_for_hotswap
 from lora_fx.passes.inject import inject
 from lora_fx.passes.merge import merge, merge_report, unmerge
 from lora_fx.passes.mixed_batch import BASE, adapter_batch, set_adapter_batch
+from lora_fx.passes.replicate import replicate_layers
 from lora_fx.passes.unload import merge_and_unload, unload
+from lora_fx.passes.weighted import COMBINATION_TYPES, add_weighted_adapter
 
 __all__ = [
     "BASE",
+    "COMBINATION_TYPES",
     "adapter_batch",
+    "add_weighted_adapter",
     "active_adapters",
     "count_parameters",
     "delete_adapter",
@@ -29,6 +33,7 @@ __all__ = [
     "merge_report",
     "prepare_for_hotswap",
     "print_trainable_parameters",
+    "replicate_layers",
     "set_adapter",
     "set_adapter_batch",
     "trainable_parameters",

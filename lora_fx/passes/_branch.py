@@ -12,6 +12,12 @@ Rules:
    of the chain, so adapters are summed in the order they were activated, as in PEFT.
 3. Dropout with p == 0 is no node at all (PEFT's nn.Identity).
 4. Each call of a site (a module called twice) gets its own branch reading the same parameters.
+5. When the adapter's dtype differs from the base weight's (float32 adapter on a bf16 base,
+   `autocast_adapter_dtype`), the branch casts its input to A's dtype and its output to the base
+   output's dtype before the add (role "cast"), as PEFT's `_cast_input_dtype` / `result.to(...)`.
+   PEFT adds in float32 and rounds the sum once; here the (small) delta is rounded before the add,
+   so a result can differ from PEFT's in its last bit.
+   `type_as` reads the dtypes at run time, so a later `gm.to(dtype)` keeps the graph right.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from lora_fx import _graph
 from lora_fx._keys import lora_paths
 from lora_fx._meta import LORA_META, SiteRecord, lora_tag
 from lora_fx.sites import Site
@@ -42,12 +49,15 @@ def insert_branch(
     `[n_adapters, batch]` mask buffer (mixed-batch inference).
     """
     paths = lora_paths(site.kind, site.fqn, adapter)
+    cast = _graph.get_attr(gm, paths.a).dtype != _graph.get_attr(gm, site.weight).dtype
     for base, x in zip(site.nodes, site.inputs, strict=True):
         end = _chain_end(base)
         emit = _Emitter(gm.graph, end, {"adapter": adapter, "site": site.fqn})
         a = emit("weight", "get_attr", paths.a)
         b = emit("weight", "get_attr", paths.b)
         b_bias = emit("weight", "get_attr", paths.b_bias) if record.lora_bias else None
+        if cast and site.kind != "embedding":  # embedding inputs are ids
+            x = emit("cast", "call_function", _aten.type_as.default, (x, a))
         if record.dropout > 0 and site.kind != "embedding":
             x = emit("dropout", "call_module", paths.dropout, (x,))
         low = _lora_a(emit, site, x, a)
@@ -57,8 +67,11 @@ def insert_branch(
             mask = emit("mask", "get_attr", row_mask[0])
             rows = emit("mask", "call_function", row_weights, (mask, row_mask[1], scaled))
             scaled = emit("mask", "call_function", _aten.mul.Tensor, (scaled, rows))
+        if cast:
+            scaled = emit("cast", "call_function", _aten.type_as.default, (scaled, end))
         add = emit("add", "call_function", _aten.add.Tensor, (end, scaled))
-        end.replace_all_uses_with(add, delete_user_cb=lambda user, add=add: user is not add)
+        mine = {add, scaled}  # the output cast reads `end` too
+        end.replace_all_uses_with(add, delete_user_cb=lambda user, mine=mine: user not in mine)
 
 
 def remove_branches(gm: torch.fx.GraphModule) -> int:

@@ -11,7 +11,9 @@ Rules:
    `modules_to_save` require grad (PEFT's `_mark_only_adapters_as_trainable`).
 4. `modules_to_save` modules get a deep copy at `<module>.modules_to_save.<adapter>` and every graph
    reference to the module is pointed at the copy; the original stays, frozen.
-5. LoRA parameters take the dtype and device of the site's base weight.
+5. LoRA parameters take the device of the site's base weight and its dtype, except that with
+   `autocast_adapter_dtype=True` (PEFT's default) float16 / bfloat16 become float32; the branch then
+   casts its input to the adapter's dtype and its output back (nodes with role "cast").
 6. As in PEFT, the first adapter on a graph becomes active and trainable; later ones are added
    inactive and frozen (no nodes, no cost) until `set_adapter` activates them.
 """
@@ -43,6 +45,7 @@ __all__ = ["inject", "site_record"]
 log = logging.getLogger(__name__)
 
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_UPCAST = (torch.float16, torch.bfloat16)  # adapter dtypes autocast_adapter_dtype makes float32
 _NOT_YET = {
     "use_dora": "DoRA (issue 5)",
     "layer_replication": "layer replication (issue 6)",
@@ -54,6 +57,8 @@ def inject(
     gm: torch.fx.GraphModule | torch.export.ExportedProgram,
     cfg: LoraConfig,
     adapter_name: str = "default",
+    *,
+    autocast_adapter_dtype: bool = True,
 ) -> torch.fx.GraphModule:
     """Add adapter `adapter_name` to every site `cfg` selects, in place.
 
@@ -61,6 +66,9 @@ def inject(
         gm: A captured graph (`lora_fx.capture`), an ExportedProgram, or a traced GraphModule.
         cfg: The LoRA config (PEFT field names and semantics).
         adapter_name: Name of the new adapter.
+        autocast_adapter_dtype: As PEFT's: on float16 / bfloat16 sites, create the adapter's
+            parameters in float32 (the branch casts its input to float32 and its output back).
+            False: the adapter takes the base weight's dtype.
 
     Returns:
         The same GraphModule (a new one only when given an ExportedProgram), recompiled.
@@ -90,7 +98,15 @@ def inject(
     state = get_state(gm)
     first = not state.adapters  # PEFT: the first adapter is active; later ones start inactive
     for site in sites:
-        _add_lora_modules(gm, site, adapter_name, records[site.fqn], cfg.init_lora_weights, state)
+        _add_lora_modules(
+            gm,
+            site,
+            adapter_name,
+            records[site.fqn],
+            cfg.init_lora_weights,
+            state,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
     for path in saved_modules:
         _add_module_copy(gm, path, adapter_name, state)
     state.adapters[adapter_name] = AdapterRecord(cfg, records, saved_modules)
@@ -157,22 +173,26 @@ def _add_lora_modules(
     record: SiteRecord,
     init: bool | str,
     state,
+    *,
+    autocast_adapter_dtype: bool,
 ) -> None:
     """Register A, B and dropout for one site under PEFT's names, initialised as PEFT does."""
     holder = _graph.own_module(gm, site.fqn, state)
     base = _graph.get_attr(gm, site.weight)
+    # PEFT's cast_adapter_dtype: half-precision adapters would lose most small updates to rounding.
+    dtype = torch.float32 if autocast_adapter_dtype and base.dtype in _UPCAST else base.dtype
     if site.kind == "embedding":
         a, b = _embedding_factors(site, record.r, init)
         for name, tensor in (("lora_embedding_A", a), ("lora_embedding_B", b)):
             if name not in holder._modules:
                 holder.add_module(name, nn.ParameterDict())
-            getattr(holder, name)[adapter] = nn.Parameter(tensor.to(base.device, base.dtype))
+            getattr(holder, name)[adapter] = nn.Parameter(tensor.to(base.device, dtype))
     else:
         lora_a, lora_b = _factor_modules(site, record.r, record.lora_bias, init)
         for name, module in (("lora_A", lora_a), ("lora_B", lora_b)):
             if name not in holder._modules:
                 holder.add_module(name, nn.ModuleDict())
-            getattr(holder, name)[adapter] = module.to(base.device, base.dtype)
+            getattr(holder, name)[adapter] = module.to(base.device, dtype)
     if "lora_dropout" not in holder._modules:
         holder.add_module("lora_dropout", nn.ModuleDict())
     dropout = nn.Dropout(record.dropout) if record.dropout > 0 else nn.Identity()

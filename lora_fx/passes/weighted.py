@@ -3,20 +3,20 @@
     adapters a, b on site s:  Δ_a = s_a B_a A_a,  Δ_b = s_b B_b A_b
     ->  new adapter n on s:   Δ_n = B_n A_n  (scale 1)  ≈ w_a Δ_a + w_b Δ_b  (exact for cat and svd)
 
-The math is in `lora_fx.combine`; this pass plans, checks, creates the adapter with `inject` and writes
-the combined factors into it.
+The math is in `lora_fx.combine`; this pass plans, checks, creates the adapter with `inject` and
+writes the combined factors into it.
 
 Rules:
 1. Plan first: every check runs, and every factor is computed, before the graph changes; a rejected
    call leaves the graph, its parameters and their `requires_grad` as they were.
 2. Combination types and ranks (checked per site; PEFT compares each adapter's largest rank):
    `linear`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` combine factors and need the
-   adapters on a site to have one rank, which the new adapter keeps; `cat` stacks ranks (new rank on a
-   site = sum of the ranks there); the `*svd` types combine deltas and factor them at `svd_rank`, by
-   default the largest input rank, on every site. With one adapter every type is `linear` (as PEFT),
-   with a warning when another type was asked for.
-3. The new adapter covers the union of the inputs' sites (PEFT unions `target_modules` and inherits the
-   first adapter's `layers_to_transform` / `exclude_modules`, which can drop or add sites). Its
+   adapters on a site to have one rank, which the new adapter keeps; `cat` stacks ranks (new rank
+   on a site = sum of the ranks there); the `*svd` types combine deltas and factor them at
+   `svd_rank`, by default the largest input rank, on every site. With one adapter every type is
+   `linear` (as PEFT), with a warning when another type was asked for.
+3. The new adapter covers the union of the inputs' sites (PEFT unions `target_modules` and inherits
+   the first adapter's `layers_to_transform` / `exclude_modules`, which can drop or add sites). Its
    config is the first adapter's with `r` / `lora_alpha` equal to the new rank, so the scale is 1,
    `rank_pattern` / `alpha_pattern` where ranks differ per site, and `target_modules` listing the
    sites.
@@ -25,15 +25,17 @@ Rules:
    adapter (drawing from the RNG), then draws masks site by site in module order, adapter by
    adapter, A before B. This pass makes the same draws, so under one seed the masks are PEFT's.
 6. The svd types run in float32 even for half-precision adapters (torch has no half SVD; PEFT
-   upcasts through type promotion) and store the factors in the adapter's dtype.
+   upcasts through type promotion). The new adapter's dtype follows the inputs': float32 when they
+   were autocast (`autocast_adapter_dtype`), else the base dtype (PEFT's svd types leave float32
+   factors in a half-precision adapter).
 
 Deviations from PEFT (each fixes a PEFT defect):
 7. An existing `adapter_name` raises `AdapterError` (PEFT returns silently, doing nothing).
 8. The new adapter's scale is 1 even when the inputs use rsLoRA: PEFT inherits `use_rslora`, which
    scales the combined adapter by `sqrt(r)` more than its factors mean. The factors equal PEFT's.
 9. `svd_rank` above a site's `min(out, in)` pads the factors with zeros (PEFT builds factors of the
-   wrong shape, and the forward fails). Conv1d / Conv3d sites are factored like Conv2d (PEFT runs a
-   batched SVD on them).
+   wrong shape, and the forward fails). Conv1d / Conv3d sites are factored like Conv2d (PEFT runs
+   a batched SVD on them, and the forward fails).
 10. Refused where PEFT gives a wrong adapter: inputs with `lora_bias` (PEFT leaves the new bias at
     its initial value), `cat` and the svd types on grouped convs, DARE with `density=0` (0/0).
     Adapters targeting one module with `modules_to_save` are refused as in PEFT; a single adapter's
@@ -44,7 +46,6 @@ Deviations from PEFT (each fixes a PEFT defect):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -95,7 +96,6 @@ COMBINATION_TYPES = (
     "magnitude_prune_svd",
 )
 _SVD_DRIVERS = (None, "gesvd", "gesvdj", "gesvda")
-_HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,11 @@ class _Plan:
     sites: tuple[_SitePlan, ...]  # in module order (PEFT's loop order)
     config: LoraConfig
     peft_rank: int  # the one rank PEFT gives every site (only its RNG draws depend on it)
+    density: float | None
+    majority_sign_method: str
+    svd_clamp: float | None
+    svd_full_matrices: bool
+    svd_driver: str | None
 
 
 def add_weighted_adapter(
@@ -173,33 +178,23 @@ def add_weighted_adapter(
         )
         combination_type = "linear"
     _check_options(combination_type, svd_rank, svd_clamp, svd_driver, density, majority_sign_method)
-    plan = _plan(gm, state, list(adapters), [float(w) for w in weights], combination_type, svd_rank)
-    _check_inputs(gm, state, plan, svd_driver)
-    _draw_like_peft_init(plan)  # PEFT initialises the new adapter before it draws DARE masks
-    options = {
-        "density": density,
-        "majority_sign_method": majority_sign_method,
-        "svd_clamp": svd_clamp,
-        "svd_full_matrices": svd_full_matrices,
-        "svd_driver": svd_driver,
-    }
-    factors = {sp.site.fqn: _combine_site(gm, state, plan, sp, **options) for sp in plan.sites}
+    sites, config, peft_rank = _plan_sites(gm, state, adapters, weights, combination_type, svd_rank)
+    plan = _Plan(
+        combination_type,
+        sites,
+        config,
+        peft_rank,
+        density,
+        majority_sign_method,
+        svd_clamp,
+        svd_full_matrices,
+        svd_driver,
+    )
+    _check_inputs(gm, state, plan)
+    factors = _compute_factors(gm, state, plan)
 
-    # apply: create the adapter (its own initial values do not touch the global RNG), fill it in
-    requires_grad = {name: p.requires_grad for name, p in gm.named_parameters()}
-    with torch.random.fork_rng(devices=[]):
-        inject(gm, plan.config, adapter_name)
-    if adapter_name in state.active:  # PEFT leaves the combined adapter inactive
-        state.active.remove(adapter_name)
-        apply_active(gm, state)
-    with torch.no_grad():
-        for sp in plan.sites:
-            paths = lora_paths(sp.site.kind, sp.site.fqn, adapter_name)
-            for path, value in zip((paths.a, paths.b), factors[sp.site.fqn], strict=True):
-                param = _graph.get_attr(gm, path)
-                param.copy_(value.reshape(param.shape))
-    for name, param in gm.named_parameters():
-        param.requires_grad_(requires_grad.get(name, False))  # new adapter frozen, others as before
+    # apply
+    _create_adapter(gm, state, plan, adapter_name, factors)
 
     # finish
     _graph.cleanup(gm)
@@ -214,6 +209,45 @@ def add_weighted_adapter(
         ranks[0] if len(ranks) == 1 else ranks,
     )
     return gm
+
+
+def _compute_factors(
+    gm: torch.fx.GraphModule, state: LoraState, plan: _Plan
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The new adapter's `(A, B)` per site, drawing from the global RNG as PEFT does (rule 5)."""
+    _draw_like_peft_init(plan)  # PEFT initialises the new adapter before it draws DARE masks
+    factors = {}
+    for sp in plan.sites:
+        try:
+            factors[sp.site.fqn] = _combine_site(gm, state, plan, sp)
+        except ValueError as e:
+            raise AdapterError(f"add_weighted_adapter failed on site {sp.site.fqn!r}: {e}") from e
+    return factors
+
+
+def _create_adapter(
+    gm: torch.fx.GraphModule,
+    state: LoraState,
+    plan: _Plan,
+    adapter_name: str,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """Inject the new adapter, inactive and frozen, and write its factors; other flags unchanged."""
+    requires_grad = {name: p.requires_grad for name, p in gm.named_parameters()}
+    autocast = _inputs_upcast(gm, plan)
+    with torch.random.fork_rng(devices=[]):  # inject's initial values are overwritten below
+        inject(gm, plan.config, adapter_name, autocast_adapter_dtype=autocast)
+    if adapter_name in state.active:  # PEFT leaves the combined adapter inactive
+        state.active.remove(adapter_name)
+        apply_active(gm, state)
+    with torch.no_grad():
+        for sp in plan.sites:
+            paths = lora_paths(sp.site.kind, sp.site.fqn, adapter_name)
+            for path, value in zip((paths.a, paths.b), factors[sp.site.fqn], strict=True):
+                param = _graph.get_attr(gm, path)
+                param.copy_(value.reshape(param.shape))  # svd factors of convs are [.., r] matrices
+    for name, param in gm.named_parameters():
+        param.requires_grad_(requires_grad.get(name, False))  # inject re-marks the base biases
 
 
 # ---------------------------------------------------------------- plan
@@ -317,15 +351,15 @@ def _check_options(
                 )
 
 
-def _plan(
+def _plan_sites(
     gm: torch.fx.GraphModule,
     state: LoraState,
-    adapters: list[str],
-    weights: list[float],
+    adapters: Sequence[str],
+    weights: Sequence[float],
     combination_type: str,
     svd_rank: int | None,
-) -> _Plan:
-    """Sites (union of the inputs', in module order), their new ranks, and the new config."""
+) -> tuple[tuple[_SitePlan, ...], LoraConfig, int]:
+    """The new adapter's sites (the inputs' union, in module order), its config and PEFT's rank."""
     by_name = all_sites(gm)
     fqns = {fqn for name in adapters for fqn in state.adapters[name].sites}
     order = {path: i for i, (path, _) in enumerate(gm.named_modules())}
@@ -335,7 +369,9 @@ def _plan(
     sites = []
     for fqn in ordered:
         here = [
-            (n, w) for n, w in zip(adapters, weights, strict=True) if fqn in state.adapters[n].sites
+            (n, float(w))
+            for n, w in zip(adapters, weights, strict=True)
+            if fqn in state.adapters[n].sites
         ]
         ranks = [state.adapters[n].sites[fqn].r for n, _ in here]
         if combination_type == "cat":
@@ -353,16 +389,11 @@ def _plan(
         names, ws = zip(*here, strict=True)
         sites.append(_SitePlan(by_name[fqn], names, ws, rank))
     config = _new_config(gm, state.adapters[adapters[0]].config, sites)
-    return _Plan(
-        combination_type,
-        tuple(sites),
-        config,
-        _peft_rank(state, adapters, combination_type, svd_rank),
-    )
+    return tuple(sites), config, _peft_rank(state, adapters, combination_type, svd_rank)
 
 
 def _peft_rank(
-    state: LoraState, adapters: list[str], combination_type: str, svd_rank: int | None
+    state: LoraState, adapters: Sequence[str], combination_type: str, svd_rank: int | None
 ) -> int:
     """PEFT's `new_rank`, from each config's largest rank (`_check_add_weighted_adapter`)."""
     configs = [state.adapters[name].config for name in adapters]
@@ -375,13 +406,15 @@ def _peft_rank(
 
 
 def _new_config(gm: torch.fx.GraphModule, first: LoraConfig, sites: list[_SitePlan]) -> LoraConfig:
-    """The first input's config with the new targets and ranks, scale 1 everywhere (see rules 3, 8)."""
+    """The first input's config with the new targets and ranks; scale 1 everywhere (rules 3, 8)."""
     ranks = {sp.site.fqn: sp.rank for sp in sites}
     r = Counter(ranks.values()).most_common(1)[0][0]
     for exact in (False, True):
-        # Plain site names read best; escaped, anchored ones are exact if a name is another's suffix.
+        # Plain site names read best; anchored regexes are exact when one name ends another.
         names = [_exact(fqn) if exact else fqn for fqn in ranks]
-        pattern = {name: rank for name, (_, rank) in zip(names, ranks.items()) if rank != r}
+        pattern = {
+            name: rank for name, rank in zip(names, ranks.values(), strict=True) if rank != r
+        }
         cfg = dataclasses.replace(
             first,
             r=r,
@@ -404,14 +437,12 @@ def _new_config(gm: torch.fx.GraphModule, first: LoraConfig, sites: list[_SitePl
 
 
 def _exact(fqn: str) -> str:
-    """A regex matching exactly `fqn`, also under `rank_pattern`'s `(.*\\.)?` prefix."""
+    """A regex matching exactly `fqn`, also behind `rank_pattern`'s optional-prefix group."""
     return "^" + re.escape(fqn)
 
 
-def _check_inputs(
-    gm: torch.fx.GraphModule, state: LoraState, plan: _Plan, svd_driver: str | None
-) -> None:
-    """Inputs the combination cannot honour: lora_bias, shared module copies, grouped convs, driver."""
+def _check_inputs(gm: torch.fx.GraphModule, state: LoraState, plan: _Plan) -> None:
+    """Inputs the combination cannot honour: lora_bias, shared copies, grouped convs, driver."""
     names = list(dict.fromkeys(n for sp in plan.sites for n in sp.adapters))
     with_bias = [n for n in names if any(rec.lora_bias for rec in state.adapters[n].sites.values())]
     if with_bias:
@@ -440,16 +471,23 @@ def _check_inputs(
                 f"combination_type={kind!r} cannot combine grouped-conv sites {grouped}: their "
                 "delta is not one B @ A; use 'linear' or another factor type"
             )
-    if svd_driver is not None and kind in _SVD_TYPES:
+    if plan.svd_driver is not None and kind in _SVD_TYPES:
         first = plan.sites[0]
         device = _graph.get_attr(
             gm, lora_paths(first.site.kind, first.site.fqn, first.adapters[0]).a
         ).device
         if device.type != "cuda":
             raise AdapterError(
-                f"svd_driver={svd_driver!r} works only for CUDA tensors (torch.linalg.svd); the "
-                f"adapters are on {device}; pass svd_driver=None"
+                f"svd_driver={plan.svd_driver!r} works only for CUDA tensors "
+                f"(torch.linalg.svd); the adapters are on {device}; pass svd_driver=None"
             )
+
+
+def _inputs_upcast(gm: torch.fx.GraphModule, plan: _Plan) -> bool:
+    """Whether the inputs were autocast (float32 on a half site): the new adapter follows them."""
+    sp = plan.sites[0]
+    lora_a = _graph.get_attr(gm, lora_paths(sp.site.kind, sp.site.fqn, sp.adapters[0]).a)
+    return lora_a.dtype != _graph.get_attr(gm, sp.site.weight).dtype
 
 
 def _is_real(value: object) -> bool:
@@ -496,16 +534,7 @@ def _factor_shapes(site: Site, r: int) -> tuple[tuple[int, ...], tuple[int, ...]
 
 
 def _combine_site(
-    gm: torch.fx.GraphModule,
-    state: LoraState,
-    plan: _Plan,
-    sp: _SitePlan,
-    *,
-    density: float | None,
-    majority_sign_method: str,
-    svd_clamp: float | None,
-    svd_full_matrices: bool,
-    svd_driver: str | None,
+    gm: torch.fx.GraphModule, state: LoraState, plan: _Plan, sp: _SitePlan
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The new adapter's `(A, B)` on one site."""
     site, kind = sp.site, plan.combination_type
@@ -522,8 +551,8 @@ def _combine_site(
             lora_bs,
             sp.weights,
             scales,
-            density=density,
-            majority_sign_method=majority_sign_method,
+            density=plan.density,
+            majority_sign_method=plan.majority_sign_method,
         )
     # svd types: deltas in the base weight's layout (where PEFT draws its masks), float32 at least
     deltas = [
@@ -535,12 +564,14 @@ def _combine_site(
         _SVD_TYPES[kind],
         deltas,
         weights,
-        density=density,
-        majority_sign_method=majority_sign_method,
+        density=plan.density,
+        majority_sign_method=plan.majority_sign_method,
     )
     matrix = combine.to_matrix(site.kind, delta, transposed=site.transposed)
-    a, b = combine.svd_factors(
-        matrix, sp.rank, clamp=svd_clamp, full_matrices=svd_full_matrices, driver=svd_driver
+    return combine.svd_factors(
+        matrix,
+        sp.rank,
+        clamp=plan.svd_clamp,
+        full_matrices=plan.svd_full_matrices,
+        driver=plan.svd_driver,
     )
-    dtype = lora_as[0].dtype
-    return a.to(dtype), b.to(dtype)
