@@ -6,7 +6,7 @@ model --capture--> GraphModule --inject--> + LoRA branches --(train)--> save_ada
 """
 
 from lora_fx.capture import capture
-from lora_fx.config import LoraConfig
+from lora_fx.config import LoftQConfig, LoraConfig
 from lora_fx.errors import (
     AdapterError,
     CaptureError,
@@ -21,11 +21,14 @@ from lora_fx.io import load_adapter, save_adapter
 from lora_fx.passes import (
     BASE,
     COMBINATION_TYPES,
+    active_adapters,
     adapter_batch,
     add_weighted_adapter,
-    active_adapters,
+    checkpoint_blocks,
+    checkpointed_blocks,
     count_parameters,
     delete_adapter,
+    dequantize,
     disable_adapters,
     hotswap_adapter,
     inject,
@@ -34,10 +37,12 @@ from lora_fx.passes import (
     merge_report,
     prepare_for_hotswap,
     print_trainable_parameters,
+    quantize,
     replicate_layers,
     set_adapter,
     set_adapter_batch,
     trainable_parameters,
+    uncheckpoint_blocks,
     unload,
     unmerge,
 )
@@ -50,6 +55,7 @@ __all__ = [
     "AdapterError",
     "CaptureError",
     "ConfigError",
+    "LoftQConfig",
     "LoraConfig",
     "LoraFxError",
     "MergeError",
@@ -60,8 +66,11 @@ __all__ = [
     "adapter_batch",
     "add_weighted_adapter",
     "capture",
+    "checkpoint_blocks",
+    "checkpointed_blocks",
     "count_parameters",
     "delete_adapter",
+    "dequantize",
     "disable_adapters",
     "hotswap_adapter",
     "inject",
@@ -71,11 +80,13 @@ __all__ = [
     "merge_report",
     "prepare_for_hotswap",
     "print_trainable_parameters",
+    "quantize",
     "replicate_layers",
     "save_adapter",
     "set_adapter",
     "set_adapter_batch",
     "trainable_parameters",
+    "uncheckpoint_blocks",
     "unload",
     "unmerge",
 ]

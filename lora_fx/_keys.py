@@ -4,6 +4,7 @@
     <site>.lora_A.<adapter>.weight            <site>.lora_A.weight
     <site>.lora_B.<adapter>.weight (.bias)    <site>.lora_B.weight (.bias)
     <site>.lora_embedding_A.<adapter>         <site>.lora_embedding_A
+    <site>.lora_magnitude_vector.<adapter>.weight  <site>.lora_magnitude_vector   (DoRA)
     <site>.lora_dropout.<adapter>             (not saved)
     <module>.modules_to_save.<adapter>.<p>    <module>.<p>
 
@@ -25,7 +26,14 @@ __all__ = [
 
 FILE_PREFIX = "base_model.model."
 # Child modules lora_fx adds to a site, by kind.
-HOLDERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout")
+HOLDERS = (
+    "lora_A",
+    "lora_B",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_dropout",
+    "lora_magnitude_vector",
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,8 @@ class LoraPaths:
     a_key: str
     b_key: str
     b_bias_key: str
+    magnitude: str = ""  # DoRA's magnitude vector
+    magnitude_key: str = ""
 
 
 def lora_paths(kind: str, site: str, adapter: str) -> LoraPaths:
@@ -60,6 +70,8 @@ def lora_paths(kind: str, site: str, adapter: str) -> LoraPaths:
         a_key=a_key,
         b_key=b_key,
         b_bias_key=f"{FILE_PREFIX}{site}.lora_B.bias",
+        magnitude=f"{site}.lora_magnitude_vector.{adapter}.weight",
+        magnitude_key=f"{FILE_PREFIX}{site}.lora_magnitude_vector",
     )
 
 

@@ -34,7 +34,8 @@ CAPTURE_META = "lora_fx_capture"
 
 # Roles of nodes in a branch: y' = add(y, scale * lora_b(lora_a(dropout(x))))
 # "cast": dtype casts around a float32 adapter on a half-precision site (autocast_adapter_dtype).
-ROLES = ("dropout", "lora_a", "lora_b", "scale", "add", "weight", "mask", "cast")
+# "dora": DoRA's weight norm and magnitude rescaling (use_dora=True).
+ROLES = ("dropout", "lora_a", "lora_b", "scale", "add", "weight", "mask", "cast", "dora")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class SiteRecord:
     scale: float
     dropout: float
     lora_bias: bool
+    use_dora: bool = False
 
 
 @dataclass
@@ -69,6 +71,9 @@ class LoraState:
     merge_report: dict[str, float] = field(default_factory=dict)
     # Mixed-batch mode: adapters whose branches are masked per row (None: normal mode).
     batch_adapters: list[str] | None = None
+    # What each fold needs to undo itself, by "adapter:site", in fold order (a DoRA weight norm,
+    # a quantized weight before the merge; None for a plain fold). Unmerge walks it backwards.
+    merge_undo: dict[str, Any] = field(default_factory=dict)
 
 
 def state_or_none(gm: torch.fx.GraphModule) -> LoraState | None:

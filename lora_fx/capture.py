@@ -33,6 +33,16 @@ log = logging.getLogger(__name__)
 
 _DROPOUT_OPS = (torch.ops.aten.dropout.default,)
 _METHODS = ("export", "fx")
+_BNB_LEAVES = (
+    "Linear4bit",
+    "LinearNF4",
+    "LinearFP4",
+    "Linear8bitLt",
+    "Embedding4bit",
+    "EmbeddingNF4",
+    "EmbeddingFP4",
+    "Embedding8bit",
+)
 
 
 def capture(
@@ -83,6 +93,8 @@ def capture(
         "method": method,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "output_layer": _output_layer_name(model),
+        # registration order: PEFT nests target_parameters wrappers in this order
+        "parameters": [name for name, _ in model.named_parameters()],
     }
     gm.train(was_training)
     log.info("capture: %s via %s -> %d nodes", type(model).__name__, method, len(gm.graph.nodes))
@@ -129,7 +141,9 @@ def _trace(model: nn.Module, kwargs: dict) -> torch.fx.GraphModule:
     """torch.fx.symbolic_trace, binding non-tensor kwargs as concrete."""
     concrete = {k: v for k, v in kwargs.items() if not _has_tensor(v)}
     try:
-        gm = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
+        tracer = _Tracer()
+        graph = tracer.trace(model, concrete_args=concrete or None)
+        gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as e:
         raise CaptureError(
             f"method='fx' failed on {type(model).__name__}: {type(e).__name__}: {_first_line(e)}; "
@@ -137,6 +151,20 @@ def _trace(model: nn.Module, kwargs: dict) -> torch.fx.GraphModule:
         ) from e
     _dropouts_to_modules(gm)
     return gm
+
+
+class _Tracer(torch.fx.Tracer):
+    """symbolic_trace's tracer, keeping bitsandbytes layers as leaves.
+
+    Their forward is not traceable; as `call_module` nodes they are ordinary sites.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """torch.nn modules, and bitsandbytes' quantized linears and embeddings."""
+        cls = type(m)
+        if cls.__module__.startswith("bitsandbytes") and cls.__name__ in _BNB_LEAVES:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
 
 
 def _trainable_module(exported: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -11,16 +11,32 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from lora_fx.errors import ConfigError
 
-__all__ = ["LoraConfig"]
+__all__ = ["LoftQConfig", "LoraConfig"]
 
 _BIAS_MODES = ("none", "all", "lora_only")
-_INITS = (True, False, "gaussian")
+_INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq")  # and "pissa_niter_<K>"
+_PISSA_NITER = re.compile(r"pissa_niter_[1-9]\d*")
+_LOFTQ_BITS = (4, 8)
 ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoftQConfig:
+    """PEFT's `LoftQConfig`: quantization bits and alternating steps of the LoftQ initialisation.
+
+    Args:
+        loftq_bits: 4 (NF4, bitsandbytes' code book) or 8 (int8, row-wise absmax).
+        loftq_iter: Alternating quantize / SVD steps (>= 1).
+    """
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
 
 
 @dataclass
@@ -40,12 +56,19 @@ class LoraConfig:
         bias: Which biases train: `"none"`, `"all"`, or `"lora_only"` (biases of adapted sites).
         use_rslora: Scale by `lora_alpha / sqrt(r)`.
         modules_to_save: Modules (matched by name suffix) that get a trainable, saved copy.
-        init_lora_weights: `True` (kaiming-uniform A, zero B), `"gaussian"`, `False` (both random).
+        init_lora_weights: `True` (kaiming-uniform A, zero B), `"gaussian"`, `False` (both random),
+            or an initialisation from the base weight (linear sites only): `"pissa"`,
+            `"pissa_niter_<K>"`, `"olora"` and `"loftq"` **change the base weight** so that
+            base + adapter reproduces it; `"orthogonal"` leaves it as is (`B @ A = 0`).
         layers_to_transform: Layer indices to adapt (with a list `target_modules`).
         layers_pattern: Name(s) of the layer container used to find the layer index.
         rank_pattern: `{pattern: r}` overrides, matched as `(.*\\.)?pattern$`.
         alpha_pattern: `{pattern: alpha}` overrides, matched the same way.
         lora_bias: Give B a trainable bias (folded into the base bias on merge).
+        use_dora: DoRA: rescale each output channel by a trained magnitude over the weight norm.
+        target_parameters: Parameters (`module.param`, matched exactly or as a dotted suffix) that
+            get LoRA wherever the graph reads them, e.g. MoE expert weights `[experts, in, out]`.
+        loftq_config: `LoftQConfig` (or its dict) for `init_lora_weights="loftq"`.
         extra: Every other `adapter_config.json` key, kept as read.
     """
 
@@ -67,6 +90,7 @@ class LoraConfig:
     use_dora: bool = False
     layer_replication: list[list[int]] | None = None
     target_parameters: list[str] | None = None
+    loftq_config: dict[str, Any] = field(default_factory=dict)
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     revision: str | None = None
@@ -95,11 +119,7 @@ class LoraConfig:
             )
         if self.bias not in _BIAS_MODES:
             raise ConfigError(f"bias={self.bias!r} is invalid; expected one of {list(_BIAS_MODES)}")
-        if self.init_lora_weights not in _INITS:
-            raise ConfigError(
-                f"init_lora_weights={self.init_lora_weights!r} is not supported; "
-                f"expected one of {list(_INITS)}"
-            )
+        self._check_variants()
         _check_names("target_modules", self.target_modules)
         _check_names("exclude_modules", self.exclude_modules)
         if self.layers_pattern is not None and self.layers_to_transform is None:
@@ -110,6 +130,51 @@ class LoraConfig:
             raise ConfigError(
                 "layers_to_transform needs target_modules as a list of names (as in PEFT), "
                 f"got the regex {self.target_modules!r}"
+            )
+
+    def _check_variants(self) -> None:
+        """init_lora_weights, loftq_config, use_dora, lora_bias and target_parameters together."""
+        init = self.init_lora_weights
+        known = isinstance(init, (bool, str)) and init in _INITS
+        if not known and not (isinstance(init, str) and _PISSA_NITER.fullmatch(init)):
+            raise ConfigError(
+                f"init_lora_weights={init!r} is not supported; expected one of {list(_INITS)} "
+                "or 'pissa_niter_<K>'"
+            )
+        if isinstance(self.loftq_config, LoftQConfig):
+            self.loftq_config = dataclasses.asdict(self.loftq_config)
+        self.loftq_config = dict(self.loftq_config or {})
+        if init == "loftq":
+            if not self.loftq_config:
+                raise ConfigError(
+                    "init_lora_weights='loftq' needs loftq_config, e.g. LoftQConfig(loftq_bits=4)"
+                )
+            bits = self.loftq_config.get("loftq_bits", 4)
+            steps = self.loftq_config.get("loftq_iter", 1)
+            if bits not in _LOFTQ_BITS:
+                raise ConfigError(f"loftq_bits={bits!r} is not supported; expected one of [4, 8]")
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ConfigError(f"loftq_iter={steps!r} is invalid; expected an integer >= 1")
+            self.loftq_config = {"loftq_bits": bits, "loftq_iter": steps}
+        elif self.loftq_config:
+            warnings.warn(
+                "loftq_config is ignored unless init_lora_weights='loftq' (as in PEFT)",
+                stacklevel=3,
+            )
+            self.loftq_config = {}
+        if self.lora_bias and init not in (True, False):
+            raise ConfigError(
+                f"lora_bias=True needs init_lora_weights=True or False, got {init!r} (as in PEFT)"
+            )
+        if self.lora_bias and self.use_dora:
+            raise ConfigError("lora_bias=True is not supported with use_dora=True (as in PEFT)")
+        if self.target_parameters is not None and (
+            not isinstance(self.target_parameters, list)
+            or not all(isinstance(t, str) for t in self.target_parameters)
+        ):
+            raise ConfigError(
+                f"target_parameters={self.target_parameters!r} is invalid; "
+                "expected a list of parameter names such as ['experts.gate_up_proj']"
             )
 
     @property

@@ -13,6 +13,7 @@ __all__ = [
     "LoraFxError",
     "MergeError",
     "NoTargetMatchedError",
+    "ReplicationError",
     "UnsupportedSiteError",
 ]
 
@@ -43,3 +44,7 @@ class AdapterError(LoraFxError, ValueError):
 
 class MergeError(LoraFxError, RuntimeError):
     """Merging or unloading failed; the weights were left as they were."""
+
+
+class ReplicationError(ConfigError):
+    """`layer_replication` cannot be applied: bad ranges, or no chain of repeated blocks."""

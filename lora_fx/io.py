@@ -9,7 +9,9 @@ Rules:
 2. Files are read with safetensors, or `torch.load(weights_only=True)` for `adapter_model.bin`.
 3. `load_adapter` checks every key and shape against the graph before changing anything; missing,
    unexpected or mis-shaped tensors raise `AdapterError` and leave the graph as it was.
-4. Loading into a graph without that adapter injects its sites from the file's config first.
+4. Loading into a graph without that adapter injects its sites from the file's config first
+   (without running an init that rewrites base weights: the graph is expected to hold the base the
+   adapter was trained on, e.g. PiSSA's residual model).
 5. Bias keys (`bias="all"|"lora_only"`) and the full base matrices PEFT saves for `embed_tokens` /
    `lm_head` targets are copied into the base parameters, as PEFT's loader does.
 6. `save_adapter` writes the adapter into `path` itself, whatever its name (PEFT's `save_pretrained`
@@ -18,6 +20,7 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -45,14 +48,23 @@ log = logging.getLogger(__name__)
 
 
 def save_adapter(
-    gm: torch.fx.GraphModule, path: str | os.PathLike, adapter_name: str = "default"
+    gm: torch.fx.GraphModule,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    is_main_process: bool = True,
 ) -> None:
     """Write one adapter in PEFT's layout into the folder `path` (created if needed).
 
+    Parameters sharded by FSDP2 (`DTensor`s) are gathered whole first; that is a collective, so
+    with FSDP2 every rank calls `save_adapter` and only the one with `is_main_process` writes.
+
     Args:
-        gm: A graph with the adapter injected.
+        gm: A graph with the adapter injected (the module given to DDP / `fully_shard`).
         path: Output folder.
         adapter_name: Which adapter to save.
+        is_main_process: Whether this process writes the files (PEFT's `save_pretrained`
+            argument); pass `torch.distributed.get_rank() == 0` in a multi-process run.
 
     Raises:
         AdapterError: No such adapter on the graph.
@@ -72,8 +84,11 @@ def save_adapter(
     keys = adapter_keys(gm, adapter_name, adapter_sites, record.sites, record.modules_to_save)
     keys.update(bias_keys(gm, record.config.bias, adapter_sites))
     tensors = {
-        key: _graph.get_attr(gm, p).detach().cpu().contiguous() for key, (p, _) in keys.items()
+        key: _full_tensor(_graph.get_attr(gm, p)).detach().cpu().contiguous()
+        for key, (p, _) in keys.items()
     }
+    if not is_main_process:
+        return
     config = record.config.to_dict()
     if record.config.is_all_linear:
         config["target_modules"] = sorted(record.sites)  # PEFT writes the resolved names
@@ -146,7 +161,10 @@ def load_adapter(
 
     # apply
     if state is None or adapter_name not in state.adapters:
-        inject(gm, cfg, adapter_name)
+        # The file holds the adapter's weights: an init that rewrites the base (PiSSA, OLoRA,
+        # LoftQ) must not run again on what is already its residual; the config is kept as read.
+        inject(gm, dataclasses.replace(cfg, init_lora_weights=True, loftq_config={}), adapter_name)
+        state_or_none(gm).adapters[adapter_name].config = cfg
     with torch.no_grad():
         for key, tensor in tensors.items():
             target = expected[key][0] if key in expected else base[key]
@@ -154,6 +172,16 @@ def load_adapter(
             param.copy_(tensor.to(param.dtype))
     log.info("load_adapter: %s -> %r (%d tensors)", folder, adapter_name, len(tensors))
     return gm
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor (an FSDP2 shard) gathered whole, on every rank (a collective); else `tensor`."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tensor, DTensor):
+            return tensor.full_tensor()
+    return tensor
 
 
 def _rank_fields(cfg: LoraConfig, records: dict[str, SiteRecord]) -> dict[str, dict]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["alpha_for_scale", "delta_weight", "pad_rank", "rounding_error"]
+__all__ = ["alpha_for_scale", "delta_weight", "pad_rank", "param_delta", "rounding_error"]
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -54,6 +54,34 @@ def delta_weight(
         conv = _CONV_FNS[a.dim() - 2]
         return conv(a.transpose(0, 1), b).transpose(0, 1) * scale
     raise ValueError(f"unknown site kind {kind!r}; expected 'linear', 'conv' or 'embedding'")
+
+
+def param_delta(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """PEFT's `ParamWrapper` delta for a parameter read directly by ops (`target_parameters`).
+
+    Args:
+        lora_a: `[r * E, in]`; rows are grouped by expert (`A.view(E, r, in)[e]` is expert e's A).
+        lora_b: `[out, r * E]`; columns interleave experts (`B.view(out, r, E)[..., e]` is e's B).
+        scale: The branch scale.
+        shape: The parameter's shape: `[out, in]`, or `[E, out, in]` for E stacked experts
+            (`[E, d1, d2]` storage reads as out = d1, in = d2, as PEFT's default).
+
+    Returns:
+        `scale * B @ A` (2-D) or `scale * B_e @ A_e` per expert (3-D), float32 unless inputs are
+        float64, shaped like the parameter.
+    """
+    dtype = torch.float64 if lora_a.dtype == torch.float64 else torch.float32
+    a, b = lora_a.to(dtype), lora_b.to(dtype)
+    if len(shape) == 2:
+        return (b @ a) * scale
+    if len(shape) != 3:
+        raise ValueError(f"target_parameters supports 2-D and 3-D parameters, got shape {shape}")
+    experts = shape[0]
+    a = a.reshape(experts, -1, a.shape[-1])  # [E, r, in]
+    b = b.reshape(b.shape[0], -1, experts)  # [out, r, E]
+    return torch.einsum("ore,eri->eoi", b, a) * scale
 
 
 def rounding_error(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor) -> float:

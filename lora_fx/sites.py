@@ -12,7 +12,9 @@ Matchers (first match wins), one per op family:
 3. `aten.addmm(b, x, W)` / `aten.mm(x, W)` with W a parameter stored `[in, out]` (GPT-2's Conv1D),
    or `W = t(P)` with P stored `[out, in]`;
 4. `aten.conv1d/2d/3d`, `aten.convolution` (not transposed);
-5. `aten.embedding(W, ids)`.
+5. `aten.embedding(W, ids)`;
+6. `quant.linear_4bit` / `quant.linear_8bit` (the `quantize` pass's bitsandbytes ops).
+Sites of kind "param" (`target_parameters`) are found by parameter name (`_param_sites.py`).
 A module called twice (the same weight at two nodes with one name) is one site with two nodes. Nodes
 created by lora_fx are never sites.
 """
@@ -29,6 +31,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from lora_fx import _param_sites, quant
 from lora_fx._meta import CAPTURE_META, lora_tag
 from lora_fx.config import LoraConfig
 from lora_fx.errors import NoTargetMatchedError, UnsupportedSiteError
@@ -52,6 +55,7 @@ _CONV_OPS = {
 }
 _CONVOLUTION_OPS = (torch.ops.aten.convolution.default,)
 _EMBEDDING_OPS = (torch.ops.aten.embedding.default,)
+_QUANT_LINEAR_OPS = (quant.linear_4bit, quant.linear_8bit)
 _CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 # Module classes whose path names a site in export's nn_module_stack.
 _SITE_CLASS_NAMES = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Embedding")
@@ -74,7 +78,7 @@ class Site:
     """A matched base op (or several calls of one module), named by its PEFT module path."""
 
     fqn: str
-    kind: str  # "linear" | "conv" | "embedding"
+    kind: str  # "linear" | "conv" | "embedding" | "param"
     nodes: tuple[torch.fx.Node, ...]
     inputs: tuple[torch.fx.Node, ...]  # the branch input at each node (x, or the ids)
     weight: str  # attribute path of the base weight on gm
@@ -84,6 +88,7 @@ class Site:
     transposed: bool = False  # base weight stored [in, out]
     conv: ConvSpec | None = None
     padding_idx: int | None = None
+    experts: int = 1  # "param" sites: stacked experts in a 3-D parameter
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,9 @@ def all_sites(gm: torch.fx.GraphModule) -> dict[str, Site]:
             if match is not None:
                 grouped.setdefault(match.fqn, []).append(match)
                 break
-    return {fqn: _group(fqn, matches) for fqn, matches in grouped.items()}
+    sites = {fqn: _group(fqn, matches) for fqn, matches in grouped.items()}
+    sites.update(_param_sites.recorded_param_sites(gm))
+    return sites
 
 
 def find_sites(gm: torch.fx.GraphModule, cfg: LoraConfig) -> list[Site]:
@@ -124,7 +131,11 @@ def find_sites(gm: torch.fx.GraphModule, cfg: LoraConfig) -> list[Site]:
         NoTargetMatchedError: `target_modules` selects no site (a few candidate names are listed).
     """
     sites = all_sites(gm)
-    if cfg.target_modules is None:
+    targets = cfg.target_parameters
+    params = _param_sites.find_param_sites(gm, targets) if targets else []
+    if cfg.target_modules is None and params:
+        sites = {}
+    elif cfg.target_modules is None:
         raise NoTargetMatchedError(
             "target_modules is None; name the sites to adapt, e.g. "
             f"target_modules={_short_names(sites)[:4]!r} or 'all-linear'"
@@ -133,6 +144,8 @@ def find_sites(gm: torch.fx.GraphModule, cfg: LoraConfig) -> list[Site]:
     excluded_any = False
     chosen = []
     for fqn, site in sites.items():
+        if site.kind == "param":
+            continue  # parameter sites are chosen by target_parameters only
         if cfg.is_all_linear:
             wanted = site.kind == "linear" and fqn != output_layer
         else:
@@ -145,6 +158,7 @@ def find_sites(gm: torch.fx.GraphModule, cfg: LoraConfig) -> list[Site]:
         chosen.append(site)
     if cfg.exclude_modules and not excluded_any:
         warnings.warn(f"exclude_modules={cfg.exclude_modules!r} matched no site", stacklevel=3)
+    chosen += params
     if not chosen:
         kinds = sorted({s.kind for s in sites.values()})
         raise NoTargetMatchedError(
@@ -155,6 +169,7 @@ def find_sites(gm: torch.fx.GraphModule, cfg: LoraConfig) -> list[Site]:
         )
     for site in chosen:
         _check_site(site, cfg)
+        _check_weight(gm, site, cfg)
     return chosen
 
 
@@ -200,6 +215,73 @@ def _check_site(site: Site, cfg: LoraConfig) -> None:
         raise UnsupportedSiteError(
             f"lora_bias=True is not supported on embedding site {site.fqn!r}"
         )
+    if site.kind == "param":
+        _check_param_site(site, cfg)
+        return
+    if cfg.use_dora and site.conv is not None and site.conv.groups > 1:
+        raise UnsupportedSiteError(
+            f"use_dora=True is not supported on site {site.fqn!r}: a conv with "
+            f"groups={site.conv.groups} has no single weight to normalise"
+        )
+    init = cfg.init_lora_weights
+    if isinstance(init, str) and init != "gaussian" and site.kind != "linear":
+        raise UnsupportedSiteError(
+            f"init_lora_weights={init!r} needs a linear site; {site.fqn!r} is a {site.kind} site "
+            "(use True, False or 'gaussian' there, or exclude it)"
+        )
+    if init == "orthogonal" and r % 2:
+        raise UnsupportedSiteError(
+            f"init_lora_weights='orthogonal' needs an even rank; site {site.fqn!r} has r={r}"
+        )
+    if isinstance(init, str) and init not in ("gaussian", "orthogonal"):
+        smallest = min(site.in_features, site.out_features)
+        if r > smallest:
+            raise UnsupportedSiteError(
+                f"init_lora_weights={init!r} takes r singular / QR directions of the weight; site "
+                f"{site.fqn!r} ({site.out_features}x{site.in_features}) has only {smallest}, "
+                f"r={r} (PEFT silently shrinks the rank)"
+            )
+
+
+def _check_weight(gm: torch.fx.GraphModule, site: Site, cfg: LoraConfig) -> None:
+    """A non-float base weight must be a bitsandbytes type lora_fx can read, on a linear site."""
+    weight = gm.get_parameter(site.weight)
+    kind = quant.quant_type(weight)
+    if kind is None and (weight.is_floating_point() or weight.is_complex()):
+        return
+    init = cfg.init_lora_weights
+    if kind is not None and isinstance(init, str) and init.startswith(("pissa", "loftq")):
+        raise UnsupportedSiteError(
+            f"init_lora_weights={init!r} needs the full-precision weight of site {site.fqn!r}, "
+            f"which is {kind}; inject before lora_fx.quantize (as PEFT asks)"
+        )
+    supported = f"supported quantized sites: linear with {list(quant.SUPPORTED_QUANT_TYPES)}"
+    if kind is None:
+        raise UnsupportedSiteError(
+            f"site {site.fqn!r} has a {weight.dtype} weight of type {type(weight).__name__}, "
+            f"not a bitsandbytes one; {supported} (bitsandbytes Linear4bit / Linear8bitLt)"
+        )
+    if kind not in quant.SUPPORTED_QUANT_TYPES or site.kind != "linear":
+        raise UnsupportedSiteError(
+            f"site {site.fqn!r} is a {site.kind} site with a {kind!r} quantized weight; {supported}"
+        )
+
+
+def _check_param_site(site: Site, cfg: LoraConfig) -> None:
+    """What a parameter site cannot carry (PEFT's ParamWrapper refuses the same)."""
+    refused = {
+        "use_dora=True": cfg.use_dora,
+        "lora_bias=True": cfg.lora_bias,
+        f"lora_dropout={cfg.lora_dropout}": cfg.lora_dropout > 0,
+        f"init_lora_weights={cfg.init_lora_weights!r}": cfg.init_lora_weights
+        not in (True, False, "gaussian"),
+    }
+    for what, bad in refused.items():
+        if bad:
+            raise UnsupportedSiteError(
+                f"{what} is not supported on target_parameters site {site.fqn!r} "
+                f"(parameter {site.weight!r}): the parameter is used directly, not as `W x`"
+            )
 
 
 def _target_matches(cfg: LoraConfig, fqn: str) -> bool:
@@ -434,8 +516,21 @@ def _match_embedding(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match | 
     )
 
 
+def _match_quant_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match | None:
+    """`quant.linear_4bit(x, W, b)` / `quant.linear_8bit(x, W, b)` made by the `quantize` pass."""
+    if node.op != "call_function" or node.target not in _QUANT_LINEAR_OPS:
+        return None
+    weight = _parameter_path(gm, node.args[1])
+    if weight is None:
+        return None
+    out_f, in_f = quant.logical_shape(gm.get_parameter(weight))
+    bias = _parameter_path(gm, _arg(node, 2, "bias"))
+    return _Match(_site_name(node, weight), "linear", node, node.args[0], weight, bias, in_f, out_f)
+
+
 _MATCHERS: tuple[Callable[[torch.fx.GraphModule, torch.fx.Node], _Match | None], ...] = (
     _match_call_module,
+    _match_quant_linear,
     _match_linear,
     _match_mm,
     _match_conv,

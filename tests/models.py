@@ -10,6 +10,8 @@ __all__ = [
     "TinyConv",
     "TinyEmbedding",
     "TinyMLP",
+    "TinyMoE",
+    "bnb_copy",
     "tiny_bert",
     "tiny_gpt2",
     "tiny_llama",
@@ -83,6 +85,87 @@ class TinyBlockStack(nn.Module):
         for layer in self.layers:
             h = layer(h)
         return self.head(h)
+
+
+class _Experts(nn.Module):
+    """Stacked expert weights used directly in `bmm`, as transformers' MoE experts store them."""
+
+    def __init__(self, experts: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, dim, 2 * hidden) * 0.1)
+        self.down_proj = nn.Parameter(torch.randn(experts, hidden, dim) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [E, T, dim]
+        gate, up = torch.bmm(x, self.gate_up_proj).chunk(2, dim=-1)
+        return torch.bmm(nn.functional.silu(gate) * up, self.down_proj)
+
+
+class TinyMoE(nn.Module):
+    """Router -> every expert on every token (bmm on [E, in, out] weights) -> weighted sum."""
+
+    def __init__(self, experts: int = 4, dim: int = 8, hidden: int = 12) -> None:
+        super().__init__()
+        self.router = nn.Linear(dim, experts)
+        self.experts = _Experts(experts, dim, hidden)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, dim]
+        weights = self.router(x).softmax(-1)  # [T, E]
+        per_expert = self.experts(x.unsqueeze(0).expand(weights.shape[1], -1, -1))  # [E, T, dim]
+        return self.head(torch.einsum("te,etd->td", weights, per_expert))
+
+
+def bnb_copy(
+    model: nn.Module,
+    quant_type: str = "nf4",
+    *,
+    compress_statistics: bool = True,
+    skip: tuple[str, ...] = ("lm_head",),
+) -> nn.Module:
+    """A deep copy whose nn.Linear layers are bitsandbytes ones holding the same weights, in eval.
+
+    `quant_type` "nf4" / "fp4" gives `Linear4bit` (compute dtype = the weight's), "int8"
+    `Linear8bitLt` (threshold 0). Sets `is_loaded_in_4bit` / `_8bit` as transformers does, so
+    PEFT dispatches its bitsandbytes LoRA layers.
+    """
+    import copy
+
+    import bitsandbytes as bnb
+
+    model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is not nn.Linear or name in skip:
+                continue
+            w, has_bias = child.weight.data.clone(), child.bias is not None
+            if quant_type == "int8":
+                new = bnb.nn.Linear8bitLt(
+                    child.in_features, child.out_features, bias=has_bias, has_fp16_weights=False
+                )
+                new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+            else:
+                new = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=has_bias,
+                    compute_dtype=w.dtype,
+                    compress_statistics=compress_statistics,
+                    quant_type=quant_type,
+                )
+                new.weight = bnb.nn.Params4bit(
+                    w,
+                    requires_grad=False,
+                    compress_statistics=compress_statistics,
+                    quant_type=quant_type,
+                )
+            if has_bias:
+                new.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            setattr(module, name, new.to(w.device))
+    if quant_type == "int8":
+        model.is_loaded_in_8bit = True
+    else:
+        model.is_loaded_in_4bit = True
+    return model.eval()
 
 
 def tiny_llama(layers: int = 2, hidden: int = 64):

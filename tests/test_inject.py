@@ -5,7 +5,7 @@ from helpers import lora_roles
 from models import TinyBlockStack, TinyConv, TinyEmbedding, TinyMLP
 
 import lora_fx
-from lora_fx import AdapterError, ConfigError, LoraConfig
+from lora_fx import AdapterError, ConfigError, LoraConfig, UnsupportedSiteError
 
 CASES = {
     "mlp": (TinyMLP, lambda: torch.randn(4, 10), ["lin0", "lin1"]),
@@ -127,10 +127,10 @@ def test_second_adapter_is_added_inactive_and_frozen_as_peft():
             r"adapter_name='bad name' is invalid",
         ),
         (
-            LoraConfig(target_modules=["lin0"], use_dora=True),
+            LoraConfig(target_modules=["lin0"], r=3, init_lora_weights="orthogonal"),
             "x",
-            ConfigError,
-            r"use_dora=True: DoRA .* not",
+            UnsupportedSiteError,
+            r"'orthogonal' needs an even rank; site 'lin0' has r=3",
         ),
         (
             LoraConfig(target_modules=["lin0"], layer_replication=[[0, 1]]),

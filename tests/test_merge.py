@@ -1,3 +1,6 @@
+import copy
+
+import peft
 import pytest
 import torch
 from conftest import assert_close, assert_differs
@@ -128,3 +131,31 @@ def test_lora_bias_without_base_bias_cannot_merge():
     lora_fx.inject(gm, LoraConfig(target_modules=["lin"], lora_bias=True))
     with pytest.raises(MergeError, match="site 'lin' has lora_bias=True but no base bias"):
         lora_fx.merge(gm)
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_lora_bias_folds_scale_times_bias_into_the_base_bias(method, tmp_path):
+    # scale = alpha / r = 4: a fold that forgot the scale would be off by 3 * b_B
+    torch.manual_seed(0)
+    model, x = TinyMLP().eval(), torch.randn(4, 10)
+    cfg = {"target_modules": ["lin0", "lin1"], "r": 4, "lora_alpha": 16, "lora_bias": True}
+    pm = peft.get_peft_model(
+        copy.deepcopy(model), peft.LoraConfig(**cfg, init_lora_weights=False)
+    ).eval()
+    with torch.no_grad():
+        for name, param in pm.named_parameters():
+            if name.endswith("lora_B.default.bias"):
+                param.normal_()
+    pm.save_pretrained(tmp_path)
+    gm = lora_fx.load_adapter(lora_fx.capture(copy.deepcopy(model), (x,), method=method), tmp_path)
+    with torch.no_grad():
+        expected = pm(x)
+        assert_close(gm(x), expected)
+    b_bias = gm.get_parameter("lin0.lora_B.default.bias").detach().clone()
+    lora_fx.merge(gm)
+    assert_close(gm.get_parameter("lin0.bias"), model.lin0.bias.detach() + 4 * b_bias)
+    with torch.no_grad():
+        assert_close(gm(x), expected)
+        assert_close(gm(x), pm.merge_and_unload()(x))
+    lora_fx.unmerge(gm)
+    assert_close(gm.get_parameter("lin0.bias"), model.lin0.bias.detach())

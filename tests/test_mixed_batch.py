@@ -19,11 +19,27 @@ def _setup(tmp_path, which):
     if which == "mlp":
         model, x, kw, targets = TinyMLP().eval(), torch.randn(4, 10), None, ["lin0", "lin1"]
     elif which == "gpt2":  # addmm sites see [batch * seq, in] rows
-        model, x, kw, targets = tiny_gpt2().eval(), torch.randint(0, 256, (4, 6)), {"use_cache": False}, ["c_attn", "c_fc"]
+        model, x, kw, targets = (
+            tiny_gpt2().eval(),
+            torch.randint(0, 256, (4, 6)),
+            {"use_cache": False},
+            ["c_attn", "c_fc"],
+        )
     else:
-        model, x, kw, targets = tiny_llama().eval(), torch.randint(0, 256, (4, 6)), {"use_cache": False}, ["q_proj", "down_proj"]
-    pm = get_peft_model(copy.deepcopy(model), PeftConfig(r=4, target_modules=targets, init_lora_weights=False), "cat")
-    pm.add_adapter("dog", PeftConfig(r=2, lora_alpha=5, target_modules=targets[:1], init_lora_weights=False))
+        model, x, kw, targets = (
+            tiny_llama().eval(),
+            torch.randint(0, 256, (4, 6)),
+            {"use_cache": False},
+            ["q_proj", "down_proj"],
+        )
+    pm = get_peft_model(
+        copy.deepcopy(model),
+        PeftConfig(r=4, target_modules=targets, init_lora_weights=False),
+        "cat",
+    )
+    pm.add_adapter(
+        "dog", PeftConfig(r=2, lora_alpha=5, target_modules=targets[:1], init_lora_weights=False)
+    )
     pm.eval()
     pm.save_pretrained(tmp_path)
     gm = lora_fx.capture(model, (x,), kw)
@@ -40,7 +56,11 @@ def _logits(out):
 def test_mixed_batch_equals_peft_and_per_sample(tmp_path, which):
     pm, gm, x, hf = _setup(tmp_path, which)
     with torch.no_grad():
-        expected = _logits(pm(input_ids=x, adapter_names=ROWS, use_cache=False) if hf else pm(x, adapter_names=ROWS))
+        expected = _logits(
+            pm(input_ids=x, adapter_names=ROWS, use_cache=False)
+            if hf
+            else pm(x, adapter_names=ROWS)
+        )
         with lora_fx.adapter_batch(gm, ROWS):
             mixed = _logits(gm(x))
         assert_close(mixed, expected)
@@ -50,7 +70,9 @@ def test_mixed_batch_equals_peft_and_per_sample(tmp_path, which):
                     alone = _logits(gm(x))[row]
             else:
                 lora_fx.set_adapter(gm, name)
-                alone = _logits(gm(x))[row]  # the graph is shape-specialised: run the batch, keep the row
+                alone = _logits(gm(x))[
+                    row
+                ]  # the graph is shape-specialised: run the batch, keep the row
             assert_close(mixed[row], alone)
     assert not hasattr(gm, "lora_fx_batch_mask")
 
@@ -78,7 +100,10 @@ def test_new_composition_does_not_recompile(tmp_path):
 def test_bad_mixed_batches(tmp_path):
     _, gm, x, _ = _setup(tmp_path, "mlp")
     code = gm.code
-    with pytest.raises(AdapterError, match=r"unknown adapter\(s\) \['cow'\] in the batch; adapters on this graph: \['cat', 'dog'\]"):
+    with pytest.raises(
+        AdapterError,
+        match=r"unknown adapter\(s\) \['cow'\] in the batch; adapters on this graph: \['cat', 'dog'\]",
+    ):
         lora_fx.set_adapter_batch(gm, ["cat", "cow"])
     gm.train()
     with pytest.raises(AdapterError, match="mixed-batch adapters are for inference"):
@@ -93,3 +118,13 @@ def test_bad_mixed_batches(tmp_path):
     lora_fx.set_adapter_batch(gm, ["cat", "dog", "cat", "dog"])
     with pytest.raises(AdapterError, match="mixed-batch mode is on"):
         lora_fx.set_adapter(gm, "dog")
+
+
+def test_batch_and_name_list_must_have_the_same_length(tmp_path):
+    _, gm, x, _ = _setup(tmp_path, "mlp")  # 4 rows
+    for names in (["cat", "dog"], ["cat", "dog", "cat"]):
+        with pytest.raises(
+            RuntimeError, match="mixed batch: the batch and the adapter name list differ in length"
+        ):
+            with torch.no_grad(), lora_fx.adapter_batch(gm, names):
+                gm(x)

@@ -9,10 +9,12 @@ from lora_fx.passes.adapters import (
     set_adapter,
     trainable_parameters,
 )
+from lora_fx.passes.checkpoint import checkpoint_blocks, checkpointed_blocks, uncheckpoint_blocks
 from lora_fx.passes.hotswap import hotswap_adapter, prepare_for_hotswap
 from lora_fx.passes.inject import inject
 from lora_fx.passes.merge import merge, merge_report, unmerge
 from lora_fx.passes.mixed_batch import BASE, adapter_batch, set_adapter_batch
+from lora_fx.passes.quantize import dequantize, quantize
 from lora_fx.passes.replicate import replicate_layers
 from lora_fx.passes.unload import merge_and_unload, unload
 from lora_fx.passes.weighted import COMBINATION_TYPES, add_weighted_adapter
@@ -20,11 +22,14 @@ from lora_fx.passes.weighted import COMBINATION_TYPES, add_weighted_adapter
 __all__ = [
     "BASE",
     "COMBINATION_TYPES",
+    "active_adapters",
     "adapter_batch",
     "add_weighted_adapter",
-    "active_adapters",
+    "checkpoint_blocks",
+    "checkpointed_blocks",
     "count_parameters",
     "delete_adapter",
+    "dequantize",
     "disable_adapters",
     "hotswap_adapter",
     "inject",
@@ -33,10 +38,12 @@ __all__ = [
     "merge_report",
     "prepare_for_hotswap",
     "print_trainable_parameters",
+    "quantize",
     "replicate_layers",
     "set_adapter",
     "set_adapter_batch",
     "trainable_parameters",
+    "uncheckpoint_blocks",
     "unload",
     "unmerge",
 ]

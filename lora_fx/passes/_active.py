@@ -17,11 +17,11 @@ import torch
 import torch.fx
 
 from lora_fx._keys import modules_to_save_path
-from lora_fx._meta import LoraState
+from lora_fx._meta import LORA_META, LoraState
 from lora_fx.passes._branch import insert_branch, remove_branches
 from lora_fx.sites import all_sites
 
-__all__ = ["MASK_BUFFER", "apply_active"]
+__all__ = ["MASK_BUFFER", "apply_active", "check_batch_rows"]
 
 MASK_BUFFER = "lora_fx_batch_mask"
 
@@ -31,6 +31,7 @@ def apply_active(gm: torch.fx.GraphModule, state: LoraState) -> None:
     remove_branches(gm)
     sites = all_sites(gm)
     if state.batch_adapters is not None:
+        _insert_batch_check(gm)
         for k, name in enumerate(state.batch_adapters):
             for fqn, rec in state.adapters[name].sites.items():
                 insert_branch(gm, sites[fqn], name, rec, row_mask=(MASK_BUFFER, k))
@@ -40,6 +41,30 @@ def apply_active(gm: torch.fx.GraphModule, state: LoraState) -> None:
                 for fqn, rec in state.adapters[name].sites.items():
                     insert_branch(gm, sites[fqn], name, rec)
     _point_module_copies(gm, state)
+
+
+def check_batch_rows(mask: torch.Tensor, first_input: torch.Tensor) -> None:
+    """Fail loudly when the batch and the per-row adapter list differ in length (PEFT raises too).
+
+    Without it a batch that is a multiple of the list would silently reuse rows' adapters.
+    """
+    torch._check(
+        first_input.shape[0] == mask.shape[1],
+        lambda: "mixed batch: the batch and the adapter name list differ in length",
+    )
+
+
+def _insert_batch_check(gm: torch.fx.GraphModule) -> None:
+    """A check node after the first used input: its batch size must equal the mask's width."""
+    first = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.users), None)
+    if first is None:
+        return
+    with gm.graph.inserting_after(first):
+        mask = gm.graph.get_attr(MASK_BUFFER)
+    with gm.graph.inserting_after(mask):
+        check = gm.graph.call_function(check_batch_rows, (mask, first))
+    for node in (mask, check):
+        node.meta[LORA_META] = {"adapter": "", "site": "", "role": "mask"}
 
 
 def _point_module_copies(gm: torch.fx.GraphModule, state: LoraState) -> None:

@@ -18,6 +18,8 @@ Rules:
    PEFT adds in float32 and rounds the sum once; here the (small) delta is rounded before the add,
    so a result can differ from PEFT's in its last bit.
    `type_as` reads the dtypes at run time, so a later `gm.to(dtype)` keeps the graph right.
+6. DoRA (`use_dora`) rescales the branch output and the base term (`_dora.py`); `target_parameters`
+   sites get `W -> W + delta` instead of a branch after the op (`_param.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ import torch.fx
 from lora_fx import _graph
 from lora_fx._keys import lora_paths
 from lora_fx._meta import LORA_META, SiteRecord, lora_tag
+from lora_fx.passes._dora import dora_output
+from lora_fx.passes._param import insert_param_branch
+from lora_fx.quant import logical_dtype
 from lora_fx.sites import Site
 
 __all__ = ["insert_branch", "remove_branches", "row_weights"]
@@ -48,8 +53,11 @@ def insert_branch(
     With `row_mask=(buffer_path, k)` the branch output is multiplied per batch row by row `k` of the
     `[n_adapters, batch]` mask buffer (mixed-batch inference).
     """
+    if site.kind == "param":  # target_parameters: W -> W + delta wherever W is read
+        insert_param_branch(gm, site, adapter, record, row_mask=row_mask)
+        return
     paths = lora_paths(site.kind, site.fqn, adapter)
-    cast = _graph.get_attr(gm, paths.a).dtype != _graph.get_attr(gm, site.weight).dtype
+    cast = _graph.get_attr(gm, paths.a).dtype != logical_dtype(_graph.get_attr(gm, site.weight))
     for base, x in zip(site.nodes, site.inputs, strict=True):
         end = _chain_end(base)
         emit = _Emitter(gm.graph, end, {"adapter": adapter, "site": site.fqn})
@@ -61,16 +69,31 @@ def insert_branch(
         if record.dropout > 0 and site.kind != "embedding":
             x = emit("dropout", "call_module", paths.dropout, (x,))
         low = _lora_a(emit, site, x, a)
+        # Mixed batch: weight the rank-r activations per row, scale folded in, rather than the
+        # full-size output (two fewer full-size passes per adapter and site). B's bias and DoRA
+        # act on the output, so those weight the output instead.
+        mask_low = row_mask is not None and not record.lora_bias and not record.use_dora
+        if mask_low:
+            mask = emit("mask", "get_attr", row_mask[0])
+            rows = emit(
+                "mask", "call_function", row_weights, (mask, row_mask[1], low, record.scale)
+            )
+            low = emit("mask", "call_function", _aten.mul.Tensor, (low, rows))
         up = _lora_b(emit, site, low, b, b_bias)
-        scaled = emit("scale", "call_function", _aten.mul.Tensor, (up, record.scale))
-        if row_mask is not None:
+        scaled = up
+        if not mask_low:
+            scaled = emit("scale", "call_function", _aten.mul.Tensor, (up, record.scale))
+        if record.use_dora:
+            scaled = dora_output(emit, site, paths, record, base=base, x=x, a=a, b=b, lora=scaled)
+        if row_mask is not None and not mask_low:
             mask = emit("mask", "get_attr", row_mask[0])
             rows = emit("mask", "call_function", row_weights, (mask, row_mask[1], scaled))
             scaled = emit("mask", "call_function", _aten.mul.Tensor, (scaled, rows))
         if cast:
             scaled = emit("cast", "call_function", _aten.type_as.default, (scaled, end))
         add = emit("add", "call_function", _aten.add.Tensor, (end, scaled))
-        mine = {add, scaled}  # the output cast reads `end` too
+        # This branch's own readers of `end` (the add, the output cast, DoRA's base term) stay.
+        mine = {u for u in end.users if (lora_tag(u) or {}).get("adapter") == adapter}
         end.replace_all_uses_with(add, delete_user_cb=lambda user, mine=mine: user not in mine)
 
 
@@ -86,13 +109,13 @@ def remove_branches(gm: torch.fx.GraphModule) -> int:
     return len(mine)
 
 
-def row_weights(mask: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor:
+def row_weights(mask: torch.Tensor, k: int, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Row `k` of a `[n_adapters, batch]` mask, shaped to broadcast over `out`'s rows.
 
     Sites that flatten the batch (GPT-2's `addmm` on `[batch * seq, in]`) see `batch * seq` rows, so
     each sample's weight is repeated over its rows. Plain tensor ops: dynamo and export trace it.
     """
-    weights = mask[k].to(out.dtype)
+    weights = mask[k].to(out.dtype) * scale
     weights = weights.repeat_interleave(out.shape[0] // weights.shape[0])
     return weights.view((out.shape[0],) + (1,) * (out.dim() - 1))
 

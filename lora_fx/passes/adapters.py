@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 
@@ -26,7 +27,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from lora_fx import _graph
+from lora_fx import _graph, quant
 from lora_fx._keys import HOLDERS, lora_paths, modules_to_save_path
 from lora_fx._meta import LoraState, state_or_none
 from lora_fx.errors import AdapterError
@@ -188,11 +189,17 @@ def trainable_parameters(gm: torch.fx.GraphModule) -> dict[str, nn.Parameter]:
 
 
 def count_parameters(gm: torch.fx.GraphModule) -> tuple[int, int]:
-    """`(trainable, all)` parameter counts; a tied parameter counts once (as in PEFT)."""
+    """`(trainable, all)` parameter counts; a tied parameter counts once (as in PEFT).
+
+    A bitsandbytes 4-bit weight counts its logical `[out, in]` size, not its packed storage (PEFT
+    does the same).
+    """
     trainable = total = 0
     for _, param in gm.named_parameters():
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
+        shape = quant.logical_shape(param) if quant.is_quantized(param) else param.shape
+        numel = math.prod(shape)
+        total += numel
+        trainable += numel if param.requires_grad else 0
     return trainable, total
 
 

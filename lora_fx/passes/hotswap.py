@@ -168,6 +168,9 @@ def _plan_writes(
                 (paths.b_bias, torch.zeros(b_slot.shape[0]) if bias is None else bias * ratio)
             )
             used.add(paths.b_bias_key)
+        if rec.use_dora:  # DoRA's magnitude does not depend on the rank or the scale
+            writes.append((paths.magnitude, _tensor(tensors, paths.magnitude_key, folder)))
+            used.add(paths.magnitude_key)
     for module in record.modules_to_save:
         copy_path = modules_to_save_path(module, adapter)
         for name, param in gm.get_submodule(module).named_parameters():

@@ -16,6 +16,10 @@ Rules:
    casts its input to the adapter's dtype and its output back (nodes with role "cast").
 6. As in PEFT, the first adapter on a graph becomes active and trainable; later ones are added
    inactive and frozen (no nodes, no cost) until `set_adapter` activates them.
+7. Variants, per site, after A and B exist: `init_lora_weights` "pissa" / "olora" / "loftq" /
+   "orthogonal" (`inits.py`; the first three rewrite the base weight), then DoRA's magnitude
+   `<site>.lora_magnitude_vector.<adapter>.weight` (`use_dora`). `target_parameters` adds "param"
+   sites (`W -> W + delta` where W is read). On a bitsandbytes base the adapter is float32.
 """
 
 from __future__ import annotations
@@ -31,13 +35,15 @@ import torch
 import torch.fx
 from torch import nn
 
-from lora_fx import _graph
+from lora_fx import _graph, quant
 from lora_fx._keys import is_adapter_parameter, lora_paths, modules_to_save_path
 from lora_fx._meta import AdapterRecord, SiteRecord, get_state, state_or_none
 from lora_fx.capture import as_graph_module
 from lora_fx.config import LoraConfig
 from lora_fx.errors import AdapterError, ConfigError
+from lora_fx.inits import init_from_base
 from lora_fx.passes._active import apply_active
+from lora_fx.passes._dora import add_magnitude
 from lora_fx.sites import Site, find_sites, match_modules_to_save
 
 __all__ = ["inject", "site_record"]
@@ -47,9 +53,7 @@ log = logging.getLogger(__name__)
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _UPCAST = (torch.float16, torch.bfloat16)  # adapter dtypes autocast_adapter_dtype makes float32
 _NOT_YET = {
-    "use_dora": "DoRA (issue 5)",
     "layer_replication": "layer replication (issue 6)",
-    "target_parameters": "target_parameters (issue 5)",
 }
 
 
@@ -107,6 +111,9 @@ def inject(
             state,
             autocast_adapter_dtype=autocast_adapter_dtype,
         )
+        init_from_base(gm, site, adapter_name, records[site.fqn], cfg)  # PiSSA, LoftQ, ...
+        if records[site.fqn].use_dora:
+            add_magnitude(gm, site, adapter_name, records[site.fqn], state)
     for path in saved_modules:
         _add_module_copy(gm, path, adapter_name, state)
     state.adapters[adapter_name] = AdapterRecord(cfg, records, saved_modules)
@@ -152,7 +159,9 @@ def site_record(cfg: LoraConfig, site: Site) -> SiteRecord:
     """Rank, alpha and scale for one site after rank/alpha patterns."""
     r, alpha = cfg.rank_for(site.fqn), cfg.alpha_for(site.fqn)
     scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
-    return SiteRecord(site.kind, r, alpha, scale, float(cfg.lora_dropout), bool(cfg.lora_bias))
+    return SiteRecord(
+        site.kind, r, alpha, scale, float(cfg.lora_dropout), bool(cfg.lora_bias), bool(cfg.use_dora)
+    )
 
 
 def _warn_fan_in_fan_out(cfg: LoraConfig, sites: list[Site]) -> None:
@@ -180,7 +189,9 @@ def _add_lora_modules(
     holder = _graph.own_module(gm, site.fqn, state)
     base = _graph.get_attr(gm, site.weight)
     # PEFT's cast_adapter_dtype: half-precision adapters would lose most small updates to rounding.
-    dtype = torch.float32 if autocast_adapter_dtype and base.dtype in _UPCAST else base.dtype
+    # On a quantized (bitsandbytes) base the adapter is float32, as in PEFT.
+    base_dtype = torch.float32 if quant.is_quantized(base) else base.dtype
+    dtype = torch.float32 if autocast_adapter_dtype and base_dtype in _UPCAST else base_dtype
     if site.kind == "embedding":
         a, b = _embedding_factors(site, record.r, init)
         for name, tensor in (("lora_embedding_A", a), ("lora_embedding_B", b)):
@@ -203,9 +214,10 @@ def _factor_modules(
     site: Site, r: int, lora_bias: bool, init: bool | str
 ) -> tuple[nn.Module, nn.Module]:
     """PEFT's lora_A / lora_B modules for a linear or conv site."""
-    if site.kind == "linear":
-        lora_a = nn.Linear(site.in_features, r, bias=False)
-        lora_b = nn.Linear(r, site.out_features, bias=lora_bias)
+    if site.kind in ("linear", "param"):
+        rank = r * site.experts  # a 3-D parameter of E experts: PEFT's A [r * E, in]
+        lora_a = nn.Linear(site.in_features, rank, bias=False)
+        lora_b = nn.Linear(rank, site.out_features, bias=lora_bias)
     else:
         spec, conv = site.conv, _CONV_CLASSES[site.conv.dims]
         lora_a = conv(
@@ -221,8 +233,9 @@ def _factor_modules(
     if init is not False:
         if init is True:
             nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
-        else:  # "gaussian"
+        elif init == "gaussian":
             nn.init.normal_(lora_a.weight, std=1 / r)
+        # other strings ("pissa", ...): inits.init_from_base overwrites A and B afterwards
         nn.init.zeros_(lora_b.weight)
         if lora_b.bias is not None:
             nn.init.zeros_(lora_b.bias)
@@ -260,7 +273,7 @@ def _mark_trainable(
             param.requires_grad_(bias == "all" and name.rsplit(".", 1)[-1] == "bias")
     for site in sites:
         paths = lora_paths(site.kind, site.fqn, adapter)
-        for path in (paths.a, paths.b, paths.b_bias):
+        for path in (paths.a, paths.b, paths.b_bias, paths.magnitude):
             with contextlib.suppress(AttributeError):
                 _graph.get_attr(gm, path).requires_grad_(trainable)
         if bias == "lora_only" and site.bias is not None:

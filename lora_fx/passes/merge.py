@@ -17,6 +17,10 @@ Rules:
 5. A merged graph runs exactly the base ops: merging an adapter removes its branch nodes.
 6. The graph shares weights with the captured model, so merging changes the eager model too (as
    PEFT's merge does); `unmerge` restores it, up to rounding.
+7. DoRA folds `W <- m / ||W + delta|| * (W + delta)` and keeps the norm for `unmerge`; DoRA
+   adapters fold before plain ones on a site, and only one DoRA adapter per site can be merged.
+   Quantized (bitsandbytes) weights are dequantized, folded and re-quantized, with a warning;
+   `unmerge` in reverse fold order restores them bitwise (`_fold.py`).
 """
 
 from __future__ import annotations
@@ -30,10 +34,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from lora_fx import _graph, ops
-from lora_fx._keys import lora_paths
-from lora_fx._meta import LoraState, SiteRecord, state_or_none
+from lora_fx import _graph
+from lora_fx._meta import LoraState, SiteRecord, lora_tag, state_or_none
 from lora_fx.errors import AdapterError, MergeError
+from lora_fx.passes import _fold
 from lora_fx.passes._active import apply_active
 from lora_fx.sites import Site, all_sites
 
@@ -82,15 +86,21 @@ def merge(
     ]
     for _, site, rec in plan:
         _check_mergeable(gm, site, rec)
+    _check_dora_once(state, plan)
+    # DoRA first on each site: its norm must see the weight its branch reads (before plain folds).
+    plan.sort(key=lambda item: not item[2].use_dora)
     if safe_merge:
         _check_finite(gm, plan)
 
     # apply
     report: dict[str, float] = {}
+    quantized: list[str] = []
     readers = _graph.tensor_readers(gm)
     for name, site, rec in plan:
         site = _untie_if_shared(gm, site, state, readers)
-        report[f"{name}:{site.fqn}"] = _fold(gm, site, name, rec, sign=1.0)
+        report[f"{name}:{site.fqn}"] = _fold.fold(gm, site, name, rec, state)
+        if _fold.is_quantized_site(gm, site):
+            quantized.append(f"{name}:{site.fqn}")
     for name in names:
         state.adapters[name].merged = True
     state.merge_report = report
@@ -100,6 +110,15 @@ def merge(
     _graph.cleanup(gm)
     worst = max(report.values(), default=0.0)
     log.info("merge: %d adapters, %d sites, worst rounding loss %.2e", len(names), len(plan), worst)
+    if quantized:
+        warnings.warn(
+            f"merge re-quantized {len(quantized)} quantized base weights: up to "
+            f"{max(report[k] for k in quantized):.1%} of a site's delta was lost to rounding; "
+            "merge_and_unload(gm, dequantize=True) merges exactly into a dequantized graph; "
+            "see lora_fx.merge_report(gm)",
+            stacklevel=2,
+        )
+        worst = max((v for k, v in report.items() if k not in quantized), default=0.0)
     if worst > _ROUNDING_WARN:
         warnings.warn(
             f"merge lost up to {worst:.1%} of a site's delta to rounding in the base weight dtype; "
@@ -135,9 +154,9 @@ def unmerge(
         else [n for n in resolve_adapters(state, adapter_names) if n in merged]
     )
     sites = all_sites(gm)
-    for name in reversed(names):
-        for fqn, rec in state.adapters[name].sites.items():
-            _fold(gm, sites[fqn], name, rec, sign=-1.0)
+    for name, fqn in _unfold_order(state, names):
+        _fold.unfold(gm, sites[fqn], name, state.adapters[name].sites[fqn], state)
+    for name in names:
         state.adapters[name].merged = False
     apply_active(gm, state)  # active branches come back, in activation order
     _graph.cleanup(gm)
@@ -151,35 +170,13 @@ def merge_report(gm: torch.fx.GraphModule) -> dict[str, float]:
     return dict(state.merge_report) if state else {}
 
 
-def site_delta(gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord) -> torch.Tensor:
-    """The float32 delta of one adapter on one site, in the base weight's layout."""
-    paths = lora_paths(site.kind, site.fqn, adapter)
-    a, b = _graph.get_attr(gm, paths.a), _graph.get_attr(gm, paths.b)
-    groups = site.conv.groups if site.conv else 1
-    return ops.delta_weight(
-        site.kind, a.detach(), b.detach(), rec.scale, transposed=site.transposed, groups=groups
-    )
-
-
-def _fold(
-    gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord, *, sign: float
-) -> float:
-    """Add (sign=1) or subtract (sign=-1) the delta in place; returns the rounding loss."""
-    weight = _graph.get_attr(gm, site.weight)
-    delta = site_delta(gm, site, adapter, rec) * sign
-    with torch.no_grad():
-        before = weight.detach().clone() if weight.dtype != delta.dtype else None
-        if before is None:
-            weight.add_(delta)
-            loss = 0.0
-        else:
-            weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
-            loss = ops.rounding_error(before, weight, delta)
-        if rec.lora_bias:
-            b_bias = _graph.get_attr(gm, lora_paths(site.kind, site.fqn, adapter).b_bias)
-            bias = _graph.get_attr(gm, site.bias)
-            bias.add_((b_bias.detach().float() * rec.scale * sign).to(bias.dtype))
-    return loss
+def _unfold_order(state: LoraState, names: list[str]) -> list[tuple[str, str]]:
+    """(adapter, site) pairs to unfold: the reverse of the fold order, then any not recorded."""
+    wanted = {(n, fqn) for n in names for fqn in state.adapters[n].sites}
+    recorded = [tuple(key.split(":", 1)) for key in reversed(state.merge_undo)]
+    order = [pair for pair in recorded if pair in wanted]
+    rest = [(n, fqn) for n in reversed(names) for fqn in state.adapters[n].sites]
+    return order + [pair for pair in rest if pair not in set(order)]
 
 
 def _check_mergeable(gm: torch.fx.GraphModule, site: Site, rec: SiteRecord) -> None:
@@ -192,11 +189,29 @@ def _check_mergeable(gm: torch.fx.GraphModule, site: Site, rec: SiteRecord) -> N
         raise MergeError(f"site {site.fqn!r} has lora_bias=True but no base bias to fold it into")
 
 
+def _check_dora_once(state: LoraState, plan: list[tuple[str, Site, SiteRecord]]) -> None:
+    """At most one DoRA adapter per site can be merged exactly (each rescales the whole weight)."""
+    dora: dict[str, list[str]] = {}
+    for name, rec in state.adapters.items():
+        if rec.merged:
+            for fqn, site_rec in rec.sites.items():
+                if site_rec.use_dora:
+                    dora.setdefault(fqn, []).append(name)
+    for name, site, rec in plan:
+        if rec.use_dora:
+            dora.setdefault(site.fqn, []).append(name)
+    for fqn, names in dora.items():
+        if len(names) > 1:
+            raise MergeError(
+                f"site {fqn!r} would hold {len(names)} merged DoRA adapters {names}; DoRA "
+                "rescales the whole weight, so only one can be merged per site"
+            )
+
+
 def _check_finite(gm: torch.fx.GraphModule, plan: list[tuple[str, Site, SiteRecord]]) -> None:
     """safe_merge: every merged weight must be finite; nothing is written here."""
     for name, site, rec in plan:
-        weight = _graph.get_attr(gm, site.weight)
-        merged = weight.detach().to(torch.float32) + site_delta(gm, site, name, rec)
+        merged = _fold.merged_value(gm, site, name, rec)
         if not torch.isfinite(merged).all():
             raise MergeError(
                 f"safe_merge: merging adapter {name!r} into site {site.fqn!r} gives non-finite "
@@ -213,7 +228,7 @@ def _untie_if_shared(
     others = [
         n
         for n in readers.get(id(weight), [])
-        if n not in own_nodes and not set(n.users) <= own_nodes
+        if n not in own_nodes and not set(n.users) <= own_nodes and lora_tag(n) is None
     ]
     if not others:
         return site

@@ -26,6 +26,7 @@ from lora_fx._meta import STATE_META
 from lora_fx.errors import LoraFxError, MergeError
 from lora_fx.passes._branch import remove_branches
 from lora_fx.passes.merge import merge, require_state, unmerge
+from lora_fx.passes.quantize import dequantize as dequantize_pass
 
 __all__ = ["merge_and_unload", "unload"]
 
@@ -71,7 +72,11 @@ def unload(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def merge_and_unload(
-    gm: torch.fx.GraphModule, safe_merge: bool = False, adapter_names: Iterable[str] | None = None
+    gm: torch.fx.GraphModule,
+    safe_merge: bool = False,
+    adapter_names: Iterable[str] | None = None,
+    *,
+    dequantize: bool = False,
 ) -> torch.fx.GraphModule:
     """Fold the adapters into the base weights, then remove every LoRA node and parameter, in place.
 
@@ -79,6 +84,8 @@ def merge_and_unload(
         gm: A graph with adapters injected.
         safe_merge: As in `merge`: check merged weights are finite before writing them.
         adapter_names: Adapters to fold (default: the active ones); the others are dropped.
+        dequantize: First turn quantized (bitsandbytes) base linears into full-precision ones
+            (`lora_fx.dequantize`), so the merge is exact instead of re-quantized.
 
     Returns:
         The same GraphModule: a plain graph with zero LoRA overhead.
@@ -89,19 +96,26 @@ def merge_and_unload(
     Example:
         >>> gm = lora_fx.merge_and_unload(gm)
     """
-    try:
-        merge(gm, adapter_names, safe_merge=safe_merge)
-    except LoraFxError as e:
-        raise MergeError(f"merge_and_unload failed in step 'merge': {e}") from e
-    state = require_state(gm)
-    merged = {n for n, rec in state.adapters.items() if rec.merged}
-    try:
-        # The folded deltas stay in the weights: forget the merged adapters before unloading.
-        for name in merged:
-            state.adapters[name].merged = False
-        unload(gm)
-    except LoraFxError as e:
-        raise MergeError(f"merge_and_unload failed in step 'unload' (after 'merge'): {e}") from e
+    if dequantize:
+        try:
+            dequantize_pass(gm)
+        except LoraFxError as e:
+            raise MergeError(f"merge_and_unload failed in step 'dequantize': {e}") from e
+    with _graph.deferred_cleanup(gm):  # one recompile for both steps
+        try:
+            merge(gm, adapter_names, safe_merge=safe_merge)
+        except LoraFxError as e:
+            raise MergeError(f"merge_and_unload failed in step 'merge': {e}") from e
+        state = require_state(gm)
+        merged = {n for n, rec in state.adapters.items() if rec.merged}
+        try:
+            # The folded deltas stay in the weights: forget the merged adapters before unloading.
+            for name in merged:
+                state.adapters[name].merged = False
+            unload(gm)
+        except LoraFxError as e:
+            msg = f"merge_and_unload failed in step 'unload' (after 'merge'): {e}"
+            raise MergeError(msg) from e
     return gm
 
 

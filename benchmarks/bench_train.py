@@ -1,0 +1,424 @@
+"""LoRA training steps, lora_fx next to HF PEFT, eager and torch.compile'd, in one run.
+
+    python benchmarks/bench_train.py                # full run (several minutes on 2 CPU cores)
+    python benchmarks/bench_train.py --quick        # smoke mode: 2 layers, few rounds
+    python benchmarks/bench_train.py --out x.json   # JSON path (default results/bench_train.json)
+
+One training step: forward, cross-entropy on next-token targets, backward, AdamW step on the LoRA
+parameters, `zero_grad(set_to_none=True)`. Variants (same base weights, same adapter, same batch):
+    fx eager          lora_fx.capture + load_adapter, the GraphModule called as it is
+    fx compiled       torch.compile(gm, fullgraph=True) (inductor)
+    peft eager        PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    peft compiled     torch.compile(peft_model) (inductor; graph breaks allowed and counted)
+    fx eager ckpt     lora_fx.checkpoint_blocks(gm)
+    fx compiled ckpt  torch.compile of the checkpointed graph
+    peft eager gc     PEFT with transformers' gradient checkpointing (non-reentrant)
+
+Figures:
+1. Throughput: tokens/s from the median step time over interleaved rounds (one step of every
+   variant per round, in a shuffled order, garbage collector off); speed ratios are medians of
+   per-round ratios with their 25th-75th percentile range.
+2. Compile time: the first step's time minus the median step time (dynamo + AOTAutograd +
+   inductor for forward and backward; the caches are cleared first).
+3. Peak memory: the most bytes torch's CPU allocator held during one step above what it held when
+   the step began (activations, gradients, temporaries; the optimizer state already exists), read
+   from the profiler's allocation events (`profile_memory=True`). The allocator reports every
+   tensor allocation, eager or inductor-generated; Python objects and allocator caching are not
+   counted (RSS would mix those in and is too noisy at this size). Persistent state is counted
+   apart: LoRA gradient bytes at the end of backward and AdamW state bytes, and how many frozen
+   parameters hold a gradient or optimizer state (must be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+import lora_fx
+
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 256, 688, 4, 2, 1024
+RANK, ALPHA, LR = 8, 16, 1e-4
+DEFAULT_OUT = Path(__file__).parent / "results" / "bench_train.json"
+VARIANTS = (
+    "fx eager",
+    "fx compiled",
+    "peft eager",
+    "peft compiled",
+    "fx eager ckpt",
+    "fx compiled ckpt",
+    "peft eager gc",
+)
+# (label, numerator, denominator): throughput ratios reported.
+_RATIOS = (
+    ("fx compiled / peft compiled", "fx compiled", "peft compiled"),
+    ("fx compiled / peft eager", "fx compiled", "peft eager"),
+    ("fx eager / peft eager", "fx eager", "peft eager"),
+    ("peft compiled / peft eager", "peft compiled", "peft eager"),
+)
+
+
+def llama(layers: int, seq: int, seed: int = 0) -> nn.Module:
+    """A LlamaForCausalLM from config with random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=2 * seq,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+class Variant:
+    """One way to run a training step, with its own copy of the weights and its own optimizer."""
+
+    def __init__(self, name: str, module: nn.Module, forward: Callable[[torch.Tensor], Any]):
+        self.name, self.module, self.forward = name, module, forward
+        self.trainable = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=LR)
+        self.grad_bytes = 0
+
+    def step(self, ids: torch.Tensor) -> float:
+        logits = self.forward(ids)
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, VOCAB).float(), ids[:, 1:].reshape(-1)
+        )
+        loss.backward()
+        self.grad_bytes = sum(p.grad.nbytes for p in self.trainable if p.grad is not None)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def state(self) -> dict[str, int]:
+        """Persistent training state: optimizer bytes, and frozen parameters holding any state."""
+        trainable = {id(p) for p in self.trainable}
+        frozen = [p for p in self.module.parameters() if id(p) not in trainable]
+        return {
+            "trainable_params": sum(p.numel() for p in self.trainable),
+            "frozen_params": sum(p.numel() for p in frozen),
+            "lora_grad_bytes": self.grad_bytes,
+            "optimizer_state_bytes": sum(
+                t.nbytes
+                for s in self.optimizer.state.values()
+                for t in s.values()
+                if torch.is_tensor(t)
+            ),
+            "frozen_with_grad": sum(p.grad is not None for p in frozen),
+            "frozen_with_optimizer_state": sum(p in self.optimizer.state for p in frozen),
+        }
+
+
+def build(name: str, base: nn.Module, adapter_dir: str, ids: torch.Tensor) -> Variant:
+    """A variant on a deep copy of `base` with the adapter saved in `adapter_dir`."""
+    from peft import PeftModel
+
+    compiled = "compiled" in name
+    if name.startswith("fx"):
+        gm = lora_fx.capture(copy.deepcopy(base), (ids,), {"use_cache": False})
+        gm = lora_fx.load_adapter(gm, adapter_dir)
+        if "ckpt" in name:
+            lora_fx.checkpoint_blocks(gm)
+        gm.train()
+        fn = torch.compile(gm, fullgraph=True) if compiled else gm
+        return Variant(name, gm, lambda x: fn(x).logits)
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), adapter_dir, is_trainable=True)
+    if name.endswith(" gc"):
+        pm.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
+    pm.train()
+    fn = torch.compile(pm) if compiled else pm
+    return Variant(name, pm, lambda x: fn(input_ids=x, use_cache=False).logits)
+
+
+def warm_up_inductor() -> None:
+    """Compile a tiny forward/backward once, so no variant's compile time pays inductor's start-up."""
+    lin = nn.Linear(8, 8)
+    torch.compile(lambda x: torch.relu(lin(x)).sum())(torch.randn(4, 8)).backward()
+    torch._dynamo.reset()
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Seconds one call of `fn` takes (GC off, as timeit does), and its result."""
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        result = fn()
+        return time.perf_counter() - start, result
+    finally:
+        gc.enable()
+
+
+def peak_step_bytes(variant: Variant, ids: torch.Tensor) -> int:
+    """Most bytes held by torch's CPU allocator during one step, above the level at its start."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        variant.step(ids)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        events = json.loads(Path(path).read_text())["traceEvents"]
+    allocations = sorted(
+        (e["ts"], e["args"]["Bytes"])
+        for e in events
+        if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0  # CPU
+    )
+    level = peak = 0
+    for _, nbytes in allocations:
+        level += nbytes
+        peak = max(peak, level)
+    return peak
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 1]."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def check_outputs(variants: dict[str, Variant], ids: torch.Tensor) -> dict[str, float]:
+    """Max |logit| gaps between variants before training (eval mode: no dropout)."""
+    with torch.no_grad():
+        out = {}
+        for name, v in variants.items():
+            v.module.eval()
+            out[name] = v.forward(ids).float()
+            v.module.train()
+    ref = out["peft eager"]
+    return {f"{name} vs peft eager": (o - ref).abs().max().item() for name, o in out.items()}
+
+
+def graph_breaks() -> int:
+    return sum(torch._dynamo.utils.counters["graph_break"].values())
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from peft import LoraConfig, get_peft_model
+
+    base = llama(args.layers, args.seq)
+    ids = torch.randint(
+        0, VOCAB, (args.batch, args.seq), generator=torch.Generator().manual_seed(1)
+    )
+    names = [n for n in VARIANTS if n in args.variants]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    warm_up_inductor()
+    with tempfile.TemporaryDirectory() as adapter_dir:
+        cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=args.dropout,
+                         target_modules="all-linear", init_lora_weights=False)  # fmt: skip
+        torch.manual_seed(2)
+        get_peft_model(copy.deepcopy(base), cfg).save_pretrained(adapter_dir)
+        variants = {n: build(n, base, adapter_dir, ids) for n in names}
+    checks = check_outputs(variants, ids)
+
+    # First step of each variant (compiles the compiled ones), then warm-up steps.
+    first_s, breaks = {}, {}
+    for name, v in variants.items():
+        before = graph_breaks()
+        first_s[name], _ = timed(lambda v=v: v.step(ids))
+        breaks[name] = graph_breaks() - before
+    for _ in range(args.warmup):
+        for v in variants.values():
+            v.step(ids)
+
+    rng = random.Random(0)
+    order = list(variants)
+    samples: dict[str, list[float]] = {n: [] for n in order}
+    for _ in range(args.rounds):
+        rng.shuffle(order)
+        for name in order:
+            seconds, _ = timed(lambda name=name: variants[name].step(ids))
+            samples[name].append(seconds)
+
+    memory = {name: peak_step_bytes(v, ids) for name, v in variants.items()}
+    tokens = args.batch * args.seq
+    rows = {}
+    for name in names:
+        median = statistics.median(samples[name])
+        rows[name] = {
+            "median_step_ms": 1e3 * median,
+            "tokens_per_s": tokens / median,
+            "first_step_s": first_s[name],
+            "compile_s": first_s[name] - median if "compiled" in name else None,
+            "graph_breaks": breaks[name] if "compiled" in name else None,
+            "peak_step_mb": memory[name] / 2**20,
+            **variants[name].state(),
+        }
+    ratios = {}
+    for label, num, den in _RATIOS:
+        if num in samples and den in samples:
+            per_round = [d / n for n, d in zip(samples[num], samples[den], strict=True)]
+            ratios[label] = {
+                "median": statistics.median(per_round),
+                "p25": percentile(per_round, 0.25),
+                "p75": percentile(per_round, 0.75),
+            }
+    return {"rows": rows, "speedups": ratios, "checks": checks}
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def report(result: dict[str, Any]) -> str:
+    meta, cfg, res = result["meta"], result["config"], result["result"]
+    rows = res["rows"]
+
+    def opt(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    out = [
+        f"bench_train: lora_fx {meta['lora_fx']} vs peft {meta['peft']} | torch {meta['torch']} | "
+        f"transformers {meta['transformers']} | {meta['threads']} thread(s)",
+        f"LlamaForCausalLM {cfg['layers']} layers, hidden {HIDDEN}, intermediate {INTERMEDIATE}, "
+        f"heads {HEADS}/{KV_HEADS}, vocab {VOCAB} | all-linear r={RANK} alpha={ALPHA} "
+        f"dropout={cfg['lora_dropout']} | batch {cfg['batch']}x{cfg['seq']} | AdamW | {cfg['rounds']} rounds",
+        "",
+        table(
+            ["variant", "step ms", "tokens/s", "compile s", "breaks", "peak MB", "opt state KB"],
+            [
+                [
+                    name,
+                    f"{r['median_step_ms']:.1f}",
+                    f"{r['tokens_per_s']:.0f}",
+                    opt(r["compile_s"], ".1f"),
+                    opt(r["graph_breaks"], "d"),
+                    f"{r['peak_step_mb']:.1f}",
+                    f"{r['optimizer_state_bytes'] / 1024:.0f}",
+                ]
+                for name, r in rows.items()
+            ],
+        ),
+        "",
+        "speed-ups (median of per-round ratios of step times [p25-p75])",
+        table(
+            ["ratio", "median", "p25-p75"],
+            [
+                [label, f"{r['median']:.2f}x", f"{r['p25']:.2f}-{r['p75']:.2f}"]
+                for label, r in res["speedups"].items()
+            ],
+        ),
+        "",
+        "frozen parameters holding a gradient / AdamW state: "
+        + ", ".join(
+            f"{name} {r['frozen_with_grad']}/{r['frozen_with_optimizer_state']}"
+            for name, r in rows.items()
+        ),
+        "max |logit| gap before training (eval): "
+        + ", ".join(f"{k} {v:.1e}" for k, v in res["checks"].items()),
+        "",
+        f"total {meta['total_s']:.0f} s",
+    ]
+    return "\n".join(out)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke mode: 2 layers, few rounds")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    parser.add_argument("--layers", type=int, help="decoder layers")
+    parser.add_argument("--batch", type=int, help="sequences per step")
+    parser.add_argument("--seq", type=int, help="tokens per sequence")
+    parser.add_argument("--rounds", type=int, help="timed rounds (one step per variant each)")
+    parser.add_argument("--warmup", type=int, help="untimed steps per variant after the first")
+    parser.add_argument(
+        "--dropout", type=float, default=0.0, help="lora_dropout (PEFT's default 0)"
+    )
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: steadier on a busy machine)"
+    )
+    args = parser.parse_args(argv)
+    quick = {"layers": 2, "batch": 4, "seq": 64, "rounds": 5, "warmup": 1}
+    full = {"layers": 4, "batch": 4, "seq": 128, "rounds": 20, "warmup": 2}
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import peft
+    import transformers
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    # Compile times are for a cold compile: no inductor / AOTAutograd cache hits from earlier runs.
+    torch._inductor.config.force_disable_caches = True
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
+    start = time.perf_counter()
+    res = run(args)
+    result = {
+        "meta": {
+            "lora_fx": lora_fx.__version__,
+            "peft": peft.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "quick": args.quick,
+            "total_s": time.perf_counter() - start,
+        },
+        "config": {
+            "model": "LlamaForCausalLM",
+            "layers": args.layers,
+            "hidden_size": HIDDEN,
+            "intermediate_size": INTERMEDIATE,
+            "num_attention_heads": HEADS,
+            "num_key_value_heads": KV_HEADS,
+            "vocab_size": VOCAB,
+            "batch": args.batch,
+            "seq": args.seq,
+            "r": RANK,
+            "lora_alpha": ALPHA,
+            "lora_dropout": args.dropout,
+            "target_modules": "all-linear",
+            "optimizer": f"AdamW(lr={LR})",
+            "rounds": args.rounds,
+            "warmup": args.warmup,
+        },
+        "result": res,
+    }
+    print(report(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

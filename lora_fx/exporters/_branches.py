@@ -1,0 +1,426 @@
+"""LoRA branches of the export copy, one builder per unmerged layout.
+
+    initializers:  y + scale * B(A(x))          A, B: the graph's own tensors, PEFT in-memory names
+    inputs:        y + (scale*B)(A(x))          A, B: adapter-free names (graph inputs later)
+    stacked:       y + B[i](A[i](x)) per row i  [n + 1, ...] stacks; new input `adapter_index`
+
+Rules:
+1. Export runs in eval mode, where LoRA dropout is the identity, so a branch is A, B, (scale,) add.
+   Several adapters on one site chain their adds in the given order, as the graph sums them.
+2. "inputs" traces with the first adapter's A and scale*B; the ONNX stage swaps in zero-rank
+   defaults and a symbolic rank.
+3. "stacked": slot `n` of every stack is zeros, so `adapter_index = n` (or -1) runs the base model.
+   Ranks are zero-padded to the site's largest rank. Linear and embedding rows gather their
+   adapter's A and B; conv sites run every slot and keep the row's own (groups=1 only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from lora_fx import _graph, ops
+from lora_fx._keys import lora_paths
+from lora_fx._meta import LORA_META, LoraState, lora_tag
+from lora_fx.errors import UnsupportedSiteError
+from lora_fx.exporters._names import STACKED, input_names, rank_dim
+from lora_fx.sites import Site
+
+__all__ = [
+    "INDEX_INPUT",
+    "ExportGraph",
+    "emit_inputs",
+    "emit_named",
+    "emit_stacked",
+    "put_tensor",
+    "stacked_conv",
+    "stacked_embedding",
+    "stacked_linear",
+]
+
+INDEX_INPUT = "adapter_index"
+
+_aten = torch.ops.aten
+_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_LEAF = object()  # a pytree leaf standing in for an input while specs are rebuilt
+
+
+@dataclass
+class ExportGraph:
+    """The module to export and what the ONNX stage needs to know about its LoRA tensors."""
+
+    module: torch.fx.GraphModule
+    # ONNX tensor name -> PEFT file key, for every A/B (and lora_B bias) tensor in the export.
+    lora_tensors: dict[str, str] = field(default_factory=dict)
+    # "inputs" layout: ONNX tensor name -> (axis of the rank, its symbolic name).
+    rank_axes: dict[str, tuple[int, str]] = field(default_factory=dict)
+    # "merged": initializer name -> function computing the merged tensor when it is written.
+    merged_weights: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+    # "stacked": the graph has the extra input INDEX_INPUT.
+    has_index_input: bool = False
+
+
+def put_tensor(module: nn.Module, path: str, tensor: torch.Tensor) -> None:
+    """Register `tensor` at `path` on the copy, creating containers on the way."""
+    owner_path, _, name = path.rpartition(".")
+    owner = module
+    for part in owner_path.split(".") if owner_path else []:
+        child = owner._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            owner.add_module(part, child)
+        owner = child
+    if isinstance(tensor, nn.Parameter):
+        owner.register_parameter(name, tensor)
+    else:
+        owner.register_buffer(name, tensor)
+
+
+class _Emitter:
+    """Creates tagged nodes one after another, starting after an anchor node."""
+
+    def __init__(self, graph: torch.fx.Graph, anchor: torch.fx.Node, tag: dict[str, str]) -> None:
+        self.graph, self.cursor, self.tag = graph, anchor, tag
+        self.nodes: set[torch.fx.Node] = set()
+
+    def __call__(self, role: str, op: str, target, args: tuple = ()) -> torch.fx.Node:
+        with self.graph.inserting_after(self.cursor):
+            node = self.graph.create_node(op, target, args)
+        node.meta[LORA_META] = {**self.tag, "role": role}
+        self.cursor = node
+        self.nodes.add(node)
+        return node
+
+    def attach(self, end: torch.fx.Node, add: torch.fx.Node) -> None:
+        """Route the users of `end` through `add`, except this branch's own nodes."""
+        end.replace_all_uses_with(add, delete_user_cb=lambda user: user not in self.nodes)
+
+
+def emit_named(
+    gm: torch.fx.GraphModule,
+    state: LoraState,
+    adapters: tuple[str, ...],
+    sites: dict[str, Site],
+    out: ExportGraph,
+) -> None:
+    """Branches as the graph runs them; A/B keep their PEFT in-memory names (no copy)."""
+    for name in adapters:
+        for fqn, rec in state.adapters[name].sites.items():
+            paths = lora_paths(rec.kind, fqn, name)
+            tensors = {paths.a: paths.a_key, paths.b: paths.b_key}
+            if rec.lora_bias:
+                tensors[paths.b_bias] = paths.b_bias_key
+            for path in tensors:
+                put_tensor(out.module, path, _graph.get_attr(gm, path))
+            out.lora_tensors.update(tensors)
+            bias = paths.b_bias if rec.lora_bias else None
+            # A float32 adapter on a half-precision site (autocast_adapter_dtype) runs in float32.
+            site_dtype = _graph.get_attr(gm, sites[fqn].weight).dtype
+            cast = _graph.get_attr(gm, paths.a).dtype != site_dtype
+            branch = (paths.a, paths.b, bias)
+            _emit_branches(out.module, sites[fqn], name, branch, rec.scale, cast=cast)
+
+
+def emit_inputs(
+    gm: torch.fx.GraphModule,
+    state: LoraState,
+    adapters: tuple[str, ...],
+    sites: dict[str, Site],
+    out: ExportGraph,
+) -> None:
+    """One adapter-free A/B pair per site, scale folded into B (made graph inputs later).
+
+    The export traces with the first adapter's tensors; the ONNX stage replaces them by zero-rank
+    defaults and makes the rank symbolic.
+    """
+    for fqn, site in sites.items():
+        recs = [
+            (n, state.adapters[n].sites[fqn]) for n in adapters if fqn in state.adapters[n].sites
+        ]
+        first, rec = recs[0]
+        src, names = lora_paths(site.kind, fqn, first), input_names(site.kind, fqn)
+        dtype = _graph.get_attr(gm, site.weight).dtype  # LoRA inputs take the site's dtype
+        a = _graph.get_attr(gm, src.a).detach()
+        b = _graph.get_attr(gm, src.b).detach()
+        put_tensor(out.module, names.a, a.to(dtype))
+        put_tensor(out.module, names.b, (b.float() * rec.scale).to(dtype))
+        out.lora_tensors.update({names.a: names.a_key, names.b: names.b_key})
+        out.rank_axes[names.a] = (0, rank_dim(fqn))
+        out.rank_axes[names.b] = (1, rank_dim(fqn))
+        bias = None
+        if any(r.lora_bias for _, r in recs):
+            bias = names.b_bias
+            put_tensor(
+                out.module, bias, torch.zeros(site.out_features, dtype=dtype, device=b.device)
+            )
+            out.lora_tensors[bias] = names.b_bias_key
+        _emit_branches(out.module, site, "inputs", (names.a, names.b, bias), None)
+
+
+def _emit_branches(
+    module: torch.fx.GraphModule,
+    site: Site,
+    tag: str,
+    tensors: tuple[str, str, str | None],
+    scale: float | None,
+    *,
+    cast: bool = False,
+) -> None:
+    """`y + scale * B(A(x))` after every node of the site (no scale node when `scale` is None).
+
+    With `cast`, the branch input is cast to A's dtype and its output to the site's, as the
+    graph's own branch does for a float32 adapter on a half-precision site.
+    """
+    graph = module.graph
+    for base, x in zip(site.nodes, site.inputs, strict=True):
+        end = _chain_end(base)
+        emit = _Emitter(graph, end, {"adapter": tag, "site": site.fqn})
+        a = emit("weight", "get_attr", tensors[0])
+        b = emit("weight", "get_attr", tensors[1])
+        bias = emit("weight", "get_attr", tensors[2]) if tensors[2] else None
+        if cast and site.kind != "embedding":  # embedding inputs are ids
+            x = emit("cast", "call_function", _aten.type_as.default, (x, a))
+        up = _lora_b(emit, site, _lora_a(emit, site, x, a), b, bias)
+        if scale is not None:
+            up = emit("scale", "call_function", _aten.mul.Tensor, (up, scale))
+        if cast:
+            up = emit("cast", "call_function", _aten.type_as.default, (up, end))
+        add = emit("add", "call_function", _aten.add.Tensor, (end, up))
+        emit.attach(end, add)
+
+
+def _chain_end(base: torch.fx.Node) -> torch.fx.Node:
+    """The last branch `add` already on this node's output (or the node itself)."""
+    end = base
+    while True:
+        nxt = next(
+            (u for u in end.users if (lora_tag(u) or {}).get("role") == "add" and u.args[0] is end),
+            None,
+        )
+        if nxt is None:
+            return end
+        end = nxt
+
+
+def _lora_a(emit: _Emitter, site: Site, x: torch.fx.Node, a: torch.fx.Node) -> torch.fx.Node:
+    """The down-projection x -> [..., r] for one site kind."""
+    if site.kind == "linear":
+        return emit("lora_a", "call_function", _aten.linear.default, (x, a))
+    if site.kind == "embedding":
+        a_t = emit("lora_a", "call_function", _aten.t.default, (a,))  # [r, num] -> [num, r]
+        return emit("lora_a", "call_function", _aten.embedding.default, (a_t, x))
+    spec = site.conv
+    if isinstance(spec.padding, str):
+        op = {1: _aten.conv1d.padding, 2: _aten.conv2d.padding, 3: _aten.conv3d.padding}[spec.dims]
+        args = (x, a, None, list(spec.stride), spec.padding, list(spec.dilation), 1)
+        return emit("lora_a", "call_function", op, args)
+    zeros = [0] * spec.dims
+    args = (x, a, None, list(spec.stride), list(spec.padding), list(spec.dilation), False, zeros, 1)
+    return emit("lora_a", "call_function", _aten.convolution.default, args)
+
+
+def _lora_b(
+    emit: _Emitter, site: Site, low: torch.fx.Node, b: torch.fx.Node, bias: torch.fx.Node | None
+) -> torch.fx.Node:
+    """The up-projection [..., r] -> [..., out] (a 1x1 conv with the site's groups for convs)."""
+    if site.kind in ("linear", "embedding"):
+        return emit("lora_b", "call_function", _aten.linear.default, (low, b, bias))
+    spec = site.conv
+    ones, zeros = [1] * spec.dims, [0] * spec.dims
+    args = (low, b, bias, ones, zeros, ones, False, zeros, spec.groups)
+    return emit("lora_b", "call_function", _aten.convolution.default, args)
+
+
+def emit_stacked(
+    gm: torch.fx.GraphModule,
+    state: LoraState,
+    adapters: tuple[str, ...],
+    sites: dict[str, Site],
+    out: ExportGraph,
+) -> None:
+    """Per-row adapters: stacks of every adapter's A and scale*B, indexed by a new graph input."""
+    for site in sites.values():
+        if site.kind == "conv" and site.conv.groups > 1:
+            raise UnsupportedSiteError(
+                f"site {site.fqn!r} is a conv with groups={site.conv.groups}; "
+                "lora_layout='stacked' supports groups=1 only"
+            )
+    index = _add_index_input(out.module)
+    out.has_index_input = True
+    graph = out.module.graph
+    for fqn, site in sites.items():
+        a, b, bias = _stacks(gm, state, adapters, site)
+        paths = lora_paths(site.kind, fqn, STACKED)
+        keys = {paths.a: paths.a_key, paths.b: paths.b_key}
+        if bias is not None:
+            keys[paths.b_bias] = paths.b_bias_key
+        names = list(keys)
+        for path, tensor in zip(names, (a, b, bias), strict=False):
+            put_tensor(out.module, path, tensor)
+        out.lora_tensors.update(keys)
+        for base, x in zip(site.nodes, site.inputs, strict=True):
+            end = _chain_end(base)
+            emit = _Emitter(graph, end, {"adapter": STACKED, "site": fqn})
+            nodes = [emit("weight", "get_attr", path) for path in names]
+            a_n, b_n, bias_n = nodes[0], nodes[1], nodes[2] if bias is not None else None
+            if site.kind == "linear":
+                args = (x, index, a_n, b_n, bias_n)
+                delta = emit("lora_b", "call_function", stacked_linear, args)
+            elif site.kind == "embedding":
+                args = (x, index, a_n, b_n, site.in_features)
+                delta = emit("lora_b", "call_function", stacked_embedding, args)
+            else:
+                spec = site.conv
+                geometry = (list(spec.stride), spec.padding, list(spec.dilation))
+                args = (x, index, a_n, b_n, bias_n, *geometry, len(adapters) + 1)
+                delta = emit("lora_b", "call_function", stacked_conv, args)
+            add = emit("add", "call_function", _aten.add.Tensor, (end, delta))
+            emit.attach(end, add)
+
+
+def _stacks(
+    gm: torch.fx.GraphModule, state: LoraState, adapters: tuple[str, ...], site: Site
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A, scale*B (and scale*bias) of every adapter, rank-padded, with a zero slot last.
+
+    Layouts (slots = adapters + 1, r = the largest rank on the site):
+        linear     A [slots, r, in]            B [slots, out, r]           bias [slots, out]
+        embedding  A [slots * num, r]          B [slots, dim, r]
+        conv       A [slots * r, in, *k]       B [out, slots * r, *1]      bias [slots, out]
+    """
+    recs = {
+        n: state.adapters[n].sites[site.fqn]
+        for n in adapters
+        if site.fqn in state.adapters[n].sites
+    }
+    rank = max(rec.r for rec in recs.values())
+    weight = _graph.get_attr(gm, site.weight)
+    a_list, b_list, bias_list = [], [], []
+    for name in (*adapters, None):
+        rec = recs.get(name)
+        if rec is None:  # no LoRA here for this adapter, or the base slot
+            a = torch.zeros(_a_shape(site, rank), dtype=torch.float32)
+            b = torch.zeros(_b_shape(site, rank), dtype=torch.float32)
+            bias = torch.zeros(site.out_features)
+        else:
+            paths = lora_paths(site.kind, site.fqn, name)
+            a0 = _graph.get_attr(gm, paths.a).detach().float().cpu()
+            b0 = _graph.get_attr(gm, paths.b).detach().float().cpu() * rec.scale
+            a, b = ops.pad_rank(site.kind, a0, b0, rank)
+            bias = (
+                _graph.get_attr(gm, paths.b_bias).detach().float().cpu() * rec.scale
+                if rec.lora_bias
+                else torch.zeros(site.out_features)
+            )
+        a_list.append(a)
+        b_list.append(b)
+        bias_list.append(bias)
+    a, b = torch.stack(a_list), torch.stack(b_list)
+    if site.kind == "embedding":
+        a = a.transpose(1, 2).reshape(-1, rank)  # [slots, r, num] -> [slots * num, r]
+    elif site.kind == "conv":
+        a = a.flatten(0, 1)  # [slots * r, in, *k]
+        b = b.transpose(0, 1).flatten(1, 2).contiguous()  # [out, slots * r, *1]
+    with_bias = any(rec.lora_bias for rec in recs.values())
+    bias = torch.stack(bias_list) if with_bias else None
+    cast = [t.to(weight.dtype).to(weight.device) if t is not None else None for t in (a, b, bias)]
+    return cast[0], cast[1], cast[2]
+
+
+def _a_shape(site: Site, rank: int) -> tuple[int, ...]:
+    """A's shape at rank `rank`, as PEFT stores it."""
+    if site.kind == "conv":
+        return (rank, site.in_features, *site.conv.kernel_size)
+    return (rank, site.in_features)
+
+
+def _b_shape(site: Site, rank: int) -> tuple[int, ...]:
+    """B's shape at rank `rank`, as PEFT stores it."""
+    if site.kind == "conv":
+        return (site.out_features, rank, *(1,) * site.conv.dims)
+    return (site.out_features, rank)
+
+
+def _add_index_input(module: torch.fx.GraphModule) -> torch.fx.Node:
+    """Append the `adapter_index` input: a placeholder after the others, and a keyword argument."""
+    graph = module.graph
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last):
+        node = graph.placeholder(INDEX_INPUT)
+    info = getattr(graph._codegen, "pytree_info", None)
+    if info is not None:
+        args_tree, kwargs_tree = pytree.tree_unflatten(
+            [_LEAF] * info.in_spec.num_leaves, info.in_spec
+        )
+        spec = pytree.tree_structure((args_tree, {**kwargs_tree, INDEX_INPUT: _LEAF}))
+        graph._codegen.pytree_info = info._replace(
+            orig_args=[*info.orig_args, INDEX_INPUT], in_spec=spec
+        )
+    return node
+
+
+def stacked_linear(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Each batch row's LoRA delta with its own adapter: x [batch, ..., in] -> [batch, ..., out].
+
+    Rows stay batch-major when a site flattens them (GPT-2's `addmm` on `[batch * seq, in]`), so
+    `x` is viewed as `[batch, m, in]`; A and B are gathered per row: `[batch, r, in]`,
+    `[batch, out, r]`.
+    """
+    batch = index.shape[0]
+    rows = x.reshape(batch, -1, x.shape[-1])  # [batch, m, in]
+    low = torch.bmm(rows, a.index_select(0, index).transpose(1, 2))  # [batch, m, r]
+    up = torch.bmm(low, b.index_select(0, index).transpose(1, 2))  # [batch, m, out]
+    if bias is not None:
+        up = up + bias.index_select(0, index).unsqueeze(1)
+    return up.reshape(*x.shape[:-1], up.shape[-1])
+
+
+def stacked_embedding(
+    ids: torch.Tensor, index: torch.Tensor, a: torch.Tensor, b: torch.Tensor, num: int
+) -> torch.Tensor:
+    """Per-row embedding delta: row i looks up slot i of A `[slots * num, r]` (ids + i * num)."""
+    batch = index.shape[0]
+    offset = (index * num).reshape(batch, *([1] * (ids.dim() - 1)))
+    low = F.embedding(ids + offset, a)  # [batch, ..., r]
+    up = torch.bmm(low.reshape(batch, -1, low.shape[-1]), b.index_select(0, index).transpose(1, 2))
+    return up.reshape(*ids.shape, up.shape[-1])
+
+
+def stacked_conv(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int] | str,
+    dilation: list[int],
+    slots: int,
+) -> torch.Tensor:
+    """Per-row conv delta: every slot's A runs, a one-hot row mask keeps the row's slot, then B.
+
+    A `[slots * r, in, *k]` gives `[batch, slots * r, ...]`; the mask zeroes other slots' channels;
+    B `[out, slots * r, *1]` sums what is left. One-hot rather than a gather because a per-row conv
+    would need `groups = batch`, which cannot stay a dynamic dimension in ONNX.
+    """
+    dims = x.dim() - 2
+    rank = a.shape[0] // slots
+    low = _CONV_FNS[dims](x, a, None, stride, padding, dilation)  # [batch, slots * r, *spatial]
+    onehot = (index.unsqueeze(1) == torch.arange(slots, device=index.device)).to(x.dtype)
+    keep = onehot.unsqueeze(2).expand(-1, -1, rank).reshape(-1, slots * rank, *([1] * dims))
+    up = _CONV_FNS[dims](low * keep, b)  # [batch, out, *spatial]
+    if bias is not None:
+        up = up + (onehot @ bias).reshape(*up.shape[:2], *([1] * dims))
+    return up

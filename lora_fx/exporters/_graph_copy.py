@@ -1,0 +1,373 @@
+"""The graph torch.export sees: the user's graph copied, sharing tensors, branches rebuilt.
+
+    gm (left untouched) --copy graph, share tensors, strip lora_fx nodes--> base graph, then
+        merged:   nothing more; merged site weights are swapped in at the ONNX stage
+        others:   branches rebuilt for the layout (`_branches.py`)
+
+Rules:
+1. Nothing of `gm` changes. The copy has its own graph and module containers and shares every
+   tensor (no weight is copied). Leaf modules the graph calls are shallow copies without LoRA
+   children.
+2. Branches are rebuilt from the graph's LoRA state, not copied from the graph.
+3. A merged site whose weight is also read by other ops (GPT-2's `lm_head` and `wte`) gets an
+   alias tensor (same storage, no copy) under a name only it reads: its ONNX initializer is its own.
+4. `modules_to_save` copies are full modules, not A/B pairs: the "inputs" and "stacked" layouts
+   refuse them; the other layouts point each module at the first exported adapter's copy.
+5. Adapters already merged into the weights cannot be served unmerged; "initializers" exports of
+   other adapters keep them in the weights.
+6. LoRA on linear, conv and embedding sites is exported; DoRA and `target_parameters` sites are
+   refused before anything is built (their branches are not A/B pairs).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch import nn
+
+from lora_fx import _graph, ops
+from lora_fx._keys import HOLDERS, lora_paths, modules_to_save_path
+from lora_fx._meta import LoraState, SiteRecord, lora_tag, state_or_none
+from lora_fx.errors import AdapterError, MergeError, UnsupportedSiteError
+from lora_fx.exporters._branches import (
+    ExportGraph,
+    emit_inputs,
+    emit_named,
+    emit_stacked,
+    put_tensor,
+)
+from lora_fx.sites import Site, all_sites
+
+__all__ = ["LAYOUTS", "ExportPlan", "build_export_graph", "plan_export"]
+
+LAYOUTS = ("initializers", "inputs", "stacked")
+_KINDS = ("linear", "conv", "embedding")
+
+# Ops between a weight and its site when the weight is stored transposed (see sites.py).
+_aten = torch.ops.aten
+_TRANSPOSE_OPS = (_aten.t.default, _aten.permute.default, _aten.transpose.int)
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What to export: the layout and the adapters, checked against the graph."""
+
+    layout: str  # "merged" or one of LAYOUTS
+    adapters: tuple[str, ...]
+
+
+def plan_export(
+    gm: torch.fx.GraphModule, *, layout: str, adapter_names: str | list[str] | None
+) -> ExportPlan:
+    """Check the request against the graph's adapters; nothing is built or changed here.
+
+    Raises:
+        AdapterError: Unknown or unsuitable adapters, mixed-batch mode, or no adapter at all.
+        UnsupportedSiteError: DoRA or `target_parameters` sites (rule 6).
+    """
+    state = state_or_none(gm)
+    if state is not None and getattr(state, "batch_adapters", None) is not None:
+        raise AdapterError(
+            "the graph is in mixed-batch mode; call lora_fx.set_adapter_batch(gm, None) first "
+            "(for mixed batches in ONNX, export with merged=False, lora_layout='stacked')"
+        )
+    known = dict(state.adapters) if state is not None else {}
+    if adapter_names is None:
+        if layout in ("merged", "initializers"):
+            names = [n for n in (state.active if state else []) if not known[n].merged]
+        else:
+            names = list(known)
+    else:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise AdapterError(
+                f"unknown adapter(s) {unknown}; adapters on this graph: {list(known)}"
+            )
+    if layout == "merged":
+        # Adapters merged already are in the base weights: nothing more to fold for them.
+        names = [n for n in names if not known[n].merged]
+        _check_supported(state, names)
+        return ExportPlan(layout, tuple(names))
+    if not names:
+        raise AdapterError(
+            f"lora_layout={layout!r} needs an adapter, but the graph has none to export; "
+            "inject or load one, or export merged=True for the plain graph"
+        )
+    merged = [n for n, rec in known.items() if rec.merged]
+    if merged and (layout != "initializers" or set(merged) & set(names)):
+        raise AdapterError(
+            f"adapters {merged} are merged into the base weights; call lora_fx.unmerge(gm) "
+            f"before exporting lora_layout={layout!r}"
+        )
+    _check_supported(state, names)
+    with_copies = [n for n in names if known[n].modules_to_save]
+    if layout in ("inputs", "stacked") and with_copies:
+        raise AdapterError(
+            f"adapters {with_copies} have modules_to_save copies, which lora_layout={layout!r} "
+            "cannot switch per adapter; export them with lora_layout='initializers' or merged=True"
+        )
+    return ExportPlan(layout, tuple(names))
+
+
+def _check_supported(state: LoraState | None, names: list[str]) -> None:
+    """Refuse adapter kinds the export does not rebuild (rule 6)."""
+    for name in names:
+        for fqn, rec in state.adapters[name].sites.items():
+            if getattr(rec, "use_dora", False) or rec.kind not in _KINDS:
+                what = "DoRA" if getattr(rec, "use_dora", False) else f"a {rec.kind!r} site"
+                raise UnsupportedSiteError(
+                    f"adapter {name!r} has {what} at {fqn!r}, which export_onnx does not "
+                    f"export yet (supported: LoRA on {', '.join(_KINDS)} sites)"
+                )
+
+
+def build_export_graph(gm: torch.fx.GraphModule, plan: ExportPlan) -> ExportGraph:
+    """Copy `gm` (sharing tensors), strip its branches and rebuild them for `plan.layout`.
+
+    Raises:
+        MergeError: A site cannot be merged (grouped conv; `lora_bias` without a base bias).
+        UnsupportedSiteError: A site the stacked layout cannot serve (grouped conv).
+    """
+    state = state_or_none(gm)
+    graph = _copy_graph(gm.graph)
+    _strip_branches(graph)
+    if state is not None:
+        _point_module_copies(graph, state, plan.adapters)
+    module = torch.fx.GraphModule(_root(gm, graph), graph, class_name="LoraFxExport")
+    out = ExportGraph(module)
+    if plan.adapters:
+        sites = _adapter_sites(module, state, plan.adapters)
+        build = {
+            "merged": _plan_merged,
+            "initializers": emit_named,
+            "inputs": emit_inputs,
+            "stacked": emit_stacked,
+        }[plan.layout]
+        build(gm, state, plan.adapters, sites, out)
+    _graph.cleanup(module)
+    module.eval()
+    return out
+
+
+def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """New nodes with shallow-copied meta, and a codegen of its own (its specs are immutable)."""
+    new = torch.fx.Graph(tracer_cls=graph._tracer_cls)
+    output_val, old_output = new.graph_copy(graph, {}, return_output_node=True)
+    new._codegen = copy.copy(graph._codegen)
+    out = new.output(output_val, type_expr=getattr(old_output, "type", None))
+    out.meta = copy.copy(old_output.meta)
+    return new
+
+
+def _strip_branches(graph: torch.fx.Graph) -> int:
+    """Erase every lora_fx node (the base graph comes back); returns how many."""
+    mine = [n for n in graph.nodes if lora_tag(n) is not None]
+    for node in mine:
+        if lora_tag(node)["role"] == "add":
+            node.replace_all_uses_with(node.args[0])
+    for node in reversed(mine):
+        graph.erase_node(node)
+    return len(mine)
+
+
+def _point_module_copies(
+    graph: torch.fx.Graph, state: LoraState, adapters: tuple[str, ...]
+) -> None:
+    """Point each modules_to_save module at the first exported adapter's copy, else the original."""
+    for path in {p for rec in state.adapters.values() for p in rec.modules_to_save}:
+        owner = next((a for a in adapters if path in state.adapters[a].modules_to_save), None)
+        prefix = modules_to_save_path(path, owner) if owner else path
+        for node in graph.nodes:
+            if node.op in ("get_attr", "call_module") and (
+                node.target == path or node.target.startswith(path + ".")
+            ):
+                rest = node.target[len(path) :]
+                if rest.startswith(".modules_to_save."):
+                    rest = rest[len(".modules_to_save.") :]
+                    rest = rest[rest.index(".") :] if "." in rest else ""
+                node.target = prefix + rest
+
+
+def _root(gm: torch.fx.GraphModule, graph: torch.fx.Graph) -> dict[str, object]:
+    """Target -> object for every attribute the graph reads; leaf modules are shallow copies."""
+    root: dict[str, object] = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module") and node.target not in root:
+            obj = _graph.get_attr(gm, node.target)
+            root[node.target] = _shallow(obj) if isinstance(obj, nn.Module) else obj
+    return root
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    """A copy sharing parameters and buffers, without LoRA children.
+
+    Children are copied too, so `eval()` on the export copy leaves the user's modules alone.
+    """
+    clone = copy.copy(module)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._modules = {
+        k: _shallow(v)
+        for k, v in module._modules.items()
+        if k not in HOLDERS and k != "modules_to_save" and v is not None
+    }
+    return clone
+
+
+def _adapter_sites(
+    module: torch.fx.GraphModule, state: LoraState, adapters: tuple[str, ...]
+) -> dict[str, Site]:
+    """The sites of the exported adapters, found again in the copy."""
+    found = all_sites(module)
+    wanted = {fqn for name in adapters for fqn in state.adapters[name].sites}
+    missing = sorted(wanted - set(found))
+    assert not missing, f"sites {missing} of the LoRA state are not in the copied graph"
+    return {fqn: found[fqn] for fqn in found if fqn in wanted}
+
+
+def _plan_merged(
+    gm: torch.fx.GraphModule,
+    state: LoraState,
+    adapters: tuple[str, ...],
+    sites: dict[str, Site],
+    out: ExportGraph,
+) -> None:
+    """Name each merged site weight (and bias) with a function that computes it when written."""
+    readers = _tensor_paths(out.module)
+    for fqn, site in sites.items():
+        folds = [
+            (name, state.adapters[name].sites[fqn])
+            for name in adapters
+            if fqn in state.adapters[name].sites
+        ]
+        if site.conv is not None and site.conv.groups > 1:
+            raise MergeError(
+                f"site {fqn!r} is a conv with groups={site.conv.groups}; it cannot be merged; "
+                "export it with merged=False"
+            )
+        if any(rec.lora_bias for _, rec in folds) and site.bias is None:
+            raise MergeError(f"site {fqn!r} has lora_bias=True but no base bias to fold it into")
+        weight = _own_tensor(out.module, site, site.weight, readers)
+        out.merged_weights[weight] = _merged_weight(gm, site, folds)
+        if any(rec.lora_bias for _, rec in folds):
+            bias = _own_tensor(out.module, site, site.bias, readers)
+            out.merged_weights[bias] = _merged_bias(gm, site, folds)
+
+
+def _merged_weight(
+    gm: torch.fx.GraphModule, site: Site, folds: list[tuple[str, SiteRecord]]
+) -> Callable[[], torch.Tensor]:
+    """`W + sum(scale * B @ A)` computed in float32 (as `merge` does), in W's dtype."""
+    weight = _graph.get_attr(gm, site.weight)
+
+    def compute() -> torch.Tensor:
+        with torch.no_grad():
+            total = weight.detach().to(torch.float32)
+            for name, rec in folds:
+                paths = lora_paths(site.kind, site.fqn, name)
+                a, b = _graph.get_attr(gm, paths.a), _graph.get_attr(gm, paths.b)
+                total = total + ops.delta_weight(
+                    site.kind, a.detach(), b.detach(), rec.scale, transposed=site.transposed
+                ).to(total.device)
+            return total.to(weight.dtype)
+
+    return compute
+
+
+def _merged_bias(
+    gm: torch.fx.GraphModule, site: Site, folds: list[tuple[str, SiteRecord]]
+) -> Callable[[], torch.Tensor]:
+    """`b + sum(scale * b_B)` for adapters with `lora_bias`."""
+    bias = _graph.get_attr(gm, site.bias)
+
+    def compute() -> torch.Tensor:
+        with torch.no_grad():
+            total = bias.detach().to(torch.float32)
+            for name, rec in folds:
+                if rec.lora_bias:
+                    b_bias = _graph.get_attr(gm, lora_paths(site.kind, site.fqn, name).b_bias)
+                    total = total + b_bias.detach().float() * rec.scale
+            return total.to(bias.dtype)
+
+    return compute
+
+
+def _tensor_paths(module: nn.Module) -> dict[int, list[str]]:
+    """id(tensor) -> every path it is registered under."""
+    paths: dict[int, list[str]] = {}
+    named = [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ]
+    for name, tensor in named:
+        paths.setdefault(id(tensor), []).append(name)
+    return paths
+
+
+def _own_tensor(
+    module: torch.fx.GraphModule, site: Site, path: str, readers: dict[int, list[str]]
+) -> str:
+    """A path that only the site reads its tensor under, aliasing the tensor if needed (rule 3).
+
+    Export names a tensor registered twice once, so GPT-2's graph reads `lm_head.weight` for the
+    embedding too. Other readers of the site's path move to another name of the same tensor
+    (`transformer.wte.weight`); without one, the site gets `<site>.merged_weight` (or `_bias`).
+    """
+    graph = module.graph
+    tensor = _graph.get_attr(module, path)
+    others = [p for p in readers.get(id(tensor), []) if p != path]
+    shared = [n for n in graph.nodes if n.op == "get_attr" and n.target == path]
+    uses = [(n, u) for n in shared for u in n.users]
+    foreign = [(n, u) for n, u in uses if not _feeds_only(u, site.nodes)]
+    if foreign and not others:
+        path = _free_path(module, f"{site.fqn}.merged_{path.rpartition('.')[2]}")
+        put_tensor(module, path, nn.Parameter(tensor.detach(), requires_grad=False))
+        _rewire([(n, u) for n, u in uses if _feeds_only(u, site.nodes)], path)
+        return path
+    _rewire(foreign, others[0] if foreign else path)
+    if others:
+        alias = nn.Parameter(tensor.detach(), requires_grad=False)  # same storage, own identity
+        _replace_tensor(module, path, alias)
+    return path
+
+
+def _rewire(uses: list[tuple[torch.fx.Node, torch.fx.Node]], path: str) -> None:
+    """Make each user read `path` through a get_attr of its own instead of the given node."""
+    for node, user in uses:
+        with node.graph.inserting_before(user):
+            getter = node.graph.get_attr(path)
+        user.replace_input_with(node, getter)
+
+
+def _feeds_only(node: torch.fx.Node, targets: tuple[torch.fx.Node, ...]) -> bool:
+    """Whether a node is a site node, or a transpose feeding only site nodes."""
+    if node in targets:
+        return True
+    return node.target in _TRANSPOSE_OPS and all(_feeds_only(u, targets) for u in node.users)
+
+
+def _free_path(module: nn.Module, path: str) -> str:
+    """`path`, or `path_1`, `path_2`, ... if something is registered there."""
+    candidate, i = path, 0
+    while True:
+        try:
+            _graph.get_attr(module, candidate)
+        except AttributeError:
+            return candidate
+        i += 1
+        candidate = f"{path}_{i}"
+
+
+def _replace_tensor(module: nn.Module, path: str, tensor: torch.Tensor) -> None:
+    """Swap the tensor registered at `path` on the copy (its owner is a copy too)."""
+    owner_path, _, name = path.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    if name in owner._parameters:
+        owner._parameters[name] = tensor
+    else:
+        owner._buffers[name] = tensor

@@ -1,0 +1,140 @@
+"""Edits of the exported ONNX model (onnx_ir), and writing it atomically.
+
+    merged weights   initializer W  ->  LazyTensor(W + sum scale * B @ A), computed while writing
+    optimize         onnxscript's optimizer (torch's default), LoRA tensors protected from renaming
+    inputs layout    initializer A[r, in]  ->  graph input A["<site>.r", in], default A[0, in]
+
+Rules:
+1. The optimizer folds `Transpose(A)` into a new initializer `val_N`, losing the PEFT-derived name;
+   LoRA tensors are made graph inputs while it runs, which it never folds, then put back.
+2. ONNX Runtime adapters can only override graph inputs, so in the "inputs" layout each LoRA tensor
+   is an input with an initializer of the same name as its default: a zero-rank tensor, which makes
+   the branch add zeros (the base model). Its rank dimension is symbolic, one name per site.
+3. Shapes recorded for values downstream of a LoRA input were inferred at the traced rank; they are
+   dropped (ONNX Runtime infers them again at load) so another rank cannot clash with them.
+4. A model is written into a temporary folder beside the target, then renamed into place, data
+   file first: a failure leaves no half-written `.onnx`. Models whose tensors exceed
+   `EXTERNAL_DATA_BYTES` (protobuf's limit is 2 GiB) put them in `<name>.data` beside the `.onnx`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+
+__all__ = [
+    "EXTERNAL_DATA_BYTES",
+    "lift_to_inputs",
+    "optimize_keeping",
+    "save_atomic",
+    "swap_merged_weights",
+    "tensor_bytes",
+]
+
+log = logging.getLogger(__name__)
+
+EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GiB, leaving room for the graph itself
+
+
+def swap_merged_weights(model: ir.Model, merged: dict[str, Callable[[], torch.Tensor]]) -> None:
+    """Replace merged site weights by lazy tensors: no copy is held before the file is written."""
+    for name, compute in merged.items():
+        value = model.graph.initializers[name]
+        old = value.const_value
+        value.const_value = ir.LazyTensor(
+            lambda compute=compute: ir.tensor(compute()),
+            dtype=old.dtype,
+            shape=old.shape,
+            name=name,
+        )
+
+
+def optimize_keeping(optimize: Callable[[], None], model: ir.Model, names: Iterable[str]) -> None:
+    """Run `optimize()` on `model` with the named initializers protected from folding (rule 1)."""
+    protected = [model.graph.initializers[name] for name in names]
+    already = set(model.graph.inputs)
+    added = [value for value in protected if value not in already]
+    model.graph.inputs.extend(added)
+    onnx_ir_log = logging.getLogger("onnx_ir")
+    level = onnx_ir_log.level
+    onnx_ir_log.setLevel(logging.ERROR)  # "skipped deduplication of <graph input>" for each one
+    try:
+        optimize()
+    finally:
+        onnx_ir_log.setLevel(level)
+        for value in added:
+            model.graph.inputs.remove(value)
+
+
+def lift_to_inputs(
+    model: ir.Model, rank_axes: dict[str, tuple[int, str]], dtypes: dict[str, torch.dtype]
+) -> None:
+    """Make each LoRA tensor a graph input with a zero-rank default and a symbolic rank (rule 2)."""
+    lifted = []
+    for name, (axis, dim) in rank_axes.items():
+        value = model.graph.initializers[name]
+        shape = list(value.const_value.shape)
+        zero = [0 if i == axis else size for i, size in enumerate(shape)]
+        value.const_value = ir.tensor(torch.zeros(zero, dtype=dtypes[name]), name=name)
+        shape[axis] = dim
+        value.shape = ir.Shape(shape)
+        model.graph.inputs.append(value)
+        lifted.append(value)
+    _drop_stale_shapes(model, lifted)
+
+
+def _drop_stale_shapes(model: ir.Model, sources: list[ir.Value]) -> int:
+    """Forget the shapes of values computed from `sources` (rule 3); returns how many."""
+    outputs = set(model.graph.outputs)
+    seen: set[ir.Value] = set()
+    todo = list(sources)
+    while todo:
+        value = todo.pop()
+        for node in value.consumers():
+            for out in node.outputs:
+                if out not in seen:
+                    seen.add(out)
+                    todo.append(out)
+    dropped = 0
+    for value in seen:
+        if value not in outputs and value.shape is not None:
+            value.shape = None
+            dropped += 1
+    return dropped
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    """Bytes of every initializer (from shapes and dtypes; lazy tensors are not computed)."""
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            total += int(tensor.dtype.itemsize * math.prod(tensor.shape))
+    return total
+
+
+def save_atomic(model: ir.Model, target: Path, external_data: bool) -> Path | None:
+    """Write `model` to `target` (and `<target>.data`) via a temporary folder (rule 4).
+
+    Returns:
+        The data file's path, or None when the tensors are inside the `.onnx`.
+    """
+    data_name = f"{target.name}.data"
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        ir.save(model, tmp / target.name, external_data=data_name if external_data else None)
+        data = tmp / data_name
+        if data.exists():
+            os.replace(data, target.parent / data_name)
+        os.replace(tmp / target.name, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target.parent / data_name if external_data else None

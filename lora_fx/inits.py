@@ -1,0 +1,178 @@
+"""Adapter initialisations computed from the base weight: PiSSA, OLoRA, LoftQ and orthogonal.
+
+All work on linear sites, in the `[out, in]` layout (a weight stored `[in, out]` is transposed and
+written back transposed), in float32, and follow PEFT's `LoraLayer.*_init` step by step:
+
+    pissa          W = U S Vh;  S_r /= scale;  B = U_r sqrt(S_r),  A = sqrt(S_r) Vh_r;
+                   W <- W - scale B A
+    pissa_niter_K  the same from `torch.svd_lowrank(W, r, niter=K)` (randomised)
+    olora          W = Q R;  B = Q[:, :r],  A = R[:r];  W <- W - scale B A
+    loftq          K times: W_q = deQ(Q(W - B A)) and B, A = rank-r SVD of W - W_q;  W <- W_q
+    orthogonal     one random orthogonal Q [r, r]: A uses its even rows, B its odd ones: B A = 0
+
+**PiSSA, OLoRA and LoftQ change the base weight** (in place, so the captured model sees it too, as
+with PEFT). PiSSA and OLoRA keep `W_new + scale * B @ A == W` up to float32 rounding. LoftQ
+approximates `W` by a quantized `W_q` plus `B @ A`; like PEFT it ignores the scale, so
+`W_q + scale * B @ A ≈ W` only with `lora_alpha == r` (a warning says so otherwise). LoftQ quantizes
+with bitsandbytes (NF4: block 64, no double quant; int8: row-wise absmax), so `quantize(gm, "nf4",
+compress_statistics=False)` afterwards stores exactly the codes LoftQ planned for. Orthogonal leaves
+the base weight as it is.
+
+Differences from PEFT: on transformers `Conv1D` (GPT-2) sites PEFT's OLoRA and LoftQ decompose the
+stored `[in, out]` matrix and produce factors of the wrong shape; here they use `[out, in]`. PEFT's
+LoftQ needs a CUDA / XPU device; here it runs on the weight's device.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from lora_fx import _graph, quant
+from lora_fx._keys import lora_paths
+from lora_fx._meta import SiteRecord
+from lora_fx.config import LoraConfig
+from lora_fx.sites import Site
+
+__all__ = ["BASE_CHANGING_INITS", "changes_base", "init_from_base", "loftq", "olora", "pissa"]
+
+BASE_CHANGING_INITS = ("pissa", "olora", "loftq")  # and "pissa_niter_<K>"
+
+
+def changes_base(init: bool | str) -> bool:
+    """Whether an `init_lora_weights` value rewrites the base weight."""
+    return isinstance(init, str) and (init in BASE_CHANGING_INITS or init.startswith("pissa"))
+
+
+def init_from_base(
+    gm: torch.fx.GraphModule, site: Site, adapter: str, record: SiteRecord, cfg: LoraConfig
+) -> bool:
+    """Apply `cfg.init_lora_weights` to one site's A, B (and base weight); True if it acted."""
+    init = cfg.init_lora_weights
+    if not isinstance(init, str) or init == "gaussian":
+        return False
+    paths = lora_paths(site.kind, site.fqn, adapter)
+    lora_a, lora_b = _graph.get_attr(gm, paths.a), _graph.get_attr(gm, paths.b)
+    weight = _graph.get_attr(gm, site.weight)
+    module = gm.get_submodule(site.nodes[0].target) if site.nodes[0].op == "call_module" else None
+    with torch.no_grad():
+        if init == "orthogonal":
+            a, b = orthogonal(record.r, site.in_features, site.out_features)
+            lora_a.copy_(a.to(lora_a.dtype))
+            lora_b.copy_(b.to(lora_b.dtype))
+            return True
+        dense = quant.dequantize(weight, module) if quant.is_quantized(weight) else weight
+        w = dense.detach().float()
+        w = w.T if site.transposed else w  # [out, in]
+        if init == "olora":
+            new_w, a, b = olora(w, record.r, record.scale)
+        elif init == "loftq":
+            bits, steps = cfg.loftq_config["loftq_bits"], cfg.loftq_config["loftq_iter"]
+            new_w, a, b = loftq(w, record.r, bits=bits, steps=steps)
+            if record.scale != 1:
+                warnings.warn(
+                    f"LoftQ on {site.fqn!r}: scale lora_alpha / r = {record.scale:g}; like PEFT, "
+                    "LoftQ's A and B ignore it, so base + adapter approximates the original weight "
+                    "only with lora_alpha == r",
+                    stacklevel=4,
+                )
+        else:
+            niter = int(init.split("_niter_")[1]) if "_niter_" in init else None
+            new_w, a, b = pissa(w, record.r, record.scale, niter=niter)
+        lora_a.copy_(a.to(lora_a.dtype))
+        lora_b.copy_(b.to(lora_b.dtype))
+        new_w = new_w.T if site.transposed else new_w
+        if quant.is_quantized(weight):
+            quant.requantize_(weight, new_w, module)
+        else:
+            weight.copy_(new_w.to(weight.dtype))
+    return True
+
+
+def pissa(
+    weight: torch.Tensor, r: int, scale: float, *, niter: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PiSSA: the top-r singular triplets become the adapter, the rest stays in the base.
+
+    Args:
+        weight: `[out, in]`, float32.
+        r: Rank.
+        scale: The branch scale (`alpha / r`); the singular values are divided by it.
+        niter: Use `torch.svd_lowrank` with this many subspace iterations (`pissa_niter_K`).
+
+    Returns:
+        `(residual W - scale B A, A [r, in], B [out, r])`.
+    """
+    if niter is None:
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        u_r, s_r, vh_r = u[:, :r], s[:r] / scale, vh[:r]
+    else:
+        u_r, s_r, v_r = torch.svd_lowrank(weight, r, niter=niter)
+        s_r, vh_r = s_r / scale, v_r.t()
+    a = torch.diag(torch.sqrt(s_r)) @ vh_r
+    b = u_r @ torch.diag(torch.sqrt(s_r))
+    return weight - scale * b @ a, a, b
+
+
+def olora(
+    weight: torch.Tensor, r: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OLoRA: `W = Q R`; the adapter takes Q's first r columns and R's first r rows.
+
+    Returns:
+        `(residual W - scale B A, A = R[:r] [r, in], B = Q[:, :r] [out, r])`.
+    """
+    q, rr = torch.linalg.qr(weight)
+    a, b = rr[:r].contiguous(), q[:, :r].contiguous()
+    return weight - scale * b @ a, a, b
+
+
+def loftq(
+    weight: torch.Tensor, r: int, *, bits: int = 4, steps: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoftQ: alternate quantizing the residual and a rank-r SVD of the quantization error.
+
+    Args:
+        weight: `[out, in]`, float32.
+        r: Rank.
+        bits: 4 (NF4, bitsandbytes, block 64, no double quant) or 8 (int8, row-wise absmax).
+        steps: Alternating steps (`loftq_iter`).
+
+    Returns:
+        `(dequantized W_q, A [r, in], B [out, r])` with `W_q + B @ A ≈ W`.
+    """
+    import bitsandbytes.functional as bnbf
+
+    res = weight.clone()
+    for i in range(steps):
+        if bits == 4:
+            packed, state = bnbf.quantize_4bit(
+                res.contiguous(), blocksize=64, compress_statistics=False, quant_type="nf4"
+            )
+            dequantized = bnbf.dequantize_4bit(packed, state)
+        else:
+            rows, scales, _ = bnbf.int8_vectorwise_quant(res.contiguous().to(torch.float16))
+            dequantized = bnbf.int8_vectorwise_dequant(rows, scales)
+        res = weight - dequantized
+        # PEFT's _low_rank_decomposition, step by step
+        u, s, vh = torch.linalg.svd(res, full_matrices=False)
+        left = u @ torch.sqrt(torch.diag(s)[:, 0:r])
+        right = torch.sqrt(torch.diag(s)[0:r, :]) @ vh
+        if i + 1 == steps:
+            break
+        res = weight - torch.mm(left, right)
+    return dequantized, right, left
+
+
+def orthogonal(r: int, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's orthogonal init (same random draws in the same order): `B @ A == 0`.
+
+    Returns:
+        `(A [r, in], B [out, r])`.
+    """
+    q, _ = torch.linalg.qr(torch.randn(r, r))
+    q_odd, q_even = q[0::2, :], q[1::2, :]  # orthogonal row sets: q_even @ q_odd.T == 0
+    a = torch.randn(in_features, r // 2).mm(q_odd).T / 10.0
+    b = torch.randn(r // 2, out_features).T.mm(q_even) / 10.0
+    return a.contiguous(), b.contiguous()

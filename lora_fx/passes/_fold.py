@@ -1,0 +1,169 @@
+"""Fold one adapter's delta into one site's base weight, and back (the core of merge / unmerge).
+
+    plain LoRA:  W <- W + delta                           unfold:  W <- W - delta
+    DoRA:        W <- g * (W + delta), g = m / ||W + delta||    unfold:  W <- W / g - delta
+    quantized:   the same value from the dequantized W, then re-quantized in place
+    lora_bias:   b <- b + scale * b_B                     unfold:  b <- b - scale * b_B
+
+Rules:
+1. Every fold leaves an entry in `state.merge_undo["adapter:site"]` (in fold order): DoRA's norm,
+   which the merged weight no longer determines, and for a quantized weight the packed storage it
+   replaced. `unfold` pops it.
+2. A quantized weight whose fold is the last one on that site is restored bitwise from its entry;
+   otherwise (adapters unmerged out of order) it is dequantized, unfolded and re-quantized.
+3. Values are computed in float32 (float64 for float64 adapters); a plain fold into a float32
+   weight adds in place.
+   The return value is the rounding loss `||written - wanted|| / ||wanted - before||`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+
+from lora_fx import _graph, dora, ops, quant
+from lora_fx._keys import lora_paths
+from lora_fx._meta import LoraState, SiteRecord
+from lora_fx.errors import MergeError
+from lora_fx.sites import Site
+
+__all__ = ["fold", "is_quantized_site", "merged_value", "site_delta", "unfold"]
+
+
+def site_delta(gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord) -> torch.Tensor:
+    """The float32 delta `scale * B @ A` of one adapter on one site, in the base weight's layout."""
+    paths = lora_paths(site.kind, site.fqn, adapter)
+    a, b = _graph.get_attr(gm, paths.a).detach(), _graph.get_attr(gm, paths.b).detach()
+    if site.kind == "param":
+        return ops.param_delta(a, b, rec.scale, tuple(_graph.get_attr(gm, site.weight).shape))
+    groups = site.conv.groups if site.conv else 1
+    return ops.delta_weight(site.kind, a, b, rec.scale, transposed=site.transposed, groups=groups)
+
+
+def is_quantized_site(gm: torch.fx.GraphModule, site: Site) -> bool:
+    """Whether the site's base weight is a bitsandbytes quantized tensor."""
+    return quant.is_quantized(_graph.get_attr(gm, site.weight))
+
+
+def merged_value(
+    gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord
+) -> torch.Tensor:
+    """The float value the weight would take if `adapter` were merged now (nothing is written)."""
+    current, delta = _current(gm, site), site_delta(gm, site, adapter, rec)
+    if rec.use_dora:
+        return _dora_merge(gm, site, adapter, current.to(delta.dtype), delta)[0]
+    return current.to(delta.dtype) + delta
+
+
+def fold(
+    gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord, state: LoraState
+) -> float:
+    """Merge one adapter into one site's weight (and bias), in place; returns the rounding loss."""
+    weight, module = _graph.get_attr(gm, site.weight), _module(gm, site)
+    delta = site_delta(gm, site, adapter, rec)
+    before = _current(gm, site).to(delta.dtype)
+    undo: dict[str, Any] = {}
+    if rec.use_dora:
+        wanted, undo["norm"] = _dora_merge(gm, site, adapter, before, delta)
+    else:
+        wanted = before + delta
+    if quant.is_quantized(weight):
+        undo["quantized"] = quant.snapshot(weight, module)
+    state.merge_undo[f"{adapter}:{site.fqn}"] = undo or None
+    loss = _write(weight, module, before, wanted, delta if not rec.use_dora else None)
+    _fold_bias(gm, site, adapter, rec, sign=1.0)
+    return loss
+
+
+def unfold(
+    gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord, state: LoraState
+) -> float:
+    """Take one merged adapter back out of one site's weight (and bias), in place."""
+    key = f"{adapter}:{site.fqn}"
+    keys = list(state.merge_undo)
+    later = keys[keys.index(key) + 1 :] if key in keys else []
+    undo = state.merge_undo.pop(key, None) or {}
+    weight, module = _graph.get_attr(gm, site.weight), _module(gm, site)
+    _fold_bias(gm, site, adapter, rec, sign=-1.0)
+    if "quantized" in undo and not any(k.split(":", 1)[1] == site.fqn for k in later):
+        quant.restore_(weight, undo["quantized"], module)  # the last fold here: bitwise restore
+        return 0.0
+    delta = site_delta(gm, site, adapter, rec)
+    before = _current(gm, site).to(delta.dtype)
+    if rec.use_dora:
+        if "norm" not in undo:
+            raise MergeError(
+                f"cannot unmerge DoRA adapter {adapter!r} from site {site.fqn!r}: the weight norm "
+                "of its merge was not recorded"
+            )
+        paths = lora_paths(site.kind, site.fqn, adapter)
+        magnitude = _graph.get_attr(gm, paths.magnitude).detach()
+        wanted = dora.unmerged_weight(
+            before, delta, magnitude, undo["norm"], kind=site.kind, transposed=site.transposed
+        )
+        return _write(weight, module, before, wanted, None)
+    return _write(weight, module, before, before - delta, -delta)
+
+
+def _dora_merge(
+    gm: torch.fx.GraphModule, site: Site, adapter: str, before: torch.Tensor, delta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DoRA's merged weight and the norm it used (the same norm the branch computes)."""
+    paths = lora_paths(site.kind, site.fqn, adapter)
+    magnitude = _graph.get_attr(gm, paths.magnitude).detach()
+    norm = dora.weight_norm(before, delta, kind=site.kind, transposed=site.transposed)
+    wanted = dora.merged_weight(
+        before, delta, magnitude, norm, kind=site.kind, transposed=site.transposed
+    )
+    return wanted, norm
+
+
+def _write(
+    weight: torch.Tensor,
+    module: torch.nn.Module | None,
+    before: torch.Tensor,
+    wanted: torch.Tensor,
+    add: torch.Tensor | None,
+) -> float:
+    """Store `wanted` in the weight; `add` (wanted - before) lets a float32 weight add in place."""
+    with torch.no_grad():
+        quantized = quant.is_quantized(weight)
+        if not quantized and add is not None and weight.dtype == add.dtype:
+            weight.add_(add)
+            return 0.0
+        start, intended = before.clone(), wanted - before  # `before` may alias the weight
+        if quantized:
+            quant.requantize_(weight, wanted, module)
+            written = quant.dequantize(weight, module)
+        else:
+            weight.copy_(wanted.to(weight.dtype))
+            written = weight
+        return ops.rounding_error(start, written, intended)
+
+
+def _fold_bias(
+    gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord, *, sign: float
+) -> None:
+    """`lora_bias`: b <- b + sign * scale * b_B."""
+    if not rec.lora_bias:
+        return
+    b_bias = _graph.get_attr(gm, lora_paths(site.kind, site.fqn, adapter).b_bias)
+    bias = _graph.get_attr(gm, site.bias)
+    with torch.no_grad():
+        bias.add_((b_bias.detach().float() * rec.scale * sign).to(bias.dtype))
+
+
+def _current(gm: torch.fx.GraphModule, site: Site) -> torch.Tensor:
+    """The base weight's value, dequantized if needed (not a copy for a float weight)."""
+    weight = _graph.get_attr(gm, site.weight)
+    if quant.is_quantized(weight):
+        return quant.dequantize(weight, _module(gm, site))
+    return weight.detach()
+
+
+def _module(gm: torch.fx.GraphModule, site: Site) -> torch.nn.Module | None:
+    """The module of a call_module site (a Linear8bitLt keeps int8 scales on it), else None."""
+    node = site.nodes[0]
+    return gm.get_submodule(node.target) if node.op == "call_module" else None

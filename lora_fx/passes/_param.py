@@ -1,0 +1,62 @@
+"""LoRA on a parameter read directly by ops (`target_parameters`): rewrite the read, not the op.
+
+    W = get_attr(p);  y = bmm(x, W)   ->   W' = W + delta(A, B);  y = bmm(x, W')
+
+Rules:
+1. Every reader of `W` (bmm, einsum, matmul, a slice that picks one expert, ...) sees `W + delta`:
+   the rewrite sits on the `get_attr` node, so the consuming op does not matter.
+2. `delta` is PEFT's `ParamWrapper` delta (`ops.param_delta`), cast to W's dtype; adapters chain
+   as `W -> add_a -> add_b` like branches on other sites.
+3. No dropout, DoRA, `lora_bias` or mixed-batch rows: `x` cannot be factored out of `W x` in
+   general (PEFT refuses the same).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from lora_fx import ops
+from lora_fx._keys import lora_paths
+from lora_fx._meta import SiteRecord, lora_tag
+from lora_fx.errors import AdapterError
+from lora_fx.sites import Site
+
+__all__ = ["insert_param_branch", "param_delta_like"]
+
+_aten = torch.ops.aten
+
+
+def insert_param_branch(
+    gm: torch.fx.GraphModule,
+    site: Site,
+    adapter: str,
+    record: SiteRecord,
+    *,
+    row_mask: tuple[str, int] | None = None,
+) -> None:
+    """Replace every read of the site's parameter by `W + delta` for `adapter`."""
+    from lora_fx.passes._branch import _chain_end, _Emitter  # _branch imports this module
+
+    if row_mask is not None:
+        raise AdapterError(
+            f"site {site.fqn!r} is a target_parameters site; mixed-batch adapters cannot act on "
+            "it (a parameter has no batch rows)"
+        )
+    paths = lora_paths(site.kind, site.fqn, adapter)
+    for getter in site.nodes:
+        end = _chain_end(getter)
+        emit = _Emitter(gm.graph, end, {"adapter": adapter, "site": site.fqn})
+        a = emit("weight", "get_attr", paths.a)
+        b = emit("weight", "get_attr", paths.b)
+        delta = emit("lora_b", "call_function", param_delta_like, (a, b, record.scale, end))
+        add = emit("add", "call_function", _aten.add.Tensor, (end, delta))
+        mine = {u for u in end.users if (lora_tag(u) or {}).get("adapter") == adapter}
+        end.replace_all_uses_with(add, delete_user_cb=lambda user, mine=mine: user not in mine)
+
+
+def param_delta_like(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, weight: torch.Tensor
+) -> torch.Tensor:
+    """`ops.param_delta` for `weight`'s shape, in `weight`'s dtype (a graph node's target)."""
+    return ops.param_delta(lora_a, lora_b, scale, tuple(weight.shape)).to(weight.dtype)

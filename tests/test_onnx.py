@@ -1,0 +1,538 @@
+"""ONNX export: onnxruntime parity (merged, unmerged, dynamic shapes), structure, ONNX Runtime
+multi-LoRA sessions and adapter files, stacked per-row adapters, the CLI, and bad input."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import assert_close, assert_differs
+from helpers import lora_roles
+from models import TinyBlockStack, TinyConv, TinyMLP, tiny_bert, tiny_gpt2, tiny_llama
+from torch import nn
+from torch.export import Dim
+
+import lora_fx
+from lora_fx import AdapterError, LoraConfig, UnsupportedSiteError
+from lora_fx._keys import lora_paths
+from lora_fx.cli import main
+from lora_fx.exporters import (
+    BASE_INDEX,
+    OnnxExportError,
+    _onnx_ir,
+    bind_adapter,
+    export_onnx,
+    ort_adapter_tensors,
+    ort_providers,
+    ort_run_options,
+    ort_session,
+    write_ort_adapter,
+)
+from lora_fx.exporters._names import input_names
+
+HF_KW = {"use_cache": False}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_onnx_registry():
+    """Build torch's ONNX op registry once for this file: `torch.onnx.export` rebuilds it on every
+    call (about 2 s). Test speed only; no test passes a custom_translation_table, which would
+    change the shared registry."""
+    from torch.onnx._internal.exporter import _registration
+
+    real = getattr(_registration.ONNXRegistry, "from_torchlib", None)
+    if real is None:  # another torch: export is just slower
+        yield
+        return
+    cache = {}
+
+    def from_torchlib(cls, *args, **kwargs):
+        key = repr((args, sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = real(*args, **kwargs)
+        return cache[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(from_torchlib))
+        yield
+
+
+def _inject(gm, targets, name="default", r=4, alpha=8):
+    """An adapter with random (nonzero) B, so adapted outputs differ from the base."""
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    return lora_fx.inject(gm, cfg, name).eval()
+
+
+def _torch(gm, *args):
+    with torch.no_grad():
+        out = gm(*args)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _ort(path, feed, options=None):
+    return torch.from_numpy(ort_session(path, device="cpu").run(None, feed, options)[0])
+
+
+def _file_ops(path) -> Counter:
+    return Counter(
+        node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node
+    )
+
+
+def _initializers(path) -> set[str]:
+    return {t.name for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+
+
+def _snapshot(gm):
+    return {k: v.detach().clone() for k, v in gm.state_dict().items()}, lora_roles(gm)
+
+
+def _assert_untouched(gm, snapshot):
+    tensors, roles = snapshot
+    now = gm.state_dict()
+    assert set(now) == set(tensors)
+    assert all(torch.equal(now[k], v) for k, v in tensors.items()), "export changed a weight"
+    assert lora_roles(gm) == roles, "export changed the graph"
+
+
+# ---- merged ------------------------------------------------------------------------------------
+
+CUSTOM = {
+    "blocks": (
+        TinyBlockStack,
+        lambda: torch.randint(0, 50, (3, 5)),
+        ["attn", "mlp", "embed", "head"],
+    ),
+    "conv": (TinyConv, lambda: torch.randn(2, 3, 6, 6), ["conv0", "conv1", "lin0"]),
+}
+
+
+@pytest.mark.parametrize(("name", "method"), [("blocks", "export"), ("conv", "fx")])
+def test_merged_matches_torch_with_the_base_export_ops(name, method, tmp_path):
+    model_cls, make_input, targets = CUSTOM[name]
+    x = make_input()
+    gm = lora_fx.capture(model_cls().eval(), (x,), method=method)
+    base_out = _torch(gm, x)
+    base = export_onnx(gm, (x,), tmp_path / "base.onnx")
+    _inject(gm, targets)
+    assert_differs(_torch(gm, x), base_out)
+    snapshot = _snapshot(gm)
+
+    merged = export_onnx(gm, (x,), tmp_path / "merged.onnx")
+
+    assert merged.layout == "merged" and merged.lora_tensors == {}
+    assert not [n for n in _initializers(merged.path) if ".lora_" in n]
+    assert merged.op_counts == base.op_counts == dict(_file_ops(merged.path))
+    assert_close(_ort(merged.path, {merged.inputs[0]: x.numpy()}), _torch(gm, x))
+    _assert_untouched(gm, snapshot)
+
+
+def test_llama_merged_matches_torch_with_the_base_export_ops(tmp_path):
+    ids = torch.randint(0, 256, (2, 8))
+    gm = lora_fx.capture(tiny_llama().eval(), (ids,), HF_KW)
+    base = export_onnx(gm, (ids,), tmp_path / "base.onnx")
+    _inject(gm, "all-linear")
+    merged = export_onnx(gm, (ids,), tmp_path / "merged.onnx")
+    assert merged.op_counts == base.op_counts
+    assert merged.outputs == ("logits",)
+    assert_close(_ort(merged.path, {"input_ids": ids.numpy()}), _torch(gm, ids))
+
+
+def test_dynamic_shapes_are_inherited_from_the_capture(tmp_path):
+    ids = torch.randint(0, 50, (3, 5))
+    shapes = ({0: Dim("batch"), 1: Dim("seq", max=64)},)
+    gm = lora_fx.capture(TinyBlockStack().eval(), (ids,), dynamic_shapes=shapes)
+    _inject(gm, ["attn", "mlp", "embed"], "a", r=4)
+    _inject(gm, ["attn", "head"], "b", r=2)
+    lora_fx.set_adapter(gm, ["a", "b"])  # merged export folds the active adapters
+    merged = export_onnx(gm, (ids,), tmp_path / "merged.onnx")
+    stacked = export_onnx(
+        gm, (ids,), tmp_path / "stacked.onnx", merged=False, lora_layout="stacked"
+    )
+
+    graph = onnx.load(str(merged.path), load_external_data=False).graph
+    dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "ids_dim1"]  # rule 2 of _shapes.py
+    for shape in [(3, 5), (1, 9), (6, 2)]:
+        other = torch.randint(0, 50, shape)
+        assert_close(_ort(merged.path, {"ids": other.numpy()}), _torch(gm, other))
+        _assert_rows(gm, stacked, other)
+
+
+def test_gpt2_merged_unties_the_lm_head_from_the_embedding(tmp_path):
+    ids = torch.randint(0, 256, (2, 8))
+    gm = lora_fx.capture(tiny_gpt2().eval(), (ids,), HF_KW)
+    _inject(gm, ["c_attn", "lm_head"])
+    merged = export_onnx(gm, (ids,), tmp_path / "gpt2.onnx")
+    # The embedding keeps the base weight under its own name; lm_head reads a merged copy.
+    model = onnx.load(str(merged.path))
+    wte = next(t for t in model.graph.initializer if t.name == "transformer.wte.weight")
+    base = gm.get_parameter("transformer.wte.weight").detach().numpy()
+    assert np.array_equal(onnx.numpy_helper.to_array(wte), base)
+    assert_close(_ort(merged.path, {"input_ids": ids.numpy()}), _torch(gm, ids))
+
+
+def test_float16_model_exports_in_float16(tmp_path):
+    ids = torch.randint(0, 50, (3, 5))
+    gm = lora_fx.capture(TinyBlockStack().half().eval(), (ids,))
+    _inject(
+        gm, ["attn", "mlp", "embed"]
+    )  # float32 adapter on float16 sites (autocast_adapter_dtype)
+    expected = _torch(gm, ids)
+    merged = export_onnx(gm, (ids,), tmp_path / "merged.onnx")
+    multi = export_onnx(gm, (ids,), tmp_path / "multi.onnx", merged=False, lora_layout="inputs")
+    written = write_ort_adapter(gm, tmp_path / "a.onnx_adapter", model=multi.path)
+    assert written
+    outputs = [
+        _ort(merged.path, {"ids": ids.numpy()}),
+        _ort(multi.path, {"ids": ids.numpy()}, ort_run_options(tmp_path / "a.onnx_adapter")),
+    ]
+    for got in outputs:
+        assert got.dtype == torch.float16
+        # float16 end to end: onnxruntime and torch round each op differently (~1e-3 relative).
+        assert_close(got.float(), expected.float(), dtype=torch.bfloat16)
+
+
+# ---- unmerged: named initializers --------------------------------------------------------------
+
+
+def test_unmerged_keeps_branches_with_peft_named_initializers(tmp_path):
+    ids = torch.randint(0, 50, (3, 5))
+    gm = lora_fx.capture(TinyBlockStack().eval(), (ids,))
+    _inject(gm, ["attn", "embed"], "a", r=4)
+    _inject(gm, ["attn", "head"], "b", r=2)
+    lora_fx.set_adapter(gm, ["a", "b"])
+
+    out = export_onnx(gm, (ids,), tmp_path / "unmerged.onnx", merged=False)  # optimizer on
+
+    state = gm.meta["lora_fx"]
+    expected = {}
+    for name in ("a", "b"):
+        for site, rec in state.adapters[name].sites.items():
+            paths = lora_paths(rec.kind, site, name)
+            expected |= {paths.a: paths.a_key, paths.b: paths.b_key}
+    assert out.lora_tensors == expected
+    assert set(expected) <= _initializers(out.path)
+    assert (
+        expected["layers.0.attn.lora_A.a.weight"] == "base_model.model.layers.0.attn.lora_A.weight"
+    )
+    graph = onnx.load(str(out.path), load_external_data=False).graph
+    read = {name for node in graph.node for name in node.input}
+    assert set(expected) <= read  # the branches are in the graph and read every A and B
+    assert_close(_ort(out.path, {"ids": ids.numpy()}), _torch(gm, ids))
+
+
+def test_bert_unmerged_with_dynamic_shapes_matches_torch(tmp_path):
+    ids = torch.randint(0, 256, (2, 7))
+    shapes = {"input_ids": {0: Dim("batch"), 1: Dim("seq", max=64)}}
+    gm = lora_fx.capture(tiny_bert().eval(), (ids,), dynamic_shapes=shapes)
+    _inject(gm, ["query", "value"])
+    out = export_onnx(gm, (ids,), tmp_path / "bert.onnx", merged=False)
+    assert out.outputs == ("logits",)
+    assert "bert.encoder.layer.0.attention.self.query.lora_A.default.weight" in out.lora_tensors
+    for shape in [(2, 7), (5, 3)]:
+        other = torch.randint(0, 256, shape)
+        assert_close(_ort(out.path, {"input_ids": other.numpy()}), _torch(gm, other))
+
+
+# ---- unmerged: ONNX Runtime multi-LoRA ---------------------------------------------------------
+
+
+@pytest.fixture
+def peft_llama_adapter(tmp_path):
+    """A PEFT adapter folder (r=8) for tiny_llama, on other sites than the lora_fx one."""
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    cfg = PeftConfig(
+        r=8, lora_alpha=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False
+    )
+    get_peft_model(tiny_llama(), cfg).save_pretrained(tmp_path / "peft_b")
+    return tmp_path / "peft_b"
+
+
+def test_one_ort_session_serves_two_adapters_of_different_ranks(tmp_path, peft_llama_adapter):
+    ids = torch.randint(0, 256, (2, 8))
+    gm = lora_fx.capture(tiny_llama().eval(), (ids,), HF_KW)
+    _inject(gm, ["q_proj", "v_proj"], "a", r=4)
+    lora_fx.load_adapter(gm, peft_llama_adapter, "b")
+    gm.eval()
+    expected = {}
+    for name in ("a", "b"):
+        lora_fx.set_adapter(gm, name)
+        expected[name] = _torch(gm, ids)
+    with lora_fx.disable_adapters(gm):
+        expected[None] = _torch(gm, ids)
+    assert_differs(expected["a"], expected["b"])
+
+    model = export_onnx(gm, (ids,), tmp_path / "multi.onnx", merged=False, lora_layout="inputs")
+    write_ort_adapter(gm, tmp_path / "a.onnx_adapter", "a", model=model.path)
+    written = write_ort_adapter(peft_llama_adapter, tmp_path / "b.onnx_adapter", model=model.path)
+
+    q_a = "model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert written[q_a] == (8, 64)  # straight from the PEFT folder
+    graph = onnx.load(str(model.path), load_external_data=False).graph
+    inputs = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in graph.input
+    }
+    assert inputs[q_a] == ["model.layers.0.self_attn.q_proj.r", 64]
+    assert model.inputs == ("input_ids",)  # LoRA inputs have defaults; callers feed ids only
+    from_folder = ort_adapter_tensors(peft_llama_adapter)
+    from_graph = ort_adapter_tensors(gm, "b")
+    assert from_folder.keys() == from_graph.keys()
+    for key, tensor in from_folder.items():
+        assert_close(tensor, from_graph[key])
+
+    session = ort_session(model.path, device="cpu")
+    feed = {"input_ids": ids.numpy()}
+    for name in ("a", "b", None, "a"):  # switch back and forth, no reload
+        options = ort_run_options(tmp_path / f"{name}.onnx_adapter") if name else None
+        assert_close(torch.from_numpy(session.run(None, feed, options)[0]), expected[name])
+    # IOBinding ignores active adapters: bind the tensors as inputs instead.
+    binding = session.io_binding()
+    binding.bind_cpu_input("input_ids", ids.numpy())
+    assert bind_adapter(binding, tmp_path / "b.onnx_adapter") == len(written)
+    binding.bind_output("logits")
+    session.run_with_iobinding(binding)
+    assert_close(torch.from_numpy(binding.copy_outputs_to_cpu()[0]), expected["b"])
+    # Zero-rank tensors (what onnxruntime-genai feeds for inactive adapters) give the base model.
+    zeros = {}
+    for value in session.get_inputs()[1:]:
+        shape = [0 if isinstance(d, str) else d for d in value.shape]
+        zeros[value.name] = np.zeros(shape, dtype=np.float32)
+    assert_close(torch.from_numpy(session.run(None, feed | zeros)[0]), expected[None])
+
+
+# ---- unmerged: stacked adapters, one per batch row ---------------------------------------------
+
+
+def _assert_rows(gm, export, batch):
+    """Each row of one stacked run equals the torch graph run with that row's adapter alone."""
+    rows = (["a", "b", None, "b", "a", None] * 2)[: batch.shape[0]]
+    index = export.adapter_index(rows)
+    if len(index) > 2:
+        index[2] = len(export.adapters)  # slot n is the base model too, as is -1
+    got = _ort(export.path, {export.inputs[0]: batch.numpy(), "adapter_index": index})
+    expected = {}
+    for name in ("a", "b"):
+        lora_fx.set_adapter(gm, name)
+        expected[name] = _torch(gm, batch)
+    with lora_fx.disable_adapters(gm):
+        expected[None] = _torch(gm, batch)
+    lora_fx.set_adapter(gm, ["a", "b"])
+    for row, name in enumerate(rows):
+        assert_close(got[row], expected[name][row])
+
+
+@pytest.mark.parametrize("name", ["conv", "gpt2"])
+def test_stacked_rows_each_match_their_adapter(name, tmp_path):
+    if name == "conv":
+        x = torch.randn(3, 3, 6, 6)
+        gm = lora_fx.capture(TinyConv().eval(), (x,))
+        targets = ["conv0", "conv1", "lin0"]
+    else:  # Conv1D sites flatten the batch: addmm on [batch * seq, in]
+        x = torch.randint(0, 256, (3, 6))
+        gm = lora_fx.capture(tiny_gpt2().eval(), (x,), HF_KW)
+        targets = ["c_attn", "c_fc", "wte"]
+    _inject(gm, targets, "a", r=4)
+    _inject(gm, targets[:2], "b", r=2, alpha=3)
+
+    out = export_onnx(gm, (x,), tmp_path / "stacked.onnx", merged=False, lora_layout="stacked")
+
+    assert out.adapters == ("a", "b") and out.inputs == (out.inputs[0], "adapter_index")
+    assert out.adapter_index(["b", None]).tolist() == [1, BASE_INDEX]
+    assert all(key.startswith("base_model.model.") for key in out.lora_tensors.values())
+    assert all(
+        ".lora_A.stacked" in n or ".lora_B.stacked" in n or "embedding" in n
+        for n in out.lora_tensors
+    )
+    _assert_rows(gm, out, x)
+
+
+# ---- external data, providers, names -----------------------------------------------------------
+
+
+@pytest.fixture
+def mlp(tmp_path):
+    x = torch.randn(3, 10)
+    gm = _inject(lora_fx.capture(TinyMLP().eval(), (x,)), ["lin0", "lin1"])
+    return gm, x
+
+
+def test_external_data_file_is_written_and_loads(mlp, tmp_path):
+    gm, x = mlp
+    out = export_onnx(gm, (x,), tmp_path / "mlp.onnx", external_data=True)
+    assert out.data_path == tmp_path / "mlp.onnx.data" and out.data_path.stat().st_size > 0
+    assert_close(_ort(out.path, {"x": x.numpy()}), _torch(gm, x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "mlp.onnx.data"]
+    # An adapter for another model is refused before anything is written.
+    with pytest.raises(AdapterError, match=r"not inputs of the model.*lora_layout='inputs'"):
+        write_ort_adapter(gm, tmp_path / "x.onnx_adapter", model=out.path)
+    assert not (tmp_path / "x.onnx_adapter").exists()
+
+
+def test_external_data_switches_on_above_the_threshold(mlp, tmp_path, monkeypatch):
+    gm, x = mlp
+    monkeypatch.setattr("lora_fx.exporters.onnx.EXTERNAL_DATA_BYTES", 100)
+    out = export_onnx(gm, (x,), tmp_path / "big.onnx", merged=False)
+    assert out.data_path is not None
+    assert_close(_ort(out.path, {"x": x.numpy()}), _torch(gm, x))
+
+
+def test_providers_prefer_gpus_and_fall_back_to_cpu(monkeypatch, caplog):
+    # onnxruntime-gpu is not installed here (no GPU): this checks the ordering logic only.
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert ort_providers() == ["CPUExecutionProvider"]
+    assert ort_providers("cuda") == ["CPUExecutionProvider"]
+    assert "onnxruntime-gpu" in caplog.text
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: gpu)
+    assert ort_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert ort_providers(tensorrt=True) == gpu
+    assert ort_providers("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="device='tpu' is invalid"):
+        ort_providers("tpu")
+
+
+def test_names_are_peft_keys_without_prefix():
+    names = input_names("linear", "model.layers.0.q_proj")
+    assert (names.a, names.b) == (
+        "model.layers.0.q_proj.lora_A.weight",
+        "model.layers.0.q_proj.lora_B.weight",
+    )
+    assert names.a_key == "base_model.model." + names.a
+    emb = input_names("embedding", "embed")
+    assert (emb.a, emb.b) == ("embed.lora_embedding_A", "embed.lora_embedding_B")
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+
+def test_cli_exports_the_embedded_default_with_adapters(tmp_path, peft_llama_adapter, capsys):
+    out = tmp_path / "cli.onnx"
+    code = main(
+        [
+            "export-onnx",
+            "--out",
+            str(out),
+            "--adapter",
+            f"b={peft_llama_adapter}",
+            "--layout",
+            "inputs",
+        ]
+    )
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert out.is_file() and (tmp_path / "cli.b.onnx_adapter").is_file()
+    assert "embedded tiny Llama" in text and "ORT adapter" in text
+    diff = float(text.split("max |diff| ")[1].split()[0])
+    assert diff < 1e-4
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    args = ["export-onnx", "--out", str(tmp_path / "m.onnx"), "--model", str(tmp_path / "nope")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a transformers model folder" in err
+    assert main([*args, "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "export-onnx" in capsys.readouterr().out
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lora_fx_test::wiggle", mutates_args=())
+def _wiggle(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_wiggle.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _Wiggle(nn.Module):
+    def forward(self, x):
+        return torch.ops.lora_fx_test.wiggle(x)
+
+
+class _WithCustomOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.act = _Wiggle()
+
+    def forward(self, x):
+        return self.act(self.lin(x))
+
+
+def test_unsupported_op_is_named_with_where_it_is(tmp_path):
+    x = torch.randn(2, 4)
+    gm = _inject(lora_fx.capture(_WithCustomOp(), (x,)), ["lin"])
+    with pytest.raises(OnnxExportError, match=r"op lora_fx_test\.wiggle\.default .*at 'act'"):
+        export_onnx(gm, (x,), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_leaves_no_file(mlp, tmp_path, monkeypatch):
+    gm, x = mlp
+    real_save = _onnx_ir.ir.save
+
+    def full_disk(model, path, **kwargs):
+        real_save(model, path, **kwargs)  # a complete temp file...
+        raise OSError(28, "No space left on device")  # ...then the disk fills up
+
+    monkeypatch.setattr(_onnx_ir.ir, "save", full_disk)
+    with pytest.raises(OnnxExportError, match="No space left on device; nothing was written"):
+        export_onnx(gm, (x,), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_paths_are_refused_before_exporting(mlp, tmp_path):
+    gm, x = mlp
+    with pytest.raises(OnnxExportError, match=r"folder .*missing' does not exist"):
+        export_onnx(gm, (x,), tmp_path / "missing" / "m.onnx")
+    with pytest.raises(OnnxExportError, match="it is a folder"):
+        export_onnx(gm, (x,), tmp_path)
+
+
+def test_static_capture_cannot_export_dynamic_shapes(mlp, tmp_path):
+    gm, x = mlp
+    with pytest.raises(OnnxExportError, match=r"captured with static shapes.*dynamic_shapes="):
+        export_onnx(gm, (x,), tmp_path / "m.onnx", dynamic_shapes={"x": {0: Dim("batch")}})
+
+
+def test_bad_arguments_and_adapters(mlp, tmp_path):
+    gm, x = mlp
+    path = tmp_path / "m.onnx"
+    with pytest.raises(ValueError, match="pass merged=False with it"):
+        export_onnx(gm, (x,), path, lora_layout="inputs")
+    with pytest.raises(ValueError, match="lora_layout='rows' is invalid"):
+        export_onnx(gm, (x,), path, merged=False, lora_layout="rows")
+    with pytest.raises(
+        AdapterError,
+        match=r"unknown adapter\(s\) \['nope'\]; adapters on this graph: \['default'\]",
+    ):
+        export_onnx(gm, (x,), path, adapter_names=["nope"])
+    plain = lora_fx.capture(TinyMLP(), (x,))
+    with pytest.raises(AdapterError, match="needs an adapter"):
+        export_onnx(plain, (x,), path, merged=False, lora_layout="stacked")
+    saved = copy.deepcopy(TinyMLP())
+    with_copy = lora_fx.capture(saved, (x,))
+    lora_fx.inject(with_copy, LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"]))
+    with pytest.raises(AdapterError, match="modules_to_save"):
+        export_onnx(with_copy, (x,), path, merged=False, lora_layout="inputs")
+    dora = lora_fx.capture(TinyMLP(), (x,))
+    lora_fx.inject(dora, LoraConfig(target_modules=["lin0"], use_dora=True))
+    with pytest.raises(UnsupportedSiteError, match="'default' has DoRA at 'lin0'"):
+        export_onnx(dora, (x,), path)
+    assert not path.exists()
