@@ -1,7 +1,7 @@
 """lora_fx: LoRA as compiler passes over torch.fx graphs.
 
 model --capture--> GraphModule --inject--> + LoRA branches --(train)--> save_adapter
-                                                 |--merge / unmerge--> weights folded in / out
+          (--quantize--> 4-bit base: QLoRA)      |--merge / unmerge--> weights folded in / out
                                                  `--unload / merge_and_unload--> plain graph
 """
 

@@ -40,6 +40,7 @@ from lora_fx.errors import AdapterError
 from lora_fx.passes.hotswap import hotswap_adapter
 from lora_fx.passes.inject import inject, site_record
 from lora_fx.passes.merge import require_state
+from lora_fx.passes.replicate import REPLICATION_META, tentative_replication
 from lora_fx.sites import all_sites, find_sites, match_modules_to_save
 
 __all__ = ["load_adapter", "save_adapter"]
@@ -93,6 +94,9 @@ def save_adapter(
     if record.config.is_all_linear:
         config["target_modules"] = sorted(record.sites)  # PEFT writes the resolved names
     config.update(_rank_fields(record.config, record.sites))
+    if not config.get("layer_replication") and REPLICATION_META in gm.meta:
+        # Replicated by replicate_layers alone: PEFT needs the ranges to rebuild the same stack.
+        config["layer_replication"] = gm.meta[REPLICATION_META]["layer_replication"]
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(
@@ -140,31 +144,36 @@ def load_adapter(
         return hotswap_adapter(gm, folder, adapter_name)
     cfg, tensors = read_adapter_folder(folder)
     state = state_or_none(gm)
-    if state is not None and adapter_name in state.adapters:
-        record = state.adapters[adapter_name]
-        if record.merged:
-            raise AdapterError(
-                f"adapter {adapter_name!r} is merged; unmerge it before loading weights into it"
+    existing = state is not None and adapter_name in state.adapters
+    # A new adapter's sites are named on the replicated graph; undone if planning or inject fails.
+    with tentative_replication(gm, None if existing else cfg.layer_replication):
+        if state is not None and adapter_name in state.adapters:
+            record = state.adapters[adapter_name]
+            if record.merged:
+                raise AdapterError(
+                    f"adapter {adapter_name!r} is merged; unmerge it before loading weights into it"
+                )
+            sites_by_name = all_sites(gm)
+            sites = [sites_by_name[fqn] for fqn in record.sites]
+            records, saved_modules = record.sites, record.modules_to_save
+        else:
+            sites = find_sites(gm, cfg)
+            records = {site.fqn: site_record(cfg, site) for site in sites}
+            saved_modules = (
+                match_modules_to_save(gm, cfg.modules_to_save) if cfg.modules_to_save else []
             )
-        sites_by_name = all_sites(gm)
-        sites = [sites_by_name[fqn] for fqn in record.sites]
-        records, saved_modules = record.sites, record.modules_to_save
-    else:
-        sites = find_sites(gm, cfg)
-        records = {site.fqn: site_record(cfg, site) for site in sites}
-        saved_modules = (
-            match_modules_to_save(gm, cfg.modules_to_save) if cfg.modules_to_save else []
-        )
-    expected = adapter_keys(gm, adapter_name, sites, records, saved_modules)
-    base = base_keys(gm, sites)
-    check_tensors(tensors, expected, base, folder)
+        expected = adapter_keys(gm, adapter_name, sites, records, saved_modules)
+        base = base_keys(gm, sites)
+        check_tensors(tensors, expected, base, folder)
 
-    # apply
-    if state is None or adapter_name not in state.adapters:
-        # The file holds the adapter's weights: an init that rewrites the base (PiSSA, OLoRA,
-        # LoftQ) must not run again on what is already its residual; the config is kept as read.
-        inject(gm, dataclasses.replace(cfg, init_lora_weights=True, loftq_config={}), adapter_name)
-        state_or_none(gm).adapters[adapter_name].config = cfg
+        # apply
+        if state is None or adapter_name not in state.adapters:
+            # The file holds the adapter's weights: an init that rewrites the base (PiSSA, OLoRA,
+            # LoftQ) must not run again on what is already its residual; the config is kept as read.
+            inject(
+                gm, dataclasses.replace(cfg, init_lora_weights=True, loftq_config={}), adapter_name
+            )
+            state_or_none(gm).adapters[adapter_name].config = cfg
     with torch.no_grad():
         for key, tensor in tensors.items():
             target = expected[key][0] if key in expected else base[key]

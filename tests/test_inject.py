@@ -132,12 +132,6 @@ def test_second_adapter_is_added_inactive_and_frozen_as_peft():
             UnsupportedSiteError,
             r"'orthogonal' needs an even rank; site 'lin0' has r=3",
         ),
-        (
-            LoraConfig(target_modules=["lin0"], layer_replication=[[0, 1]]),
-            "x",
-            ConfigError,
-            r"layer_replication=\[\[0, 1\]\]: layer replication",
-        ),
     ],
 )
 def test_bad_requests_leave_graph_unchanged(cfg, name, err, match):

@@ -454,6 +454,16 @@ def test_a_rejected_inject_leaves_the_graph_unreplicated():
         )
 
 
+def test_inits_that_rewrite_base_weights_are_refused():
+    # PiSSA / OLoRA / LoftQ write a residual into the base weight, which the copies share
+    gm = graph()
+    code = gm.code
+    cfg = dataclasses.replace(fx_lora(LAYOUTS["grow"][0]), init_lora_weights="pissa")
+    with pytest.raises(lora_fx.ConfigError, match=r"init_lora_weights='pissa' rewrites base"):
+        lora_fx.inject(gm, cfg)
+    assert gm.code == code
+
+
 def test_inject_after_replicate_layers_does_not_replicate_twice():
     gm = replicate_layers(graph(), LAYOUTS["grow"][0])
     lora_fx.inject(gm, fx_lora(LAYOUTS["grow"][0]))

@@ -19,6 +19,8 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.fx
 from torch import nn
@@ -31,6 +33,7 @@ from lora_fx.sites import Site
 __all__ = ["add_magnitude", "dora_output"]
 
 _aten = torch.ops.aten
+Emit = Callable[..., torch.fx.Node]  # `_branch._Emitter`: (role, op, target, args) -> tagged node
 
 
 def add_magnitude(
@@ -53,7 +56,7 @@ def add_magnitude(
 
 
 def dora_output(
-    emit,
+    emit: Emit,
     site: Site,
     paths: LoraPaths,
     record: SiteRecord,
@@ -86,7 +89,7 @@ def dora_output(
 
 
 def _base_term(
-    emit,
+    emit: Emit,
     site: Site,
     record: SiteRecord,
     base: torch.fx.Node,

@@ -41,9 +41,10 @@ from lora_fx._meta import AdapterRecord, SiteRecord, get_state, state_or_none
 from lora_fx.capture import as_graph_module
 from lora_fx.config import LoraConfig
 from lora_fx.errors import AdapterError, ConfigError
-from lora_fx.inits import init_from_base
+from lora_fx.inits import changes_base, init_from_base
 from lora_fx.passes._active import apply_active
 from lora_fx.passes._dora import add_magnitude
+from lora_fx.passes.replicate import tentative_replication
 from lora_fx.sites import Site, find_sites, match_modules_to_save
 
 __all__ = ["inject", "site_record"]
@@ -53,7 +54,6 @@ log = logging.getLogger(__name__)
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _UPCAST = (torch.float16, torch.bfloat16)  # adapter dtypes autocast_adapter_dtype makes float32
 _NOT_YET = {
-    "layer_replication": "layer replication (issue 6)",
 }
 
 
@@ -93,10 +93,13 @@ def inject(
         raise TypeError(f"cfg must be a lora_fx.LoraConfig, got {type(cfg).__name__}")
     gm = as_graph_module(gm)
     _check_request(gm, cfg, adapter_name)
-    sites = find_sites(gm, cfg)
-    saved_modules = match_modules_to_save(gm, cfg.modules_to_save) if cfg.modules_to_save else []
-    _warn_fan_in_fan_out(cfg, sites)
-    records = {site.fqn: site_record(cfg, site) for site in sites}
+    with tentative_replication(gm, cfg.layer_replication):  # sites get the new layer indices
+        sites = find_sites(gm, cfg)
+        saved_modules = (
+            match_modules_to_save(gm, cfg.modules_to_save) if cfg.modules_to_save else []
+        )
+        _warn_fan_in_fan_out(cfg, sites)
+        records = {site.fqn: site_record(cfg, site) for site in sites}
 
     # apply
     state = get_state(gm)
@@ -153,6 +156,11 @@ def _check_request(gm: torch.fx.GraphModule, cfg: LoraConfig, adapter_name: str)
     for name, feature in _NOT_YET.items():
         if getattr(cfg, name):
             raise ConfigError(f"{name}={getattr(cfg, name)!r}: {feature} is not supported yet")
+    if cfg.layer_replication and changes_base(cfg.init_lora_weights):
+        raise ConfigError(
+            f"init_lora_weights={cfg.init_lora_weights!r} rewrites base weights, which "
+            "layer_replication shares between copies; use True or 'gaussian' with it"
+        )
 
 
 def site_record(cfg: LoraConfig, site: Site) -> SiteRecord:

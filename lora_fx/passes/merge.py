@@ -244,8 +244,11 @@ def _untie_if_shared(
             with gm.graph.inserting_before(node):
                 getter = gm.graph.get_attr(path)
             node.replace_input_with(reader, getter)
+    # Later sites must not count this site's nodes as readers of the old weight any more.
+    readers[id(weight)] = [n for n in readers[id(weight)] if n not in own_nodes]
+    users = [n.target if n.op in ("get_attr", "call_module") else n.name for n in others]
     warnings.warn(
-        f"site {site.fqn!r} shares its weight with {[n.name for n in others]}; merging gives it a "
+        f"site {site.fqn!r} shares its weight with {users}; merging gives it a "
         f"private copy ({private.numel() * private.element_size():,d} bytes) so the other users "
         "keep the base weight",
         stacklevel=3,

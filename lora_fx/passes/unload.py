@@ -91,7 +91,8 @@ def merge_and_unload(
         The same GraphModule: a plain graph with zero LoRA overhead.
 
     Raises:
-        MergeError: A step failed; the message names the step ('merge' or 'unload').
+        MergeError: A step failed; the message names the step ('dequantize', 'merge' or
+            'unload').
 
     Example:
         >>> gm = lora_fx.merge_and_unload(gm)
