@@ -2,9 +2,11 @@
 
     python benchmarks/bench_onnx.py               # full run (a few minutes on 2 CPU cores)
     python benchmarks/bench_onnx.py --quick       # smoke mode: 2 layers, few rounds
+    python benchmarks/bench_onnx.py --threads 2   # intra-op threads for torch and onnxruntime
     python benchmarks/bench_onnx.py --out x.json  # JSON path (default results/bench_onnx.json)
 
-Variants (one LlamaForCausalLM from config, all-linear r=8, lora_alpha=16, random nonzero B):
+Variants (one LlamaForCausalLM from config, hidden 256 unless `--hidden`, all-linear r=8,
+lora_alpha=16, random nonzero B):
 1. base:       `export_onnx` of the captured graph before inject (the reference, ratio 1.00)
 2. merged:     `export_onnx(gm)`: the adapter folded in; target ratio 1.00 (same ops as base)
 3. unmerged:   `export_onnx(gm, merged=False)`: LoRA branches as initializers; target: no more than
@@ -15,8 +17,9 @@ Variants (one LlamaForCausalLM from config, all-linear r=8, lora_alpha=16, rando
 
 Method:
 1. Every ONNX file goes through the same exporter and optimizer; sessions use the CPU provider with
-   onnxruntime's default graph optimizations, as many intra-op threads as torch uses, and no
-   spinning of idle threads (which would slow whatever runs next).
+   onnxruntime's default graph optimizations, the same intra-op threads as torch (default 1: on a
+   shared machine, spinning thread pools make multi-threaded figures noise), and no spinning of
+   idle threads (which would slow whatever runs next).
 2. Outputs are checked first: each variant against the torch graph it came from, and the adapter
    against the base (it must change the output, or the comparison is vacuous).
 3. Variants run in interleaved rounds, in a shuffled order per round, one call each, GC off; a
@@ -48,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import lora_fx
 from lora_fx.exporters import export_onnx, ort_run_options, write_ort_adapter
 
-HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 256, 512, 4, 2, 1024
+HEADS, KV_HEADS, VOCAB = 4, 2, 1024
 BATCH, SEQ = 4, 64
 RANK, ALPHA = 8, 16
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_onnx.json"
@@ -56,14 +59,14 @@ _ORT = ("base", "merged", "unmerged", "inputs", "stacked")
 _TORCH = ("torch_base", "torch_unmerged")
 
 
-def llama(layers: int, seed: int = 0) -> nn.Module:
+def llama(layers: int, hidden: int, seed: int = 0) -> nn.Module:
     """A LlamaForCausalLM from config with random weights, in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS,
@@ -84,6 +87,10 @@ def adapter(gm: torch.fx.GraphModule, name: str, seed: int) -> None:
         for pname, param in gm.named_parameters():
             if f".lora_B.{name}." in pname:
                 param.mul_(0.05)
+
+
+def progress(text: str) -> None:
+    print(f"[bench_onnx] {text}", file=sys.stderr, flush=True)
 
 
 def session(path: Path, threads: int):
@@ -141,9 +148,11 @@ def extra_flops(gm: torch.fx.GraphModule, base: nn.Module) -> dict[str, float]:
     }
 
 
-def build(layers: int, folder: Path) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
+def build(
+    layers: int, hidden: int, folder: Path
+) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
     """Export every variant; returns the run functions and the export/check figures."""
-    base_model = llama(layers)
+    base_model = llama(layers, hidden)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     gm_base = lora_fx.capture(base_model, (ids,), {"use_cache": False}).eval()
     gm = lora_fx.capture(base_model, (ids,), {"use_cache": False})  # shares the weights
@@ -171,6 +180,7 @@ def build(layers: int, folder: Path) -> tuple[dict[str, Callable[[], Any]], dict
     info["merged_op_counts_equal_base"] = files["merged"].op_counts == files["base"].op_counts
     write_ort_adapter(gm, folder / "a.onnx_adapter", "a", model=files["inputs"].path)
     threads = torch.get_num_threads()
+    progress(f"exported {len(files)} files in {sum(info['export_s'].values()):.0f} s")
     sessions = {name: session(f.path, threads) for name, f in files.items()}
     feed = {"input_ids": ids.numpy()}
     stacked_feed = {**feed, "adapter_index": files["stacked"].adapter_index(["a"] * BATCH)}
@@ -207,6 +217,7 @@ def bench(runs: dict[str, Callable[[], Any]], *, budget_s: float, min_rounds: in
                 fn()
         round_s, _ = timed(lambda: [fn() for fn in runs.values()])
         rounds = max(min_rounds, min(500, int(budget_s / round_s)))
+        progress(f"timing {rounds} rounds of {round_s:.2f} s")
         samples: dict[str, list[float]] = {name: [] for name in names}
         gc.collect()
         gc.disable()
@@ -259,7 +270,8 @@ def report(result: dict[str, Any]) -> str:
     out = [
         f"bench_onnx: onnxruntime {meta['onnxruntime']} (CPU) | torch {meta['torch']} | "
         f"{row['threads']} thread(s) | {meta['machine']}",
-        f"LlamaForCausalLM {row['layers']} layers, hidden {HIDDEN}, intermediate {INTERMEDIATE}, "
+        f"LlamaForCausalLM {row['layers']} layers, hidden {row['hidden']}, "
+        f"intermediate {2 * row['hidden']}, "
         f"vocab {VOCAB} | all-linear r={RANK} alpha={ALPHA} | input {BATCH}x{SEQ} | "
         f"{row['timing']['rounds']} rounds",
         "",
@@ -292,16 +304,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 layers, few rounds")
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size (intermediate: 2x)")
     parser.add_argument("--seconds", type=float, default=60.0, help="timing budget")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     layers, budget, min_rounds = (2, 3.0, 5) if args.quick else (args.layers, args.seconds, 30)
+    torch.set_num_threads(args.threads)
 
     import onnxruntime
 
     with tempfile.TemporaryDirectory() as folder:
-        runs, info = build(layers, Path(folder))
-        info["layers"] = layers
+        runs, info = build(layers, args.hidden, Path(folder))
+        info["layers"], info["hidden"] = layers, args.hidden
         info["timing"] = bench(runs, budget_s=budget, min_rounds=min_rounds)
     result = {
         "meta": {

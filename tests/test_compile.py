@@ -7,6 +7,8 @@ seconds, and the same random stream as eager, so dropout masks match); one case 
 from __future__ import annotations
 
 import copy
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +162,13 @@ def test_inductor_train_step_matches_eager():
     for name, grad in grads.items():
         torch.testing.assert_close(grad, eager[name], **tol)
     assert not torch._dynamo.utils.counters["graph_break"]
+
+
+def test_example_04_learns_saves_and_merges(tmp_path):
+    script = Path(__file__).parents[1] / "examples" / "04_train_llama.py"
+    main = runpy.run_path(str(script))["main"]
+    figures = main(["--steps", "60", "--backend", "aot_eager", "--out", str(tmp_path)])
+    assert figures["loss_first"] > 5.0 > 1.0 > figures["loss_last"]
+    assert figures["accuracy"] > 0.9
+    assert figures["merged_max_abs_diff"] < 1e-4
+    assert (tmp_path / "adapter_model.safetensors").is_file()
