@@ -13,6 +13,7 @@ parameters, `zero_grad(set_to_none=True)`. Variants (same base weights, same ada
     fx eager ckpt     lora_fx.checkpoint_blocks(gm)
     fx compiled ckpt  torch.compile of the checkpointed graph
     peft eager gc     PEFT with transformers' gradient checkpointing (non-reentrant)
+    peft compiled gc  torch.compile of that
 
 Figures:
 1. Throughput: tokens/s from the median step time over interleaved rounds (one step of every
@@ -20,7 +21,10 @@ Figures:
    per-round ratios with their 25th-75th percentile range.
 2. Compile time: the first step's time minus the median step time (dynamo + AOTAutograd +
    inductor for forward and backward; the caches are cleared first).
-3. Peak memory: the most bytes torch's CPU allocator held during one step above what it held when
+3. Saved activations: bytes of the distinct tensors (parameters excluded) that the step saves for
+   backward, recorded with `torch.autograd.graph.saved_tensors_hooks` (a compiled graph saves its
+   activations through the same hooks; a checkpointed block saves only its inputs).
+4. Peak memory: the most bytes torch's CPU allocator held during one step above what it held when
    the step began (activations, gradients, temporaries; the optimizer state already exists), read
    from the profiler's allocation events (`profile_memory=True`). The allocator reports every
    tensor allocation, eager or inductor-generated; Python objects and allocator caching are not
@@ -66,6 +70,7 @@ VARIANTS = (
     "fx eager ckpt",
     "fx compiled ckpt",
     "peft eager gc",
+    "peft compiled gc",
 )
 # (label, numerator, denominator): throughput ratios reported.
 _RATIOS = (
@@ -154,7 +159,7 @@ def build(name: str, base: nn.Module, adapter_dir: str, ids: torch.Tensor) -> Va
 
 
 def warm_up_inductor() -> None:
-    """Compile a tiny forward/backward once, so no variant's compile time pays inductor's start-up."""
+    """Compile a tiny forward/backward once: no variant's compile time pays inductor's start-up."""
     lin = nn.Linear(8, 8)
     torch.compile(lambda x: torch.relu(lin(x)).sum())(torch.randn(4, 8)).backward()
     torch._dynamo.reset()
@@ -193,6 +198,22 @@ def peak_step_bytes(variant: Variant, ids: torch.Tensor) -> int:
         level += nbytes
         peak = max(peak, level)
     return peak
+
+
+def saved_bytes(variant: Variant, ids: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter storages one step saves for backward."""
+    params = {p.untyped_storage().data_ptr() for p in variant.module.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        variant.step(ids)
+    return sum(saved.values())
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -258,6 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             samples[name].append(seconds)
 
     memory = {name: peak_step_bytes(v, ids) for name, v in variants.items()}
+    saved = {name: saved_bytes(v, ids) for name, v in variants.items()}
     tokens = args.batch * args.seq
     rows = {}
     for name in names:
@@ -269,6 +291,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "compile_s": first_s[name] - median if "compiled" in name else None,
             "graph_breaks": breaks[name] if "compiled" in name else None,
             "peak_step_mb": memory[name] / 2**20,
+            "saved_activations_mb": saved[name] / 2**20,
             **variants[name].state(),
         }
     ratios = {}
@@ -303,10 +326,20 @@ def report(result: dict[str, Any]) -> str:
         f"transformers {meta['transformers']} | {meta['threads']} thread(s)",
         f"LlamaForCausalLM {cfg['layers']} layers, hidden {HIDDEN}, intermediate {INTERMEDIATE}, "
         f"heads {HEADS}/{KV_HEADS}, vocab {VOCAB} | all-linear r={RANK} alpha={ALPHA} "
-        f"dropout={cfg['lora_dropout']} | batch {cfg['batch']}x{cfg['seq']} | AdamW | {cfg['rounds']} rounds",
+        f"dropout={cfg['lora_dropout']} | batch {cfg['batch']}x{cfg['seq']} | AdamW | "
+        f"{cfg['rounds']} rounds",
         "",
         table(
-            ["variant", "step ms", "tokens/s", "compile s", "breaks", "peak MB", "opt state KB"],
+            [
+                "variant",
+                "step ms",
+                "tokens/s",
+                "compile s",
+                "breaks",
+                "saved MB",
+                "peak MB",
+                "opt state KB",
+            ],
             [
                 [
                     name,
@@ -314,6 +347,7 @@ def report(result: dict[str, Any]) -> str:
                     f"{r['tokens_per_s']:.0f}",
                     opt(r["compile_s"], ".1f"),
                     opt(r["graph_breaks"], "d"),
+                    f"{r['saved_activations_mb']:.1f}",
                     f"{r['peak_step_mb']:.1f}",
                     f"{r['optimizer_state_bytes'] / 1024:.0f}",
                 ]
