@@ -31,12 +31,12 @@ def run_export_onnx(args: argparse.Namespace) -> int:
     import torch
 
     import lora_fx
-    from lora_fx.exporters.onnx import export_onnx
+    from lora_fx.exporters.onnx import _check_target, export_onnx
 
     layout = args.layout or ("initializers" if args.unmerged else "merged")
     if args.unmerged and layout == "merged":
         raise ValueError("--unmerged contradicts --layout merged")
-    out = Path(args.out)
+    out = _check_target(args.out)  # before loading anything
     adapters = [_adapter_arg(text) for text in args.adapter]
     start = time.perf_counter()
 
