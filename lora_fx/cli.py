@@ -1,6 +1,9 @@
 """The `lora-fx` command line (also `python -m lora_fx`).
 
     lora-fx [--debug] [-v] <command> [options]
+    lora-fx merge --model MODEL_DIR --adapter ADAPTER_DIR --out OUT_DIR [--dtype ...] [--safe]
+    lora-fx inspect --model MODEL_DIR [--target-modules ...] [--r R] [--json]
+    lora-fx demo [--out DIR] [--steps N]
     lora-fx export-onnx --out model.onnx [--model DIR] [--adapter [NAME=]DIR] [--layout ...]
 
 Rules:
@@ -161,5 +164,68 @@ def _add_export_onnx(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     parser.set_defaults(run=_lazy("lora_fx.exporters.command", "run_export_onnx"))
 
 
+def _add_merge(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`lora-fx merge`: see `lora_fx/folder_commands.py`."""
+    parser = sub.add_parser(
+        "merge",
+        parents=[common],
+        help="merge a PEFT adapter into a transformers model folder",
+        description="Load a transformers model folder (offline), load a PEFT LoRA adapter, merge "
+        "it into the weights and save the merged model with save_pretrained (tokenizer files "
+        "copied). MODEL_DIR is never written; a non-empty OUT_DIR is refused unless --force.",
+        epilog="example:\n  lora-fx merge --model llama --adapter sql_adapter --out llama-sql "
+        "--dtype bfloat16",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, metavar="MODEL_DIR", help="model folder")
+    parser.add_argument("--adapter", required=True, metavar="ADAPTER_DIR", help="PEFT adapter")
+    parser.add_argument("--out", required=True, metavar="OUT_DIR", help="merged model folder")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="load dtype")
+    parser.add_argument("--safe", action="store_true", help="check merged weights are finite")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    parser.set_defaults(run=_lazy("lora_fx.folder_commands", "run_merge"))
+
+
+def _add_inspect(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`lora-fx inspect`: see `lora_fx/folder_commands.py`."""
+    parser = sub.add_parser(
+        "inspect",
+        parents=[common],
+        help="show the sites a LoRA config would adapt in a model folder",
+        description="List the sites (path, kind, shape, LoRA parameters) that a config would "
+        "adapt, with totals and PEFT's trainable figures.",
+    )
+    parser.add_argument("--model", required=True, metavar="MODEL_DIR", help="model folder")
+    parser.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=["all-linear"],
+        help="names (exact or dotted suffix), 'all-linear' (default), or one regex with --regex",
+    )
+    parser.add_argument("--regex", action="store_true", help="treat the one target as a regex")
+    parser.add_argument("--exclude-modules", nargs="+", help="names to skip")
+    parser.add_argument("--r", type=int, default=8, help="rank (default 8)")
+    parser.add_argument("--lora-alpha", type=float, help="alpha (default: r)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(run=_lazy("lora_fx.folder_commands", "run_inspect"))
+
+
+def _add_demo(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`lora-fx demo`: see `lora_fx/demo.py`."""
+    parser = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="the main job on an embedded tiny Llama: capture, inject, train, merge, export",
+        description="Capture a tiny Llama built from a config, inject LoRA, train a few steps, "
+        "merge, check, export to ONNX (when installed) and save the adapter; prints timings.",
+    )
+    parser.add_argument("--out", help="output folder (default: a temporary folder)")
+    parser.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
+    parser.add_argument("--no-export", action="store_true", help="skip the ONNX export")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or report")
+    parser.set_defaults(run=_lazy("lora_fx.demo", "run_command"))
+
+
 # One registrar per command, in `lora-fx --help` order.
-COMMANDS: tuple[_Registrar, ...] = (_add_export_onnx,)
+COMMANDS: tuple[_Registrar, ...] = (_add_merge, _add_inspect, _add_demo, _add_export_onnx)

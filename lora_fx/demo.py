@@ -19,12 +19,14 @@ import torch
 import lora_fx
 from lora_fx import LoraConfig
 
-__all__ = ["main", "run_demo"]
+__all__ = ["main", "run_command", "run_demo"]
 
 _TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
 
-def run_demo(out_dir: str, *, steps: int = 30, quiet: bool = False) -> dict[str, float]:
+def run_demo(
+    out_dir: str, *, steps: int = 30, quiet: bool = False, export: bool = True
+) -> dict[str, float]:
     """Capture -> inject -> train -> merge -> check -> save; returns the figures it printed."""
     from tqdm.auto import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -91,14 +93,45 @@ def run_demo(out_dir: str, *, steps: int = 30, quiet: bool = False) -> dict[str,
         "merged_max_abs_diff": max_diff,
         **timings,
     }
+    onnx_path = _export(gm, ids, Path(out_dir) / "model.onnx", figures) if export else None
     if not quiet:
         print(f"loss: {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps")
         print(f"merged vs trained logits: max |diff| = {max_diff:.2e}")
         print(f"adapter saved to {adapter_dir} (PEFT layout)")
+        if onnx_path is not None:
+            diff = figures["onnx_max_abs_diff"]
+            print(f"merged ONNX model: {onnx_path} (onnxruntime vs torch max |diff| {diff:.2e})")
+        elif export:
+            print("ONNX export skipped: pip install 'lora_fx[onnx]' for it")
         print("timings: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
     if max_diff > 1e-4:
         raise RuntimeError(f"merged graph differs from the trained one by {max_diff:.2e}")
     return figures
+
+
+def _export(gm, ids: torch.Tensor, path: Path, figures: dict) -> Path | None:
+    """Export the merged graph to ONNX and check it in onnxruntime, when onnx is installed."""
+    try:
+        import onnxruntime
+
+        from lora_fx.exporters import export_onnx
+    except ImportError:
+        return None
+    start = time.perf_counter()
+    export_onnx(gm, (ids,), path)
+    figures["export_onnx_s"] = time.perf_counter() - start
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0])
+    with torch.no_grad():
+        figures["onnx_max_abs_diff"] = (got - gm(ids).logits).abs().max().item()
+    return path
+
+
+def run_command(args) -> int:
+    """`lora-fx demo`: the main job, with `--out`, `--steps`, `--quiet`, `--no-export`."""
+    out = args.out or tempfile.mkdtemp(prefix="lora_fx_demo_")
+    run_demo(out, steps=args.steps, quiet=args.quiet, export=not args.no_export)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -112,7 +112,7 @@ def merge_model_folder(
         raise FolderError(f"dtype={dtype!r} is invalid; expected one of {list(_DTYPES)}")
 
     steps = _Steps(progress, total=5)
-    model = steps.run("load model", lambda: _load_model(model_path, dtype))
+    model = steps.run("load model", lambda: _load_model(model_path, dtype, progress=progress))
     ids = torch.zeros(1, 8, dtype=torch.long)
     gm = steps.run("capture", lambda: capture(model, (ids,), {"use_cache": False}))
     steps.run("load adapter", lambda: load_adapter(gm, adapter_path))
@@ -197,15 +197,23 @@ def _check_out_folder(model_path: Path, out_path: Path, force: bool) -> None:
         raise FolderError(f"out folder {str(out_path)!r} is not empty; pass --force to replace it")
 
 
-def _load_model(path: Path, dtype: str | None):
-    """A causal LM from a local folder, offline."""
+def _load_model(path: Path, dtype: str | None, *, progress: bool = False):
+    """A causal LM from a local folder, offline (transformers' own bars only with progress)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     kwargs: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = _DTYPES[dtype]
-    with _offline():
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        with _offline():
+            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return model.eval()
 
 
