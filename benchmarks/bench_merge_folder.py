@@ -1,7 +1,8 @@
 """`lora-fx merge` versus PEFT's from_pretrained + merge_and_unload + save_pretrained.
 
 Each side runs in its own fresh process (so peak RSS is its own), alternately, on the same model
-folder and adapter; prints a table and writes JSON (default benchmarks/results/bench_merge_folder.json).
+folder and adapter; prints a table and writes JSON
+(default benchmarks/results/bench_merge_folder.json).
 """
 
 from __future__ import annotations

@@ -41,8 +41,11 @@ def cleanup(gm: torch.fx.GraphModule) -> None:
 
 @contextlib.contextmanager
 def deferred_cleanup(gm: torch.fx.GraphModule) -> Iterator[None]:
-    """Run several passes with one lint + recompile at the end (code generation dominates on big
-    graphs: merge_and_unload of a 32-layer Llama spent 2/3 of its time regenerating code twice)."""
+    """Run several passes with one lint + recompile at the end.
+
+    Code generation dominates on big graphs: merge_and_unload of a 32-layer Llama spent 2/3 of its
+    time regenerating code twice.
+    """
     outer = gm.meta.get(_DEFER, False)
     gm.meta[_DEFER] = True
     try:

@@ -1,8 +1,8 @@
 """Keys lora_fx writes into `node.meta` / `gm.meta`, and the state record kept on the graph.
 
-Every node a pass creates carries `node.meta[LORA_META] = {"adapter", "site", "role"}` so later passes
-find branches without guessing from names. Everything that must last between calls lives in one
-`LoraState` at `gm.meta[STATE_META]`: no module-level registries.
+Every node a pass creates carries `node.meta[LORA_META] = {"adapter", "site", "role"}` so later
+passes find branches without guessing from names. Everything that must last between calls lives
+in one `LoraState` at `gm.meta[STATE_META]`: no module-level registries.
 """
 
 from __future__ import annotations

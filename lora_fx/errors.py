@@ -35,7 +35,7 @@ class NoTargetMatchedError(LoraFxError, ValueError):
 
 
 class UnsupportedSiteError(LoraFxError, ValueError):
-    """A matched site cannot carry the requested adapter (e.g. rank not divisible by conv groups)."""
+    """A matched site cannot carry the requested adapter (e.g. rank not divisible by groups)."""
 
 
 class AdapterError(LoraFxError, ValueError):

@@ -32,7 +32,11 @@ def _pair(tmp_path, model, x, kwargs=None, targets_a=("lin0",), targets_b=("lin0
 
 
 def _peft_out(pm, x):
-    out = pm(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else pm(input_ids=x, use_cache=False)
+    out = (
+        pm(x)
+        if isinstance(x, torch.Tensor) and x.is_floating_point()
+        else pm(input_ids=x, use_cache=False)
+    )
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
@@ -44,7 +48,13 @@ def _ours(gm, x):
 @pytest.mark.parametrize("which", ["mlp", "llama"])
 def test_switching_matches_peft(tmp_path, which):
     if which == "mlp":
-        model, x, kw, ta, tb = TinyMLP().eval(), torch.randn(4, 10), None, ("lin0",), ("lin0", "lin1")
+        model, x, kw, ta, tb = (
+            TinyMLP().eval(),
+            torch.randn(4, 10),
+            None,
+            ("lin0",),
+            ("lin0", "lin1"),
+        )
     else:
         model, x, kw = tiny_llama().eval(), torch.randint(0, 256, (1, 8)), {"use_cache": False}
         ta, tb = ("q_proj", "v_proj"), ("v_proj", "down_proj")
@@ -105,7 +115,9 @@ def test_delete_follows_peft(tmp_path):
     pm, gm = _pair(tmp_path, model, x)
     with pytest.warns(UserWarning, match="was active which is now deleted"):
         pm.delete_adapter("cat")
-    with pytest.warns(UserWarning, match=r"adapter 'cat' was active and is deleted; adapter 'dog' is now active"):
+    with pytest.warns(
+        UserWarning, match=r"adapter 'cat' was active and is deleted; adapter 'dog' is now active"
+    ):
         lora_fx.delete_adapter(gm, "cat")
     assert lora_fx.active_adapters(gm) == pm.active_adapters == ["dog"]
     assert not [k for k in gm.state_dict() if ".cat." in k or k.endswith(".cat")]
@@ -123,7 +135,10 @@ def test_bad_names_and_states_leave_graph_unchanged(tmp_path):
     model, x = TinyMLP().eval(), torch.randn(4, 10)
     _, gm = _pair(tmp_path, model, x)
     code = gm.code
-    with pytest.raises(AdapterError, match=r"unknown adapter\(s\) \['c'\]; adapters on this graph: \['cat', 'dog'\]"):
+    with pytest.raises(
+        AdapterError,
+        match=r"unknown adapter\(s\) \['c'\]; adapters on this graph: \['cat', 'dog'\]",
+    ):
         lora_fx.set_adapter(gm, ["cat", "c"])
     with pytest.raises(AdapterError, match=r"unknown adapter\(s\) \['c'\]"):
         lora_fx.delete_adapter(gm, "c")

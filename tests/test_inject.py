@@ -5,7 +5,7 @@ from helpers import lora_roles
 from models import TinyBlockStack, TinyConv, TinyEmbedding, TinyMLP
 
 import lora_fx
-from lora_fx import AdapterError, ConfigError, LoraConfig, UnsupportedSiteError
+from lora_fx import AdapterError, LoraConfig, UnsupportedSiteError
 
 CASES = {
     "mlp": (TinyMLP, lambda: torch.randn(4, 10), ["lin0", "lin1"]),
@@ -104,7 +104,9 @@ def test_second_adapter_is_added_inactive_and_frozen_as_peft():
     gm = lora_fx.capture(model, (x,))
     lora_fx.inject(gm, LoraConfig(target_modules=["lin0"], init_lora_weights=False), "a")
     only_a = gm(x).detach()
-    lora_fx.inject(gm, LoraConfig(r=2, target_modules=["lin0", "lin1"], init_lora_weights=False), "b")
+    lora_fx.inject(
+        gm, LoraConfig(r=2, target_modules=["lin0", "lin1"], init_lora_weights=False), "b"
+    )
     assert lora_roles(gm, "a")["add"] == 1 and not lora_roles(gm, "b")
     assert lora_fx.active_adapters(gm) == ["a"]
     assert not gm.lin1.lora_A.b.weight.requires_grad

@@ -4,7 +4,7 @@ import os
 import pytest
 import safetensors.torch
 import torch
-from conftest import assert_close, assert_differs
+from conftest import assert_differs
 from models import TinyConv, TinyMLP
 
 import lora_fx

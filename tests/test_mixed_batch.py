@@ -123,8 +123,12 @@ def test_bad_mixed_batches(tmp_path):
 def test_batch_and_name_list_must_have_the_same_length(tmp_path):
     _, gm, x, _ = _setup(tmp_path, "mlp")  # 4 rows
     for names in (["cat", "dog"], ["cat", "dog", "cat"]):
-        with pytest.raises(
-            RuntimeError, match="mixed batch: the batch and the adapter name list differ in length"
+        with (
+            pytest.raises(
+                RuntimeError,
+                match="mixed batch: the batch and the adapter name list differ in length",
+            ),
+            torch.no_grad(),
+            lora_fx.adapter_batch(gm, names),
         ):
-            with torch.no_grad(), lora_fx.adapter_batch(gm, names):
-                gm(x)
+            gm(x)

@@ -3,12 +3,12 @@
     y = linear(x, W, b)  ->  y = linear(x, W, b) + scale * lora_B(lora_A(dropout(x)))
 
 Rules:
-1. Plan first (match sites and `modules_to_save`, check every value), then change anything: a rejected
-   call leaves the graph and its parameters as they were.
+1. Plan first (match sites and `modules_to_save`, check every value), then change anything: a
+   rejected call leaves the graph and its parameters as they were.
 2. Parameters are registered in the module tree under PEFT's in-memory names
    (`<site>.lora_A.<adapter>.weight`), so `gm.state_dict()` reads like a PEFT model's.
-3. Base parameters are frozen; the adapter's A/B, the biases `bias` selects and the trainable copies of
-   `modules_to_save` require grad (PEFT's `_mark_only_adapters_as_trainable`).
+3. Base parameters are frozen; the adapter's A/B, the biases `bias` selects and the trainable copies
+   of `modules_to_save` require grad (PEFT's `_mark_only_adapters_as_trainable`).
 4. `modules_to_save` modules get a deep copy at `<module>.modules_to_save.<adapter>` and every graph
    reference to the module is pointed at the copy; the original stays, frozen.
 5. LoRA parameters take the device of the site's base weight and its dtype, except that with
@@ -53,8 +53,7 @@ log = logging.getLogger(__name__)
 
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _UPCAST = (torch.float16, torch.bfloat16)  # adapter dtypes autocast_adapter_dtype makes float32
-_NOT_YET = {
-}
+_NOT_YET = {}
 
 
 def inject(
@@ -173,12 +172,12 @@ def site_record(cfg: LoraConfig, site: Site) -> SiteRecord:
 
 
 def _warn_fan_in_fan_out(cfg: LoraConfig, sites: list[Site]) -> None:
-    """PEFT warns when fan_in_fan_out disagrees with the layer; lora_fx reads the layout from the graph."""
+    """PEFT warns when fan_in_fan_out disagrees with a layer; lora_fx reads the graph's layout."""
     linear = [s for s in sites if s.kind == "linear"]
     if cfg.fan_in_fan_out and any(not s.transposed for s in linear):
         warnings.warn(
-            "fan_in_fan_out=True but some sites store weights [out, in]; lora_fx uses each site's own "
-            "layout from the graph",
+            "fan_in_fan_out=True but some sites store weights [out, in]; lora_fx uses each "
+            "site's own layout from the graph",
             stacklevel=3,
         )
 
@@ -258,7 +257,7 @@ def _embedding_factors(site: Site, r: int, init: bool | str) -> tuple[torch.Tens
 
 
 def _add_module_copy(gm: torch.fx.GraphModule, path: str, adapter: str, state) -> None:
-    """A deep copy of a module at `<path>.modules_to_save.<adapter>` (apply_active points the graph)."""
+    """A deep copy of a module at `<path>.modules_to_save.<adapter>` (apply_active points to it)."""
     trained = copy.deepcopy(gm.get_submodule(path))
     holder = _graph.own_module(gm, path, state)
     if "modules_to_save" not in holder._modules:
