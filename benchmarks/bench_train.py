@@ -327,7 +327,7 @@ def report(result: dict[str, Any]) -> str:
         f"LlamaForCausalLM {cfg['layers']} layers, hidden {HIDDEN}, intermediate {INTERMEDIATE}, "
         f"heads {HEADS}/{KV_HEADS}, vocab {VOCAB} | all-linear r={RANK} alpha={ALPHA} "
         f"dropout={cfg['lora_dropout']} | batch {cfg['batch']}x{cfg['seq']} | AdamW | "
-        f"{cfg['rounds']} rounds",
+        f"{cfg['rounds']} rounds" + (" | fallback_random" if cfg["fallback_random"] else ""),
         "",
         table(
             [
@@ -389,6 +389,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dropout", type=float, default=0.0, help="lora_dropout (PEFT's default 0)"
     )
+    parser.add_argument(
+        "--fallback-random",
+        action="store_true",
+        help="torch._inductor.config.fallback_random: compiled dropout draws with eager's RNG",
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: steadier on a busy machine)"
@@ -410,6 +415,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     # Compile times are for a cold compile: no inductor / AOTAutograd cache hits from earlier runs.
     torch._inductor.config.force_disable_caches = True
+    torch._inductor.config.fallback_random = args.fallback_random
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
     start = time.perf_counter()
@@ -444,6 +450,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "optimizer": f"AdamW(lr={LR})",
             "rounds": args.rounds,
             "warmup": args.warmup,
+            "fallback_random": args.fallback_random,
         },
         "result": res,
     }
