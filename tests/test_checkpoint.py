@@ -161,3 +161,21 @@ def test_errors():
     mlp = lora_fx.capture(TinyMLP(), (torch.randn(2, 10),))
     with pytest.raises(ValueError, match="no repeated blocks"):
         lora_fx.checkpoint_blocks(mlp)
+
+
+def test_lora_passes_refuse_a_checkpointed_graph():
+    import lora_fx
+    from models import TinyBlockStack
+
+    ids = torch.randint(0, 50, (2, 5))
+    gm = lora_fx.capture(TinyBlockStack().eval(), (ids,))
+    lora_fx.inject(gm, lora_fx.LoraConfig(target_modules=["attn"]))
+    lora_fx.checkpoint_blocks(gm)
+    code = gm.code
+    with pytest.raises(lora_fx.AdapterError, match=r"3 checkpointed blocks \(e.g. .layers.0.\); call lora_fx.uncheckpoint_blocks"):
+        lora_fx.merge(gm)
+    with pytest.raises(lora_fx.AdapterError, match=r"checkpointed blocks"):
+        lora_fx.inject(gm, lora_fx.LoraConfig(target_modules=["mlp"]), "other")
+    assert gm.code == code
+    lora_fx.uncheckpoint_blocks(gm)
+    lora_fx.merge(gm)

@@ -44,6 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lora_fx import _graph
 from lora_fx._meta import lora_tag
+from lora_fx.errors import AdapterError
 
 __all__ = ["checkpoint_blocks", "checkpointed_blocks", "uncheckpoint_blocks"]
 
@@ -153,6 +154,16 @@ def uncheckpoint_blocks(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     _graph.cleanup(gm)
     log.info("uncheckpoint_blocks: %d blocks", len(calls))
     return gm
+
+
+def require_flat(gm: torch.fx.GraphModule) -> None:
+    """Refuse LoRA passes on a checkpointed graph: its blocks' nodes live in submodules."""
+    blocks = checkpointed_blocks(gm)
+    if blocks:
+        raise AdapterError(
+            f"the graph has {len(blocks)} checkpointed blocks (e.g. {blocks[0]!r}); call "
+            "lora_fx.uncheckpoint_blocks(gm) first, and checkpoint_blocks(gm) again afterwards"
+        )
 
 
 def checkpointed_blocks(gm: torch.fx.GraphModule) -> list[str]:

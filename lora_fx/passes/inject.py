@@ -43,6 +43,7 @@ from lora_fx.config import LoraConfig
 from lora_fx.errors import AdapterError, ConfigError
 from lora_fx.inits import changes_base, init_from_base
 from lora_fx.passes._active import apply_active
+from lora_fx.passes.checkpoint import require_flat
 from lora_fx.passes._dora import add_magnitude
 from lora_fx.passes.replicate import tentative_replication
 from lora_fx.sites import Site, find_sites, match_modules_to_save
@@ -139,6 +140,7 @@ def inject(
 
 def _check_request(gm: torch.fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> None:
     """Reject names and config features that cannot be honoured, before anything changes."""
+    require_flat(gm)
     if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
         raise AdapterError(
             f"adapter_name={adapter_name!r} is invalid; expected a Python identifier"

@@ -39,6 +39,7 @@ from lora_fx._meta import LoraState, SiteRecord, lora_tag, state_or_none
 from lora_fx.errors import AdapterError, MergeError
 from lora_fx.passes import _fold
 from lora_fx.passes._active import apply_active
+from lora_fx.passes.checkpoint import require_flat
 from lora_fx.sites import Site, all_sites
 
 __all__ = ["merge", "merge_report", "require_state", "resolve_adapters", "unmerge"]
@@ -271,6 +272,7 @@ def require_state(gm: torch.fx.GraphModule) -> LoraState:
     state = state_or_none(gm)
     if state is None or not state.adapters:
         raise AdapterError("this graph has no LoRA adapter; call lora_fx.inject(gm, cfg) first")
+    require_flat(gm)
     return state
 
 
