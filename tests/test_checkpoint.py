@@ -164,8 +164,9 @@ def test_errors():
 
 
 def test_lora_passes_refuse_a_checkpointed_graph():
-    import lora_fx
     from models import TinyBlockStack
+
+    import lora_fx
 
     ids = torch.randint(0, 50, (2, 5))
     gm = lora_fx.capture(TinyBlockStack().eval(), (ids,))

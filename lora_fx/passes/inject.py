@@ -43,8 +43,8 @@ from lora_fx.config import LoraConfig
 from lora_fx.errors import AdapterError, ConfigError
 from lora_fx.inits import changes_base, init_from_base
 from lora_fx.passes._active import apply_active
-from lora_fx.passes.checkpoint import require_flat
 from lora_fx.passes._dora import add_magnitude
+from lora_fx.passes.checkpoint import require_flat
 from lora_fx.passes.replicate import tentative_replication
 from lora_fx.sites import Site, find_sites, match_modules_to_save
 
