@@ -173,7 +173,10 @@ def test_lora_passes_refuse_a_checkpointed_graph():
     lora_fx.inject(gm, lora_fx.LoraConfig(target_modules=["attn"]))
     lora_fx.checkpoint_blocks(gm)
     code = gm.code
-    with pytest.raises(lora_fx.AdapterError, match=r"3 checkpointed blocks \(e.g. .layers.0.\); call lora_fx.uncheckpoint_blocks"):
+    with pytest.raises(
+        lora_fx.AdapterError,
+        match=r"3 checkpointed blocks \(e.g. .layers.0.\); call lora_fx.uncheckpoint_blocks",
+    ):
         lora_fx.merge(gm)
     with pytest.raises(lora_fx.AdapterError, match=r"checkpointed blocks"):
         lora_fx.inject(gm, lora_fx.LoraConfig(target_modules=["mlp"]), "other")
