@@ -30,6 +30,7 @@ from lora_fx._keys import lora_paths
 from lora_fx._meta import LORA_META, LoraState, lora_tag
 from lora_fx.errors import UnsupportedSiteError
 from lora_fx.exporters._names import STACKED, input_names, rank_dim
+from lora_fx.passes._branch import lora_a_node, lora_b_node
 from lora_fx.sites import Site
 
 __all__ = [
@@ -186,7 +187,7 @@ def _emit_branches(
         bias = emit("weight", "get_attr", tensors[2]) if tensors[2] else None
         if cast and site.kind != "embedding":  # embedding inputs are ids
             x = emit("cast", "call_function", _aten.type_as.default, (x, a))
-        up = _lora_b(emit, site, _lora_a(emit, site, x, a), b, bias)
+        up = lora_b_node(emit, site, lora_a_node(emit, site, x, a), b, bias)
         if scale is not None:
             up = emit("scale", "call_function", _aten.mul.Tensor, (up, scale))
         if cast:
@@ -206,35 +207,6 @@ def _chain_end(base: torch.fx.Node) -> torch.fx.Node:
         if nxt is None:
             return end
         end = nxt
-
-
-def _lora_a(emit: _Emitter, site: Site, x: torch.fx.Node, a: torch.fx.Node) -> torch.fx.Node:
-    """The down-projection x -> [..., r] for one site kind."""
-    if site.kind == "linear":
-        return emit("lora_a", "call_function", _aten.linear.default, (x, a))
-    if site.kind == "embedding":
-        a_t = emit("lora_a", "call_function", _aten.t.default, (a,))  # [r, num] -> [num, r]
-        return emit("lora_a", "call_function", _aten.embedding.default, (a_t, x))
-    spec = site.conv
-    if isinstance(spec.padding, str):
-        op = {1: _aten.conv1d.padding, 2: _aten.conv2d.padding, 3: _aten.conv3d.padding}[spec.dims]
-        args = (x, a, None, list(spec.stride), spec.padding, list(spec.dilation), 1)
-        return emit("lora_a", "call_function", op, args)
-    zeros = [0] * spec.dims
-    args = (x, a, None, list(spec.stride), list(spec.padding), list(spec.dilation), False, zeros, 1)
-    return emit("lora_a", "call_function", _aten.convolution.default, args)
-
-
-def _lora_b(
-    emit: _Emitter, site: Site, low: torch.fx.Node, b: torch.fx.Node, bias: torch.fx.Node | None
-) -> torch.fx.Node:
-    """The up-projection [..., r] -> [..., out] (a 1x1 conv with the site's groups for convs)."""
-    if site.kind in ("linear", "embedding"):
-        return emit("lora_b", "call_function", _aten.linear.default, (low, b, bias))
-    spec = site.conv
-    ones, zeros = [1] * spec.dims, [0] * spec.dims
-    args = (low, b, bias, ones, zeros, ones, False, zeros, spec.groups)
-    return emit("lora_b", "call_function", _aten.convolution.default, args)
 
 
 def emit_stacked(

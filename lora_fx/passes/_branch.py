@@ -24,6 +24,8 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.fx
 
@@ -35,7 +37,7 @@ from lora_fx.passes._param import insert_param_branch
 from lora_fx.quant import logical_dtype
 from lora_fx.sites import Site
 
-__all__ = ["insert_branch", "remove_branches", "row_weights"]
+__all__ = ["insert_branch", "lora_a_node", "lora_b_node", "remove_branches", "row_weights"]
 
 _aten = torch.ops.aten
 
@@ -68,7 +70,7 @@ def insert_branch(
             x = emit("cast", "call_function", _aten.type_as.default, (x, a))
         if record.dropout > 0 and site.kind != "embedding":
             x = emit("dropout", "call_module", paths.dropout, (x,))
-        low = _lora_a(emit, site, x, a)
+        low = lora_a_node(emit, site, x, a)
         # Mixed batch: weight the rank-r activations per row, scale folded in, rather than the
         # full-size output (two fewer full-size passes per adapter and site). B's bias and DoRA
         # act on the output, so those weight the output instead.
@@ -79,7 +81,7 @@ def insert_branch(
                 "mask", "call_function", row_weights, (mask, row_mask[1], low, record.scale)
             )
             low = emit("mask", "call_function", _aten.mul.Tensor, (low, rows))
-        up = _lora_b(emit, site, low, b, b_bias)
+        up = lora_b_node(emit, site, low, b, b_bias)
         scaled = up
         if not mask_low:
             scaled = emit("scale", "call_function", _aten.mul.Tensor, (up, record.scale))
@@ -147,8 +149,10 @@ def _chain_end(base: torch.fx.Node) -> torch.fx.Node:
         end = nxt
 
 
-def _lora_a(emit: _Emitter, site: Site, x: torch.fx.Node, a: torch.fx.Node) -> torch.fx.Node:
-    """The down-projection: x -> [.., r]."""
+def lora_a_node(
+    emit: Callable[..., torch.fx.Node], site: Site, x: torch.fx.Node, a: torch.fx.Node
+) -> torch.fx.Node:
+    """The down-projection x -> [.., r]; `emit(role, op, target, args)` creates tagged nodes."""
     if site.kind == "linear":
         return emit("lora_a", "call_function", _aten.linear.default, (x, a))
     if site.kind == "embedding":
@@ -165,8 +169,12 @@ def _lora_a(emit: _Emitter, site: Site, x: torch.fx.Node, a: torch.fx.Node) -> t
     return emit("lora_a", "call_function", _aten.convolution.default, args)
 
 
-def _lora_b(
-    emit: _Emitter, site: Site, low: torch.fx.Node, b: torch.fx.Node, bias: torch.fx.Node | None
+def lora_b_node(
+    emit: Callable[..., torch.fx.Node],
+    site: Site,
+    low: torch.fx.Node,
+    b: torch.fx.Node,
+    bias: torch.fx.Node | None,
 ) -> torch.fx.Node:
     """The up-projection: [.., r] -> [.., out]."""
     if site.kind in ("linear", "embedding"):
