@@ -74,6 +74,8 @@ class LoraState:
     # What each fold needs to undo itself, by "adapter:site", in fold order (a DoRA weight norm,
     # a quantized weight before the merge; None for a plain fold). Unmerge walks it backwards.
     merge_undo: dict[str, Any] = field(default_factory=dict)
+    # How branches are laid out: "fused" | "plain" | "weight" (`set_layout`, `_branch.py` rule 7).
+    layout: str = "fused"
 
 
 def state_or_none(gm: torch.fx.GraphModule) -> LoraState | None:

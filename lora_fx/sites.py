@@ -418,7 +418,7 @@ def _match_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match | Non
     """`linear(x, W[out, in], b)` on a parameter weight."""
     if node.op != "call_function" or node.target not in _LINEAR_OPS:
         return None
-    weight = _parameter_path(gm, _arg(node, 1, "weight"))
+    weight = _parameter_path(gm, _base_weight_read(_arg(node, 1, "weight")))
     if weight is None:
         return None
     out_f, in_f = gm.get_parameter(weight).shape
@@ -432,6 +432,7 @@ def _match_mm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match | None:
         return None
     is_addmm = node.target == torch.ops.aten.addmm.default
     x, w_arg = (node.args[1], node.args[2]) if is_addmm else (node.args[0], node.args[1])
+    w_arg = _base_weight_read(w_arg)
     transposed = True
     if (
         isinstance(w_arg, torch.fx.Node)
@@ -547,6 +548,13 @@ def _site_name(node: torch.fx.Node, weight: str) -> str:
         if path and cls_name in _SITE_CLASS_NAMES:
             return path
     return weight.rsplit(".", 1)[0] if weight.endswith(".weight") else weight
+
+
+def _base_weight_read(arg: Any) -> Any:
+    """`arg`, or under the "weight" layout's `W + scale * B @ A` nodes the read of `W` itself."""
+    while isinstance(arg, torch.fx.Node) and (lora_tag(arg) or {}).get("role") == "add":
+        arg = arg.args[0]
+    return arg
 
 
 def _parameter_path(gm: torch.fx.GraphModule, arg: Any) -> str | None:

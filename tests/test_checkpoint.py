@@ -66,7 +66,7 @@ def test_blocks_move_into_checkpointed_modules_and_names_stay(flavour):
     assert all(isinstance(gm.get_submodule(c.target), CheckpointedBlock) for c in calls)
     assert len(gm.graph.nodes) < nodes
     # Only the head's branch (outside the blocks) is left in the outer graph.
-    assert lora_roles(gm)["lora_a"] == (0 if flavour == "llama" else 1)
+    assert lora_roles(gm)["add"] == (0 if flavour == "llama" else 1)
     # Nothing registered twice: parameter names and state_dict keys are unchanged.
     assert [n for n, _ in gm.named_parameters()] == params
     assert list(gm.state_dict()) == keys

@@ -7,6 +7,11 @@ from models import TinyBlockStack, TinyConv, TinyEmbedding, TinyMLP
 import lora_fx
 from lora_fx import AdapterError, LoraConfig, UnsupportedSiteError
 
+
+def n_sites(targets):
+    return len(targets)
+
+
 CASES = {
     "mlp": (TinyMLP, lambda: torch.randn(4, 10), ["lin0", "lin1"]),
     "conv": (TinyConv, lambda: torch.randn(2, 3, 6, 6), ["conv0", "conv1", "lin0"]),
@@ -24,6 +29,9 @@ def test_fresh_inject_equals_base_and_tags_every_node(case, method):
     lora_fx.inject(gm, LoraConfig(target_modules=targets, lora_dropout=0.1))
     gm.graph.lint()
     assert_close(gm(x), base)  # B (or embedding A) starts at zero
+    fused = lora_roles(gm)  # linear / embedding: one node for B, scale and add; conv: plain
+    assert fused["add"] == n_sites(targets) and fused["scale"] == (2 if case == "conv" else 0)
+    lora_fx.set_layout(gm, "plain")
     roles = lora_roles(gm)
     n = len(targets)
     n_emb = 1 if case == "embedding" else 0

@@ -30,7 +30,8 @@ from lora_fx._keys import lora_paths
 from lora_fx._meta import LORA_META, LoraState, lora_tag
 from lora_fx.errors import UnsupportedSiteError
 from lora_fx.exporters._names import STACKED, input_names, rank_dim
-from lora_fx.passes._branch import lora_a_node, lora_b_node
+from lora_fx.fused_ops import add_low_rank_out_of_place
+from lora_fx.passes._branch import fitting_layout, lora_a_node, lora_b_node, weight_update_node
 from lora_fx.sites import Site
 
 __all__ = [
@@ -125,7 +126,9 @@ def emit_named(
             site_dtype = _graph.get_attr(gm, sites[fqn].weight).dtype
             cast = _graph.get_attr(gm, paths.a).dtype != site_dtype
             branch = (paths.a, paths.b, bias)
-            _emit_branches(out.module, sites[fqn], name, branch, rec.scale, cast=cast)
+            _emit_branches(
+                out.module, sites[fqn], name, branch, rec.scale, cast=cast, layout=state.layout
+            )
 
 
 def emit_inputs(
@@ -161,7 +164,8 @@ def emit_inputs(
                 out.module, bias, torch.zeros(site.out_features, dtype=dtype, device=b.device)
             )
             out.lora_tensors[bias] = names.b_bias_key
-        _emit_branches(out.module, site, "inputs", (names.a, names.b, bias), None)
+        tensors = (names.a, names.b, bias)
+        _emit_branches(out.module, site, "inputs", tensors, None, layout=state.layout)
 
 
 def _emit_branches(
@@ -172,18 +176,36 @@ def _emit_branches(
     scale: float | None,
     *,
     cast: bool = False,
+    layout: str = "plain",
 ) -> None:
-    """`y + scale * B(A(x))` after every node of the site (no scale node when `scale` is None).
+    """`y + scale * B(A(x))` after every node of the site (no scale when `scale` is None).
 
     With `cast`, the branch input is cast to A's dtype and its output to the site's, as the
-    graph's own branch does for a float32 adapter on a half-precision site.
+    graph's own branch does for a float32 adapter on a half-precision site. `layout` is the
+    graph's (`passes/_branch.py` rule 7); export runs in eval mode, so dropout does not matter.
     """
     graph = module.graph
+    tag_ = {"adapter": tag, "site": site.fqn}
+    layout = fitting_layout(site, layout, needs_plain=cast or bool(tensors[2]), can_weight=True)
+    factor = 1.0 if scale is None else scale
     for base, x in zip(site.nodes, site.inputs, strict=True):
+        if layout == "weight":
+            emit = _Emitter(graph, base.prev, tag_)
+            a, b = (emit("weight", "get_attr", path) for path in tensors[:2])
+            weight_update_node(emit, base, a, b, factor)
+            continue
         end = _chain_end(base)
-        emit = _Emitter(graph, end, {"adapter": tag, "site": site.fqn})
+        emit = _Emitter(graph, end, tag_)
         a = emit("weight", "get_attr", tensors[0])
         b = emit("weight", "get_attr", tensors[1])
+        if layout == "fused":
+            # linear(x, A) then one out-of-place accumulate (ONNX MatMul + Gemm): in-place
+            # writes make torch.export reject dynamic shapes.
+            low = lora_a_node(emit, site, x, a)
+            args = (end, low, b, factor)
+            add = emit("add", "call_function", add_low_rank_out_of_place, args)
+            emit.attach(end, add)
+            continue
         bias = emit("weight", "get_attr", tensors[2]) if tensors[2] else None
         if cast and site.kind != "embedding":  # embedding inputs are ids
             x = emit("cast", "call_function", _aten.type_as.default, (x, a))

@@ -12,6 +12,7 @@ from lora_fx.passes.adapters import (
 from lora_fx.passes.checkpoint import checkpoint_blocks, checkpointed_blocks, uncheckpoint_blocks
 from lora_fx.passes.hotswap import hotswap_adapter, prepare_for_hotswap
 from lora_fx.passes.inject import inject
+from lora_fx.passes.layout import LAYOUTS, get_layout, set_layout
 from lora_fx.passes.merge import merge, merge_report, unmerge
 from lora_fx.passes.mixed_batch import BASE, adapter_batch, set_adapter_batch
 from lora_fx.passes.quantize import dequantize, quantize
@@ -22,6 +23,7 @@ from lora_fx.passes.weighted import COMBINATION_TYPES, add_weighted_adapter
 __all__ = [
     "BASE",
     "COMBINATION_TYPES",
+    "LAYOUTS",
     "active_adapters",
     "adapter_batch",
     "add_weighted_adapter",
@@ -31,6 +33,7 @@ __all__ = [
     "delete_adapter",
     "dequantize",
     "disable_adapters",
+    "get_layout",
     "hotswap_adapter",
     "inject",
     "merge",
@@ -42,6 +45,7 @@ __all__ = [
     "replicate_layers",
     "set_adapter",
     "set_adapter_batch",
+    "set_layout",
     "trainable_parameters",
     "uncheckpoint_blocks",
     "unload",

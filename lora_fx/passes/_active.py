@@ -7,7 +7,8 @@ Rules:
    unmerged adapters in the order given, so the sum order is PEFT's (its `active_adapters` order).
 2. In mixed-batch mode (`state.batch_adapters`), the branches of those adapters are all present and
    each is multiplied per batch row by its row of the mask buffer.
-3. Graph references to a `modules_to_save` module point at the copy of the first active adapter
+3. Branches take `state.layout` ("fused" unless `set_layout` chose another; `_branch.py` rule 7).
+4. Graph references to a `modules_to_save` module point at the copy of the first active adapter
    that has one, else at the original module.
 """
 
@@ -34,12 +35,14 @@ def apply_active(gm: torch.fx.GraphModule, state: LoraState) -> None:
         _insert_batch_check(gm)
         for k, name in enumerate(state.batch_adapters):
             for fqn, rec in state.adapters[name].sites.items():
-                insert_branch(gm, sites[fqn], name, rec, row_mask=(MASK_BUFFER, k))
+                insert_branch(
+                    gm, sites[fqn], name, rec, row_mask=(MASK_BUFFER, k), layout=state.layout
+                )
     else:
         for name in state.active:
             if not state.adapters[name].merged:
                 for fqn, rec in state.adapters[name].sites.items():
-                    insert_branch(gm, sites[fqn], name, rec)
+                    insert_branch(gm, sites[fqn], name, rec, layout=state.layout)
     _point_module_copies(gm, state)
 
 

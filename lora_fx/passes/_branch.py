@@ -20,6 +20,14 @@ Rules:
    `type_as` reads the dtypes at run time, so a later `gm.to(dtype)` keeps the graph right.
 6. DoRA (`use_dora`) rescales the branch output and the base term (`_dora.py`); `target_parameters`
    sites get `W -> W + delta` instead of a branch after the op (`_param.py`).
+7. Layouts (`LoraState.layout`, chosen with `set_layout`), each exact up to float rounding:
+   "fused" (default): B, scale and add are one `addmm` with the base output as accumulator
+       on linear and embedding sites (`fused_ops.add_lora` / `add_low_rank`);
+   "plain": `add(y, mul(linear(low, B), scale))`, PEFT's order of operations;
+   "weight": the base op reads `W + scale * B @ A` (`fused_ops.low_rank_weight`, role "add"),
+       computed once per call: cheapest for many tokens; ATen linear / addmm / mm sites only.
+   A site that cannot take the requested layout (DoRA, lora_bias, dtype casts, conv; for
+   "weight" also dropout > 0, mixed batches, module calls) takes the next one that fits.
 """
 
 from __future__ import annotations
@@ -32,14 +40,29 @@ import torch.fx
 from lora_fx import _graph
 from lora_fx._keys import lora_paths
 from lora_fx._meta import LORA_META, SiteRecord, lora_tag
+from lora_fx.fused_ops import add_lora, add_low_rank, low_rank_weight
 from lora_fx.passes._dora import dora_output
 from lora_fx.passes._param import insert_param_branch
 from lora_fx.quant import logical_dtype
 from lora_fx.sites import Site
 
-__all__ = ["insert_branch", "lora_a_node", "lora_b_node", "remove_branches", "row_weights"]
+__all__ = [
+    "LAYOUTS",
+    "fitting_layout",
+    "insert_branch",
+    "lora_a_node",
+    "lora_b_node",
+    "remove_branches",
+    "row_weights",
+    "weight_arg_index",
+    "weight_update_node",
+]
 
 _aten = torch.ops.aten
+LAYOUTS = ("fused", "plain", "weight")
+# Where an ATen site op reads its weight: linear(x, W[out, in]); addmm(b, x, W'[in, out]);
+# mm(x, W').
+_WEIGHT_ARG = {_aten.linear.default: 1, _aten.addmm.default: 2, _aten.mm.default: 1}
 
 
 def insert_branch(
@@ -49,19 +72,32 @@ def insert_branch(
     record: SiteRecord,
     *,
     row_mask: tuple[str, int] | None = None,
+    layout: str = "fused",
 ) -> None:
     """Add `adapter`'s branch after every node of `site` (parameters must already be registered).
 
     With `row_mask=(buffer_path, k)` the branch output is multiplied per batch row by row `k` of the
-    `[n_adapters, batch]` mask buffer (mixed-batch inference).
+    `[n_adapters, batch]` mask buffer (mixed-batch inference). `layout`: see rule 7.
     """
     if site.kind == "param":  # target_parameters: W -> W + delta wherever W is read
         insert_param_branch(gm, site, adapter, record, row_mask=row_mask)
         return
     paths = lora_paths(site.kind, site.fqn, adapter)
     cast = _graph.get_attr(gm, paths.a).dtype != logical_dtype(_graph.get_attr(gm, site.weight))
+    layout = fitting_layout(
+        site,
+        layout,
+        needs_plain=record.lora_bias or record.use_dora or cast,
+        can_weight=row_mask is None and record.dropout == 0,
+    )
+    if layout == "weight":
+        _insert_weight_update(gm, site, adapter, record, paths)
+        return
     for base, x in zip(site.nodes, site.inputs, strict=True):
         end = _chain_end(base)
+        # If x is another site's output, read it after that site's branches (they were inserted
+        # after `site` was matched), not the bare base value.
+        x = _chain_end(x)
         emit = _Emitter(gm.graph, end, {"adapter": adapter, "site": site.fqn})
         a = emit("weight", "get_attr", paths.a)
         b = emit("weight", "get_attr", paths.b)
@@ -70,6 +106,10 @@ def insert_branch(
             x = emit("cast", "call_function", _aten.type_as.default, (x, a))
         if record.dropout > 0 and site.kind != "embedding":
             x = emit("dropout", "call_module", paths.dropout, (x,))
+        if layout == "fused" and site.kind == "linear" and row_mask is None:
+            add = emit("add", "call_function", add_lora, (end, x, a, b, record.scale))
+            _attach(end, add, adapter)
+            continue
         low = lora_a_node(emit, site, x, a)
         # Mixed batch: weight the rank-r activations per row, scale folded in, rather than the
         # full-size output (two fewer full-size passes per adapter and site). B's bias and DoRA
@@ -81,6 +121,11 @@ def insert_branch(
                 "mask", "call_function", row_weights, (mask, row_mask[1], low, record.scale)
             )
             low = emit("mask", "call_function", _aten.mul.Tensor, (low, rows))
+        if layout == "fused":
+            scale = 1.0 if mask_low else record.scale  # a row mask already carries the scale
+            add = emit("add", "call_function", add_low_rank, (end, low, b, scale))
+            _attach(end, add, adapter)
+            continue
         up = lora_b_node(emit, site, low, b, b_bias)
         scaled = up
         if not mask_low:
@@ -94,9 +139,66 @@ def insert_branch(
         if cast:
             scaled = emit("cast", "call_function", _aten.type_as.default, (scaled, end))
         add = emit("add", "call_function", _aten.add.Tensor, (end, scaled))
-        # This branch's own readers of `end` (the add, the output cast, DoRA's base term) stay.
-        mine = {u for u in end.users if (lora_tag(u) or {}).get("adapter") == adapter}
-        end.replace_all_uses_with(add, delete_user_cb=lambda user, mine=mine: user not in mine)
+        _attach(end, add, adapter)
+
+
+def weight_arg_index(node: torch.fx.Node) -> int | None:
+    """The position of the weight in an ATen linear / addmm / mm site node's args, else None."""
+    if node.op != "call_function":
+        return None
+    index = _WEIGHT_ARG.get(node.target)
+    return index if index is not None and len(node.args) > index else None
+
+
+def fitting_layout(site: Site, layout: str, *, needs_plain: bool, can_weight: bool) -> str:
+    """The requested layout if the site can take it, else the next that fits (rule 7).
+
+    `needs_plain`: the branch has DoRA, a lora_B bias or dtype casts; `can_weight`: no dropout
+    and no per-row mask stand between x and the delta.
+    """
+    if needs_plain or site.kind not in ("linear", "embedding"):
+        return "plain"
+    if layout == "weight" and not (
+        can_weight
+        and site.kind == "linear"
+        and all(weight_arg_index(n) is not None for n in site.nodes)
+    ):
+        return "fused"
+    return layout
+
+
+def weight_update_node(
+    emit: Callable[..., torch.fx.Node],
+    base: torch.fx.Node,
+    a: torch.fx.Node,
+    b: torch.fx.Node,
+    scale: float,
+) -> torch.fx.Node:
+    """`W + scale * B @ A` in the layout `base` reads its weight, plugged into `base` (role add)."""
+    index = weight_arg_index(base)
+    # linear reads W as [out, in]; addmm / mm read [in, out] (t(W), or Conv1D's own layout).
+    transposed = base.target != _aten.linear.default
+    args = (base.args[index], a, b, scale, transposed)
+    node = emit("add", "call_function", low_rank_weight, args)
+    base.update_arg(index, node)
+    return node
+
+
+def _insert_weight_update(
+    gm: torch.fx.GraphModule, site: Site, adapter: str, record: SiteRecord, paths
+) -> None:
+    """Each site node reads `W + scale * B @ A` instead of `W` (adapters chain: W -> add -> add)."""
+    for base in site.nodes:
+        emit = _Emitter(gm.graph, base.prev, {"adapter": adapter, "site": site.fqn})
+        a = emit("weight", "get_attr", paths.a)
+        b = emit("weight", "get_attr", paths.b)
+        weight_update_node(emit, base, a, b, record.scale)
+
+
+def _attach(end: torch.fx.Node, add: torch.fx.Node, adapter: str) -> None:
+    """Route the users of `end` through `add`; this branch's own readers of `end` stay."""
+    mine = {u for u in end.users if (lora_tag(u) or {}).get("adapter") == adapter}
+    end.replace_all_uses_with(add, delete_user_cb=lambda user, mine=mine: user not in mine)
 
 
 def remove_branches(gm: torch.fx.GraphModule) -> int:

@@ -39,6 +39,7 @@ from lora_fx._meta import LoraState, SiteRecord, lora_tag, state_or_none
 from lora_fx.errors import AdapterError, MergeError
 from lora_fx.passes import _fold
 from lora_fx.passes._active import apply_active
+from lora_fx.passes._branch import remove_branches
 from lora_fx.passes.checkpoint import require_flat
 from lora_fx.sites import Site, all_sites
 
@@ -96,6 +97,7 @@ def merge(
     # apply
     report: dict[str, float] = {}
     quantized: list[str] = []
+    remove_branches(gm)  # the "weight" layout reads W through its own nodes; apply_active rebuilds
     readers = _graph.tensor_readers(gm)
     for name, site, rec in plan:
         site = _untie_if_shared(gm, site, state, readers)

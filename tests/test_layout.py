@@ -1,0 +1,263 @@
+"""Branch layouts (`set_layout`): "fused" (default), "plain", "weight" compute the same outputs and
+gradients, save the same adapter, survive adapter switching / merging, compile and export to ONNX.
+PEFT is the oracle for the default layout on a direct linear -> linear chain."""
+
+from __future__ import annotations
+
+import copy
+
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import assert_close, assert_differs
+from helpers import lora_roles
+from models import TinyEmbedding, TinyMLP, tiny_gpt2, tiny_llama
+from safetensors.torch import load_file
+from torch import nn
+
+import lora_fx
+from lora_fx import AdapterError, LoraConfig
+from lora_fx.exporters import export_onnx
+from lora_fx.fused_ops import add_lora, add_low_rank, low_rank_weight
+
+HF_KW = {"use_cache": False}
+
+
+def _cfg(targets, r=4, dropout=0.0, **kw):
+    return LoraConfig(
+        r=r,
+        lora_alpha=8,
+        target_modules=targets,
+        lora_dropout=dropout,
+        init_lora_weights=False,
+        **kw,
+    )
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out["logits"] if isinstance(out, dict) else out
+
+
+MODELS = {
+    "mlp-fx": (lambda: TinyMLP(), lambda: torch.randn(4, 10), ["lin0", "lin1"], "fx", {}),
+    "mlp-export": (lambda: TinyMLP(), lambda: torch.randn(4, 10), ["lin0", "lin1"], "export", {}),
+    "embedding": (
+        lambda: TinyEmbedding(),
+        lambda: torch.randint(0, 100, (2, 5)),
+        ["emb", "lin0"],
+        "export",
+        {},
+    ),
+    "gpt2": (
+        lambda: tiny_gpt2(),
+        lambda: torch.randint(0, 256, (2, 8)),
+        ["c_attn", "c_proj", "c_fc"],
+        "export",
+        HF_KW,
+    ),
+    "llama": (
+        lambda: tiny_llama(),
+        lambda: torch.randint(0, 256, (2, 8)),
+        "all-linear",
+        "export",
+        HF_KW,
+    ),
+}
+
+
+def _graphs(case):
+    """One injected graph per layout, all holding the same adapter values."""
+    make_model, make_x, targets, method, kw = MODELS[case]
+    model, x = make_model().eval(), make_x()
+    gm0 = lora_fx.capture(model, (x,), kw, method=method)
+    base = _logits(gm0(x))
+    plain = lora_fx.set_layout(lora_fx.inject(copy.deepcopy(gm0), _cfg(targets)), "plain")
+    graphs = {"plain": plain}
+    for layout in ("fused", "weight"):
+        gm = lora_fx.inject(copy.deepcopy(gm0), _cfg(targets))
+        gm.load_state_dict(plain.state_dict())
+        graphs[layout] = lora_fx.set_layout(gm, layout)
+    return graphs, x, base
+
+
+@pytest.mark.parametrize("case", list(MODELS))
+def test_layouts_give_equal_outputs_and_gradients(case):
+    graphs, x, base = _graphs(case)
+    outs, grads = {}, {}
+    for layout, gm in graphs.items():
+        gm.eval()  # the base models' own dropout off; autograd still runs
+        out = _logits(gm(x))
+        out.float().pow(2).mean().backward()
+        outs[layout] = out.detach()
+        grads[layout] = {n: p.grad.clone() for n, p in lora_fx.trainable_parameters(gm).items()}
+    assert_differs(outs["plain"], base)
+    for layout in ("fused", "weight"):
+        assert_close(outs[layout], outs["plain"])
+        assert grads[layout].keys() == grads["plain"].keys()
+        for name, grad in grads["plain"].items():
+            assert grad.abs().max() > 0, name
+            torch.testing.assert_close(grads[layout][name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_default_layout_is_fused_and_sites_have_no_separate_scale_or_add():
+    graphs, _, _ = _graphs("llama")
+    gm = graphs["fused"]
+    assert lora_fx.get_layout(gm) == "fused"
+    roles = lora_roles(gm)
+    assert roles["scale"] == roles["lora_a"] == roles["lora_b"] == 0
+    assert roles["add"] == 14  # 2 layers x 7 linears, one fused node each
+    assert lora_roles(graphs["plain"])["scale"] == 14
+    # "weight": each site op reads W + scale * B @ A
+    weight_nodes = [n for n in graphs["weight"].graph.nodes if n.target is low_rank_weight]
+    assert len(weight_nodes) == 14
+    fresh = lora_fx.inject(lora_fx.capture(TinyMLP().eval(), (torch.randn(2, 10),)), _cfg(["lin0"]))
+    assert lora_fx.get_layout(fresh) == "fused"
+
+
+def test_saved_adapter_is_the_same_in_every_layout(tmp_path):
+    graphs, _, _ = _graphs("gpt2")
+    files = {}
+    for layout, gm in graphs.items():
+        lora_fx.save_adapter(gm, tmp_path / layout)
+        files[layout] = load_file(tmp_path / layout / "adapter_model.safetensors")
+    for layout in ("fused", "weight"):
+        assert files[layout].keys() == files["plain"].keys()
+        for key, tensor in files["plain"].items():
+            assert torch.equal(files[layout][key], tensor), key
+
+
+def test_weight_layout_falls_back_where_it_cannot_apply():
+    model, x = TinyMLP().eval(), torch.randn(4, 10)
+    # call_module sites (symbolic_trace) have no weight argument to rewrite: fused instead
+    gm = lora_fx.set_layout(
+        lora_fx.inject(lora_fx.capture(model, (x,), method="fx"), _cfg(["lin0"])), "weight"
+    )
+    assert not any(n.target is low_rank_weight for n in gm.graph.nodes)
+    assert any(n.target is add_lora for n in gm.graph.nodes)
+    # dropout > 0 acts on x only: the delta cannot move onto W
+    gm = lora_fx.inject(lora_fx.capture(model, (x,)), _cfg(["lin0", "lin1"], dropout=0.1))
+    lora_fx.set_layout(gm, "weight")
+    assert lora_roles(gm)["dropout"] == 2
+    assert not any(n.target is low_rank_weight for n in gm.graph.nodes)
+    # DoRA and lora_bias keep the plain branch
+    gm = lora_fx.inject(lora_fx.capture(model, (x,)), _cfg(["lin0"], use_dora=True))
+    assert lora_roles(gm)["scale"] == 1
+
+
+def test_layout_survives_switching_merging_and_unloading():
+    model, x = tiny_llama(), torch.randint(0, 256, (2, 8))
+    gm = lora_fx.capture(model.eval(), (x,), HF_KW)
+    lora_fx.inject(gm, _cfg("all-linear"))
+    lora_fx.inject(gm, _cfg(["q_proj", "v_proj"]), "other")
+    reference = copy.deepcopy(gm)
+    lora_fx.set_layout(reference, "plain")
+    lora_fx.set_layout(gm, "weight")
+    for step in (
+        lambda g: lora_fx.set_adapter(g, ["default", "other"]),
+        lambda g: lora_fx.merge(g, ["other"]),
+        lambda g: lora_fx.unmerge(g),
+        lambda g: lora_fx.set_adapter(g, "other"),
+    ):
+        step(gm)
+        step(reference)
+        assert lora_fx.get_layout(gm) == "weight"
+        assert_close(_logits(gm(x)), _logits(reference(x)))
+    merged = lora_fx.merge_and_unload(gm)
+    assert not any(n.target is low_rank_weight for n in merged.graph.nodes)
+    assert_close(_logits(merged(x)), _logits(lora_fx.merge_and_unload(reference)(x)))
+
+
+def test_direct_linear_chain_matches_peft_with_two_adapters():
+    """lin_b reads lin_a's output directly: its branch must see lin_a's adapted output."""
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin_a = nn.Linear(8, 8)
+            self.lin_b = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.lin_b(self.lin_a(x))
+
+    x = torch.randn(3, 8)
+    peft_cfg = PeftConfig(
+        r=2, lora_alpha=8, target_modules=["lin_a", "lin_b"], init_lora_weights=False
+    )
+    pm = get_peft_model(copy.deepcopy(Chain().eval()), peft_cfg)
+    pm.add_adapter("second", peft_cfg)
+    pm.base_model.set_adapter(["default", "second"])
+    expected = pm(x)
+    for layout in ("fused", "plain", "weight"):
+        base = copy.deepcopy(pm.base_model.model)
+        for module in base.modules():  # keep only the base Linear layers, with PEFT's weights
+            for name, child in list(module.named_children()):
+                if hasattr(child, "base_layer"):
+                    setattr(module, name, child.base_layer)
+        gm = lora_fx.capture(base, (x,))
+        lora_fx.inject(gm, _cfg(["lin_a", "lin_b"], r=2))
+        lora_fx.inject(gm, _cfg(["lin_a", "lin_b"], r=2), "second")
+        lora_fx.set_layout(gm, layout)
+        state = pm.state_dict()
+        for name, tensor in gm.state_dict().items():
+            if "lora_" in name:
+                key = "base_model.model." + name
+                tensor.copy_(state[key])
+        lora_fx.set_adapter(gm, ["default", "second"])
+        assert_close(gm(x), expected)
+
+
+@pytest.mark.parametrize("layout", ["fused", "weight"])
+def test_compiled_fullgraph_matches_eager(layout):
+    graphs, x, _ = _graphs("llama")
+    gm = graphs[layout]
+    compiled = torch.compile(gm, fullgraph=True, backend="aot_eager")
+    gm.eval()
+    eager = _logits(gm(x))
+    eager.pow(2).mean().backward()
+    eager_grads = {n: p.grad.clone() for n, p in lora_fx.trainable_parameters(gm).items()}
+    for p in lora_fx.trainable_parameters(gm).values():
+        p.grad = None
+    out = _logits(compiled(x))
+    out.pow(2).mean().backward()
+    assert_close(out, eager)
+    for name, p in lora_fx.trainable_parameters(gm).items():
+        torch.testing.assert_close(p.grad, eager_grads[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["fused", "weight"])
+def test_onnx_export_carries_the_layout(layout, tmp_path):
+    graphs, x, _ = _graphs("llama")
+    gm = graphs[layout].eval()
+    export_onnx(gm, (x,), tmp_path / "m.onnx", merged=False)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    got = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+    with torch.no_grad():
+        assert_close(got, _logits(gm(x)), dtype=torch.float32)
+
+
+def test_fused_ops_match_their_formulas():
+    y, x = torch.randn(2, 3, 6), torch.randn(2, 3, 5)
+    a, b = torch.randn(4, 5), torch.randn(6, 4)
+    expected = y + 0.5 * (x @ a.t()) @ b.t()
+    assert_close(add_lora(y.clone(), x, a, b, 0.5), expected)
+    assert_close(add_low_rank(y.clone(), x @ a.t(), b, 0.5), expected)
+    w = torch.randn(6, 5)
+    assert_close(low_rank_weight(w, a, b, 0.5, False), w + 0.5 * b @ a)
+    assert_close(low_rank_weight(w.t(), a, b, 0.5, True), (w + 0.5 * b @ a).t())
+
+
+def test_bad_layout_is_refused_and_graph_unchanged():
+    gm = lora_fx.inject(lora_fx.capture(TinyMLP().eval(), (torch.randn(2, 10),)), _cfg(["lin0"]))
+    code = gm.code
+    with pytest.raises(
+        ValueError,
+        match=r"layout='fast' is invalid; expected one of \['fused', 'plain', 'weight'\]",
+    ):
+        lora_fx.set_layout(gm, "fast")
+    assert gm.code == code and lora_fx.get_layout(gm) == "fused"
+    bare = lora_fx.capture(TinyMLP().eval(), (torch.randn(2, 10),))
+    with pytest.raises(AdapterError, match="no LoRA adapter"):
+        lora_fx.set_layout(bare, "plain")
