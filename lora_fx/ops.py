@@ -1,13 +1,32 @@
-"""Pure LoRA tensor math: tensors in, tensors out; no graph, no modules."""
+"""Pure LoRA tensor math: tensors in, tensors out; no graph, no modules.
+
+`add_low_rank_` is the one in-place function: merge's kernel, `W += alpha * left @ right`, which
+streams over W in row chunks so that no full-size delta or copy of W is ever made.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["alpha_for_scale", "delta_weight", "pad_rank", "param_delta", "rounding_error"]
+__all__ = [
+    "MERGE_CHUNK_BYTES",
+    "add_low_rank_",
+    "alpha_for_scale",
+    "delta_weight",
+    "pad_rank",
+    "param_delta",
+    "rounding_error",
+]
 
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+# Scratch `add_low_rank_` may use for a low-precision weight (two float32 chunks of W's rows, and
+# never more than W's own bytes). On the benchmark CPU (1 MiB L2, 32 MiB L3) 2-4 MiB time alike;
+# 512 KiB is ~1.4x and 256 KiB ~2x slower (more, smaller addmm_ calls).
+MERGE_CHUNK_BYTES = 4 << 20
 
 
 def delta_weight(
@@ -91,6 +110,73 @@ def rounding_error(before: torch.Tensor, after: torch.Tensor, delta: torch.Tenso
     if norm == 0:
         return 0.0
     return float(torch.linalg.vector_norm(applied - delta) / norm)
+
+
+def add_low_rank_(
+    weight: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    alpha: float,
+    *,
+    chunk_bytes: int | None = None,
+) -> float:
+    """`weight += alpha * left @ right` in place, without a full-size temporary.
+
+    The product is accumulated in float32 (float64 if any input is float64). A weight of that
+    dtype is updated by one `addmm_` (no temporary at all). A lower-precision weight (bf16, fp16)
+    is streamed in row chunks: chunk -> float32, `addmm_` in float32, rounded back once; so the
+    delta is rounded once, not in B @ A and again in the add (as PEFT does with bf16 adapters).
+    Scratch memory: `min(chunk_bytes, W's bytes)`.
+
+    Args:
+        weight: `[m, n]`, or `[E, m, n]` for E stacked weights (each gets its own factors).
+        left: `[m, r]` (or `[E, m, r]`); any strides, e.g. `A.T`.
+        right: `[r, n]` (or `[E, r, n]`).
+        alpha: The scale; `-scale` takes a folded delta back out.
+        chunk_bytes: Scratch memory for a low-precision weight (two float32 chunks of rows);
+            default `MERGE_CHUNK_BYTES`.
+
+    Returns:
+        The rounding loss `||written - exact|| / ||alpha * left @ right||` (Frobenius norms),
+        0.0 when the weight has the accumulation dtype or the delta is zero.
+
+    Example:
+        >>> loss = add_low_rank_(linear.weight.data, lora_b, lora_a, scale)   # merge one linear
+    """
+    wide = torch.float64 in (weight.dtype, left.dtype, right.dtype)
+    dtype = torch.float64 if wide else torch.float32
+    left, right = left.to(dtype), right.to(dtype)
+    add = torch.Tensor.baddbmm_ if weight.dim() == 3 else torch.Tensor.addmm_
+    with torch.no_grad():
+        if weight.dtype == dtype:
+            add(weight, left, right, alpha=alpha)  # BLAS writes W in place: C <- C + alpha A @ B
+            return 0.0
+        # Chunk rows (dim -2): a chunk is [E, rows, n]. Two flat buffers in `dtype` serve all
+        # chunks: the exact sum, and the written values read back (a same-dtype sub_ is ~1.5x
+        # faster than subtracting the bf16 chunk directly, which casts it to a hidden temporary).
+        limit = MERGE_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+        limit = min(limit, weight.numel() * weight.element_size())  # never more than W itself
+        row_numel = math.prod((*weight.shape[:-2], weight.shape[-1]))
+        rows = max(1, min(weight.shape[-2], limit // (2 * row_numel * dtype.itemsize)))
+        exact_buf, written_buf = weight.new_empty((2, row_numel * rows), dtype=dtype)
+        err_sq = 0.0
+        for start in range(0, weight.shape[-2], rows):
+            part = weight[..., start : start + rows, :]
+            exact = exact_buf[: part.numel()].view(part.shape)
+            written = written_buf[: part.numel()].view(part.shape)
+            exact.copy_(part)
+            add(exact, left[..., start : start + rows, :], right, alpha=alpha)
+            part.copy_(exact)  # round once, into W
+            written.copy_(part)
+            err_sq += float(torch.linalg.vector_norm(exact.sub_(written))) ** 2
+    delta_sq = _low_rank_norm_sq(left, right) * alpha**2
+    return (err_sq / delta_sq) ** 0.5 if delta_sq > 0 else 0.0
+
+
+def _low_rank_norm_sq(left: torch.Tensor, right: torch.Tensor) -> float:
+    """`||left @ right||^2` as trace((L^T L)(R R^T)): two r x r Grams, no [m, n] product."""
+    left, right = left.double(), right.double()
+    return float(((left.mT @ left) * (right @ right.mT)).sum())  # both Grams are symmetric
 
 
 def pad_rank(

@@ -1,6 +1,6 @@
 """Fold one adapter's delta into one site's base weight, and back (the core of merge / unmerge).
 
-    plain LoRA:  W <- W + delta                           unfold:  W <- W - delta
+    plain LoRA:  W <- W + scale * left @ right            unfold:  W <- W - scale * left @ right
     DoRA:        W <- g * (W + delta), g = m / ||W + delta||    unfold:  W <- W / g - delta
     quantized:   the same value from the dequantized W, then re-quantized in place
     lora_bias:   b <- b + scale * b_B                     unfold:  b <- b - scale * b_B
@@ -11,9 +11,17 @@ Rules:
    replaced. `unfold` pops it.
 2. A quantized weight whose fold is the last one on that site is restored bitwise from its entry;
    otherwise (adapters unmerged out of order) it is dequantized, unfolded and re-quantized.
-3. Values are computed in float32 (float64 for float64 adapters); a plain fold into a float32
-   weight adds in place.
-   The return value is the rounding loss `||written - wanted|| / ||wanted - before||`.
+3. Plain LoRA on a float weight is folded in place by `ops.add_low_rank_` from the factors, as
+   views of A, B and W (`_factors`):
+       linear W[out, in] += B @ A            transposed linear / embedding  W[in, out] += A.T @ B.T
+       conv   W.view(out, -1) += B.flatten(1) @ A.flatten(1)     (groups == 1, contiguous W)
+       param  W[out, in] += B @ A, or per expert W[e] += B_e @ A_e
+   No full-size delta is made: a float32 weight takes one `addmm_`, a bf16/fp16 weight is streamed
+   in float32 chunks (`ops.MERGE_CHUNK_BYTES`), each rounded once.
+4. DoRA, quantized weights and other layouts keep the full-size path: the delta and the merged
+   value are computed in float32 (float64 for float64 adapters), then written; a plain fold into
+   a weight of the delta's dtype adds in place.
+5. The return value is the rounding loss `||written - wanted|| / ||wanted - before||`.
 """
 
 from __future__ import annotations
@@ -61,6 +69,12 @@ def fold(
     gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord, state: LoraState
 ) -> float:
     """Merge one adapter into one site's weight (and bias), in place; returns the rounding loss."""
+    factors = _factors(gm, site, adapter, rec)
+    if factors is not None:
+        state.merge_undo[f"{adapter}:{site.fqn}"] = None  # nothing to undo but the delta itself
+        loss = ops.add_low_rank_(*factors, rec.scale)
+        _fold_bias(gm, site, adapter, rec, sign=1.0)
+        return loss
     weight, module = _graph.get_attr(gm, site.weight), _module(gm, site)
     delta = site_delta(gm, site, adapter, rec)
     before = _current(gm, site).to(delta.dtype)
@@ -90,6 +104,9 @@ def unfold(
     if "quantized" in undo and not any(k.split(":", 1)[1] == site.fqn for k in later):
         quant.restore_(weight, undo["quantized"], module)  # the last fold here: bitwise restore
         return 0.0
+    factors = _factors(gm, site, adapter, rec)
+    if factors is not None:
+        return ops.add_low_rank_(*factors, -rec.scale)
     delta = site_delta(gm, site, adapter, rec)
     before = _current(gm, site).to(delta.dtype)
     if rec.use_dora:
@@ -105,6 +122,32 @@ def unfold(
         )
         return _write(weight, module, before, wanted, None)
     return _write(weight, module, before, before - delta, -delta)
+
+
+def _factors(
+    gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`(W, left, right)` views with plain LoRA's fold `W += scale * left @ right`; else None."""
+    weight = _graph.get_attr(gm, site.weight)
+    if rec.use_dora or quant.is_quantized(weight) or not weight.is_floating_point():
+        return None
+    paths = lora_paths(site.kind, site.fqn, adapter)
+    a, b = _graph.get_attr(gm, paths.a).detach(), _graph.get_attr(gm, paths.b).detach()
+    w = weight.detach()
+    if site.kind == "param" and w.dim() == 3:
+        # A [r*E, in] -> [E, r, in];  B [out, r*E] -> [out, r, E] -> [E, out, r]  (ops.param_delta)
+        experts = w.shape[0]
+        left = b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)
+        return w, left, a.reshape(experts, -1, a.shape[-1])
+    if (site.kind == "param" and w.dim() == 2) or (site.kind == "linear" and not site.transposed):
+        return w, b, a  # W[out, in] += B[out, r] @ A[r, in]
+    if site.kind in ("linear", "embedding"):
+        return w, a.T, b.T  # W[in, out] += A.T[in, r] @ B.T[r, out];  embedding: in = num
+    groups = site.conv.groups if site.conv else 1
+    if site.kind == "conv" and groups == 1 and w.is_contiguous():
+        # delta[o, i, *k] = sum_r B[o, r] A[r, i, *k]: one matmul over W's flattened (i, *k)
+        return w.view(w.shape[0], -1), b.flatten(1), a.flatten(1)
+    return None
 
 
 def _dora_merge(

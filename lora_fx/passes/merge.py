@@ -4,8 +4,9 @@
     unmerge:  W <- W - scale * B @ A   (the branches come back for active adapters)
 
 Rules:
-1. The delta is computed in float32 and added in place, one site at a time: extra memory is one
-   site's delta. `lora_bias` folds `scale * b_B` into the base bias.
+1. The delta is never formed: `W.addmm_(B, A, alpha=scale)` in place (float32 weights, no extra
+   memory), or row chunks upcast to float32 and rounded once (bf16/fp16: a few MiB at most;
+   `ops.add_low_rank_`). `lora_bias` folds `scale * b_B` into the base bias.
 2. Low-precision weights lose part of the delta to rounding. `merge` measures it per site
    (`||applied - delta|| / ||delta||`), keeps the report in the graph state
    (`lora_fx.merge_report(gm)`), logs it, and warns when it exceeds 1 %.
