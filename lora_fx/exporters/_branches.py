@@ -164,8 +164,9 @@ def emit_inputs(
                 out.module, bias, torch.zeros(site.out_features, dtype=dtype, device=b.device)
             )
             out.lora_tensors[bias] = names.b_bias_key
-        tensors = (names.a, names.b, bias)
-        _emit_branches(out.module, site, "inputs", tensors, None, layout=state.layout)
+        # Plain layout: the rank may be 0 at run time (no adapter fed), and ORT's Gemm rejects
+        # the empty inner dimension an accumulate would then have; MatMul + Add accept it.
+        _emit_branches(out.module, site, "inputs", (names.a, names.b, bias), None)
 
 
 def _emit_branches(
