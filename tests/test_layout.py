@@ -65,12 +65,23 @@ MODELS = {
 }
 
 
+_CAPTURED: dict = {}
+
+
+def _captured(case):
+    """The captured base graph, its input and output, once per case (capture costs seconds)."""
+    if case not in _CAPTURED:
+        make_model, make_x, _, method, kw = MODELS[case]
+        model, x = make_model().eval(), make_x()
+        gm0 = lora_fx.capture(model, (x,), kw, method=method)
+        _CAPTURED[case] = (gm0, x, _logits(gm0(x)).detach())
+    return _CAPTURED[case]
+
+
 def _graphs(case):
     """One injected graph per layout, all holding the same adapter values."""
-    make_model, make_x, targets, method, kw = MODELS[case]
-    model, x = make_model().eval(), make_x()
-    gm0 = lora_fx.capture(model, (x,), kw, method=method)
-    base = _logits(gm0(x))
+    targets = MODELS[case][2]
+    gm0, x, base = _captured(case)
     plain = lora_fx.set_layout(lora_fx.inject(copy.deepcopy(gm0), _cfg(targets)), "plain")
     graphs = {"plain": plain}
     for layout in ("fused", "weight"):
