@@ -111,7 +111,13 @@ def emit_named(
     sites: dict[str, Site],
     out: ExportGraph,
 ) -> None:
-    """Branches as the graph runs them; A/B keep their PEFT in-memory names (no copy)."""
+    """Branches as the graph runs them; A/B keep their PEFT in-memory names (no copy).
+
+    An ONNX file is for inference, so a "fused" graph exports its sites as `W + scale * B @ A`
+    (the "weight" layout): ONNX Runtime folds that at session start, so the unmerged file runs
+    at merged speed and still holds A and B under their own names. "plain" is kept as chosen.
+    """
+    layout = "plain" if state.layout == "plain" else "weight"
     for name in adapters:
         for fqn, rec in state.adapters[name].sites.items():
             paths = lora_paths(rec.kind, fqn, name)
@@ -127,7 +133,7 @@ def emit_named(
             cast = _graph.get_attr(gm, paths.a).dtype != site_dtype
             branch = (paths.a, paths.b, bias)
             _emit_branches(
-                out.module, sites[fqn], name, branch, rec.scale, cast=cast, layout=state.layout
+                out.module, sites[fqn], name, branch, rec.scale, cast=cast, layout=layout
             )
 
 
