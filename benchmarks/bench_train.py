@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py                # full run (several minutes on 2 CPU cores)
     python benchmarks/bench_train.py --quick        # smoke mode: 2 layers, few rounds
     python benchmarks/bench_train.py --out x.json   # JSON path (default results/bench_train.json)
+    python benchmarks/bench_train.py --profile      # also: torch.profiler table of one eager step
 
 One training step: forward, cross-entropy on next-token targets, backward, AdamW step on the LoRA
 parameters, `zero_grad(set_to_none=True)`. Variants (same base weights, same adapter, same batch):
@@ -31,6 +32,8 @@ Figures:
    counted (RSS would mix those in and is too noisy at this size). Persistent state is counted
    apart: LoRA gradient bytes at the end of backward and AdamW state bytes, and how many frozen
    parameters hold a gradient or optimizer state (must be 0).
+5. Profile (`--profile`): torch.profiler's operator table of one `fx eager` and one `peft eager`
+   step after the timed rounds, sorted by self CPU time; the top rows go into the JSON.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ VARIANTS = (
     "peft eager gc",
     "peft compiled gc",
 )
+PROFILED, PROFILE_ROWS = ("fx eager", "peft eager"), 15  # --profile: variants, table rows
 # (label, numerator, denominator): throughput ratios reported.
 _RATIOS = (
     ("fx compiled / peft compiled", "fx compiled", "peft compiled"),
@@ -216,6 +220,29 @@ def saved_bytes(variant: Variant, ids: torch.Tensor) -> int:
     return sum(saved.values())
 
 
+def profile_step(variant: Variant, ids: torch.Tensor, rows: int) -> tuple[str, list[dict]]:
+    """torch.profiler's operator table of one step (by self CPU time), and its top rows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        variant.step(ids)
+    averages = prof.key_averages()
+    text = averages.table(sort_by="self_cpu_time_total", row_limit=rows)
+    top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    total = sum(e.self_cpu_time_total for e in averages)
+    return text, [
+        {
+            "name": e.key,
+            "calls": e.count,
+            "self_cpu_ms": e.self_cpu_time_total / 1e3,
+            "self_cpu_pct": 100 * e.self_cpu_time_total / total,
+            "cpu_total_ms": e.cpu_time_total / 1e3,
+        }
+        for e in top
+    ]
+
+
 def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile, q in [0, 1]."""
     ordered = sorted(values)
@@ -280,6 +307,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     memory = {name: peak_step_bytes(v, ids) for name, v in variants.items()}
     saved = {name: saved_bytes(v, ids) for name, v in variants.items()}
+    profiles = {}
+    for name in PROFILED if args.profile else ():
+        if name in variants:
+            text, top = profile_step(variants[name], ids, PROFILE_ROWS)
+            print(f"profile of one '{name}' step (self CPU time)\n{text}")
+            profiles[name] = top
     tokens = args.batch * args.seq
     rows = {}
     for name in names:
@@ -303,7 +336,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "p25": percentile(per_round, 0.25),
                 "p75": percentile(per_round, 0.75),
             }
-    return {"rows": rows, "speedups": ratios, "checks": checks}
+    result = {"rows": rows, "speedups": ratios, "checks": checks}
+    if args.profile:
+        result["profile"] = profiles
+    return result
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -394,6 +430,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="torch._inductor.config.fallback_random: compiled dropout draws with eager's RNG",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print torch.profiler's op table of one fx eager and one peft eager step",
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: steadier on a busy machine)"
@@ -451,6 +492,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "rounds": args.rounds,
             "warmup": args.warmup,
             "fallback_random": args.fallback_random,
+            "profile": args.profile,
         },
         "result": res,
     }

@@ -4,7 +4,9 @@
         * every `aten.dropout(x, p, train_flag)` turned into a `call_module` `nn.Dropout(p)`,
           so `gm.train()` / `gm.eval()` switch it (export bakes the flag as a constant);
         * non-tensor keyword arguments (`use_cache=False`) bound as constants, so `gm(ids)` works;
-        * a plain `GraphModule` class, whose `train()` / `eval()` work (export's module refuses).
+        * a plain `GraphModule` class, whose `train()` / `eval()` work (export's module refuses);
+        * export only: a constant causal mask and `repeat_kv` copies feeding SDPA replaced by
+          `is_causal=True` / `enable_gqa=True`, as eager transformers calls it (`_attention.py`).
 
 Rules and edge cases:
 1. Export runs with the model in eval mode and then sets the graph to the model's own mode. Fused
@@ -24,6 +26,7 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from lora_fx._attention import fuse_causal_attention
 from lora_fx._meta import CAPTURE_META
 from lora_fx.errors import CaptureError
 
@@ -134,6 +137,7 @@ def _export(
         ) from e
     gm = _trainable_module(program.module())
     _bind_constant_kwargs(gm, args, kwargs)
+    fuse_causal_attention(gm)
     return gm
 
 

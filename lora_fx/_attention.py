@@ -1,0 +1,289 @@
+"""Give exported attention back SDPA's own causal and grouped-query modes.
+
+    mask = <causal mask computed from arange / shapes only>
+    k'   = reshape(expand(unsqueeze(k, 2), [B, Hkv, n, S, D]), [B, Hkv * n, S, D])   (repeat_kv)
+    v'   = the same for v
+    y    = sdpa(q, k', v', mask, p, False, scale=s)
+        ->  y = sdpa(q, k, v, None, p, True, scale=s, enable_gqa=True)
+
+Under `torch.export` transformers cannot skip its mask (it is tracing), so the graph carries an
+explicit causal mask and `repeat_kv` copies of K and V. Eager transformers passes `is_causal=True`
+and `enable_gqa=True` instead; in a training step autograd then saves K and V, not their n-fold
+copies, and no mask. This rewrite restores that form where it is exact.
+
+Rules:
+1. The mask is replaced only if it is constant: every node it comes from is a deterministic
+   `call_function` (no placeholder, get_attr, module call or random op). It is evaluated once and
+   must equal `ones(L, S).tril()` (SDPA's `is_causal` pattern) in each [L, S] slice: `True`
+   where allowed for a bool mask, `0` / `-inf` for a float one (not `finfo.min`: a finite
+   penalty is only approximately zero weight). Its last two sizes must be L and S themselves,
+   not broadcast ones. A mask built from a user's `attention_mask` (or from symbolic shapes)
+   reads a placeholder and is left alone.
+2. `repeat_kv` is undone only when the call ends up with no mask, as transformers does
+   (`use_gqa_in_sdpa`: GPU kernels fall back to the math path for GQA with a mask), and only if
+   K and V are both repeated n times from tensors with the same head count. `enable_gqa=True`
+   repeats heads as `repeat_interleave(n, dim=-3)`, which is `repeat_kv`'s order.
+3. The SDPA node is edited in place: its name and `node.meta` (`nn_module_stack`, ...) stay.
+   `dropout_p` and `scale` are kept.
+4. Mask and repeat nodes left without users are erased, with the `_assert_tensor_metadata`
+   checks on them; nodes still used elsewhere (position ids feed the rotary embedding) stay.
+5. Graphs without the pattern (no SDPA, a padding mask, `method="fx"` graphs) are unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch.fx.node import map_arg
+
+from lora_fx import _graph
+
+__all__ = ["fuse_causal_attention"]
+
+log = logging.getLogger(__name__)
+
+_SDPA_OPS = (torch.ops.aten.scaled_dot_product_attention.default,)
+_UNSQUEEZE_OPS = (torch.ops.aten.unsqueeze.default,)
+_EXPAND_OPS = (torch.ops.aten.expand.default,)
+_COPY_OPS = (torch.ops.aten.clone.default, torch.ops.aten.contiguous.default)
+_RESHAPE_OPS = (
+    torch.ops.aten.reshape.default,
+    torch.ops.aten.view.default,
+    torch.ops.aten._unsafe_view.default,
+)
+_ASSERT_OPS = (torch.ops.aten._assert_tensor_metadata.default,)
+# Their values are not constants either (uninitialised memory), though torch tags them as pure.
+_UNINITIALISED_OPS = (
+    torch.ops.aten.empty.memory_format,
+    torch.ops.aten.empty_like.default,
+    torch.ops.aten.empty_strided.default,
+    torch.ops.aten.new_empty.default,
+    torch.ops.aten.new_empty_strided.default,
+)
+# SDPA's positional parameters; scale and enable_gqa are keyword-only.
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+
+
+@dataclass(frozen=True)
+class _Repeat:
+    """A `repeat_kv(source, n)` chain: its input and its nodes, output last."""
+
+    source: torch.fx.Node
+    n: int
+    nodes: tuple[torch.fx.Node, ...]
+
+
+@dataclass(frozen=True)
+class _Edit:
+    """One SDPA call to rewrite: drop its causal mask, and maybe its K/V repeats."""
+
+    node: torch.fx.Node
+    mask: torch.fx.Node | None
+    key: _Repeat | None
+    value: _Repeat | None
+
+
+def fuse_causal_attention(gm: torch.fx.GraphModule) -> int:
+    """In place: use SDPA's `is_causal` / `enable_gqa` instead of a causal mask and `repeat_kv`.
+
+    Args:
+        gm: An ATen graph from `torch.export` (as `lora_fx.capture` makes it).
+
+    Returns:
+        How many attention calls were rewritten (0: the graph is unchanged).
+
+    Example:
+        >>> gm = torch.fx.GraphModule(program.module(), program.module().graph)
+        >>> fuse_causal_attention(gm)  # capture(method="export") runs it; 2-layer Llama:
+        2
+    """
+    # plan
+    masks: dict[torch.fx.Node, bool] = {}
+    edits = [e for node in gm.graph.nodes if (e := _plan(node, masks)) is not None]
+    if not edits:
+        return 0
+    # apply
+    dropped: list[torch.fx.Node] = []
+    for edit in edits:
+        bound = _bind(edit.node)
+        if edit.mask is not None:
+            bound["attn_mask"], bound["is_causal"] = None, True
+            dropped.append(edit.mask)
+        if edit.key is not None and edit.value is not None:
+            bound["key"], bound["value"] = edit.key.source, edit.value.source
+            bound["enable_gqa"] = True
+            dropped += [*edit.key.nodes, *edit.value.nodes]
+        edit.node.args = tuple(bound.pop(name) for name in _SDPA_PARAMS)
+        edit.node.kwargs = bound
+        log.debug("fuse_causal_attention: %s", edit.node.format_node())
+    # finish
+    erased = _erase_unused(gm.graph, dropped)
+    _graph.cleanup(gm)
+    gqa = sum(e.key is not None for e in edits)
+    log.info(
+        "fuse_causal_attention: %d attention calls -> is_causal (%d with enable_gqa), "
+        "%d nodes erased",
+        len(edits),
+        gqa,
+        erased,
+    )
+    return len(edits)
+
+
+def _plan(node: torch.fx.Node, masks: dict[torch.fx.Node, bool]) -> _Edit | None:
+    """The edit for one SDPA node, or None if nothing about it is exact to change."""
+    if node.op != "call_function" or node.target not in _SDPA_OPS:
+        return None
+    bound = _bind(node)
+    mask = bound.get("attn_mask")
+    q, k = _shape(bound["query"]), _shape(bound["key"])
+    if q is None or k is None or len(q) != 4 or len(k) != 4:
+        return None
+    causal_mask = mask is not None and not bound.get("is_causal", False)
+    if causal_mask:
+        # The mask must be [..., L, S] itself: a broadcast row ([..., 1, S]) is not causal.
+        if (_shape(mask) or (0, 0))[-2:] != (q[2], k[2]):
+            return None
+        if mask not in masks:
+            masks[mask] = _is_causal_mask(mask)
+        if not masks[mask]:
+            return None
+    elif mask is not None:
+        return None
+    key, value = _repeat_kv(bound["key"]), _repeat_kv(bound["value"])
+    gqa = (
+        key is not None
+        and value is not None
+        and key.n == value.n
+        and _shape(key.source)[1] == _shape(value.source)[1]
+        and q[1] == k[1]  # as many query heads as repeated K/V heads
+        and not bound.get("enable_gqa", False)
+    )
+    if not causal_mask and not gqa:
+        return None
+    return _Edit(node, mask if causal_mask else None, key if gqa else None, value if gqa else None)
+
+
+def _bind(node: torch.fx.Node) -> dict:
+    """SDPA's arguments by name, defaults filled in."""
+    schema = node.target._schema
+    bound = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    bound.update(zip(_SDPA_PARAMS, node.args, strict=False))  # args: a prefix of the params
+    bound.update(node.kwargs)
+    return bound
+
+
+def _is_causal_mask(mask: torch.fx.Node) -> bool:
+    """Whether `mask` is computed from constants only and equals SDPA's causal pattern."""
+    try:
+        value = _evaluate(mask)
+    except Exception as e:  # an op that cannot run outside its graph: keep the mask
+        log.debug("fuse_causal_attention: cannot evaluate %s: %s", mask.format_node(), e)
+        return False
+    if not isinstance(value, torch.Tensor) or value.dim() < 2:
+        return False
+    # causal[i, j] = j <= i: SDPA's is_causal pattern (top-left aligned when L != S)
+    causal = torch.ones(value.shape[-2:], dtype=torch.bool, device=value.device).tril()
+    if value.dtype == torch.bool:
+        return bool(torch.equal(value, causal.expand(value.shape)))
+    if not value.is_floating_point():
+        return False
+    allowed = causal.expand(value.shape)
+    return bool((value[allowed] == 0).all() and (value[~allowed] == float("-inf")).all())
+
+
+def _evaluate(node: torch.fx.Node) -> object | None:
+    """Run the subgraph computing `node` if it reads no input, attribute or RNG; else None."""
+    order: list[torch.fx.Node] = []
+    seen: set[torch.fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        if n.op != "call_function" or _is_random(n):
+            return None
+        seen.add(n)
+        order.append(n)
+        stack.extend(n.all_input_nodes)
+    position = {n: i for i, n in enumerate(node.graph.nodes)}
+    env: dict[torch.fx.Node, object] = {}
+    with torch.no_grad():
+        for n in sorted(order, key=position.__getitem__):
+            args = map_arg(n.args, env.__getitem__)
+            kwargs = map_arg(n.kwargs, env.__getitem__)
+            env[n] = n.target(*args, **kwargs)
+    return env[node]
+
+
+def _is_random(node: torch.fx.Node) -> bool:
+    """Whether the op's value is not a constant: it draws random numbers or reads raw memory."""
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags or node.target in _UNINITIALISED_OPS
+
+
+def _repeat_kv(node: torch.fx.Node) -> _Repeat | None:
+    """Match `reshape(expand(unsqueeze(x, 2), [B, H, n, S, D]), [B, H * n, S, D])`."""
+    out = node
+    chain = [node]
+    if not _is_call(node, _RESHAPE_OPS):
+        return None
+    node = node.args[0]
+    if _is_call(node, _COPY_OPS):  # a decomposed reshape: clone + _unsafe_view
+        chain.append(node)
+        node = node.args[0]
+    if not _is_call(node, _EXPAND_OPS):
+        return None
+    expand = node
+    unsqueeze = expand.args[0]
+    if not _is_call(unsqueeze, _UNSQUEEZE_OPS) or unsqueeze.args[1] not in (2, -3):
+        return None
+    chain += [expand, unsqueeze]
+    source = unsqueeze.args[0]
+    shapes = [_shape(n) for n in (source, expand, out)]
+    if any(s is None for s in shapes):
+        return None
+    (b, h, s, d), expanded, repeated = shapes
+    if len(expanded) != 5 or expanded[:2] != (b, h) or expanded[3:] != (s, d):
+        return None
+    n = expanded[2]
+    if n < 2 or repeated != (b, h * n, s, d):
+        return None
+    return _Repeat(source, n, tuple(chain))
+
+
+def _shape(node: object) -> tuple[int, ...] | None:
+    """A node's static shape from export's `meta['val']`, or None."""
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return None
+    shape = tuple(val.shape)
+    return shape if all(isinstance(d, int) for d in shape) else None
+
+
+def _is_call(node: object, ops: tuple) -> bool:
+    """Whether `node` is a call_function of one of `ops`."""
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in ops
+
+
+def _erase_unused(graph: torch.fx.Graph, roots: list[torch.fx.Node]) -> int:
+    """Erase `roots` and their inputs once nothing but metadata asserts uses them; count erased."""
+    erased: set[torch.fx.Node] = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node in erased or node.op != "call_function" or _is_random(node):
+            continue
+        if any(not _is_call(u, _ASSERT_OPS) for u in node.users):
+            continue
+        inputs = node.all_input_nodes
+        for check in list(node.users):
+            graph.erase_node(check)
+            erased.add(check)
+        graph.erase_node(node)
+        erased.add(node)
+        stack.extend(inputs)
+    return len(erased)
