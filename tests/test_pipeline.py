@@ -46,7 +46,9 @@ def test_demo_trains_merges_and_saves(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("script", ["01_quickstart.py", "02_peft_interop.py"])
+@pytest.mark.parametrize(
+    "script", ["01_quickstart.py", "02_peft_interop.py", "06_unmerged_inference.py"]
+)
 def test_examples_run(script, capsys):
     runpy.run_path(str(EXAMPLES / script), run_name="__main__")
     out = capsys.readouterr().out
