@@ -32,8 +32,6 @@ import copy
 import gc
 import json
 import math
-import os
-import platform
 import random
 import statistics
 import sys
@@ -48,6 +46,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import run_meta
 
 import lora_fx
 
@@ -453,8 +454,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import peft
-    import transformers
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -467,18 +466,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for n in sorted(set(args.layers) | set(args.forward_layers))
     ]
     result = {
-        "meta": {
-            "lora_fx": lora_fx.__version__,
-            "peft": peft.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "quick": args.quick,
-            "total_s": time.perf_counter() - start,
-        },
+        "meta": run_meta(quick=args.quick, start=start),
         "config": {
             "model": "LlamaForCausalLM",
             "hidden_size": HIDDEN,

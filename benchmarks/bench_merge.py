@@ -36,8 +36,6 @@ import argparse
 import copy
 import gc
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -52,6 +50,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import run_meta
 
 import lora_fx
 from lora_fx import _graph, ops
@@ -432,8 +433,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import peft
-    import transformers
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -448,18 +447,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sites = make_adapter(base, folder)
         rows = [bench_dtype(base, d, folder, sites, args.rounds, args.runs) for d in args.dtypes]
     result = {
-        "meta": {
-            "lora_fx": lora_fx.__version__,
-            "peft": peft.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "quick": args.quick,
-            "total_s": time.perf_counter() - start,
-        },
+        "meta": run_meta(quick=args.quick, start=start),
         "config": {
             "model": "LlamaForCausalLM",
             "hidden_size": HIDDEN,

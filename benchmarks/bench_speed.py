@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
-import platform
-import random
 import statistics
 import sys
 import tempfile
@@ -40,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import interleaved, run_meta
 from bench_core import BATCH, SEQ, VOCAB, extra_flops, llama, logits, peft_config, percentile
 
 import lora_fx
@@ -51,34 +49,6 @@ _RATIOS = (
     *((f"fx {lay} / base", f"fx_{lay}", "graph") for lay in LAYOUTS),
     ("peft / base", "peft", "hf"),
 )
-
-
-def interleaved(
-    variants: dict[str, Callable[[], Any]], *, seconds: float, min_rounds: int
-) -> dict[str, list[float]]:
-    """Per-variant call times from interleaved rounds (shuffled order, GC off)."""
-    rng = random.Random(0)
-    names = list(variants)
-    for _ in range(2):
-        for fn in variants.values():
-            fn()
-    start = time.perf_counter()
-    for fn in variants.values():
-        fn()
-    rounds = max(min_rounds, min(500, int(seconds / (time.perf_counter() - start))))
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(rounds):
-            rng.shuffle(names)
-            for name in names:
-                t0 = time.perf_counter()
-                variants[name]()
-                samples[name].append(time.perf_counter() - t0)
-    finally:
-        gc.enable()
-    return samples
 
 
 def ratios(samples: dict[str, list[float]], pairs) -> dict[str, dict[str, float]]:
@@ -226,16 +196,10 @@ def report(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
+    start = time.perf_counter()
     base, pm, gm0, graphs, ids = build(args.layers)
     result: dict[str, Any] = {
-        "meta": {
-            "torch": torch.__version__,
-            "machine": platform.machine(),
-            "threads": 1,
-            "layers": args.layers,
-            "runs": args.runs,
-            "quick": args.quick,
-        },
+        "config": {"layers": args.layers, "runs": args.runs},
         "flops": extra_flops(base, pm),
     }
     print("eager ...", flush=True)
@@ -246,6 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["compiled"] = compiled_section(base, pm, gm0, graphs, ids, args)
     print("onnx runtime ...", flush=True)
     result["ort"] = ort_section(gm0, graphs, ids, args)
+    result["meta"] = run_meta(quick=args.quick, start=start)
     return result
 
 
