@@ -197,9 +197,7 @@ def _emit_branches(
     factor = 1.0 if scale is None else scale
     for base, x in zip(site.nodes, site.inputs, strict=True):
         if layout == "weight":
-            emit = _Emitter(graph, base.prev, tag_)
-            a, b = (emit("weight", "get_attr", path) for path in tensors[:2])
-            weight_update_node(emit, base, a, b, factor)
+            weight_update_node(_Emitter(graph, base.prev, tag_), base, *tensors[:2], factor)
             continue
         end = _chain_end(base)
         emit = _Emitter(graph, end, tag_)

@@ -168,13 +168,14 @@ def fitting_layout(site: Site, layout: str, *, needs_plain: bool, can_weight: bo
 
 
 def weight_update_node(
-    emit: Callable[..., torch.fx.Node],
-    base: torch.fx.Node,
-    a: torch.fx.Node,
-    b: torch.fx.Node,
-    scale: float,
+    emit: Callable[..., torch.fx.Node], base: torch.fx.Node, a_path: str, b_path: str, scale: float
 ) -> torch.fx.Node:
-    """`W + scale * B @ A` in the layout `base` reads its weight, plugged into `base` (role add)."""
+    """`W + scale * B @ A` in the layout `base` reads its weight, plugged into `base` (role add).
+
+    `emit` must insert before `base`; A and B are read from `a_path` / `b_path`.
+    """
+    a = emit("weight", "get_attr", a_path)
+    b = emit("weight", "get_attr", b_path)
     index = weight_arg_index(base)
     # linear reads W as [out, in]; addmm / mm read [in, out] (t(W), or Conv1D's own layout).
     transposed = base.target != _aten.linear.default
@@ -190,9 +191,7 @@ def _insert_weight_update(
     """Each site node reads `W + scale * B @ A` instead of `W` (adapters chain: W -> add -> add)."""
     for base in site.nodes:
         emit = _Emitter(gm.graph, base.prev, {"adapter": adapter, "site": site.fqn})
-        a = emit("weight", "get_attr", paths.a)
-        b = emit("weight", "get_attr", paths.b)
-        weight_update_node(emit, base, a, b, record.scale)
+        weight_update_node(emit, base, paths.a, paths.b, record.scale)
 
 
 def _attach(end: torch.fx.Node, add: torch.fx.Node, adapter: str) -> None:
