@@ -22,9 +22,10 @@ Figures:
    per-round ratios with their 25th-75th percentile range.
 2. Compile time: the first step's time minus the median step time (dynamo + AOTAutograd +
    inductor for forward and backward; the caches are cleared first).
-3. Saved activations: bytes of the distinct tensors (parameters excluded) that the step saves for
-   backward, recorded with `torch.autograd.graph.saved_tensors_hooks` (a compiled graph saves its
-   activations through the same hooks; a checkpointed block saves only its inputs).
+3. Held after forward: bytes torch's CPU allocator holds at the end of a training forward above
+   its level at the start (profiler allocation events, as for 4): the activations kept for
+   backward plus the 2 MiB of logits. Read from the allocator, not from saved-tensor hooks,
+   which a branch's own hooks (lora_fx's eager fused layout) would hide from an outer one.
 4. Peak memory: the most bytes torch's CPU allocator held during one step above what it held when
    the step began (activations, gradients, temporaries; the optimizer state already exists), read
    from the profiler's allocation events (`profile_memory=True`). The allocator reports every
@@ -181,13 +182,13 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
         gc.enable()
 
 
-def peak_step_bytes(variant: Variant, ids: torch.Tensor) -> int:
-    """Most bytes held by torch's CPU allocator during one step, above the level at its start."""
+def _allocation_events(fn: Callable[[], Any]) -> tuple[list[tuple[float, int]], Any]:
+    """(time, bytes) of every CPU allocation (+) and free (-) while `fn` runs, and its result."""
     from torch.profiler import ProfilerActivity, profile
 
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        variant.step(ids)
+        result = fn()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
@@ -197,6 +198,12 @@ def peak_step_bytes(variant: Variant, ids: torch.Tensor) -> int:
         for e in events
         if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0  # CPU
     )
+    return allocations, result
+
+
+def peak_step_bytes(variant: Variant, ids: torch.Tensor) -> int:
+    """Most bytes held by torch's CPU allocator during one step, above the level at its start."""
+    allocations, _ = _allocation_events(lambda: variant.step(ids))
     level = peak = 0
     for _, nbytes in allocations:
         level += nbytes
@@ -204,20 +211,12 @@ def peak_step_bytes(variant: Variant, ids: torch.Tensor) -> int:
     return peak
 
 
-def saved_bytes(variant: Variant, ids: torch.Tensor) -> int:
-    """Bytes of the distinct non-parameter storages one step saves for backward."""
-    params = {p.untyped_storage().data_ptr() for p in variant.module.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        variant.step(ids)
-    return sum(saved.values())
+def forward_held_bytes(variant: Variant, ids: torch.Tensor) -> int:
+    """Bytes torch's CPU allocator holds after a training forward above its level before it:
+    the activations kept for backward, plus the logits."""
+    allocations, logits = _allocation_events(lambda: variant.forward(ids))
+    del logits  # frees the autograd graph; no backward, no gradients
+    return sum(nbytes for _, nbytes in allocations)
 
 
 def profile_step(variant: Variant, ids: torch.Tensor, rows: int) -> tuple[str, list[dict]]:
@@ -306,7 +305,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             samples[name].append(seconds)
 
     memory = {name: peak_step_bytes(v, ids) for name, v in variants.items()}
-    saved = {name: saved_bytes(v, ids) for name, v in variants.items()}
+    held = {name: forward_held_bytes(v, ids) for name, v in variants.items()}
     profiles = {}
     for name in PROFILED if args.profile else ():
         if name in variants:
@@ -324,7 +323,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "compile_s": first_s[name] - median if "compiled" in name else None,
             "graph_breaks": breaks[name] if "compiled" in name else None,
             "peak_step_mb": memory[name] / 2**20,
-            "saved_activations_mb": saved[name] / 2**20,
+            "forward_held_mb": held[name] / 2**20,
             **variants[name].state(),
         }
     ratios = {}
@@ -372,7 +371,7 @@ def report(result: dict[str, Any]) -> str:
                 "tokens/s",
                 "compile s",
                 "breaks",
-                "saved MB",
+                "fwd held MB",
                 "peak MB",
                 "opt state KB",
             ],
@@ -383,7 +382,7 @@ def report(result: dict[str, Any]) -> str:
                     f"{r['tokens_per_s']:.0f}",
                     opt(r["compile_s"], ".1f"),
                     opt(r["graph_breaks"], "d"),
-                    f"{r['saved_activations_mb']:.1f}",
+                    f"{r['forward_held_mb']:.1f}",
                     f"{r['peak_step_mb']:.1f}",
                     f"{r['optimizer_state_bytes'] / 1024:.0f}",
                 ]

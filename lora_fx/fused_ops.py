@@ -73,13 +73,41 @@ def _accumulate(
     ):
         # Out of place: autograd replays an in-place write on a view with CopySlices, a grad
         # clone and fill per site in backward (9 % of an eager training step).
-        # Operand layouts pick the backward GEMMs: autograd's `mm` backward follows its inputs'
-        # memory order, and with `low_rows` column-major ([r, tokens] in memory) and B^T
-        # row-major both gradients come out as rank-row GEMMs, `B^T @ grad.T` and
-        # `low.T @ grad`, instead of the slow rank-column `grad @ B` and `grad.T @ low`.
+        # Backward GEMMs should have the rank as their row count (rank-column GEMMs run 2-4x
+        # slower on CPU): `B^T @ grad.T` for the activations, `low.T @ grad` for B.
+        # Autograd's `mm` backward follows its inputs' memory order, so compiled graphs pass
+        # the activations column-major and B^T row-major (a copy, which they save: their
+        # activation memory stays under PEFT's); eager runs `_AddLowRank`, which saves B.
         low_cols = low_rows.t().contiguous().t()  # no copy when already column-major
-        return torch.addmm(rows, low_cols, lora_b.t().contiguous(), alpha=scale).view(y.shape)
+        if torch.compiler.is_compiling():  # compile / export: plain ops
+            return torch.addmm(rows, low_cols, lora_b.t().contiguous(), alpha=scale).view(y.shape)
+        return _AddLowRank.apply(rows, low_cols, lora_b, scale).view(y.shape)
     return rows.addmm_(low_rows, lora_b.t(), alpha=scale).view(y.shape)
+
+
+class _AddLowRank(torch.autograd.Function):
+    """`rows + scale * low @ B.T` whose backward runs rank-row GEMMs and saves only low and B.
+
+    Eager autograd of the plain ops would save the row-major copy of B^T those GEMMs need;
+    this saves B itself (a parameter: no memory) and reads B^T as a transposed operand.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, low, lora_b, scale):
+        ctx.save_for_backward(low, lora_b)
+        ctx.scale = scale
+        return torch.addmm(rows, low, lora_b.t(), alpha=scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        low, lora_b = ctx.saved_tensors
+        grad_rows = grad if ctx.needs_input_grad[0] else None
+        grad_low = grad_b = None
+        if ctx.needs_input_grad[1]:  # [r, tokens] = B^T @ grad^T, returned as [tokens, r]
+            grad_low = torch.mm(lora_b.t(), grad.t()).mul_(ctx.scale).t()
+        if ctx.needs_input_grad[2]:  # [r, out] = low^T @ grad, returned as [out, r]
+            grad_b = torch.mm(low.t(), grad).mul_(ctx.scale).t()
+        return grad_rows, grad_low, grad_b, None
 
 
 def low_rank_weight(
