@@ -23,8 +23,8 @@ def add_lora(
 
     The `addmm` accumulates into `y` with the scale as `alpha`: no output-sized temporaries.
     The activations are computed transposed, `A @ x.T` (`[r, tokens]`): CPU GEMMs with the
-    rank as their row count run 1.5-4x faster than with it as their column count
-    (`benchmarks/bench_train.py`), and autograd's `mm` backward keeps that orientation for
+    rank as their row count run 1.4-4.9x faster than with it as their column count
+    (`benchmarks/bench_rank_gemm.py`), and autograd's `mm` backward keeps that orientation for
     the gradients of A and x (see `_accumulate` for B's side).
     """
     low_t = torch.mm(lora_a, x.reshape(-1, x.shape[-1]).t())
@@ -73,7 +73,7 @@ def _accumulate(
     ):
         # Out of place: autograd replays an in-place write on a view with CopySlices, a grad
         # clone and fill per site in backward (9 % of an eager training step).
-        # Backward GEMMs should have the rank as their row count (rank-column GEMMs run 2-4x
+        # Backward GEMMs should have the rank as their row count (rank-column GEMMs run 1.4-4.9x
         # slower on CPU): `B^T @ grad.T` for the activations, `low.T @ grad` for B.
         # Autograd's `mm` backward follows its inputs' memory order, so compiled graphs pass
         # the activations column-major and B^T row-major (a copy, which they save: their
