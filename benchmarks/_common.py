@@ -1,8 +1,9 @@
-"""Pieces the benchmark scripts share: the run's provenance and interleaved timing."""
+"""Pieces the benchmark scripts share: the run's provenance, interleaved timing, tables."""
 
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import random
@@ -63,3 +64,20 @@ def interleaved(
     finally:
         gc.enable()
     return samples
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 1]."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """Right-aligned text table with a rule under the header."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)

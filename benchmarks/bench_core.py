@@ -31,7 +31,6 @@ import argparse
 import copy
 import gc
 import json
-import math
 import random
 import statistics
 import sys
@@ -48,7 +47,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import run_meta
+from _common import percentile, run_meta, table
 
 import lora_fx
 
@@ -120,14 +119,6 @@ def logits(out: Any) -> torch.Tensor:
 
 def max_diff(a: Any, b: Any) -> float:
     return (logits(a) - logits(b)).abs().max().item()
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile, q in [0, 1]."""
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def bench_inject(base: nn.Module, gm0: torch.fx.GraphModule, repeats: int) -> dict[str, Any]:
@@ -326,14 +317,6 @@ def bench_layers(layers: int, args: argparse.Namespace, *, forward: bool) -> dic
 
 def _range(r: dict[str, float]) -> str:
     return f"{r['median']:.3f} [{r['p25']:.2f}-{r['p75']:.2f}]"
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
 
 
 def report(result: dict[str, Any]) -> str:

@@ -52,7 +52,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import run_meta
+from _common import run_meta, table
 
 import lora_fx
 from lora_fx import _graph, ops
@@ -337,14 +337,6 @@ def bench_dtype(base: nn.Module, dtype_name: str, folder: str, sites: list[str],
     row["rounding"] = rounding(bench, cycles=1 + rounds * runs)  # warm-up + timed rounds
     row["peak_extra_bytes"] = memory(bench)
     return row
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
 
 
 _TIME_ROWS = (  # (label, variant, has a fold time)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import platform
 import random
 import statistics
@@ -47,6 +46,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from _common import percentile, table
 
 import lora_fx
 from lora_fx.exporters import export_onnx, ort_run_options, write_ort_adapter
@@ -114,14 +115,6 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
         return time.perf_counter() - start, result
     finally:
         gc.enable()
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile, q in [0, 1]."""
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def logits(out: Any) -> torch.Tensor:
@@ -243,14 +236,6 @@ def bench(runs: dict[str, Callable[[], Any]], *, budget_s: float, min_rounds: in
         "median_ms": {n: 1e3 * statistics.median(s) for n, s in samples.items()},
         "ratio_to_base": ratios,
     }
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
 
 
 _TARGET = {

@@ -43,7 +43,6 @@ import argparse
 import copy
 import gc
 import json
-import math
 import os
 import platform
 import random
@@ -60,6 +59,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from _common import percentile, table
 
 import lora_fx
 
@@ -242,14 +243,6 @@ def profile_step(variant: Variant, ids: torch.Tensor, rows: int) -> tuple[str, l
     ]
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile, q in [0, 1]."""
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 def check_outputs(variants: dict[str, Variant], ids: torch.Tensor) -> dict[str, float]:
     """Max |logit| gaps between variants before training (eval mode: no dropout)."""
     with torch.no_grad():
@@ -339,14 +332,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile:
         result["profile"] = profiles
     return result
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
 
 
 def report(result: dict[str, Any]) -> str:
