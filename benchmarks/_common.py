@@ -1,14 +1,17 @@
-"""Pieces the benchmark scripts share: the run's provenance, interleaved timing, tables."""
+"""Pieces the benchmark scripts share: arguments, the run's provenance, timing, tables, JSON."""
 
 from __future__ import annotations
 
+import argparse
 import gc
+import json
 import math
 import os
 import platform
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,8 +19,23 @@ import torch
 import lora_fx
 
 
-def run_meta(*, quick: bool, start: float) -> dict[str, Any]:
-    """Versions, machine and threads of this run, and its wall time since `start`."""
+def fill_defaults(
+    args: argparse.Namespace, *, quick: dict[str, Any], full: dict[str, Any]
+) -> argparse.Namespace:
+    """Set each argument left as None to its value in `quick` (with --quick) or `full`."""
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def run_meta(
+    *, quick: bool, start: float, versions: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Versions, machine and threads of this run, and its wall time since `start`.
+
+    `versions` adds further package versions, listed after transformers'.
+    """
     import peft
     import transformers
 
@@ -26,6 +44,7 @@ def run_meta(*, quick: bool, start: float) -> dict[str, Any]:
         "peft": peft.__version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        **(versions or {}),
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -33,6 +52,23 @@ def run_meta(*, quick: bool, start: float) -> dict[str, Any]:
         "quick": quick,
         "total_s": time.perf_counter() - start,
     }
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Seconds one call of `fn` takes (GC off, as timeit does), and its result."""
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        result = fn()
+        return time.perf_counter() - start, result
+    finally:
+        gc.enable()
+
+
+def logits(out: Any) -> torch.Tensor:
+    """The logits of a transformers output or of a graph returning the same structure."""
+    return out.logits if hasattr(out, "logits") else out["logits"]
 
 
 def interleaved(
@@ -81,3 +117,15 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
+
+
+def write_result(
+    result: dict[str, Any], out: Path, report: Callable[[dict[str, Any]], str]
+) -> None:
+    """Print `report(result)`, write `result` to `out` as indented JSON (atomically), say where."""
+    print(report(result))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")

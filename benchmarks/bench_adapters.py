@@ -56,9 +56,6 @@ import argparse
 import contextlib
 import copy
 import gc
-import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -75,11 +72,11 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from bench_core import logits, percentile, table, timed
+from _common import fill_defaults, logits, percentile, run_meta, table, timed, write_result
+from bench_core import HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, VOCAB, llama
 
 import lora_fx
 
-HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 256, 512, 4, 2, 1024
 PER_ADAPTER, SEQ = 8, 32
 # name -> (r, lora_alpha): one adapter at another rank, so the mixed graph is not uniform.
 ADAPTERS = {"cat": (8, 16), "dog": (8, 16), "fox": (8, 16), "owl": (16, 16)}
@@ -110,23 +107,6 @@ _RATIOS = (
     ("fx_mixed/fx_base", "fx_mixed", "fx_base"),
     ("peft_mixed/hf_base", "peft_mixed", "hf_base"),
 )
-
-
-def llama(layers: int, seed: int = 0) -> nn.Module:
-    """A LlamaForCausalLM from config with random weights, in eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=layers,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        max_position_embeddings=2 * SEQ,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
 
 
 def peft_config(r: int, alpha: int) -> Any:
@@ -593,7 +573,7 @@ def check_hotswap(gm, pm, reference: dict[str, torch.Tensor], last: str, ids) ->
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    base = llama(args.layers)
+    base = llama(args.layers, seq=SEQ)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     swap_ids = ids[:SWAP_BATCH].clone()
     fx_model = copy.deepcopy(base)  # every captured graph shares this copy's Parameters
@@ -838,16 +818,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "peft_compositions": 1,
         "steady_rounds": 10,
     }
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return fill_defaults(args, quick=quick, full=full)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import peft
-    import transformers
-
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     # Deprecation noise from transformers (PEFT calls it) and torch pytree (deepcopy of a graph).
@@ -856,18 +830,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     result = run(args)
     result = {
-        "meta": {
-            "lora_fx": lora_fx.__version__,
-            "peft": peft.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "quick": args.quick,
-            "total_s": time.perf_counter() - start,
-        },
+        "meta": run_meta(quick=args.quick, start=start),
         "config": {
             "model": "LlamaForCausalLM",
             "layers": args.layers,
@@ -888,10 +851,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         **result,
     }
-    print(report(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out, report)
     return result
 
 

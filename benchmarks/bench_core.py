@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import random
 import statistics
 import sys
@@ -47,7 +46,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import percentile, run_meta, table
+from _common import fill_defaults, logits, percentile, run_meta, table, timed, write_result
 
 import lora_fx
 
@@ -68,8 +67,8 @@ _RATIOS = (
 )
 
 
-def llama(layers: int, seed: int = 0) -> nn.Module:
-    """A LlamaForCausalLM from config with random weights, in eval mode."""
+def llama(layers: int, seed: int = 0, *, seq: int = SEQ) -> nn.Module:
+    """A LlamaForCausalLM from config with random weights, in eval mode, for inputs up to 2*seq."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -79,7 +78,7 @@ def llama(layers: int, seed: int = 0) -> nn.Module:
         num_hidden_layers=layers,
         num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS,
-        max_position_embeddings=2 * SEQ,
+        max_position_embeddings=2 * seq,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
@@ -98,23 +97,6 @@ def peft_config(init_lora_weights: bool = True) -> Any:
         target_modules="all-linear",
         init_lora_weights=init_lora_weights,
     )
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    """Seconds one call of `fn` takes (GC off, as timeit does), and its result."""
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        result = fn()
-        return time.perf_counter() - start, result
-    finally:
-        gc.enable()
-
-
-def logits(out: Any) -> torch.Tensor:
-    """The logits of a transformers output or of a graph returning the same structure."""
-    return out.logits if hasattr(out, "logits") else out["logits"]
 
 
 def max_diff(a: Any, b: Any) -> float:
@@ -430,10 +412,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "min_rounds": 8}  # fmt: skip
     full = {"layers": [2, 8, 32], "forward_layers": [2, 8, 32], "repeats": 5,
             "forward_seconds": 40.0, "min_rounds": 15}  # fmt: skip
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return fill_defaults(args, quick=quick, full=full)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -467,10 +446,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "rows": rows,
     }
-    print(report(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out, report)
     return result
 
 

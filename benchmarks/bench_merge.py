@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import statistics
 import sys
 import tempfile
@@ -52,7 +51,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import run_meta, table
+from _common import fill_defaults, run_meta, table, write_result
 
 import lora_fx
 from lora_fx import _graph, ops
@@ -418,10 +417,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     quick = {"layers": 1, "rounds": 2, "runs": 1}
     full = {"layers": 4, "rounds": 7, "runs": 2}
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return fill_defaults(args, quick=quick, full=full)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -456,10 +452,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "rows": rows,
     }
-    print(report(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out, report)
     return result
 
 

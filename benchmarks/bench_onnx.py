@@ -47,7 +47,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from _common import percentile, table
+from _common import percentile, table, timed
 
 import lora_fx
 from lora_fx.exporters import export_onnx, ort_run_options, write_ort_adapter
@@ -103,18 +103,6 @@ def session(path: Path, threads: int):
     # Idle ORT threads spin by default, stealing the cores from whatever runs next (torch here).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    """Seconds one call of `fn` takes (GC off), and its result."""
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        result = fn()
-        return time.perf_counter() - start, result
-    finally:
-        gc.enable()
 
 
 def logits(out: Any) -> torch.Tensor:

@@ -26,9 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -43,13 +40,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_core import percentile, table, timed
+from _common import fill_defaults, logits, percentile, run_meta, table, timed, write_result
+from bench_core import ALPHA, BATCH, HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, RANK, SEQ, VOCAB, llama
 
 import lora_fx
 
-HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 256, 512, 4, 2, 1024
-BATCH, SEQ = 4, 64
-RANK, ALPHA = 8, 16
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_replicate.json"
 MB = 2**20
 
@@ -60,23 +55,6 @@ FULL = (
     (8, [[0, 8], [0, 8], [0, 8], [0, 8]]),  # 8 -> 32
 )
 QUICK = ((2, [[0, 2], [0, 2]]),)
-
-
-def llama(layers: int, seed: int = 0) -> nn.Module:
-    """A LlamaForCausalLM from config with random weights, in eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=layers,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        max_position_embeddings=2 * SEQ,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
 
 
 def really_deep(base: nn.Module, source: list[int]) -> nn.Module:
@@ -104,10 +82,6 @@ def param_bytes(module: nn.Module) -> int:
 def capture(model: nn.Module, ids: torch.Tensor) -> torch.fx.GraphModule:
     gm = lora_fx.capture(model, (ids,), {"use_cache": False})
     return gm.eval()
-
-
-def logits(out: Any) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out["logits"]
 
 
 def bench_forward(
@@ -272,20 +246,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=1, help="torch threads (1: steadier on a busy machine)"
     )
     args = parser.parse_args(argv)
-    defaults = (
-        {"repeats": 1, "forward_seconds": 1.0, "min_rounds": 8}
-        if args.quick
-        else {"repeats": 5, "forward_seconds": 30.0, "min_rounds": 15}
-    )
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    quick = {"repeats": 1, "forward_seconds": 1.0, "min_rounds": 8}
+    full = {"repeats": 5, "forward_seconds": 30.0, "min_rounds": 15}
+    return fill_defaults(args, quick=quick, full=full)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import transformers
-
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
@@ -294,17 +260,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bench_layout(layers, ranges, args) for layers, ranges in (QUICK if args.quick else FULL)
     ]
     result = {
-        "meta": {
-            "lora_fx": lora_fx.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "quick": args.quick,
-            "total_s": time.perf_counter() - start,
-        },
+        # No "peft" entry: PEFT plays no part in this benchmark.
+        "meta": {k: v for k, v in run_meta(quick=args.quick, start=start).items() if k != "peft"},
         "config": {
             "model": "LlamaForCausalLM",
             "hidden_size": HIDDEN,
@@ -322,10 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "rows": rows,
     }
-    print(report(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out, report)
     return result
 
 

@@ -44,7 +44,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -60,7 +59,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from _common import percentile, table
+from _common import fill_defaults, percentile, run_meta, table, timed, write_result
 
 import lora_fx
 
@@ -169,18 +168,6 @@ def warm_up_inductor() -> None:
     lin = nn.Linear(8, 8)
     torch.compile(lambda x: torch.relu(lin(x)).sum())(torch.randn(4, 8)).backward()
     torch._dynamo.reset()
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    """Seconds one call of `fn` takes (GC off, as timeit does), and its result."""
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        result = fn()
-        return time.perf_counter() - start, result
-    finally:
-        gc.enable()
 
 
 def _allocation_events(fn: Callable[[], Any]) -> tuple[list[tuple[float, int]], Any]:
@@ -426,16 +413,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     quick = {"layers": 2, "batch": 4, "seq": 64, "rounds": 5, "warmup": 1}
     full = {"layers": 4, "batch": 4, "seq": 128, "rounds": 20, "warmup": 2}
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return fill_defaults(args, quick=quick, full=full)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import peft
-    import transformers
-
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     # Compile times are for a cold compile: no inductor / AOTAutograd cache hits from earlier runs.
@@ -446,18 +427,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     res = run(args)
     result = {
-        "meta": {
-            "lora_fx": lora_fx.__version__,
-            "peft": peft.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "quick": args.quick,
-            "total_s": time.perf_counter() - start,
-        },
+        "meta": run_meta(quick=args.quick, start=start),
         "config": {
             "model": "LlamaForCausalLM",
             "layers": args.layers,
@@ -480,10 +450,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "result": res,
     }
-    print(report(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out, report)
     return result
 
 

@@ -26,9 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -46,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # models.bnb_copy
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_core
 
+from _common import fill_defaults, logits, percentile, run_meta, table, timed, write_result
 from bench_core import (
     ALPHA,
     BATCH,
@@ -55,11 +53,7 @@ from bench_core import (
     SEQ,
     VOCAB,
     llama,
-    logits,
     max_diff,
-    percentile,
-    table,
-    timed,
 )
 from models import bnb_copy
 
@@ -335,16 +329,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     quick = {"layers": [2], "forward_seconds": 1.0, "train_seconds": 1.0, "min_rounds": 5}
     full = {"layers": [2, 8], "forward_seconds": 30.0, "train_seconds": 40.0, "min_rounds": 15}
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return fill_defaults(args, quick=quick, full=full)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     import bitsandbytes
-    import peft
-    import transformers
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -353,19 +342,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     rows = [bench_layers(n, args) for n in args.layers]
     result = {
-        "meta": {
-            "lora_fx": lora_fx.__version__,
-            "peft": peft.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "bitsandbytes": bitsandbytes.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "quick": args.quick,
-            "total_s": time.perf_counter() - start,
-        },
+        "meta": run_meta(
+            quick=args.quick, start=start, versions={"bitsandbytes": bitsandbytes.__version__}
+        ),
         "config": {
             "model": "LlamaForCausalLM",
             "hidden_size": HIDDEN,
@@ -382,10 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "rows": rows,
     }
-    print(report(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out, report)
     return result
 
 
