@@ -78,8 +78,6 @@ def interleaved(
 
     Two untimed warm-up rounds first; the number of rounds fills about `seconds`.
     """
-    rng = random.Random(0)
-    names = list(variants)
     for _ in range(2):
         for fn in variants.values():
             fn()
@@ -87,6 +85,13 @@ def interleaved(
     for fn in variants.values():
         fn()
     rounds = max(min_rounds, min(500, int(seconds / (time.perf_counter() - start))))
+    return shuffled_rounds(variants, rounds)
+
+
+def shuffled_rounds(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    """Per-variant call times over `rounds` rounds of one call each, shuffled (seed 0), GC off."""
+    rng = random.Random(0)
+    names = list(variants)
     samples: dict[str, list[float]] = {n: [] for n in names}
     gc.collect()
     gc.disable()
@@ -94,9 +99,9 @@ def interleaved(
         for _ in range(rounds):
             rng.shuffle(names)
             for name in names:
-                t0 = time.perf_counter()
+                start = time.perf_counter()
                 variants[name]()
-                samples[name].append(time.perf_counter() - t0)
+                samples[name].append(time.perf_counter() - start)
     finally:
         gc.enable()
     return samples

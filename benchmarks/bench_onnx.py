@@ -29,14 +29,11 @@ Method:
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import platform
-import random
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,7 +44,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from _common import percentile, table, timed
+from _common import percentile, shuffled_rounds, table, timed
 
 import lora_fx
 from lora_fx.exporters import export_onnx, ort_run_options, write_ort_adapter
@@ -190,8 +187,6 @@ def build(
 
 def bench(runs: dict[str, Callable[[], Any]], *, budget_s: float, min_rounds: int) -> dict:
     """Interleaved rounds of one call per variant; medians of times and of ratios to base."""
-    rng = random.Random(0)
-    names = list(runs)
     with torch.no_grad():
         for _ in range(3):  # warm-up: allocator, first-call paths, ORT's prepacking
             for fn in runs.values():
@@ -199,18 +194,7 @@ def bench(runs: dict[str, Callable[[], Any]], *, budget_s: float, min_rounds: in
         round_s, _ = timed(lambda: [fn() for fn in runs.values()])
         rounds = max(min_rounds, min(500, int(budget_s / round_s)))
         progress(f"timing {rounds} rounds of {round_s:.2f} s")
-        samples: dict[str, list[float]] = {name: [] for name in names}
-        gc.collect()
-        gc.disable()
-        try:
-            for _ in range(rounds):
-                rng.shuffle(names)
-                for name in names:
-                    start = time.perf_counter()
-                    runs[name]()
-                    samples[name].append(time.perf_counter() - start)
-        finally:
-            gc.enable()
+        samples = shuffled_rounds(runs, rounds)
     ratios = {}
     for name in runs:
         per_round = [n / d for n, d in zip(samples[name], samples["base"], strict=True)]

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
-import random
 import statistics
 import sys
 import time
@@ -40,7 +38,16 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import fill_defaults, logits, percentile, run_meta, table, timed, write_result
+from _common import (
+    fill_defaults,
+    logits,
+    percentile,
+    run_meta,
+    shuffled_rounds,
+    table,
+    timed,
+    write_result,
+)
 from bench_core import ALPHA, BATCH, HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, RANK, SEQ, VOCAB, llama
 
 import lora_fx
@@ -88,26 +95,15 @@ def bench_forward(
     variants: dict[str, Any], ids: torch.Tensor, *, budget_s: float, min_rounds: int
 ) -> dict[str, Any]:
     """Interleaved rounds of one call per variant; medians of times and of per-round ratios."""
-    rng = random.Random(0)
-    names = list(variants)
     with torch.no_grad():
         for _ in range(2):  # warm-up
             for fn in variants.values():
                 fn(ids)
         round_s, _ = timed(lambda: [fn(ids) for fn in variants.values()])
         rounds = max(min_rounds, min(400, int(budget_s / round_s)))
-        samples: dict[str, list[float]] = {name: [] for name in names}
-        gc.collect()
-        gc.disable()
-        try:
-            for _ in range(rounds):
-                rng.shuffle(names)
-                for name in names:
-                    start = time.perf_counter()
-                    variants[name](ids)
-                    samples[name].append(time.perf_counter() - start)
-        finally:
-            gc.enable()
+        samples = shuffled_rounds(
+            {name: (lambda fn=fn: fn(ids)) for name, fn in variants.items()}, rounds
+        )
     ratio = [r / d for r, d in zip(samples["replicated"], samples["real"], strict=True)]
     return {
         "rounds": rounds,

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
-import random
 import statistics
 import sys
 import tempfile
@@ -43,7 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # models.bnb_copy
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_core
 
-from _common import fill_defaults, logits, percentile, run_meta, table, timed, write_result
+from _common import (
+    fill_defaults,
+    logits,
+    percentile,
+    run_meta,
+    shuffled_rounds,
+    table,
+    timed,
+    write_result,
+)
 from bench_core import (
     ALPHA,
     BATCH,
@@ -93,25 +100,12 @@ def rounds_of(
     variants: dict[str, Callable[[], Any]], *, budget_s: float, min_rounds: int, warmup: int = 2
 ) -> tuple[int, dict[str, list[float]]]:
     """Interleaved, shuffled rounds of one call per variant; per-variant seconds."""
-    rng = random.Random(0)
-    names = list(variants)
     for _ in range(warmup):
         for fn in variants.values():
             fn()
     round_s, _ = timed(lambda: [fn() for fn in variants.values()])
     rounds = max(min_rounds, min(300, int(budget_s / round_s)))
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(rounds):
-            rng.shuffle(names)
-            for name in names:
-                start = time.perf_counter()
-                variants[name]()
-                samples[name].append(time.perf_counter() - start)
-    finally:
-        gc.enable()
+    samples = shuffled_rounds(variants, rounds)
     return rounds, samples
 
 
