@@ -3,7 +3,7 @@
     python benchmarks/bench_train.py                # full run (several minutes on 2 CPU cores)
     python benchmarks/bench_train.py --quick        # smoke mode: 2 layers, few rounds
     python benchmarks/bench_train.py --out x.json   # JSON path (default results/bench_train.json)
-    python benchmarks/bench_train.py --profile      # also: torch.profiler table of one eager step
+    python benchmarks/bench_train.py --profile      # also: op tables, GEMM time base vs rank-r
 
 One training step: forward, cross-entropy on next-token targets, backward, AdamW step on the LoRA
 parameters, `zero_grad(set_to_none=True)`. Variants (same base weights, same adapter, same batch):
@@ -33,8 +33,12 @@ Figures:
    counted (RSS would mix those in and is too noisy at this size). Persistent state is counted
    apart: LoRA gradient bytes at the end of backward and AdamW state bytes, and how many frozen
    parameters hold a gradient or optimizer state (must be 0).
-5. Profile (`--profile`): torch.profiler's operator table of one `fx eager` and one `peft eager`
-   step after the timed rounds, sorted by self CPU time; the top rows go into the JSON.
+5. Profile (`--profile`): torch.profiler's operator table of one step of each of the four main
+   variants after the timed rounds, sorted by self CPU time; the top rows go into the JSON. Each
+   profiled step is also split into GEMM time by kind: "rank" GEMMs have the LoRA rank as one of
+   their dimensions (the branch's own products, forward and backward, with any copy inside an
+   `addmm`), "base" GEMMs are the rest. From it: the ceiling of `fx compiled / peft eager` if
+   the rank-r GEMMs cost nothing, median(peft eager) / (median(fx compiled) - rank GEMM ms).
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ VARIANTS = (
     "peft eager gc",
     "peft compiled gc",
 )
-PROFILED, PROFILE_ROWS = ("fx eager", "peft eager"), 15  # --profile: variants, table rows
+PROFILED, PROFILE_ROWS = ("fx eager", "fx compiled", "peft eager", "peft compiled"), 15  # --profile: variants, table rows
 # (label, numerator, denominator): throughput ratios reported.
 _RATIOS = (
     ("fx compiled / peft compiled", "fx compiled", "peft compiled"),
@@ -207,27 +211,39 @@ def forward_held_bytes(variant: Variant, ids: torch.Tensor) -> int:
     return sum(nbytes for _, nbytes in allocations)
 
 
-def profile_step(variant: Variant, ids: torch.Tensor, rows: int) -> tuple[str, list[dict]]:
-    """torch.profiler's operator table of one step (by self CPU time), and its top rows."""
+def profile_step(variant: Variant, ids: torch.Tensor, rows: int) -> tuple[str, dict[str, Any]]:
+    """torch.profiler's operator table of one step (by self CPU time), its top rows, and its
+    GEMM time split into base and rank-r GEMMs."""
     from torch.profiler import ProfilerActivity, profile
 
     gc.collect()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         variant.step(ids)
     averages = prof.key_averages()
     text = averages.table(sort_by="self_cpu_time_total", row_limit=rows)
     top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
     total = sum(e.self_cpu_time_total for e in averages)
-    return text, [
-        {
-            "name": e.key,
-            "calls": e.count,
-            "self_cpu_ms": e.self_cpu_time_total / 1e3,
-            "self_cpu_pct": 100 * e.self_cpu_time_total / total,
-            "cpu_total_ms": e.cpu_time_total / 1e3,
-        }
-        for e in top
-    ]
+    gemm_ms = {"base": 0.0, "rank": 0.0}
+    for event in prof.events():
+        if event.name in ("aten::mm", "aten::addmm"):  # neither calls the other
+            shapes = [s for s in event.input_shapes if s][:3]
+            kind = "rank" if any(RANK in shape for shape in shapes) else "base"
+            gemm_ms[kind] += event.cpu_time_total / 1e3  # an addmm's total includes its copy
+    return text, {
+        "profiled_step_ms": total / 1e3,
+        "base_gemm_ms": gemm_ms["base"],
+        "rank_gemm_ms": gemm_ms["rank"],
+        "top": [
+            {
+                "name": e.key,
+                "calls": e.count,
+                "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                "self_cpu_pct": 100 * e.self_cpu_time_total / total,
+                "cpu_total_ms": e.cpu_time_total / 1e3,
+            }
+            for e in top
+        ],
+    }
 
 
 def check_outputs(variants: dict[str, Variant], ids: torch.Tensor) -> dict[str, float]:
@@ -289,9 +305,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     profiles = {}
     for name in PROFILED if args.profile else ():
         if name in variants:
-            text, top = profile_step(variants[name], ids, PROFILE_ROWS)
+            text, summary = profile_step(variants[name], ids, PROFILE_ROWS)
             print(f"profile of one '{name}' step (self CPU time)\n{text}")
-            profiles[name] = top
+            profiles[name] = summary
     tokens = args.batch * args.seq
     rows = {}
     for name in names:
@@ -318,6 +334,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = {"rows": rows, "speedups": ratios, "checks": checks}
     if args.profile:
         result["profile"] = profiles
+        if {"fx compiled", "peft eager"} <= profiles.keys():
+            rank_ms = profiles["fx compiled"]["rank_gemm_ms"]
+            result["rank_free_ceiling"] = rows["peft eager"]["median_step_ms"] / (
+                rows["fx compiled"]["median_step_ms"] - rank_ms
+            )
     return result
 
 
@@ -371,6 +392,7 @@ def report(result: dict[str, Any]) -> str:
             ],
         ),
         "",
+        *_profile_lines(res),
         "frozen parameters holding a gradient / AdamW state: "
         + ", ".join(
             f"{name} {r['frozen_with_grad']}/{r['frozen_with_optimizer_state']}"
@@ -382,6 +404,33 @@ def report(result: dict[str, Any]) -> str:
         f"total {meta['total_s']:.0f} s",
     ]
     return "\n".join(out)
+
+
+def _profile_lines(res: dict[str, Any]) -> list[str]:
+    """The --profile GEMM split per variant, and the rank-free ceiling; nothing without it."""
+    if "profile" not in res:
+        return []
+    lines = [
+        "one profiled step: GEMM ms by kind (rank = the LoRA rank is one of the dimensions)",
+        table(
+            ["variant", "profiled step ms", "base GEMM ms", "rank GEMM ms"],
+            [
+                [
+                    name,
+                    f"{p['profiled_step_ms']:.1f}",
+                    f"{p['base_gemm_ms']:.1f}",
+                    f"{p['rank_gemm_ms']:.1f}",
+                ]
+                for name, p in res["profile"].items()
+            ],
+        ),
+    ]
+    if "rank_free_ceiling" in res:
+        lines.append(
+            "fx compiled / peft eager if the rank-r GEMMs cost nothing: "
+            f"{res['rank_free_ceiling']:.2f}x"
+        )
+    return [*lines, ""]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -404,7 +453,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="print torch.profiler's op table of one fx eager and one peft eager step",
+        help="profile one step of each main variant: op table, base vs rank-r GEMM time",
     )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument(
