@@ -80,7 +80,9 @@ VARIANTS = (
     "peft eager gc",
     "peft compiled gc",
 )
-PROFILED, PROFILE_ROWS = ("fx eager", "fx compiled", "peft eager", "peft compiled"), 15  # --profile: variants, table rows
+# --profile: the variants profiled, and the operator-table rows printed for each.
+PROFILED = ("fx eager", "fx compiled", "peft eager", "peft compiled")
+PROFILE_ROWS = 15
 # (label, numerator, denominator): throughput ratios reported.
 _RATIOS = (
     ("fx compiled / peft compiled", "fx compiled", "peft compiled"),
