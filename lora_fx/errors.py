@@ -13,6 +13,7 @@ __all__ = [
     "LoraFxError",
     "MergeError",
     "NoTargetMatchedError",
+    "OnnxExportError",
     "ReplicationError",
     "UnsupportedSiteError",
 ]
@@ -42,9 +43,17 @@ class AdapterError(LoraFxError, ValueError):
     """An adapter name, adapter file or adapter tensor does not fit the graph."""
 
 
-class MergeError(LoraFxError, RuntimeError):
-    """Merging or unloading failed; the weights were left as they were."""
+class MergeError(LoraFxError, ValueError, RuntimeError):
+    """Merging or unloading failed; the weights were left as they were.
+
+    A `ValueError` as PEFT's `safe_merge` error is (code written for PEFT catches that), and still
+    a `RuntimeError` for code written against earlier lora_fx.
+    """
 
 
 class ReplicationError(ConfigError):
     """`layer_replication` cannot be applied: bad ranges, or no chain of repeated blocks."""
+
+
+class OnnxExportError(LoraFxError, RuntimeError):
+    """A graph could not be exported to ONNX, or the file could not be written."""

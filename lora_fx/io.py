@@ -34,6 +34,7 @@ from lora_fx import _graph
 from lora_fx._files import CONFIG_NAME, SAFETENSORS_NAME, atomic_write, read_adapter_folder
 from lora_fx._layout import adapter_keys, base_keys, bias_keys, check_tensors
 from lora_fx._meta import SiteRecord, state_or_none
+from lora_fx._rollback import rollback_on_error
 from lora_fx.capture import as_graph_module
 from lora_fx.config import LoraConfig
 from lora_fx.errors import AdapterError
@@ -145,9 +146,11 @@ def load_adapter(
     cfg, tensors = read_adapter_folder(folder)
     state = state_or_none(gm)
     existing = state is not None and adapter_name in state.adapters
-    # A new adapter's sites are named on the replicated graph; undone if planning or inject fails.
-    with tentative_replication(gm, None if existing else cfg.layer_replication):
-        if state is not None and adapter_name in state.adapters:
+    # All or nothing: a new adapter's sites are named on the replicated graph; a failure in
+    # planning, inject or the writes puts the graph, its state and overwritten tensors back.
+    replication = None if existing else cfg.layer_replication
+    with rollback_on_error(gm) as undo, tentative_replication(gm, replication):
+        if existing:
             record = state.adapters[adapter_name]
             if record.merged:
                 raise AdapterError(
@@ -167,18 +170,20 @@ def load_adapter(
         check_tensors(tensors, expected, base, folder)
 
         # apply
-        if state is None or adapter_name not in state.adapters:
+        if not existing:
             # The file holds the adapter's weights: an init that rewrites the base (PiSSA, OLoRA,
             # LoftQ) must not run again on what is already its residual; the config is kept as read.
             inject(
                 gm, dataclasses.replace(cfg, init_lora_weights=True, loftq_config={}), adapter_name
             )
             state_or_none(gm).adapters[adapter_name].config = cfg
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            target = expected[key][0] if key in expected else base[key]
-            param = _graph.get_attr(gm, target)
-            param.copy_(tensor.to(param.dtype))
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                target = expected[key][0] if key in expected else base[key]
+                param = _graph.get_attr(gm, target)
+                if existing or key not in expected:  # tensors that held values before this call
+                    undo.keep(param)
+                param.copy_(tensor.to(param.dtype))
     log.info("load_adapter: %s -> %r (%d tensors)", folder, adapter_name, len(tensors))
     return gm
 

@@ -21,9 +21,10 @@ created by lora_fx are never sites.
 
 from __future__ import annotations
 
+import difflib
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,6 +160,8 @@ def find_sites(gm: torch.fx.GraphModule, cfg: LoraConfig) -> list[Site]:
     if cfg.exclude_modules and not excluded_any:
         warnings.warn(f"exclude_modules={cfg.exclude_modules!r} matched no site", stacklevel=3)
     chosen += params
+    if chosen and isinstance(cfg.target_modules, (list, tuple, set)) and not cfg.is_all_linear:
+        _warn_unmatched_entries(cfg.target_modules, sites)
     if not chosen:
         kinds = sorted({s.kind for s in sites.values()})
         raise NoTargetMatchedError(
@@ -326,6 +329,21 @@ def _name_matches(names: list[str] | str, fqn: str) -> bool:
 def _in_modules_to_save(cfg: LoraConfig, fqn: str) -> bool:
     """PEFT never puts an adapter on (or inside) a modules_to_save module."""
     return any(re.match(rf"(^|.*\.){m}($|\..*)", fqn) for m in cfg.modules_to_save or ())
+
+
+def _warn_unmatched_entries(targets: Iterable[str], sites: dict[str, Site]) -> None:
+    """A typo in one of several names (`q_prj`) would silently adapt only the others: say so."""
+    unmatched = [t for t in targets if not any(_name_matches([t], fqn) for fqn in sites)]
+    if not unmatched:
+        return
+    names = _short_names(sites)
+    hints = {t: difflib.get_close_matches(t.rsplit(".", 1)[-1], names, n=2) for t in unmatched}
+    said = ", ".join(f"{t!r} (did you mean {h}?)" if h else repr(t) for t, h in hints.items())
+    warnings.warn(
+        f"target_modules entries matched no site and were ignored: {said}; "
+        f"site names in this graph end in: {names[:8]!r}",
+        stacklevel=4,
+    )
 
 
 def _short_names(sites: dict[str, Site]) -> list[str]:

@@ -10,7 +10,7 @@
 Needs the `onnx` extra (`onnx`, `onnxruntime` or `onnxruntime-gpu`, `onnxscript`).
 """
 
-from lora_fx.exporters._errors import OnnxExportError
+from lora_fx.errors import OnnxExportError
 from lora_fx.exporters.onnx import BASE_INDEX, OnnxExport, export_onnx
 from lora_fx.exporters.ort import (
     ADAPTER_SUFFIX,

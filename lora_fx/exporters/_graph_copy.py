@@ -32,7 +32,7 @@ from torch import nn
 from lora_fx import _graph, ops
 from lora_fx._keys import HOLDERS, lora_paths, modules_to_save_path
 from lora_fx._meta import LoraState, SiteRecord, lora_tag, state_or_none
-from lora_fx.errors import AdapterError, MergeError, UnsupportedSiteError
+from lora_fx.errors import AdapterError, MergeError, OnnxExportError, UnsupportedSiteError
 from lora_fx.exporters._branches import (
     ExportGraph,
     emit_inputs,
@@ -226,7 +226,11 @@ def _adapter_sites(
     found = all_sites(module)
     wanted = {fqn for name in adapters for fqn in state.adapters[name].sites}
     missing = sorted(wanted - set(found))
-    assert not missing, f"sites {missing} of the LoRA state are not in the copied graph"
+    if missing:
+        raise OnnxExportError(
+            f"sites {missing[:4]} of the LoRA state are not in the export copy of the graph; "
+            "was the graph changed outside lora_fx's passes after inject?"
+        )
     return {fqn: found[fqn] for fqn in found if fqn in wanted}
 
 

@@ -48,8 +48,8 @@ from torch.utils import _pytree as pytree
 
 from lora_fx._meta import lora_tag
 from lora_fx.capture import as_graph_module
+from lora_fx.errors import OnnxExportError
 from lora_fx.exporters._branches import INDEX_INPUT, ExportGraph
-from lora_fx.exporters._errors import OnnxExportError
 from lora_fx.exporters._graph_copy import LAYOUTS, build_export_graph, plan_export
 from lora_fx.exporters._onnx_ir import (
     EXTERNAL_DATA_BYTES,
@@ -189,7 +189,11 @@ def export_onnx(
     program = _to_onnx(export, args, call_kwargs, shapes, opset, custom_translation_table)
     model = program.model
     missing = sorted(set(export.lora_tensors) - set(model.graph.initializers))
-    assert not missing, f"LoRA tensors {missing[:3]} are not initializers of the exported model"
+    if missing:  # the exporter renamed or folded them: the file could not serve the adapters
+        raise OnnxExportError(
+            f"LoRA tensors {missing[:3]} are not initializers of the exported model; "
+            "export with optimize=False, or report this graph"
+        )
     swap_merged_weights(model, export.merged_weights)
     if optimize:
         optimize_keeping(program.optimize, program.model, export.lora_tensors)

@@ -9,20 +9,26 @@ Rules:
    each is multiplied per batch row by its row of the mask buffer.
 3. Branches take `state.layout` ("fused" unless `set_layout` chose another; `_branch.py` rule 7).
 4. Graph references to a `modules_to_save` module point at the copy of the first active adapter
-   that has one, else at the original module.
+   that has one, else at the original module (also for a copy whose adapter is being deleted).
+5. `set_trainable` is the one trainability rule: an adapter's tensors (A, B, B's bias, DoRA's
+   magnitude) and its `modules_to_save` copies require grad exactly when it is active (PEFT's
+   `set_adapter`); base parameters are left as they are.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.fx
 
-from lora_fx._keys import modules_to_save_path
+from lora_fx import _graph
+from lora_fx._keys import lora_paths, modules_to_save_path
 from lora_fx._meta import LORA_META, LoraState
 from lora_fx.passes._branch import insert_branch, remove_branches
 from lora_fx.sites import all_sites
 
-__all__ = ["MASK_BUFFER", "apply_active", "check_batch_rows"]
+__all__ = ["MASK_BUFFER", "apply_active", "check_batch_rows", "set_trainable"]
 
 MASK_BUFFER = "lora_fx_batch_mask"
 
@@ -44,6 +50,19 @@ def apply_active(gm: torch.fx.GraphModule, state: LoraState) -> None:
                 for fqn, rec in state.adapters[name].sites.items():
                     insert_branch(gm, sites[fqn], name, rec, layout=state.layout)
     _point_module_copies(gm, state)
+
+
+def set_trainable(gm: torch.fx.GraphModule, state: LoraState) -> None:
+    """Active adapters' tensors and module copies require grad; inactive ones are frozen."""
+    for name, record in state.adapters.items():
+        on = name in state.active
+        for fqn, rec in record.sites.items():
+            paths = lora_paths(rec.kind, fqn, name)
+            for path in (paths.a, paths.b, paths.b_bias, paths.magnitude):
+                with contextlib.suppress(AttributeError):  # b_bias / magnitude may not exist
+                    _graph.get_attr(gm, path).requires_grad_(on)
+        for path in record.modules_to_save:
+            gm.get_submodule(modules_to_save_path(path, name)).requires_grad_(on)
 
 
 def check_batch_rows(mask: torch.Tensor, first_input: torch.Tensor) -> None:
@@ -73,7 +92,13 @@ def _insert_batch_check(gm: torch.fx.GraphModule) -> None:
 def _point_module_copies(gm: torch.fx.GraphModule, state: LoraState) -> None:
     """Point each modules_to_save module's graph references at the active copy (or the original)."""
     paths = {p for rec in state.adapters.values() for p in rec.modules_to_save}
-    for path in paths:
+    # A reference may still point at the copy of an adapter no longer in the state (delete).
+    paths |= {
+        node.target.split(".modules_to_save.", 1)[0]
+        for node in gm.graph.nodes
+        if node.op in ("get_attr", "call_module") and ".modules_to_save." in node.target
+    }
+    for path in sorted(paths):
         owner = next((a for a in state.active if path in state.adapters[a].modules_to_save), None)
         prefix = modules_to_save_path(path, owner) if owner else path
         for node in gm.graph.nodes:

@@ -28,10 +28,11 @@ import torch.fx
 from torch import nn
 
 from lora_fx import _graph, quant
-from lora_fx._keys import HOLDERS, lora_paths, modules_to_save_path
-from lora_fx._meta import LoraState, state_or_none
+from lora_fx._keys import HOLDERS
+from lora_fx._meta import state_or_none
+from lora_fx._rollback import rollback_on_error, transactional
 from lora_fx.errors import AdapterError
-from lora_fx.passes._active import apply_active
+from lora_fx.passes._active import apply_active, set_trainable
 from lora_fx.passes.merge import merge, require_state, resolve_adapters, unmerge
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+@transactional
 def set_adapter(gm: torch.fx.GraphModule, adapter_names: str | list[str]) -> torch.fx.GraphModule:
     """Make `adapter_names` the active adapters (summed, in this order), in place.
 
@@ -72,7 +74,7 @@ def set_adapter(gm: torch.fx.GraphModule, adapter_names: str | list[str]) -> tor
         warnings.warn(f"set_adapter: unmerging {merged} first", stacklevel=2)
         unmerge(gm, merged)
     state.active = list(dict.fromkeys(names))
-    _set_trainable(gm, state)
+    set_trainable(gm, state)
     apply_active(gm, state)
     _graph.cleanup(gm)
     log.info("set_adapter: active %s", state.active)
@@ -98,12 +100,13 @@ def disable_adapters(gm: torch.fx.GraphModule) -> Iterator[torch.fx.GraphModule]
         raise AdapterError("mixed-batch mode is on; call set_adapter_batch(gm, None) first")
     previous = list(state.active)
     merged = [n for n, rec in state.adapters.items() if rec.merged]
-    if merged:
-        warnings.warn(f"disable_adapters: unmerging {merged} for the block", stacklevel=3)
-        unmerge(gm, merged)
-    state.active = []
-    apply_active(gm, state)
-    _graph.cleanup(gm)
+    with rollback_on_error(gm):
+        if merged:
+            warnings.warn(f"disable_adapters: unmerging {merged} for the block", stacklevel=3)
+            unmerge(gm, merged)
+        state.active = []
+        apply_active(gm, state)
+        _graph.cleanup(gm)
     try:
         yield gm
     finally:
@@ -114,6 +117,7 @@ def disable_adapters(gm: torch.fx.GraphModule) -> Iterator[torch.fx.GraphModule]
             merge(gm, merged)
 
 
+@transactional
 def delete_adapter(gm: torch.fx.GraphModule, adapter_name: str) -> torch.fx.GraphModule:
     """Remove an adapter's branches, parameters and module copies, in place.
 
@@ -142,7 +146,7 @@ def delete_adapter(gm: torch.fx.GraphModule, adapter_name: str) -> torch.fx.Grap
             )
     apply_active(gm, state)
     _delete_parameters(gm, adapter_name, record)
-    _set_trainable(gm, state)
+    set_trainable(gm, state)
     _graph.cleanup(gm)
     log.info("delete_adapter: %r (%d sites)", adapter_name, len(record.sites))
     return gm
@@ -164,19 +168,6 @@ def _delete_parameters(gm: torch.fx.GraphModule, adapter: str, record) -> None:
         del copies[adapter]
         if len(copies) == 0:
             _graph.delete_attr(gm, f"{path}.modules_to_save")
-
-
-def _set_trainable(gm: torch.fx.GraphModule, state: LoraState) -> None:
-    """Active adapters (and their module copies) train; inactive ones are frozen."""
-    for name, record in state.adapters.items():
-        on = name in state.active
-        for fqn, rec in record.sites.items():
-            paths = lora_paths(rec.kind, fqn, name)
-            for path in (paths.a, paths.b, paths.b_bias):
-                with contextlib.suppress(AttributeError):
-                    _graph.get_attr(gm, path).requires_grad_(on)
-        for path in record.modules_to_save:
-            gm.get_submodule(modules_to_save_path(path, name)).requires_grad_(on)
 
 
 def trainable_parameters(gm: torch.fx.GraphModule) -> dict[str, nn.Parameter]:

@@ -44,6 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lora_fx import _graph
 from lora_fx._meta import lora_tag
+from lora_fx._rollback import transactional
 from lora_fx.errors import AdapterError
 
 __all__ = ["checkpoint_blocks", "checkpointed_blocks", "uncheckpoint_blocks"]
@@ -87,6 +88,7 @@ class CheckpointedBlock(nn.Module):
         return f"block={self.block!r}, nodes={len(self.code.graph.nodes)}"
 
 
+@transactional
 def checkpoint_blocks(
     gm: torch.fx.GraphModule,
     blocks: list[str] | None = None,
@@ -135,6 +137,7 @@ def checkpoint_blocks(
     return gm
 
 
+@transactional
 def uncheckpoint_blocks(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Put the nodes of every checkpointed block back into the graph, in place.
 

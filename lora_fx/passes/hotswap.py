@@ -29,6 +29,7 @@ from lora_fx import _graph, ops
 from lora_fx._files import read_adapter_folder
 from lora_fx._keys import FILE_PREFIX, is_adapter_parameter, lora_paths, modules_to_save_path
 from lora_fx._meta import LoraState
+from lora_fx._rollback import transactional
 from lora_fx.errors import AdapterError
 from lora_fx.passes.merge import require_state, resolve_adapters
 from lora_fx.sites import find_sites
@@ -38,6 +39,7 @@ __all__ = ["hotswap_adapter", "prepare_for_hotswap"]
 log = logging.getLogger(__name__)
 
 
+@transactional
 def prepare_for_hotswap(
     gm: torch.fx.GraphModule, target_rank: int, adapter_names: list[str] | None = None
 ) -> torch.fx.GraphModule:

@@ -24,7 +24,6 @@ Rules:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -36,13 +35,14 @@ import torch.fx
 from torch import nn
 
 from lora_fx import _graph, quant
-from lora_fx._keys import is_adapter_parameter, lora_paths, modules_to_save_path
+from lora_fx._keys import is_adapter_parameter
 from lora_fx._meta import AdapterRecord, SiteRecord, get_state, state_or_none
+from lora_fx._rollback import rollback_on_error
 from lora_fx.capture import as_graph_module
 from lora_fx.config import LoraConfig
 from lora_fx.errors import AdapterError, ConfigError
 from lora_fx.inits import changes_base, init_from_base
-from lora_fx.passes._active import apply_active
+from lora_fx.passes._active import apply_active, set_trainable
 from lora_fx.passes._dora import add_magnitude
 from lora_fx.passes.checkpoint import require_flat
 from lora_fx.passes.replicate import tentative_replication
@@ -93,40 +93,45 @@ def inject(
         raise TypeError(f"cfg must be a lora_fx.LoraConfig, got {type(cfg).__name__}")
     gm = as_graph_module(gm)
     _check_request(gm, cfg, adapter_name)
-    with tentative_replication(gm, cfg.layer_replication):  # sites get the new layer indices
-        sites = find_sites(gm, cfg)
-        saved_modules = (
-            match_modules_to_save(gm, cfg.modules_to_save) if cfg.modules_to_save else []
-        )
-        _warn_fan_in_fan_out(cfg, sites)
-        records = {site.fqn: site_record(cfg, site) for site in sites}
+    # All or nothing from here: a failing init or DoRA magnitude also takes back the replication.
+    with rollback_on_error(gm) as undo:
+        with tentative_replication(gm, cfg.layer_replication):  # sites get the new layer indices
+            sites = find_sites(gm, cfg)
+            saved_modules = (
+                match_modules_to_save(gm, cfg.modules_to_save) if cfg.modules_to_save else []
+            )
+            _warn_fan_in_fan_out(cfg, sites)
+            records = {site.fqn: site_record(cfg, site) for site in sites}
 
-    # apply
-    state = get_state(gm)
-    first = not state.adapters  # PEFT: the first adapter is active; later ones start inactive
-    for site in sites:
-        _add_lora_modules(
-            gm,
-            site,
-            adapter_name,
-            records[site.fqn],
-            cfg.init_lora_weights,
-            state,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-        )
-        init_from_base(gm, site, adapter_name, records[site.fqn], cfg)  # PiSSA, LoftQ, ...
-        if records[site.fqn].use_dora:
-            add_magnitude(gm, site, adapter_name, records[site.fqn], state)
-    for path in saved_modules:
-        _add_module_copy(gm, path, adapter_name, state)
-    state.adapters[adapter_name] = AdapterRecord(cfg, records, saved_modules)
-    if first:
-        state.active.append(adapter_name)
-    apply_active(gm, state)
-    _mark_trainable(gm, adapter_name, sites, saved_modules, cfg.bias, trainable=first)
+        # apply
+        state = get_state(gm)
+        first = not state.adapters  # PEFT: the first adapter is active; later ones start inactive
+        for site in sites:
+            _add_lora_modules(
+                gm,
+                site,
+                adapter_name,
+                records[site.fqn],
+                cfg.init_lora_weights,
+                state,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+            )
+            if changes_base(cfg.init_lora_weights):
+                undo.keep(_graph.get_attr(gm, site.weight))
+            init_from_base(gm, site, adapter_name, records[site.fqn], cfg)  # PiSSA, LoftQ, ...
+            if records[site.fqn].use_dora:
+                add_magnitude(gm, site, adapter_name, records[site.fqn], state)
+        for path in saved_modules:
+            _add_module_copy(gm, path, adapter_name, state)
+        state.adapters[adapter_name] = AdapterRecord(cfg, records, saved_modules)
+        if first:
+            state.active.append(adapter_name)
+        _freeze_base(gm, sites, cfg.bias)
+        set_trainable(gm, state)
+        apply_active(gm, state)
+        _graph.cleanup(gm)
 
-    # finish
-    _graph.cleanup(gm)
+    # report
     kinds = Counter(site.kind for site in sites)
     log.info(
         "inject: adapter %r -> %d sites (%s)%s",
@@ -267,25 +272,12 @@ def _add_module_copy(gm: torch.fx.GraphModule, path: str, adapter: str, state) -
     holder.modules_to_save[adapter] = trained
 
 
-def _mark_trainable(
-    gm: torch.fx.GraphModule,
-    adapter: str,
-    sites: list[Site],
-    saved_modules: list[str],
-    bias: str,
-    *,
-    trainable: bool,
-) -> None:
-    """Freeze the base; train (or freeze) this adapter, its module copies and selected biases."""
+def _freeze_base(gm: torch.fx.GraphModule, sites: list[Site], bias: str) -> None:
+    """Freeze every base parameter except the biases `bias` selects (PEFT's bias rule)."""
     for name, param in gm.named_parameters():
         if not is_adapter_parameter(name):
             param.requires_grad_(bias == "all" and name.rsplit(".", 1)[-1] == "bias")
-    for site in sites:
-        paths = lora_paths(site.kind, site.fqn, adapter)
-        for path in (paths.a, paths.b, paths.b_bias, paths.magnitude):
-            with contextlib.suppress(AttributeError):
-                _graph.get_attr(gm, path).requires_grad_(trainable)
-        if bias == "lora_only" and site.bias is not None:
-            _graph.get_attr(gm, site.bias).requires_grad_(True)
-    for path in saved_modules:
-        gm.get_submodule(modules_to_save_path(path, adapter)).requires_grad_(trainable)
+    if bias == "lora_only":
+        for site in sites:
+            if site.bias is not None:
+                _graph.get_attr(gm, site.bias).requires_grad_(True)

@@ -22,6 +22,7 @@ import logging
 import torch.fx
 
 from lora_fx import _graph
+from lora_fx._rollback import transactional
 from lora_fx.passes._active import apply_active
 from lora_fx.passes._branch import LAYOUTS
 from lora_fx.passes.merge import require_state
@@ -31,6 +32,7 @@ __all__ = ["LAYOUTS", "get_layout", "set_layout"]
 log = logging.getLogger(__name__)
 
 
+@transactional
 def set_layout(gm: torch.fx.GraphModule, layout: str) -> torch.fx.GraphModule:
     """Rebuild the LoRA branches of `gm` in `layout`, in place ("fused", "plain" or "weight").
 

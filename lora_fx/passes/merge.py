@@ -37,6 +37,7 @@ from torch import nn
 
 from lora_fx import _graph
 from lora_fx._meta import LoraState, SiteRecord, lora_tag, state_or_none
+from lora_fx._rollback import transactional
 from lora_fx.errors import AdapterError, MergeError
 from lora_fx.passes import _fold
 from lora_fx.passes._active import apply_active
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 _ROUNDING_WARN = 0.01
 
 
+@transactional
 def merge(
     gm: torch.fx.GraphModule, adapter_names: Iterable[str] | None = None, safe_merge: bool = False
 ) -> torch.fx.GraphModule:
@@ -100,11 +102,18 @@ def merge(
     quantized: list[str] = []
     remove_branches(gm)  # the "weight" layout reads W through its own nodes; apply_active rebuilds
     readers = _graph.tensor_readers(gm)
-    for name, site, rec in plan:
-        site = _untie_if_shared(gm, site, state, readers)
-        report[f"{name}:{site.fqn}"] = _fold.fold(gm, site, name, rec, state)
-        if _fold.is_quantized_site(gm, site):
-            quantized.append(f"{name}:{site.fqn}")
+    folded: list[tuple[str, Site, SiteRecord]] = []
+    try:
+        for name, site, rec in plan:
+            site = _untie_if_shared(gm, site, state, readers)
+            report[f"{name}:{site.fqn}"] = _fold.fold(gm, site, name, rec, state)
+            folded.append((name, site, rec))
+            if _fold.is_quantized_site(gm, site):
+                quantized.append(f"{name}:{site.fqn}")
+    except BaseException:
+        for name, site, rec in reversed(folded):  # weights back; `transactional` does the rest
+            _fold.unfold(gm, site, name, rec, state)
+        raise
     for name in names:
         state.adapters[name].merged = True
     state.merge_report = report
@@ -132,6 +141,7 @@ def merge(
     return gm
 
 
+@transactional
 def unmerge(
     gm: torch.fx.GraphModule, adapter_names: Iterable[str] | None = None
 ) -> torch.fx.GraphModule:

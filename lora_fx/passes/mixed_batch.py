@@ -21,6 +21,7 @@ import torch
 import torch.fx
 
 from lora_fx import _graph
+from lora_fx._rollback import transactional
 from lora_fx.errors import AdapterError
 from lora_fx.passes._active import MASK_BUFFER, apply_active
 from lora_fx.passes.merge import require_state
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 BASE = "__base__"
 
 
+@transactional
 def set_adapter_batch(
     gm: torch.fx.GraphModule, adapter_names: Sequence[str] | None
 ) -> torch.fx.GraphModule:

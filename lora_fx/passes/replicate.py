@@ -49,6 +49,7 @@ from torch.fx.node import map_arg
 
 from lora_fx import _graph
 from lora_fx._meta import state_or_none
+from lora_fx._rollback import transactional
 from lora_fx.capture import as_graph_module
 from lora_fx.errors import ReplicationError
 
@@ -87,6 +88,7 @@ class _Plan:
     source: tuple[int, ...]
 
 
+@transactional
 def replicate_layers(
     gm: torch.fx.GraphModule | torch.export.ExportedProgram,
     layer_replication: list[list[int]],

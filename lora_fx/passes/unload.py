@@ -23,6 +23,7 @@ import torch.fx
 from lora_fx import _graph
 from lora_fx._keys import HOLDERS
 from lora_fx._meta import STATE_META
+from lora_fx._rollback import transactional
 from lora_fx.errors import LoraFxError, MergeError
 from lora_fx.passes._branch import remove_branches
 from lora_fx.passes.merge import merge, require_state, unmerge
@@ -33,6 +34,7 @@ __all__ = ["merge_and_unload", "unload"]
 log = logging.getLogger(__name__)
 
 
+@transactional
 def unload(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Remove every adapter without folding it, in place: the base graph comes back.
 
@@ -71,6 +73,7 @@ def unload(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
+@transactional
 def merge_and_unload(
     gm: torch.fx.GraphModule,
     safe_merge: bool = False,

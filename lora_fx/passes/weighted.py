@@ -62,6 +62,7 @@ import torch.fx
 from lora_fx import _graph, combine, ops
 from lora_fx._keys import lora_paths
 from lora_fx._meta import LoraState
+from lora_fx._rollback import transactional
 from lora_fx.config import LoraConfig
 from lora_fx.errors import AdapterError
 from lora_fx.passes._active import apply_active
@@ -123,6 +124,7 @@ class _Plan:
     svd_driver: str | None
 
 
+@transactional
 def add_weighted_adapter(
     gm: torch.fx.GraphModule,
     adapters: Sequence[str],

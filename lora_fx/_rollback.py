@@ -1,0 +1,153 @@
+"""All-or-nothing passes: a pass that raises leaves the graph and its state record as they were.
+
+    with rollback_on_error(gm) as undo:        # snapshot: graph, state, module tree, requires_grad
+        undo.keep(weight)                      # (only before an in-place write to a tensor)
+        ...the pass...                         # raises -> everything above is put back, re-raised
+
+Rules:
+1. The snapshot is cheap and takes no tensor memory: a copy of the graph's nodes, a copy of the
+   `LoraState` record (its merge-undo entries by reference: they are replaced, never edited), the
+   child / parameter / buffer tables of every module in the tree (references), and each
+   parameter's `requires_grad` and `.data` (references).
+2. A pass that writes into a tensor in place (an init that rewrites the base weight) calls
+   `undo.keep(tensor)` first; only kept tensors are copied (into host memory, so a GPU holds
+   no second copy of the weights a PiSSA init rewrites). Passes that can undo their own writes
+   exactly (merge unfolds what it folded) do that themselves before re-raising.
+3. The state record is restored into the same `LoraState` object, so a caller holding it (a
+   `disable_adapters` block) keeps a live reference.
+4. `transactional` wraps a public pass whose first argument is the GraphModule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import torch
+import torch.fx
+from torch import nn
+
+from lora_fx import quant
+from lora_fx._meta import STATE_META, LoraState
+
+__all__ = ["Undo", "rollback_on_error", "transactional"]
+
+_Pass = TypeVar("_Pass", bound=Callable[..., Any])
+
+
+class Undo:
+    """What `rollback_on_error` restores; `keep` adds a tensor about to be written in place."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        with warnings.catch_warnings():  # torch's own pytree deprecation, from copying in_spec
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            self._graph = copy.deepcopy(gm.graph)
+        self._meta = dict(gm.meta)
+        state = gm.meta.get(STATE_META)
+        self._state = (state, _copy_state(state)) if state is not None else None
+        self._modules = [
+            (m, dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in _all_modules(gm)
+        ]
+        self._params = [(p, p.requires_grad, p.data) for p in _all_parameters(self._modules)]
+        self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(self, tensor: torch.Tensor) -> None:
+        """Clone `tensor` once, so its values come back if the pass fails."""
+        if id(tensor) in self._kept:
+            return
+        if quant.is_quantized(tensor):  # requantize_ replaces storage: references suffice
+            self._kept[id(tensor)] = (tensor, quant.snapshot(tensor))
+        else:
+            # in host memory: a rewrite of every targeted weight (PiSSA) must not double GPU use
+            self._kept[id(tensor)] = (tensor, tensor.detach().to("cpu", copy=True))
+
+    def restore(self, gm: torch.fx.GraphModule) -> None:
+        """Put everything back as it was when the snapshot was taken."""
+        with torch.no_grad():
+            for tensor, saved in self._kept.values():
+                if quant.is_quantized(tensor):
+                    quant.restore_(tensor, saved)
+                else:
+                    tensor.copy_(saved)
+        for module, children, params, buffers in self._modules:
+            module._modules.clear()
+            module._modules.update(children)
+            module._parameters.clear()
+            module._parameters.update(params)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+        for param, requires_grad, data in self._params:
+            param.data = data
+            param.requires_grad_(requires_grad)
+        gm.meta.clear()
+        gm.meta.update(self._meta)
+        if self._state is not None:
+            live, saved = self._state
+            for f in dataclasses.fields(LoraState):
+                setattr(live, f.name, getattr(saved, f.name))
+        gm.graph = self._graph  # the setter recompiles
+
+
+@contextlib.contextmanager
+def rollback_on_error(gm: torch.fx.GraphModule) -> Iterator[Undo]:
+    """Run the block; if it raises, restore `gm` (graph, state, modules, flags) and re-raise."""
+    undo = Undo(gm)
+    try:
+        yield undo
+    except BaseException:
+        undo.restore(gm)
+        raise
+
+
+def transactional(pass_fn: _Pass) -> _Pass:
+    """Make a public pass all-or-nothing on its GraphModule (its first argument)."""
+
+    @functools.wraps(pass_fn)
+    def run(gm, *args, **kwargs):
+        if not isinstance(gm, torch.fx.GraphModule):
+            return pass_fn(gm, *args, **kwargs)
+        with rollback_on_error(gm):
+            return pass_fn(gm, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
+def _copy_state(state: LoraState) -> LoraState:
+    """A copy whose containers are new; merge-undo values stay shared (they hold tensors)."""
+    fields = {
+        f.name: dict(getattr(state, f.name))
+        if f.name == "merge_undo"
+        else copy.deepcopy(getattr(state, f.name))
+        for f in dataclasses.fields(LoraState)
+    }
+    return LoraState(**fields)
+
+
+def _all_modules(root: nn.Module) -> list[nn.Module]:
+    """Every module under `root` once (shared ones too), `root` first."""
+    seen, order, stack = set(), [], [root]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        order.append(module)
+        stack.extend(child for child in module._modules.values() if child is not None)
+    return order
+
+
+def _all_parameters(
+    tables: list[tuple[nn.Module, dict, dict, dict]],
+) -> list[nn.Parameter]:
+    """The parameters of the snapshot's modules, each once."""
+    seen: dict[int, nn.Parameter] = {}
+    for _, _, params, _ in tables:
+        for p in params.values():
+            if p is not None:
+                seen.setdefault(id(p), p)
+    return list(seen.values())
