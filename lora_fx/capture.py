@@ -14,6 +14,10 @@ Rules and edge cases:
    dropout is off in training (most LLM configs set it to 0 anyway).
 2. The graph shares Parameter objects with the model (no copy): `merge` changes the model's weights.
 3. Batch-norm is captured in eval form; its running statistics do not update in `gm.train()`.
+4. fx only: each bitsandbytes `Linear4bit` becomes the graph's own copy (`quant.plain_copy`,
+   sharing the weight) that stays on bitsandbytes' plain CPU path. On AVX512-BF16 CPUs the user's
+   module would pack its weight in eval: a crash unless `out_features % 32 == 0` and
+   `in_features % blocksize == 0`, bfloat16 compute, and no input gradient after (`quant.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from lora_fx import quant
 from lora_fx._attention import fuse_causal_attention
 from lora_fx._meta import CAPTURE_META
 from lora_fx.errors import CaptureError
@@ -154,7 +159,27 @@ def _trace(model: nn.Module, kwargs: dict) -> torch.fx.GraphModule:
             "models with data-dependent control flow (e.g. transformers) need method='export'"
         ) from e
     _dropouts_to_modules(gm)
+    _plain_linear_4bit(gm)
     return gm
+
+
+def _plain_linear_4bit(gm: torch.fx.GraphModule) -> bool:
+    """Swap each called bitsandbytes `Linear4bit` for `quant.plain_copy` of it; True if any."""
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    changed = False
+    for target in sorted(targets):
+        module = gm.get_submodule(target)
+        if not any(_is_bnb(c, "Linear4bit") for c in type(module).__mro__):  # NF4 / FP4 too
+            continue
+        gm.set_submodule(target, quant.plain_copy(module))
+        log.debug("capture: %s: the graph's own Linear4bit, on the plain CPU path", target)
+        changed = True
+    return changed
+
+
+def _is_bnb(cls: type, name: str) -> bool:
+    """`cls` is bitsandbytes' class `name` (checked without importing bitsandbytes)."""
+    return cls.__name__ == name and cls.__module__.startswith("bitsandbytes")
 
 
 class _Tracer(torch.fx.Tracer):

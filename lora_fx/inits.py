@@ -142,8 +142,7 @@ def loftq(
     Returns:
         `(dequantized W_q, A [r, in], B [out, r])` with `W_q + B @ A ≈ W`.
     """
-    import bitsandbytes.functional as bnbf
-
+    bnbf = quant.requires_bitsandbytes().functional
     res = weight.clone()
     for i in range(steps):
         if bits == 4:

@@ -10,10 +10,38 @@ absmax) or `Int8Params` (row-wise absmax int8). Sites reach them two ways:
 
 Everything here is plain tensor code (no graph); bitsandbytes is imported only when needed, so
 lora_fx works without it.
+
+bitsandbytes on CPUs with AVX512-BF16 (recent Xeons; bitsandbytes 0.50):
+1. `Linear4bit.__init__` sets `support_avx512bf16_for_cpu = has_avx512bf16()`. When it is set,
+   `Linear4bit.forward` on a CPU input, in eval, with an input that needs no grad, rewrites its
+   weight in place into a packed layout (`quant_state.packing_format_for_cpu = True`): absmax
+   dequantized (double quant undone) and rounded to bfloat16, `quant_state.dtype = bfloat16`.
+   From then on `matmul_4bit` runs the packed kernel `gemv_4bit`, which computes in bfloat16
+   (about 3e-3 from the float32 result on O(1) outputs).
+2. The layout needs `out_features % 32 == 0` (`AssertionError: N must be divisible by block_n`)
+   and `in_features % blocksize == 0` (a `RuntimeError` reshaping the absmax); bitsandbytes does
+   not check first, so such a layer cannot run in eval at all.
+3. `matmul_4bit` takes the packed kernel for every later call, in training too; the kernel has no
+   backward: the input's gradient is dropped (no bias) or the call raises (bias).
+4. Its inverse (`Linear4bit.state_dict`, `.cuda()`) re-quantizes a double-quantized absmax and
+   leaves a plain absmax in the packed `[in / blocksize, out]` order (wrong values);
+   `dequantize_4bit` (PEFT's merge and DoRA) does not know the layout at all.
+5. The packed kernel is registered only where `has_avx512bf16()` holds at import: elsewhere the
+   layout is never made and cannot be run.
+
+So lora_fx never computes on the packed layout: the `quantize` pass's weights belong to no
+`Linear4bit` (nothing packs them; `linear_4bit` computes in the compute dtype on every CPU and any
+shape), and `capture(method="fx")` gives the graph its own copy of each `Linear4bit` (`plain_copy`)
+that does not pack and unpacks a weight the user's model packed. Functions here read a packed weight
+exactly (`dequantize`, `unpack_`), and `requantize_` writes the plain layout.
 """
 
 from __future__ import annotations
 
+import collections
+import copy
+import logging
+import sys
 from typing import Any
 
 import torch
@@ -22,11 +50,13 @@ from torch import nn
 __all__ = [
     "SUPPORTED_QUANT_TYPES",
     "dequantize",
+    "is_packed",
     "is_quantized",
     "linear_4bit",
     "linear_8bit",
     "logical_dtype",
     "logical_shape",
+    "plain_copy",
     "quant_type",
     "quantize_weight",
     "requantize_",
@@ -34,21 +64,47 @@ __all__ = [
     "restore_",
     "snapshot",
     "storage_bytes",
+    "unpack_",
 ]
 
 SUPPORTED_QUANT_TYPES = ("nf4", "fp4", "int8")
 _4BIT_CLASS, _8BIT_CLASS = "Params4bit", "Int8Params"
+# Logged by bitsandbytes' CPU backend at import on AVX512-BF16 CPUs when the optional `kernels`
+# package is missing; bitsandbytes then uses its own packed kernel, so there is nothing to act on.
+_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+_KERNEL_HUB_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
 
 
-def requires_bitsandbytes() -> None:
-    """Raise a clear ImportError when bitsandbytes is missing."""
+def requires_bitsandbytes() -> Any:
+    """`import bitsandbytes`, for lora_fx code that may be the first to import it.
+
+    Its CPU backend's kernel-hub warning is dropped while importing (see `_KERNEL_HUB_WARNING`).
+    Code given a bitsandbytes tensor imports it plainly: it is loaded already.
+
+    Returns:
+        The `bitsandbytes` module.
+
+    Raises:
+        ImportError: bitsandbytes is not installed (the message says how to install it).
+    """
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    cpu_log = logging.getLogger(_BNB_CPU_LOGGER)
+
+    def drop_hub_warning(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_KERNEL_HUB_WARNING)
+
+    cpu_log.addFilter(drop_hub_warning)
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
     except ImportError as e:
         raise ImportError(
             "quantized bases need bitsandbytes: pip install 'lora_fx[bnb]' (bitsandbytes>=0.45; "
             "0.50 runs on CPU)"
         ) from e
+    finally:
+        cpu_log.removeFilter(drop_hub_warning)
+    return bitsandbytes
 
 
 def is_quantized(weight: Any) -> bool:
@@ -76,9 +132,13 @@ def logical_shape(weight: torch.Tensor) -> tuple[int, ...]:
 
 
 def logical_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype the weight computes in: the 4-bit state's dtype; float32 for int8."""
+    """The dtype the weight computes in: the 4-bit state's dtype; float32 for int8.
+
+    For a packed weight, the dtype it had before bitsandbytes packed it (packing sets bfloat16).
+    """
     if type(weight).__name__ == _4BIT_CLASS and weight.quant_state is not None:
-        return weight.quant_state.dtype
+        state = weight.quant_state
+        return state.original_dtype if is_packed(weight) else state.dtype
     if is_quantized(weight):
         return torch.float32
     return weight.dtype
@@ -96,8 +156,8 @@ def dequantize(weight: torch.Tensor, module: nn.Module | None = None) -> torch.T
 
     if type(weight).__name__ == _4BIT_CLASS:
         data, state = weight.data, weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):  # Linear4bit's AVX512-BF16 eval layout
-            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
+        if is_packed(weight):  # the value the packed kernel computes with; weight left packed
+            data, state = _plain_layout(data, state)
         return bnbf.dequantize_4bit(data, state)
     scales = _int8_scales(weight, module)
     return bnbf.int8_vectorwise_dequant(weight.data, scales.to(weight.device))
@@ -108,7 +168,8 @@ def requantize_(weight: torch.Tensor, value: torch.Tensor, module: nn.Module | N
 
     The Parameter object stays (every graph and module reference sees the new value); its storage
     and quantization state are replaced. 4-bit: same block size, quant type, double quant and
-    compute dtype. int8: row-wise absmax, as `Int8Params` does on `.to(device)`.
+    compute dtype, in bitsandbytes' plain layout (also when the weight was packed). int8: row-wise
+    absmax, as `Int8Params` does on `.to(device)`.
     """
     import bitsandbytes.functional as bnbf
 
@@ -116,7 +177,7 @@ def requantize_(weight: torch.Tensor, value: torch.Tensor, module: nn.Module | N
         if type(weight).__name__ == _4BIT_CLASS:
             state = weight.quant_state
             packed, new_state = bnbf.quantize_4bit(
-                value.to(weight.device, state.dtype).contiguous(),
+                value.to(weight.device, logical_dtype(weight)).contiguous(),
                 blocksize=state.blocksize,
                 compress_statistics=weight.compress_statistics,
                 quant_type=weight.quant_type,
@@ -135,7 +196,9 @@ def requantize_(weight: torch.Tensor, value: torch.Tensor, module: nn.Module | N
 def snapshot(weight: torch.Tensor, module: nn.Module | None = None) -> tuple[Any, ...]:
     """What `restore_` needs to put the weight back bitwise.
 
-    References, not copies: `requantize_` replaces the storage instead of writing into it.
+    References, not copies: `requantize_` replaces the storage and state instead of writing into
+    them. (bitsandbytes' packing rewrites the state object in place, but only the weight's current
+    one; after `requantize_` that is no longer the saved one.)
     """
     if type(weight).__name__ == _4BIT_CLASS:
         return (weight.data, weight.quant_state)
@@ -153,7 +216,10 @@ def restore_(weight: torch.Tensor, saved: tuple[Any, ...], module: nn.Module | N
 
 
 def storage_bytes(weight: torch.Tensor, module: nn.Module | None = None) -> int:
-    """Bytes a weight really occupies: packed codes plus scales (and double-quant statistics)."""
+    """Bytes a weight really occupies: 4-bit codes plus scales (and double-quant statistics).
+
+    A weight in bitsandbytes' packed CPU layout counts its bfloat16 absmax as it is stored.
+    """
     tensor_bytes = weight.data.numel() * weight.data.element_size()
     if type(weight).__name__ == _4BIT_CLASS:
         state = weight.quant_state
@@ -183,9 +249,8 @@ def quantize_weight(
     Raises:
         ValueError: `quant_type` is not one of `SUPPORTED_QUANT_TYPES`.
     """
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbf
-
+    bnb = requires_bitsandbytes()
+    bnbf = bnb.functional
     if quant_type not in SUPPORTED_QUANT_TYPES:
         raise ValueError(
             f"quant_type={quant_type!r} is not supported; supported: {list(SUPPORTED_QUANT_TYPES)}"
@@ -216,7 +281,12 @@ def quantize_weight(
 def linear_4bit(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`x @ W.T + b` on 4-bit storage, as `bnb.nn.Linear4bit.forward` computes it."""
+    """`x @ W.T + b` on 4-bit storage, as `bnb.nn.Linear4bit.forward` computes it.
+
+    With the plain layout `matmul_4bit` dequantizes and multiplies in the compute dtype, on every
+    CPU and for any shape; the `quantize` pass's weights belong to no `Linear4bit`, so bitsandbytes
+    never packs them (see the module docstring).
+    """
     import bitsandbytes as bnb
 
     dtype = weight.quant_state.dtype
@@ -239,6 +309,71 @@ def linear_8bit(
     if bias is not None:
         bias = bias.to(x.dtype)
     return bnb.matmul(x, weight, bias=bias, state=state)
+
+
+# ---------------------------------------------------- bitsandbytes' packed CPU layout (AVX512-BF16)
+
+
+def is_packed(weight: Any) -> bool:
+    """Whether a 4-bit weight is in the layout `Linear4bit` packs it into on AVX512-BF16 CPUs."""
+    state = getattr(weight, "quant_state", None) if type(weight).__name__ == _4BIT_CLASS else None
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def unpack_(weight: torch.Tensor) -> bool:
+    """Put a packed 4-bit weight back into bitsandbytes' plain layout, in place, value for value.
+
+    The absmax stays as packing rounded it (bfloat16 values, stored as float32, no double quant),
+    so the weight computes what the packed kernel did, but in the compute dtype.
+
+    Returns:
+        Whether the weight was packed.
+    """
+    if not is_packed(weight):
+        return False
+    weight.data, weight.quant_state = _plain_layout(weight.data, weight.quant_state)
+    return True
+
+
+def plain_copy(module: nn.Module) -> nn.Module:
+    """A copy of a bitsandbytes `Linear4bit` that never computes on the packed CPU layout.
+
+    It shares parameters, buffers and children with `module` (the user's model is not changed),
+    turns bitsandbytes' packing off (`support_avx512bf16_for_cpu = False`), and unpacks, before
+    each call, a shared weight the user's own module has packed meanwhile. So the layer runs
+    `matmul_4bit` in its compute dtype on every CPU: any `out_features` / `in_features`, training
+    after eval keeps its gradients, and results do not depend on the CPU. The cost: eval on an
+    AVX512-BF16 CPU does not use the faster bfloat16 kernel.
+    """
+    clone = copy.copy(module)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._modules = dict(module._modules)
+    clone._forward_pre_hooks = collections.OrderedDict(module._forward_pre_hooks)
+    clone.support_avx512bf16_for_cpu = False
+    clone.register_forward_pre_hook(_unpack_before_forward)
+    return clone
+
+
+def _unpack_before_forward(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """Forward pre-hook of `plain_copy`: unpack the weight if it is packed."""
+    unpack_(module.weight)
+
+
+def _plain_layout(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    """Codes and a new state in the plain layout for a packed weight; `state` is not changed.
+
+    bitsandbytes' own inverse restores the codes but re-quantizes a double-quantized absmax and
+    leaves a plain one in packed order; so take only its codes and reorder the absmax here.
+    """
+    import bitsandbytes.functional as bnbf
+
+    plain = copy.copy(state)
+    plain.original_nested = False  # keep the absmax as it is, without a second quantization
+    codes, plain = bnbf._convert_weight_packed_for_cpu_inverse(data, plain)
+    # absmax: packed as [in / blocksize, out] bfloat16; plain: block order of [out, in], float32
+    plain.absmax = state.absmax.T.reshape(-1).float().contiguous()
+    return codes, plain
 
 
 def _int8_scales(weight: torch.Tensor, module: nn.Module | None) -> torch.Tensor:

@@ -19,14 +19,14 @@ __all__ = [
 
 
 class TinyMLP(nn.Module):
-    """PEFT's MLP: lin0 -> relu -> drop -> lin1 -> log_softmax."""
+    """PEFT's MLP: lin0 -> relu -> drop -> lin1 -> log_softmax; `features`: in, hidden, out."""
 
-    def __init__(self, bias: bool = True) -> None:
+    def __init__(self, bias: bool = True, *, features: tuple[int, int, int] = (10, 20, 2)) -> None:
         super().__init__()
-        self.lin0 = nn.Linear(10, 20, bias=bias)
+        self.lin0 = nn.Linear(features[0], features[1], bias=bias)
         self.relu = nn.ReLU()
         self.drop = nn.Dropout(0.5)
-        self.lin1 = nn.Linear(20, 2, bias=bias)
+        self.lin1 = nn.Linear(features[1], features[2], bias=bias)
         self.sm = nn.LogSoftmax(dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
