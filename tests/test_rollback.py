@@ -7,6 +7,7 @@ registered modules, changed the state record or written weights.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import warnings
 
@@ -34,7 +35,7 @@ def _fingerprint(gm: torch.fx.GraphModule) -> dict:
     return {
         "code": gm.code,
         "nodes": [(n.name, n.op, str(n.target)) for n in gm.graph.nodes],
-        "state": repr(state),
+        "state": None if state is None else _fields(state),
         "meta_keys": sorted(gm.meta),
         "modules": [name for name, _ in gm.named_modules(remove_duplicate=False)],
         "params": [
@@ -43,6 +44,12 @@ def _fingerprint(gm: torch.fx.GraphModule) -> dict:
         ],
         "buffers": [name for name, _ in gm.named_buffers(remove_duplicate=False)],
     }
+
+
+def _fields(state) -> dict:
+    """The state's fields, sets sorted (a restored set may iterate in another order)."""
+    values = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    return {k: sorted(v) if isinstance(v, set) else repr(v) for k, v in values.items()}
 
 
 def _assert_same(before: dict, after: dict) -> None:
