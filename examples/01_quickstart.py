@@ -1,6 +1,7 @@
 """Quickstart: capture a tiny Llama, inject LoRA, train a few steps, save, merge (the README's snippet)."""
 
 import tempfile
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -34,9 +35,10 @@ for step in range(3):
 
 gm.eval()
 trained = gm(ids).logits.detach()
-out_dir = tempfile.mkdtemp()
-lora_fx.save_adapter(gm, out_dir)  # PEFT layout
+with tempfile.TemporaryDirectory() as out_dir:  # your adapter folder here
+    lora_fx.save_adapter(gm, out_dir)  # PEFT layout
+    saved = sorted(p.name for p in Path(out_dir).iterdir())
 lora_fx.merge_and_unload(gm)  # plain graph, zero LoRA overhead
 print(
-    f"adapter in {out_dir}; merged vs trained max |diff| = {(gm(ids).logits - trained).abs().max():.2e}"
+    f"adapter files {saved}; merged vs trained max |diff| = {(gm(ids).logits - trained).abs().max():.2e}"
 )

@@ -16,6 +16,7 @@ logits near ±1.3, so the base cannot become confident whatever its hidden state
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import tempfile
 import time
@@ -100,8 +101,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         hits = trained[:, :-1].argmax(-1) == ids[:, 1:]
         accuracy = hits[:, inside].float().mean().item()
 
-    out = Path(args.out or tempfile.mkdtemp(prefix="lora_fx_llama_"))
-    lora_fx.save_adapter(gm, out)  # PEFT layout: PeftModel.from_pretrained reads it
+    keep = contextlib.nullcontext(args.out) if args.out else None
+    with keep or tempfile.TemporaryDirectory(prefix="lora_fx_llama_") as folder:
+        out = Path(folder)
+        lora_fx.save_adapter(gm, out)  # PEFT layout: PeftModel.from_pretrained reads it
     lora_fx.merge_and_unload(gm)  # plain graph with the adapter folded into the weights
     with torch.no_grad():
         merged = gm(ids).logits
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"first step compiles); held-out batch: loss {eval_loss:.3f} "
           f"(best possible {BEST:.3f}), "
           f"next-token accuracy inside motifs {accuracy:.1%}")  # fmt: skip
-    print(f"adapter saved to {out}; merged vs trained logits: max |diff| = {gap:.2e}")
+    kept = "" if args.out else " (a temporary folder, now removed: --out DIR keeps it)"
+    print(f"adapter saved to {out}{kept}; merged vs trained logits: max |diff| = {gap:.2e}")
     if gap > 1e-4:
         raise RuntimeError(f"the merged graph differs from the trained one by {gap:.2e}")
     return {"loss_first": losses[0], "loss_last": losses[-1], "eval_loss": eval_loss,

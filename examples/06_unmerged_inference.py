@@ -60,9 +60,10 @@ try:
 except ImportError:
     print("onnx / onnxruntime not installed: pip install 'lora_fx[onnx]'")
 else:
-    path = Path(tempfile.mkdtemp()) / "llama_lora.onnx"
-    export_onnx(gm, (ids,), path, merged=False)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "llama_lora.onnx"
+        export_onnx(gm, (ids,), path, merged=False)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     onnx_logits = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
     diff = (torch.from_numpy(onnx_logits) - weight).abs().max().item()
     print(f"max |diff| onnxruntime vs torch: {diff:.2e}")

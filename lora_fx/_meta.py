@@ -2,7 +2,9 @@
 
 Every node a pass creates carries `node.meta[LORA_META] = {"adapter", "site", "role"}` so later
 passes find branches without guessing from names. Everything that must last between calls lives
-in one `LoraState` at `gm.meta[STATE_META]`: no module-level registries.
+in one `LoraState` at `gm.meta[STATE_META]`: no module-level registries. The last merge's rounding
+report is kept apart, at `gm.meta[MERGE_REPORT_META]`: it describes the weights, which keep the
+merge after `unload` drops the state (`merge_and_unload`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CAPTURE_META",
     "LORA_META",
+    "MERGE_REPORT_META",
     "ROLES",
     "STATE_META",
     "AdapterRecord",
@@ -31,6 +34,7 @@ __all__ = [
 LORA_META = "lora_fx"
 STATE_META = "lora_fx"
 CAPTURE_META = "lora_fx_capture"
+MERGE_REPORT_META = "lora_fx_merge_report"
 
 # Roles of nodes in a branch: y' = add(y, scale * lora_b(lora_a(dropout(x))))
 # "cast": dtype casts around a float32 adapter on a half-precision site (autocast_adapter_dtype).
@@ -63,12 +67,11 @@ class AdapterRecord:
 
 @dataclass
 class LoraState:
-    """The adapters on a graph, which are active, and the last merge's rounding report."""
+    """The adapters on a graph, which are active, and what merged adapters need to unmerge."""
 
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
     owned_modules: set[str] = field(default_factory=set)
-    merge_report: dict[str, float] = field(default_factory=dict)
     # Mixed-batch mode: adapters whose branches are masked per row (None: normal mode).
     batch_adapters: list[str] | None = None
     # What each fold needs to undo itself, by "adapter:site", in fold order (a DoRA weight norm,

@@ -15,7 +15,8 @@ Rules:
    dependencies (onnx, onnxruntime) are missing does not break the others.
 2. Errors print one line, `lora-fx <command>: error: <message>`, and exit with code 2; `--debug`
    prints the traceback too. Interrupted runs exit with 130.
-3. Output is a short summary on stdout; `-v` adds lora_fx's INFO log lines on stderr.
+3. Output is a short summary on stdout; `-v` adds lora_fx's INFO log lines on stderr. Library
+   messages a user cannot act on are dropped while a command runs (`lora_fx/_quiet.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+
+from lora_fx._quiet import quiet_libraries
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -74,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
         logging.getLogger("lora_fx").setLevel(logging.INFO)
     try:
-        return int(args.run(args) or 0)
+        with quiet_libraries():
+            return int(args.run(args) or 0)
     except KeyboardInterrupt:
         print(f"lora-fx {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -131,6 +135,9 @@ def _add_export_onnx(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         epilog=_EXPORT_ONNX_EPILOG,
     )
     parser.add_argument("-o", "--out", required=True, help="the .onnx file to write")
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing --out (and its adapter files)"
+    )
     parser.add_argument(
         "--model", help="local transformers model folder (default: embedded tiny Llama)"
     )

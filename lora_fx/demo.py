@@ -10,14 +10,17 @@ logits near ±1.3, so without it the loss cannot fall far whatever the hidden st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 import lora_fx
 from lora_fx import LoraConfig
+from lora_fx._quiet import quiet_libraries
 
 __all__ = ["main", "run_command", "run_demo"]
 
@@ -129,8 +132,8 @@ def _export(gm, ids: torch.Tensor, path: Path, figures: dict) -> Path | None:
 
 def run_command(args) -> int:
     """`lora-fx demo`: the main job, with `--out`, `--steps`, `--quiet`, `--no-export`."""
-    out = args.out or tempfile.mkdtemp(prefix="lora_fx_demo_")
-    run_demo(out, steps=args.steps, quiet=args.quiet, export=not args.no_export)
+    with _out_folder(args.out, quiet=args.quiet) as out:
+        run_demo(out, steps=args.steps, quiet=args.quiet, export=not args.no_export)
     return 0
 
 
@@ -141,9 +144,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30, help="training steps")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny model: 1)")
     args = parser.parse_args(argv)
-    out = args.out or tempfile.mkdtemp(prefix="lora_fx_demo_")
     torch.set_num_threads(args.threads)
-    run_demo(out, steps=args.steps)
+    with quiet_libraries(), _out_folder(args.out, quiet=False) as out:
+        run_demo(out, steps=args.steps)
+
+
+@contextlib.contextmanager
+def _out_folder(out: str | None, *, quiet: bool) -> Iterator[str]:
+    """`out`, or a temporary folder that is removed afterwards (and a line that says so)."""
+    if out is not None:
+        yield out
+        return
+    with tempfile.TemporaryDirectory(prefix="lora_fx_demo_") as tmp:
+        yield tmp
+    if not quiet:
+        print(f"removed the temporary folder {tmp}; --out DIR keeps the files")
 
 
 if __name__ == "__main__":

@@ -3,18 +3,22 @@
     MODEL_DIR + ADAPTER_DIR --load, capture, load_adapter, merge_and_unload--> OUT_DIR
 
 Rules:
-1. Everything is read from disk (`local_files_only`); nothing is downloaded.
+1. Everything is read from disk (`local_files_only=True`); nothing is downloaded, and no process
+   state (environment, log levels) is changed for it.
 2. `MODEL_DIR` is never written. `OUT_DIR` must be empty or absent unless `force=True`; the merged
    model is written to a temporary folder beside it and renamed into place, so a failure leaves no
    half-written folder.
 3. The captured graph shares its Parameters with the loaded model, so merging writes the merged
    weights into the model, which `save_pretrained` then saves; tokenizer files are copied over.
 4. Every check (folders, adapter type, shapes) runs before anything is written.
+5. Without `progress`, transformers' progress bars (loading weights, writing shards) are off for
+   the whole call and exactly as before afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import shutil
@@ -112,15 +116,16 @@ def merge_model_folder(
         raise FolderError(f"dtype={dtype!r} is invalid; expected one of {list(_DTYPES)}")
 
     steps = _Steps(progress, total=5)
-    model = steps.run("load model", lambda: _load_model(model_path, dtype, progress=progress))
-    ids = torch.zeros(1, 8, dtype=torch.long)
-    gm = steps.run("capture", lambda: capture(model, (ids,), {"use_cache": False}))
-    steps.run("load adapter", lambda: load_adapter(gm, adapter_path))
-    sites = len(find_sites(gm, LoraConfig.from_json(str(adapter_path / CONFIG_NAME))))
-    steps.run("merge", lambda: merge_and_unload(gm, safe_merge=safe_merge))
-    worst = max(merge_report(gm).values(), default=0.0)
-    _check_untied(gm, model)
-    steps.run("save", lambda: _save(model, model_path, out_path, force))
+    with _progress_bars(progress):
+        model = steps.run("load model", lambda: _load_model(model_path, dtype))
+        ids = torch.zeros(1, 8, dtype=torch.long)
+        gm = steps.run("capture", lambda: capture(model, (ids,), {"use_cache": False}))
+        steps.run("load adapter", lambda: load_adapter(gm, adapter_path))
+        sites = len(find_sites(gm, LoraConfig.from_json(str(adapter_path / CONFIG_NAME))))
+        steps.run("merge", lambda: merge_and_unload(gm, safe_merge=safe_merge))
+        worst = max(merge_report(gm).values(), default=0.0)  # kept past the unload
+        _check_untied(gm, model)
+        steps.run("save", lambda: _save(model, model_path, out_path, force))
     steps.close()
     return MergeSummary(str(out_path), sites, worst, steps.seconds)
 
@@ -140,7 +145,8 @@ def inspect_model_folder(model_dir: str | os.PathLike, cfg: LoraConfig) -> dict[
     """
     model_path = Path(model_dir)
     _check_model_folder(model_path)
-    model = _load_model(model_path, None)
+    with _progress_bars(False):
+        model = _load_model(model_path, None)
     gm = capture(model, (torch.zeros(1, 8, dtype=torch.long),), {"use_cache": False})
     sites = find_sites(gm, cfg)
     rows = []
@@ -197,24 +203,14 @@ def _check_out_folder(model_path: Path, out_path: Path, force: bool) -> None:
         raise FolderError(f"out folder {str(out_path)!r} is not empty; pass --force to replace it")
 
 
-def _load_model(path: Path, dtype: str | None, *, progress: bool = False):
-    """A causal LM from a local folder, offline (transformers' own bars only with progress)."""
+def _load_model(path: Path, dtype: str | None):
+    """A causal LM from a local folder; `local_files_only` keeps it offline (rule 1)."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     kwargs: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = _DTYPES[dtype]
-    bars = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
-        with _offline():
-            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    return model.eval()
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
 
 
 def _check_untied(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
@@ -248,17 +244,26 @@ def _save(model, model_path: Path, out_path: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def _offline():
-    """HF_HUB_OFFLINE=1 for the block: a folder load must never reach for the network."""
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
+def _progress_bars(enabled: bool):
+    """Progress bars of transformers and huggingface_hub off in the block unless `enabled`."""
+    if enabled:  # never switched on: a user who turned them off keeps them off
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    # huggingface_hub.utils re-exports the class `tqdm`, which hides its module of that name.
+    hub_states = getattr(
+        importlib.import_module("huggingface_hub.utils.tqdm"), "progress_bar_states", {}
+    )
+    was_on, saved = hf_logging.is_progress_bar_enabled(), dict(hub_states)
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old
+        if was_on:
+            hf_logging.enable_progress_bar()
+        hub_states.clear()
+        hub_states.update(saved)
 
 
 class _Steps:

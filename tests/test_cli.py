@@ -2,8 +2,11 @@
 
 import copy
 import json
+import logging
+import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -52,10 +55,22 @@ def test_merge_command_equals_peft_merge(folders, tmp_path, capsys):
             "-q",
         ]
     )
-    assert code == 0 and capsys.readouterr().out == ""
+    captured = capsys.readouterr()
+    assert code == 0 and captured.out == ""
+    assert captured.err == ""  # -q: no bar from save_pretrained's shard writer either
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert_close(merged(ids).logits, expected)
+
+
+def test_merge_summary_gives_the_rounding_loss_of_a_bf16_merge(folders, tmp_path, capsys, caplog):
+    root, _, _ = folders
+    args = ["merge", "--model", str(root / "model"), "--adapter", str(root / "adapter")]
+    with caplog.at_level(logging.INFO, logger="lora_fx.passes.merge"):
+        assert main([*args, "--out", str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
+    printed = re.search(r"worst rounding loss of a folded delta: (\S+)", capsys.readouterr().out)
+    logged = re.search(r"worst rounding loss (\S+)", caplog.text)
+    assert float(printed.group(1)) > 0 and printed.group(1) == logged.group(1)
 
 
 @pytest.mark.parametrize(
@@ -162,6 +177,13 @@ def test_inspect_table_and_json(folders, capsys):
 def test_demo_command(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--steps", "4", "-q", "--no-export"]) == 0
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_demo_without_out_leaves_no_temporary_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main(["demo", "--steps", "2", "--no-export"]) == 0
+    assert list(tmp_path.iterdir()) == []
+    assert "removed the temporary folder" in capsys.readouterr().out
 
 
 def test_help_reads_well():

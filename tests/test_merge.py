@@ -88,6 +88,16 @@ def test_bf16_merge_reports_rounding_loss():
     assert lora_fx.merge_report(fp32) == {"default:lin0": 0.0}
 
 
+def test_merge_report_outlives_merge_and_unload():
+    model = TinyMLP().eval().to(torch.bfloat16)
+    x = torch.randn(4, 10, dtype=torch.bfloat16)
+    gm = lora_fx.capture(model, (x,))
+    lora_fx.inject(gm, LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False))
+    lora_fx.merge_and_unload(gm)
+    report = lora_fx.merge_report(gm)
+    assert set(report) == {"default:lin0", "default:lin1"} and min(report.values()) > 0
+
+
 def test_tied_weight_site_gets_private_copy_on_merge():
     model = tiny_gpt2().eval()
     ids = torch.randint(0, 256, (1, 8))

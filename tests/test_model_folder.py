@@ -1,7 +1,12 @@
 """Model-folder workflows against PEFT's merge_and_unload, and every bad input."""
 
 import copy
+import importlib
 import json
+import logging
+import os
+import re
+import socket
 
 import pytest
 import torch
@@ -118,3 +123,51 @@ def test_inspect_lists_sites_and_peft_figures(folders):
     assert (totals["trainable_params"], totals["all_params"]) == pm.get_nb_trainable_parameters()
     with pytest.raises(NoTargetMatchedError, match=r"matched no site"):
         inspect_model_folder(root / "model", lora_fx.LoraConfig(target_modules=["nope"]))
+
+
+def test_merge_folder_reports_the_bf16_rounding_loss(folders, tmp_path, caplog):
+    root, _, _ = folders
+    with caplog.at_level(logging.INFO, logger="lora_fx.passes.merge"):
+        summary = merge_model_folder(
+            root / "model", root / "adapter", tmp_path / "out", dtype="bfloat16"
+        )
+    logged = re.search(r"worst rounding loss (\S+)", caplog.text).group(1)
+    assert summary.worst_rounding_loss > 0  # read after merge_and_unload: the report is kept
+    assert f"{summary.worst_rounding_loss:.2e}" == logged
+
+
+def test_merge_folder_leaves_process_state_as_it_was(folders, tmp_path, monkeypatch, capfd):
+    """Offline without HF_HUB_OFFLINE, no bars without progress, bar settings as before after."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    root, _, _ = folders
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    hub_states = importlib.import_module("huggingface_hub.utils.tqdm").progress_bar_states
+    saved_hub = dict(hub_states)
+    seen_env = []
+    real_load = AutoModelForCausalLM.from_pretrained.__func__
+
+    def load(cls, *args, **kwargs):
+        seen_env.append(os.environ.get("HF_HUB_OFFLINE"))
+        return real_load(cls, *args, **kwargs)
+
+    def no_network(*args, **kwargs):
+        raise OSError("the network was reached")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(load))
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    try:
+        hf_logging.enable_progress_bar()
+        disable_progress_bars("some_group")  # a user's own setting, kept through the call
+        before = hf_logging.is_progress_bar_enabled(), dict(hub_states)
+        capfd.readouterr()
+        merge_model_folder(root / "model", root / "adapter", tmp_path / "out")
+        err = capfd.readouterr().err
+        after = hf_logging.is_progress_bar_enabled(), dict(hub_states)
+    finally:
+        hub_states.clear()
+        hub_states.update(saved_hub)
+    assert seen_env == [None]  # local_files_only keeps it offline; the env is not touched
+    assert "Loading weights" not in err and "Writing model shards" not in err, err
+    assert after == before == (True, {"_global": True, "some_group": False})

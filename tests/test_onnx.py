@@ -4,6 +4,7 @@ multi-LoRA sessions and adapter files, stacked per-row adapters, the CLI, and ba
 from __future__ import annotations
 
 import copy
+import logging
 from collections import Counter
 
 import numpy as np
@@ -33,6 +34,7 @@ from lora_fx.exporters import (
     ort_session,
     write_ort_adapter,
 )
+from lora_fx.exporters import onnx as onnx_exporter
 from lora_fx.exporters._names import input_names
 
 HF_KW = {"use_cache": False}
@@ -445,6 +447,80 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and "export-onnx" in capsys.readouterr().out
+
+
+def test_cli_refuses_what_onnxruntime_cannot_run_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export-onnx", "--out", str(out), "--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "onnxruntime cannot run the exported model on CPU, so nothing was written" in err
+    assert "use --dtype float16 or float32, or pass --no-check" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_creates_the_folder_and_refuses_an_existing_file_unless_forced(tmp_path, capsys):
+    out = tmp_path / "new" / "sub" / "m.onnx"
+    args = ["export-onnx", "--out", str(out), "--static", "--no-optimize"]
+    assert main(args) == 0
+    assert "check           onnxruntime vs torch" in capsys.readouterr().out
+    assert [p.name for p in out.parent.iterdir()] == ["m.onnx"]  # no temporary folder left
+    out.write_bytes(b"mine")
+    assert main(args) == 2
+    assert "m.onnx' exists; pass --force to replace it" in capsys.readouterr().err
+    assert out.read_bytes() == b"mine"
+    assert main([*args, "--force", "--no-check"]) == 0
+    assert onnx.load(str(out)).graph.output[0].name == "logits"
+
+
+class _Seen(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_export_drops_only_its_own_notices_and_restores_the_loggers(mlp, tmp_path, monkeypatch):
+    """A filter on the one message, for the call: other records of those loggers still pass."""
+    gm, x = mlp
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    dedup = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
+    names = (registry.name, dedup.name, "onnx_ir")
+
+    def loggers():
+        return {n: (logging.getLogger(n).level, list(logging.getLogger(n).filters)) for n in names}
+
+    before = loggers()
+    real_translate, real_keep = onnx_exporter._translate, onnx_exporter.optimize_keeping
+
+    def translate(*args):
+        registry.warning("torchvision is not installed. Skipping %s", "torchvision::nms")
+        registry.warning("another registry warning")
+        return real_translate(*args)
+
+    def keep(optimize, model, names):
+        def optimize_and_warn():
+            dedup.warning("Skipped deduplication of initializer '%s' as it is a graph input", "x")
+            optimize()
+
+        return real_keep(optimize_and_warn, model, names)
+
+    monkeypatch.setattr(onnx_exporter, "_translate", translate)
+    monkeypatch.setattr(onnx_exporter, "optimize_keeping", keep)
+    seen = _Seen()
+    registry.addHandler(seen)
+    dedup.addHandler(seen)
+    try:
+        export_onnx(gm, (x,), tmp_path / "m.onnx", merged=False)
+    finally:
+        registry.removeHandler(seen)
+        dedup.removeHandler(seen)
+    assert "another registry warning" in seen.messages
+    assert "Skipped deduplication of initializer 'x' as it is a graph input" in seen.messages
+    assert not any("torchvision" in m or "lora_A" in m or "lora_B" in m for m in seen.messages)
+    assert loggers() == before
 
 
 # ---- bad input ---------------------------------------------------------------------------------

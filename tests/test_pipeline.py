@@ -1,6 +1,10 @@
 """Smoke test of the whole pipeline, and the README's main job."""
 
+import os
 import runpy
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -46,10 +50,33 @@ def test_demo_trains_merges_and_saves(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def _made_by_us(folder: Path) -> list[str]:
+    """Temporary files and folders the examples could leave (library caches are not theirs)."""
+    return [p.name for p in folder.iterdir() if p.name.startswith(("tmp", "lora_fx"))]
+
+
 @pytest.mark.parametrize(
-    "script", ["01_quickstart.py", "02_peft_interop.py", "06_unmerged_inference.py"]
+    "script", ["01_quickstart.py", "03_export_onnx.py", "06_unmerged_inference.py"]
 )
-def test_examples_run(script, capsys):
+def test_examples_run_and_clean_up(script, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     runpy.run_path(str(EXAMPLES / script), run_name="__main__")
     out = capsys.readouterr().out
     assert "max |diff|" in out
+    assert _made_by_us(tmp_path) == []
+
+
+@pytest.mark.parametrize("script", ["02_peft_interop.py", "05_replicate_layers.py"])
+def test_examples_with_peft_print_no_library_notices(script, tmp_path):
+    """PEFT imports bitsandbytes (a log line on AVX512-BF16 CPUs) and warns through transformers."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0 and "max |diff|" in result.stdout, result.stderr
+    assert result.stderr == ""
+    assert _made_by_us(tmp_path) == []

@@ -30,6 +30,8 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
+from lora_fx._quiet import dropping_records
+
 __all__ = [
     "EXTERNAL_DATA_BYTES",
     "lift_to_inputs",
@@ -42,6 +44,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GiB, leaving room for the graph itself
+_DEDUP_LOGGER = "onnx_ir.passes.common.initializer_deduplication"
+_SKIPPED_DEDUP = "Skipped deduplication of initializer '%s' as it is a graph input"
 
 
 def swap_merged_weights(model: ir.Model, merged: dict[str, Callable[[], torch.Tensor]]) -> None:
@@ -63,13 +67,16 @@ def optimize_keeping(optimize: Callable[[], None], model: ir.Model, names: Itera
     already = set(model.graph.inputs)
     added = [value for value in protected if value not in already]
     model.graph.inputs.extend(added)
-    onnx_ir_log = logging.getLogger("onnx_ir")
-    level = onnx_ir_log.level
-    onnx_ir_log.setLevel(logging.ERROR)  # "skipped deduplication of <graph input>" for each one
+    added_names = {(value.name,) for value in added}
+
+    def skipped_added(record: logging.LogRecord) -> bool:  # one warning per protected tensor
+        args = record.args if isinstance(record.args, tuple) else ()
+        return str(record.msg).startswith(_SKIPPED_DEDUP) and args[:1] in added_names
+
     try:
-        optimize()
+        with dropping_records(_DEDUP_LOGGER, skipped_added):
+            optimize()
     finally:
-        onnx_ir_log.setLevel(level)
         for value in added:
             model.graph.inputs.remove(value)
 

@@ -1,7 +1,7 @@
 """`lora-fx export-onnx`: a transformers model (or the embedded tiny Llama) and adapters to ONNX.
 
     load model -> capture(input_ids) -> load_adapter per --adapter -> export_onnx -> (adapter files)
-        -> onnxruntime check -> summary          (arguments: `_add_export_onnx` in lora_fx/cli.py)
+        -> onnxruntime check -> files moved into place -> summary   (arguments: lora_fx/cli.py)
 
 Rules:
 1. `--model` is a local transformers folder (`config.json` + weights; nothing is downloaded);
@@ -11,15 +11,28 @@ Rules:
 3. `--adapter [NAME=]DIR` loads a PEFT folder (repeatable; NAME defaults to the folder name).
    Merged exports fold every adapter; `--layout inputs` also writes one `.onnx_adapter` per adapter
    beside the model; `--layout stacked` serves them per row.
-4. Unless `--no-check`, onnxruntime runs the file once and its outputs are compared with torch.
+4. Unless `--no-check`, onnxruntime runs the file once on CPU and its outputs are compared with
+   torch. A file it cannot run (bfloat16: its CPU provider lacks most kernels) is an error, exit
+   code 2, and nothing is written; without onnxruntime installed the check is reported "not run".
+5. Files are written into a temporary folder beside `--out` and moved into place only when the
+   export and the check succeeded. An existing `--out` (or its data or adapter files) is refused
+   unless `--force`; a missing folder of `--out` is created (and removed again on failure).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import logging
+import os
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from lora_fx.exporters._errors import OnnxExportError
 
 __all__ = ["run_export_onnx"]
 
@@ -31,13 +44,17 @@ def run_export_onnx(args: argparse.Namespace) -> int:
     import torch
 
     import lora_fx
-    from lora_fx.exporters.onnx import _check_target, export_onnx
+    from lora_fx.exporters.onnx import export_onnx
 
     layout = args.layout or ("initializers" if args.unmerged else "merged")
     if args.unmerged and layout == "merged":
         raise ValueError("--unmerged contradicts --layout merged")
-    out = _check_target(args.out)  # before loading anything
+    out = Path(args.out)
     adapters = [_adapter_arg(text) for text in args.adapter]
+    adapter_names = [f"{out.stem}.{name}.onnx_adapter" for name, _ in adapters]
+    if layout != "inputs":
+        adapter_names = []
+    _check_out(out, [f"{out.name}.data", *adapter_names], force=args.force)  # before loading
     start = time.perf_counter()
 
     model, source = _load_model(args.model, getattr(torch, args.dtype))
@@ -54,31 +71,89 @@ def run_export_onnx(args: argparse.Namespace) -> int:
         lora_fx.set_adapter(gm, [name for name, _ in adapters])  # merged: fold them all
     gm.eval()
 
-    result = export_onnx(
-        gm,
-        (ids,),
-        out,
-        merged=layout == "merged",
-        lora_layout="initializers" if layout == "merged" else layout,
-        opset=args.opset,
-        optimize=not args.no_optimize,
-        external_data=True if args.external_data else None,
-    )
-    adapter_files = []
-    if layout == "inputs":
-        for name, _ in adapters:
-            path = out.with_name(f"{out.stem}.{name}.onnx_adapter")
-            _write_adapter(gm, path, name, out)
-            adapter_files.append(path)
-    check = None
-    if not args.no_check:
-        try:
-            check = _check(gm, ids, result, adapters, adapter_files)
-        except Exception as e:  # the file is written; a runtime without the kernels says so
-            check = (float("nan"), f"not run: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    with _staged(out) as stage:
+        result = export_onnx(
+            gm,
+            (ids,),
+            stage / out.name,
+            merged=layout == "merged",
+            lora_layout="initializers" if layout == "merged" else layout,
+            opset=args.opset,
+            optimize=not args.no_optimize,
+            external_data=True if args.external_data else None,
+        )
+        staged_adapters = [stage / name for name in adapter_names]
+        for (name, _), path in zip(adapters, staged_adapters, strict=True):
+            _write_adapter(gm, path, name, result.path)
+        check = None
+        if not args.no_check:
+            check = _checked(gm, ids, result, adapters, staged_adapters, dtype=args.dtype)
 
+    data_path = out.with_name(result.data_path.name) if result.data_path else None
+    result = dataclasses.replace(result, path=out, data_path=data_path)
+    adapter_files = [out.with_name(name) for name in adapter_names]
     _print_summary(result, source, adapters, adapter_files, check, time.perf_counter() - start)
     return 0
+
+
+def _check_out(out: Path, siblings: list[str], *, force: bool) -> None:
+    """Refuse a folder, an unwritable place, or existing files unless `force` (rule 5)."""
+    if out.is_dir():
+        raise OnnxExportError(f"cannot write {str(out)!r}: it is a folder; give a file name")
+    existing_folder = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    if not existing_folder.is_dir():
+        raise OnnxExportError(
+            f"cannot write {str(out)!r}: {str(existing_folder)!r} is a file, not a folder"
+        )
+    if not os.access(existing_folder, os.W_OK):
+        raise OnnxExportError(
+            f"cannot write {str(out)!r}: folder {str(existing_folder)!r} is not writable"
+        )
+    existing = [str(p) for p in (out, *(out.with_name(name) for name in siblings)) if p.exists()]
+    if existing and not force:
+        verb, them = ("exists", "it") if len(existing) == 1 else ("exist", "them")
+        raise OnnxExportError(
+            f"{', '.join(map(repr, existing))} {verb}; pass --force to replace {them}"
+        )
+
+
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out`, whose files are moved beside `out` if the block succeeds."""
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        yield stage
+        for file in sorted(stage.iterdir(), key=lambda f: f.name == out.name):  # the .onnx last
+            os.replace(file, out.parent / file.name)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def _checked(gm, ids, result, adapters, adapter_files, *, dtype: str) -> tuple[float, str]:
+    """`_check`, with a file onnxruntime cannot run made an error (rule 4)."""
+    try:
+        return _check(gm, ids, result, adapters, adapter_files)
+    except ImportError as e:
+        return float("nan"), f"not run: {e.name or 'onnxruntime'} is not installed"
+    except Exception as e:
+        hint = " Pass --no-check to write it anyway."
+        if dtype == "bfloat16":
+            hint = (
+                " onnxruntime's CPU provider has no bfloat16 kernel for most ops: use --dtype "
+                "float16 or float32, or pass --no-check to write the file for another runtime."
+            )
+        reason = " ".join(str(e).split())[:200]
+        raise OnnxExportError(
+            f"onnxruntime cannot run the exported model on CPU, so nothing was written: "
+            f"{type(e).__name__}: {reason}.{hint}"
+        ) from e
 
 
 def _adapter_arg(text: str) -> tuple[str, Path]:

@@ -47,6 +47,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from lora_fx._meta import lora_tag
+from lora_fx._quiet import dropping_records
 from lora_fx.capture import as_graph_module
 from lora_fx.errors import OnnxExportError
 from lora_fx.exporters._branches import INDEX_INPUT, ExportGraph
@@ -67,6 +68,7 @@ log = logging.getLogger(__name__)
 
 BASE_INDEX = -1  # adapter_index value of a row that runs the base model (stacked layout)
 _REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+_NO_TORCHVISION = "torchvision is not installed"
 _OP_PATTERNS = (
     re.compile(r"target=([\w.:]+)\]"),
     re.compile(r"op='([^']+)', overload='([^']+)'"),
@@ -303,18 +305,16 @@ def _to_onnx(
 ):
     """torch.export, then the dynamo ONNX translation; failures become one `OnnxExportError`."""
     module = export.module
-    registry_log = logging.getLogger(_REGISTRY_LOGGER)
-    level = registry_log.level
-    registry_log.setLevel(logging.ERROR)  # "torchvision is not installed", once per export
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            # adapter_index shares the batch Dim on purpose; the renamer notes it once per export.
-            warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")
-            program = _torch_export(module, args, kwargs, dynamic_shapes)
-            return _translate(module, program, args, kwargs, dynamic_shapes, opset, translations)
-    finally:
-        registry_log.setLevel(level)
+    # "torchvision is not installed. Skipping torchvision::nms", once per export: not ours to fix.
+    no_torchvision = dropping_records(
+        _REGISTRY_LOGGER, lambda record: str(record.msg).startswith(_NO_TORCHVISION)
+    )
+    with no_torchvision, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        # adapter_index shares the batch Dim on purpose; the renamer notes it once per export.
+        warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")
+        program = _torch_export(module, args, kwargs, dynamic_shapes)
+        return _translate(module, program, args, kwargs, dynamic_shapes, opset, translations)
 
 
 def _torch_export(module: torch.fx.GraphModule, args: tuple, kwargs: dict, dynamic_shapes: Any):

@@ -8,8 +8,8 @@ Rules:
    memory), or row chunks upcast to float32 and rounded once (bf16/fp16: a few MiB at most;
    `ops.add_low_rank_`). `lora_bias` folds `scale * b_B` into the base bias.
 2. Low-precision weights lose part of the delta to rounding. `merge` measures it per site
-   (`||applied - delta|| / ||delta||`), keeps the report in the graph state
-   (`lora_fx.merge_report(gm)`), logs it, and warns when it exceeds 1 %.
+   (`||applied - delta|| / ||delta||`), keeps the report on the graph until the next merge, past
+   `unload` (`lora_fx.merge_report(gm)` after `merge_and_unload`), logs it, and warns above 1 %.
 3. `safe_merge=True` computes every merged weight in a copy first and raises on non-finite values
    before any weight is written.
 4. A weight read by several sites (tied embeddings) or other ops is first given a private copy for
@@ -36,7 +36,7 @@ import torch.fx
 from torch import nn
 
 from lora_fx import _graph
-from lora_fx._meta import LoraState, SiteRecord, lora_tag, state_or_none
+from lora_fx._meta import MERGE_REPORT_META, LoraState, SiteRecord, lora_tag, state_or_none
 from lora_fx._rollback import transactional
 from lora_fx.errors import AdapterError, MergeError
 from lora_fx.passes import _fold
@@ -116,7 +116,7 @@ def merge(
         raise
     for name in names:
         state.adapters[name].merged = True
-    state.merge_report = report
+    gm.meta[MERGE_REPORT_META] = report
     apply_active(gm, state)
 
     # finish
@@ -179,9 +179,11 @@ def unmerge(
 
 
 def merge_report(gm: torch.fx.GraphModule) -> dict[str, float]:
-    """The last merge's rounding loss per `"adapter:site"` (relative error of the folded delta)."""
-    state = state_or_none(gm)
-    return dict(state.merge_report) if state else {}
+    """The last merge's rounding loss per `"adapter:site"` (relative error of the folded delta).
+
+    The report stays on the graph until the next merge, so it is there after `merge_and_unload`.
+    """
+    return dict(gm.meta.get(MERGE_REPORT_META, {}))
 
 
 def _unfold_order(state: LoraState, names: list[str]) -> list[tuple[str, str]]:

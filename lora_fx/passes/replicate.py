@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -462,7 +463,9 @@ def _rebuild(gm: torch.fx.GraphModule, plan: _Plan) -> torch.fx.Graph:
     """A new graph: nodes before the stack, the new blocks in order, then the nodes after it."""
     old, stack = gm.graph, plan.stack
     new = torch.fx.Graph(owning_module=gm, tracer_cls=old._tracer_cls)
-    new._codegen = copy.deepcopy(old._codegen)
+    with warnings.catch_warnings():  # copying torch's pytree specs trips its own LeafSpec notice
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        new._codegen = copy.deepcopy(old._codegen)
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for node in old.nodes:  # side inputs and everything else independent of the stack
         if node not in stack.owner and node not in stack.after and node.op != "output":

@@ -91,7 +91,8 @@ def merge_and_unload(
             (`lora_fx.dequantize`), so the merge is exact instead of re-quantized.
 
     Returns:
-        The same GraphModule: a plain graph with zero LoRA overhead.
+        The same GraphModule: a plain graph with zero LoRA overhead. `merge_report(gm)` still
+        gives the merge's rounding loss per site.
 
     Raises:
         MergeError: A step failed; the message names the step ('dequantize', 'merge' or
