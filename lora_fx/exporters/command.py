@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from lora_fx.exporters._errors import OnnxExportError
+from lora_fx.errors import OnnxExportError
 
 __all__ = ["run_export_onnx"]
 
