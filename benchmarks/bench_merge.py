@@ -54,7 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fill_defaults, run_meta, table, write_result
 
 import lora_fx
-from lora_fx import _graph, ops
+from lora_fx.core import graph as _graph
+from lora_fx.math import ops
 from lora_fx.passes import _fold
 from lora_fx.sites import all_sites
 

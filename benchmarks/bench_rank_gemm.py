@@ -11,7 +11,7 @@ autograd's `mm` backward picks one from its inputs' memory layout:
     grad of low    g @ B     -> [tokens, r]   (PEFT: lora_B's backward) vs  B.T @ g.T -> [r, tokens]
     grad of B      g.T @ low -> [d, r]        (PEFT: lora_B's backward) vs  low.T @ g -> [r, d]
 
-The fused layout (`lora_fx.fused_ops`) runs the right-hand forms. Times are medians over
+The fused layout (`lora_fx.math.fused_ops`) runs the right-hand forms. Times are medians over
 interleaved rounds (1 thread, float32, the shapes of benchmarks/bench_train.py).
 """
 

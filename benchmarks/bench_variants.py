@@ -65,7 +65,7 @@ from bench_core import (
 from models import bnb_copy
 
 import lora_fx
-from lora_fx import quant
+from lora_fx.math import quant
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_variants.json"
 

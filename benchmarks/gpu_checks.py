@@ -490,7 +490,7 @@ def check_qlora(ctx: Ctx) -> dict[str, Any]:
 def _qlora_one(ctx: Ctx, base: nn.Module, ids, quant_type: str, double: bool) -> dict[str, Any]:
     from models import bnb_copy
 
-    from lora_fx import quant
+    from lora_fx.math import quant
 
     reference = bnb_copy(copy.deepcopy(base).to(ctx.device), quant_type, compress_statistics=double)
     _quantize_int8_params(reference, ctx.device)

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lora_fx
-from lora_fx._quiet import quiet_libraries
+from lora_fx.core.quiet import quiet_libraries
 
 
 def main(tmp: str) -> None:

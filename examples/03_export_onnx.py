@@ -15,8 +15,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lora_fx
 from lora_fx import LoraConfig
-from lora_fx._quiet import quiet_libraries
-from lora_fx.exporters import export_onnx, ort_run_options, ort_session, write_ort_adapter
+from lora_fx.core.quiet import quiet_libraries
+from lora_fx.exporters import (
+    export_onnx,
+    ort_run_options,
+    ort_session,
+    write_ort_adapter,
+)
 
 
 def main(out: Path) -> None:

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lora_fx
 from lora_fx import LoraConfig
-from lora_fx._quiet import quiet_libraries
+from lora_fx.core.quiet import quiet_libraries
 
 
 def base_bytes(gm):

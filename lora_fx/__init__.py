@@ -17,7 +17,6 @@ from lora_fx.errors import (
     ReplicationError,
     UnsupportedSiteError,
 )
-from lora_fx.io import load_adapter, save_adapter
 from lora_fx.passes import (
     BASE,
     COMBINATION_TYPES,
@@ -49,6 +48,7 @@ from lora_fx.passes import (
     unload,
     unmerge,
 )
+from lora_fx.passes.files import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 

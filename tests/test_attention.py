@@ -12,7 +12,7 @@ from models import TinyBlockStack, tiny_bert, tiny_gpt2, tiny_llama
 
 import lora_fx
 from lora_fx import LoraConfig
-from lora_fx._attention import fuse_causal_attention
+from lora_fx.capture.attention import fuse_causal_attention
 from lora_fx.sites import find_sites
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -22,7 +22,7 @@ HF_KW = {"use_cache": False}
 @pytest.fixture
 def unfused(monkeypatch):
     """`lora_fx.capture` without the rewrite: the graph as torch.export made it."""
-    monkeypatch.setattr(sys.modules["lora_fx.capture"], "fuse_causal_attention", lambda gm: 0)
+    monkeypatch.setattr(sys.modules["lora_fx.capture.trace"], "fuse_causal_attention", lambda gm: 0)
     return lora_fx.capture
 
 

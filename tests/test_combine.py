@@ -1,10 +1,10 @@
-"""lora_fx.combine: hand-checked small matrices for each function; PEFT's merge_utils as oracle."""
+"""lora_fx.math.combine: hand-checked small matrices for each function; PEFT's merge_utils as oracle."""
 
 import pytest
 import torch
 from peft.utils import merge_utils
 
-from lora_fx import combine
+from lora_fx.math import combine
 
 
 def _t(*rows):

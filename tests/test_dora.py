@@ -22,7 +22,13 @@ from models import TinyConv, TinyEmbedding, TinyMLP, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lora_fx
-from lora_fx import ConfigError, LoraConfig, MergeError, UnsupportedSiteError, dora
+from lora_fx import (
+    ConfigError,
+    LoraConfig,
+    MergeError,
+    UnsupportedSiteError,
+)
+from lora_fx.math import dora
 
 pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)`:FutureWarning")
 _NO_CACHE = {"use_cache": False}

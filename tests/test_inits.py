@@ -19,7 +19,8 @@ from conftest import assert_close
 from models import TinyConv, TinyMLP, tiny_gpt2, tiny_llama
 
 import lora_fx
-from lora_fx import LoftQConfig, LoraConfig, UnsupportedSiteError, inits, quant
+from lora_fx import LoftQConfig, LoraConfig, UnsupportedSiteError
+from lora_fx.math import inits, quant
 
 pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)`:FutureWarning")
 _NO_CACHE = {"use_cache": False}

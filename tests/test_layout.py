@@ -18,7 +18,7 @@ from torch import nn
 import lora_fx
 from lora_fx import AdapterError, LoraConfig
 from lora_fx.exporters import export_onnx
-from lora_fx.fused_ops import add_lora, add_low_rank, low_rank_weight
+from lora_fx.math.fused_ops import add_lora, add_low_rank, low_rank_weight
 
 HF_KW = {"use_cache": False}
 

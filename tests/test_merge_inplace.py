@@ -18,8 +18,10 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_fx
-from lora_fx import LoraConfig, _graph, ops
-from lora_fx._meta import state_or_none
+from lora_fx import LoraConfig
+from lora_fx.core import graph as _graph
+from lora_fx.core.state import state_or_none
+from lora_fx.math import ops
 from lora_fx.passes import _fold
 from lora_fx.sites import all_sites
 

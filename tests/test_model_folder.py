@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import lora_fx
 from lora_fx import AdapterError, ConfigError, NoTargetMatchedError
-from lora_fx.model_folder import FolderError, inspect_model_folder, merge_model_folder
+from lora_fx.cli.model_folder import FolderError, inspect_model_folder, merge_model_folder
 
 
 @pytest.fixture(scope="module")

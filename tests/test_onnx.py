@@ -20,8 +20,8 @@ from torch.export import Dim
 
 import lora_fx
 from lora_fx import AdapterError, LoraConfig, UnsupportedSiteError
-from lora_fx._keys import lora_paths
 from lora_fx.cli import main
+from lora_fx.core.keys import lora_paths
 from lora_fx.exporters import (
     BASE_INDEX,
     OnnxExportError,

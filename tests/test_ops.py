@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lora_fx import ops
+from lora_fx.math import ops
 
 
 def test_linear_delta_hand_checked():

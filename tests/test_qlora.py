@@ -30,7 +30,8 @@ from helpers import assert_no_lora, lora_roles
 from models import TinyConv, TinyMLP, bnb_copy, tiny_gpt2, tiny_llama
 
 import lora_fx
-from lora_fx import ConfigError, LoraConfig, UnsupportedSiteError, quant
+from lora_fx import ConfigError, LoraConfig, UnsupportedSiteError
+from lora_fx.math import quant
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:MatMul8bitLt. inputs will be cast:UserWarning"),
@@ -493,7 +494,7 @@ def test_a_weight_the_users_module_packed_is_read_merged_and_trained_exactly(cpu
 
 def test_importing_bitsandbytes_through_lora_fx_hides_the_kernel_hub_warning():
     # bitsandbytes logs it at import on AVX512-BF16 CPUs without the optional `kernels` package
-    code = "import lora_fx.quant as q; q.requires_bitsandbytes()"
+    code = "import lora_fx.math.quant as q; q.requires_bitsandbytes()"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "kernels-community" not in result.stderr + result.stdout

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from lora_fx._quiet import dropping_records, quiet_libraries
+from lora_fx.core.quiet import dropping_records, quiet_libraries
 
 BNB = "bitsandbytes.backends.cpu.ops"
 NO_KERNELS = "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ..."

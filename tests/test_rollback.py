@@ -18,7 +18,7 @@ from models import TinyBlockStack, TinyMLP, tiny_llama
 
 import lora_fx
 from lora_fx import LoraConfig
-from lora_fx._meta import STATE_META
+from lora_fx.core.state import STATE_META
 from lora_fx.passes import _fold, adapters
 
 # The modules, not the functions `lora_fx.passes` re-exports under the same names.

@@ -18,7 +18,8 @@ from models import TinyMLP, TinyMoE, tiny_llama
 from torch import nn
 
 import lora_fx
-from lora_fx import LoraConfig, NoTargetMatchedError, UnsupportedSiteError, ops
+from lora_fx import LoraConfig, NoTargetMatchedError, UnsupportedSiteError
+from lora_fx.math import ops
 
 pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)`:FutureWarning")
 _TARGETS = {

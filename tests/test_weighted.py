@@ -24,9 +24,9 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 import lora_fx
-from lora_fx import ops
-from lora_fx._graph import get_attr
-from lora_fx._keys import lora_paths
+from lora_fx.core.graph import get_attr
+from lora_fx.core.keys import lora_paths
+from lora_fx.math import ops
 from lora_fx.passes.weighted import COMBINATION_TYPES, add_weighted_adapter
 
 WEIGHTS = [0.7, -0.4]

@@ -25,13 +25,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from lora_fx import _graph, ops
-from lora_fx._keys import lora_paths
-from lora_fx._meta import LORA_META, LoraState, lora_tag
+from lora_fx.core import graph as _graph
+from lora_fx.core.keys import lora_paths
+from lora_fx.core.state import LoraState
 from lora_fx.errors import UnsupportedSiteError
 from lora_fx.exporters._names import STACKED, input_names, rank_dim
-from lora_fx.fused_ops import add_low_rank_out_of_place
-from lora_fx.passes._branch import fitting_layout, lora_a_node, lora_b_node, weight_update_node
+from lora_fx.math import ops
+from lora_fx.math.fused_ops import add_low_rank_out_of_place
+from lora_fx.passes._branch import (
+    fitting_layout,
+    lora_a_node,
+    lora_b_node,
+    weight_update_node,
+)
+from lora_fx.passes._emit import Emitter, chain_end
 from lora_fx.sites import Site
 
 __all__ = [
@@ -82,26 +89,6 @@ def put_tensor(module: nn.Module, path: str, tensor: torch.Tensor) -> None:
         owner.register_parameter(name, tensor)
     else:
         owner.register_buffer(name, tensor)
-
-
-class _Emitter:
-    """Creates tagged nodes one after another, starting after an anchor node."""
-
-    def __init__(self, graph: torch.fx.Graph, anchor: torch.fx.Node, tag: dict[str, str]) -> None:
-        self.graph, self.cursor, self.tag = graph, anchor, tag
-        self.nodes: set[torch.fx.Node] = set()
-
-    def __call__(self, role: str, op: str, target, args: tuple = ()) -> torch.fx.Node:
-        with self.graph.inserting_after(self.cursor):
-            node = self.graph.create_node(op, target, args)
-        node.meta[LORA_META] = {**self.tag, "role": role}
-        self.cursor = node
-        self.nodes.add(node)
-        return node
-
-    def attach(self, end: torch.fx.Node, add: torch.fx.Node) -> None:
-        """Route the users of `end` through `add`, except this branch's own nodes."""
-        end.replace_all_uses_with(add, delete_user_cb=lambda user: user not in self.nodes)
 
 
 def emit_named(
@@ -197,10 +184,10 @@ def _emit_branches(
     factor = 1.0 if scale is None else scale
     for base, x in zip(site.nodes, site.inputs, strict=True):
         if layout == "weight":
-            weight_update_node(_Emitter(graph, base.prev, tag_), base, *tensors[:2], factor)
+            weight_update_node(Emitter(graph, base.prev, tag_), base, *tensors[:2], factor)
             continue
-        end = _chain_end(base)
-        emit = _Emitter(graph, end, tag_)
+        end = chain_end(base)
+        emit = Emitter(graph, end, tag_)
         a = emit("weight", "get_attr", tensors[0])
         b = emit("weight", "get_attr", tensors[1])
         if layout == "fused":
@@ -221,19 +208,6 @@ def _emit_branches(
             up = emit("cast", "call_function", _aten.type_as.default, (up, end))
         add = emit("add", "call_function", _aten.add.Tensor, (end, up))
         emit.attach(end, add)
-
-
-def _chain_end(base: torch.fx.Node) -> torch.fx.Node:
-    """The last branch `add` already on this node's output (or the node itself)."""
-    end = base
-    while True:
-        nxt = next(
-            (u for u in end.users if (lora_tag(u) or {}).get("role") == "add" and u.args[0] is end),
-            None,
-        )
-        if nxt is None:
-            return end
-        end = nxt
 
 
 def emit_stacked(
@@ -264,8 +238,8 @@ def emit_stacked(
             put_tensor(out.module, path, tensor)
         out.lora_tensors.update(keys)
         for base, x in zip(site.nodes, site.inputs, strict=True):
-            end = _chain_end(base)
-            emit = _Emitter(graph, end, {"adapter": STACKED, "site": fqn})
+            end = chain_end(base)
+            emit = Emitter(graph, end, {"adapter": STACKED, "site": fqn})
             nodes = [emit("weight", "get_attr", path) for path in names]
             a_n, b_n, bias_n = nodes[0], nodes[1], nodes[2] if bias is not None else None
             if site.kind == "linear":

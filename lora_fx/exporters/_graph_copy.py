@@ -29,10 +29,19 @@ import torch
 import torch.fx
 from torch import nn
 
-from lora_fx import _graph, ops
-from lora_fx._keys import HOLDERS, lora_paths, modules_to_save_path
-from lora_fx._meta import LoraState, SiteRecord, lora_tag, state_or_none
-from lora_fx.errors import AdapterError, MergeError, OnnxExportError, UnsupportedSiteError
+from lora_fx.core import graph as _graph
+from lora_fx.core.keys import HOLDERS, lora_paths
+from lora_fx.core.state import (
+    LoraState,
+    SiteRecord,
+    state_or_none,
+)
+from lora_fx.errors import (
+    AdapterError,
+    MergeError,
+    OnnxExportError,
+    UnsupportedSiteError,
+)
 from lora_fx.exporters._branches import (
     ExportGraph,
     emit_inputs,
@@ -40,6 +49,8 @@ from lora_fx.exporters._branches import (
     emit_stacked,
     put_tensor,
 )
+from lora_fx.math import ops
+from lora_fx.passes._emit import point_module_copies, strip_branches
 from lora_fx.sites import Site, all_sites
 
 __all__ = ["LAYOUTS", "ExportPlan", "build_export_graph", "plan_export"]
@@ -135,9 +146,9 @@ def build_export_graph(gm: torch.fx.GraphModule, plan: ExportPlan) -> ExportGrap
     """
     state = state_or_none(gm)
     graph = _copy_graph(gm.graph)
-    _strip_branches(graph)
+    strip_branches(graph)
     if state is not None:
-        _point_module_copies(graph, state, plan.adapters)
+        point_module_copies(graph, state, plan.adapters)
     module = torch.fx.GraphModule(_root(gm, graph), graph, class_name="LoraFxExport")
     out = ExportGraph(module)
     if plan.adapters:
@@ -162,35 +173,6 @@ def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
     out = new.output(output_val, type_expr=getattr(old_output, "type", None))
     out.meta = copy.copy(old_output.meta)
     return new
-
-
-def _strip_branches(graph: torch.fx.Graph) -> int:
-    """Erase every lora_fx node (the base graph comes back); returns how many."""
-    mine = [n for n in graph.nodes if lora_tag(n) is not None]
-    for node in mine:
-        if lora_tag(node)["role"] == "add":
-            node.replace_all_uses_with(node.args[0])
-    for node in reversed(mine):
-        graph.erase_node(node)
-    return len(mine)
-
-
-def _point_module_copies(
-    graph: torch.fx.Graph, state: LoraState, adapters: tuple[str, ...]
-) -> None:
-    """Point each modules_to_save module at the first exported adapter's copy, else the original."""
-    for path in {p for rec in state.adapters.values() for p in rec.modules_to_save}:
-        owner = next((a for a in adapters if path in state.adapters[a].modules_to_save), None)
-        prefix = modules_to_save_path(path, owner) if owner else path
-        for node in graph.nodes:
-            if node.op in ("get_attr", "call_module") and (
-                node.target == path or node.target.startswith(path + ".")
-            ):
-                rest = node.target[len(path) :]
-                if rest.startswith(".modules_to_save."):
-                    rest = rest[len(".modules_to_save.") :]
-                    rest = rest[rest.index(".") :] if "." in rest else ""
-                node.target = prefix + rest
 
 
 def _root(gm: torch.fx.GraphModule, graph: torch.fx.Graph) -> dict[str, object]:

@@ -18,7 +18,7 @@ Rules:
 
 from __future__ import annotations
 
-from lora_fx._keys import FILE_PREFIX, LoraPaths, lora_paths
+from lora_fx.core.keys import FILE_PREFIX, LoraPaths, lora_paths
 
 __all__ = ["STACKED", "input_names", "peft_key", "rank_dim"]
 

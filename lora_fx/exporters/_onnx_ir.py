@@ -30,7 +30,7 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
-from lora_fx._quiet import dropping_records
+from lora_fx.core.quiet import dropping_records
 
 __all__ = [
     "EXTERNAL_DATA_BYTES",

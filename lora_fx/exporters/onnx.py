@@ -46,9 +46,9 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from lora_fx._meta import lora_tag
-from lora_fx._quiet import dropping_records
 from lora_fx.capture import as_graph_module
+from lora_fx.core.quiet import dropping_records
+from lora_fx.core.state import lora_tag
 from lora_fx.errors import OnnxExportError
 from lora_fx.exporters._branches import INDEX_INPUT, ExportGraph
 from lora_fx.exporters._graph_copy import LAYOUTS, build_export_graph, plan_export

@@ -32,9 +32,9 @@ import onnxruntime as ort
 import torch
 import torch.fx
 
-from lora_fx import _graph
-from lora_fx._files import atomic_write, read_adapter_folder
-from lora_fx._keys import FILE_PREFIX, lora_paths
+from lora_fx.core import graph as _graph
+from lora_fx.core.files import atomic_write, read_adapter_folder
+from lora_fx.core.keys import FILE_PREFIX, lora_paths
 from lora_fx.errors import AdapterError
 from lora_fx.exporters._names import input_names
 from lora_fx.passes.merge import require_state

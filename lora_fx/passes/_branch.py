@@ -37,13 +37,14 @@ from collections.abc import Callable
 import torch
 import torch.fx
 
-from lora_fx import _graph
-from lora_fx._keys import lora_paths
-from lora_fx._meta import LORA_META, SiteRecord, lora_tag
-from lora_fx.fused_ops import add_lora, add_low_rank, low_rank_weight
+from lora_fx.core import graph as _graph
+from lora_fx.core.keys import lora_paths
+from lora_fx.core.state import SiteRecord
+from lora_fx.math.fused_ops import add_lora, add_low_rank, low_rank_weight
+from lora_fx.math.quant import logical_dtype
 from lora_fx.passes._dora import dora_output
+from lora_fx.passes._emit import Emitter, chain_end, strip_branches
 from lora_fx.passes._param import insert_param_branch
-from lora_fx.quant import logical_dtype
 from lora_fx.sites import Site
 
 __all__ = [
@@ -94,11 +95,11 @@ def insert_branch(
         _insert_weight_update(gm, site, adapter, record, paths)
         return
     for base, x in zip(site.nodes, site.inputs, strict=True):
-        end = _chain_end(base)
+        end = chain_end(base)
         # If x is another site's output, read it after that site's branches (they were inserted
         # after `site` was matched), not the bare base value.
-        x = _chain_end(x)
-        emit = _Emitter(gm.graph, end, {"adapter": adapter, "site": site.fqn})
+        x = chain_end(x)
+        emit = Emitter(gm.graph, end, {"adapter": adapter, "site": site.fqn})
         a = emit("weight", "get_attr", paths.a)
         b = emit("weight", "get_attr", paths.b)
         b_bias = emit("weight", "get_attr", paths.b_bias) if record.lora_bias else None
@@ -108,7 +109,7 @@ def insert_branch(
             x = emit("dropout", "call_module", paths.dropout, (x,))
         if layout == "fused" and site.kind == "linear" and row_mask is None:
             add = emit("add", "call_function", add_lora, (end, x, a, b, record.scale))
-            _attach(end, add, adapter)
+            emit.attach(end, add)
             continue
         low = lora_a_node(emit, site, x, a)
         # Mixed batch: weight the rank-r activations per row, scale folded in, rather than the
@@ -124,7 +125,7 @@ def insert_branch(
         if layout == "fused":
             scale = 1.0 if mask_low else record.scale  # a row mask already carries the scale
             add = emit("add", "call_function", add_low_rank, (end, low, b, scale))
-            _attach(end, add, adapter)
+            emit.attach(end, add)
             continue
         up = lora_b_node(emit, site, low, b, b_bias)
         scaled = up
@@ -139,7 +140,7 @@ def insert_branch(
         if cast:
             scaled = emit("cast", "call_function", _aten.type_as.default, (scaled, end))
         add = emit("add", "call_function", _aten.add.Tensor, (end, scaled))
-        _attach(end, add, adapter)
+        emit.attach(end, add)
 
 
 def weight_arg_index(node: torch.fx.Node) -> int | None:
@@ -190,26 +191,13 @@ def _insert_weight_update(
 ) -> None:
     """Each site node reads `W + scale * B @ A` instead of `W` (adapters chain: W -> add -> add)."""
     for base in site.nodes:
-        emit = _Emitter(gm.graph, base.prev, {"adapter": adapter, "site": site.fqn})
+        emit = Emitter(gm.graph, base.prev, {"adapter": adapter, "site": site.fqn})
         weight_update_node(emit, base, paths.a, paths.b, record.scale)
 
 
-def _attach(end: torch.fx.Node, add: torch.fx.Node, adapter: str) -> None:
-    """Route the users of `end` through `add`; this branch's own readers of `end` stay."""
-    mine = {u for u in end.users if (lora_tag(u) or {}).get("adapter") == adapter}
-    end.replace_all_uses_with(add, delete_user_cb=lambda user, mine=mine: user not in mine)
-
-
 def remove_branches(gm: torch.fx.GraphModule) -> int:
-    """Erase every lora_fx branch node in one pass over the graph; returns how many."""
-    graph = gm.graph
-    mine = [n for n in graph.nodes if lora_tag(n) is not None]
-    for node in mine:
-        if lora_tag(node)["role"] == "add":
-            node.replace_all_uses_with(node.args[0])
-    for node in reversed(mine):
-        graph.erase_node(node)
-    return len(mine)
+    """Erase every lora_fx branch node of `gm` (`_emit.strip_branches`); returns how many."""
+    return strip_branches(gm.graph)
 
 
 def row_weights(mask: torch.Tensor, k: int, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -221,33 +209,6 @@ def row_weights(mask: torch.Tensor, k: int, out: torch.Tensor, scale: float = 1.
     weights = mask[k].to(out.dtype) * scale
     weights = weights.repeat_interleave(out.shape[0] // weights.shape[0])
     return weights.view((out.shape[0],) + (1,) * (out.dim() - 1))
-
-
-class _Emitter:
-    """Creates tagged nodes one after another, starting after an anchor node."""
-
-    def __init__(self, graph: torch.fx.Graph, anchor: torch.fx.Node, tag: dict[str, str]) -> None:
-        self.graph, self.cursor, self.tag = graph, anchor, tag
-
-    def __call__(self, role: str, op: str, target, args: tuple = ()) -> torch.fx.Node:
-        with self.graph.inserting_after(self.cursor):
-            node = self.graph.create_node(op, target, args)
-        node.meta[LORA_META] = {**self.tag, "role": role}
-        self.cursor = node
-        return node
-
-
-def _chain_end(base: torch.fx.Node) -> torch.fx.Node:
-    """The last `add` of the branches already on this node's output (or the node itself)."""
-    end = base
-    while True:
-        nxt = next(
-            (u for u in end.users if (lora_tag(u) or {}).get("role") == "add" and u.args[0] is end),
-            None,
-        )
-        if nxt is None:
-            return end
-        end = nxt
 
 
 def lora_a_node(

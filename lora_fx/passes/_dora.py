@@ -25,9 +25,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from lora_fx import _graph, dora
-from lora_fx._keys import LoraPaths, lora_paths
-from lora_fx._meta import LoraState, SiteRecord
+from lora_fx.core import graph as _graph
+from lora_fx.core.keys import LoraPaths, lora_paths
+from lora_fx.core.state import LoraState, SiteRecord
+from lora_fx.math import dora
 from lora_fx.sites import Site
 
 __all__ = ["add_magnitude", "dora_output"]

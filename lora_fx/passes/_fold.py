@@ -31,10 +31,11 @@ from typing import Any
 import torch
 import torch.fx
 
-from lora_fx import _graph, dora, ops, quant
-from lora_fx._keys import lora_paths
-from lora_fx._meta import LoraState, SiteRecord
+from lora_fx.core import graph as _graph
+from lora_fx.core.keys import lora_paths
+from lora_fx.core.state import LoraState, SiteRecord
 from lora_fx.errors import MergeError
+from lora_fx.math import dora, ops, quant
 from lora_fx.sites import Site
 
 __all__ = ["fold", "is_quantized_site", "merged_value", "site_delta", "unfold"]

@@ -16,10 +16,11 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from lora_fx import ops
-from lora_fx._keys import lora_paths
-from lora_fx._meta import SiteRecord, lora_tag
+from lora_fx.core.keys import lora_paths
+from lora_fx.core.state import SiteRecord
 from lora_fx.errors import AdapterError
+from lora_fx.math import ops
+from lora_fx.passes._emit import Emitter, chain_end
 from lora_fx.sites import Site
 
 __all__ = ["insert_param_branch", "param_delta_like"]
@@ -36,8 +37,6 @@ def insert_param_branch(
     row_mask: tuple[str, int] | None = None,
 ) -> None:
     """Replace every read of the site's parameter by `W + delta` for `adapter`."""
-    from lora_fx.passes._branch import _chain_end, _Emitter  # _branch imports this module
-
     if row_mask is not None:
         raise AdapterError(
             f"site {site.fqn!r} is a target_parameters site; mixed-batch adapters cannot act on "
@@ -45,14 +44,13 @@ def insert_param_branch(
         )
     paths = lora_paths(site.kind, site.fqn, adapter)
     for getter in site.nodes:
-        end = _chain_end(getter)
-        emit = _Emitter(gm.graph, end, {"adapter": adapter, "site": site.fqn})
+        end = chain_end(getter)
+        emit = Emitter(gm.graph, end, {"adapter": adapter, "site": site.fqn})
         a = emit("weight", "get_attr", paths.a)
         b = emit("weight", "get_attr", paths.b)
         delta = emit("lora_b", "call_function", param_delta_like, (a, b, record.scale, end))
         add = emit("add", "call_function", _aten.add.Tensor, (end, delta))
-        mine = {u for u in end.users if (lora_tag(u) or {}).get("adapter") == adapter}
-        end.replace_all_uses_with(add, delete_user_cb=lambda user, mine=mine: user not in mine)
+        emit.attach(end, add)
 
 
 def param_delta_like(

@@ -27,13 +27,19 @@ import torch
 import torch.fx
 from torch import nn
 
-from lora_fx import _graph, quant
-from lora_fx._keys import HOLDERS
-from lora_fx._meta import state_or_none
-from lora_fx._rollback import rollback_on_error, transactional
+from lora_fx.core import graph as _graph
+from lora_fx.core.keys import HOLDERS
+from lora_fx.core.state import state_or_none
 from lora_fx.errors import AdapterError
-from lora_fx.passes._active import apply_active, set_trainable
-from lora_fx.passes.merge import merge, require_state, resolve_adapters, unmerge
+from lora_fx.math import quant
+from lora_fx.passes._rollback import rollback_on_error, transactional
+from lora_fx.passes._sync import apply_active, set_trainable
+from lora_fx.passes.merge import (
+    merge,
+    require_state,
+    resolve_adapters,
+    unmerge,
+)
 
 __all__ = [
     "active_adapters",

@@ -42,10 +42,10 @@ import torch.fx
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lora_fx import _graph
-from lora_fx._meta import lora_tag
-from lora_fx._rollback import transactional
+from lora_fx.core import graph as _graph
+from lora_fx.core.state import lora_tag
 from lora_fx.errors import AdapterError
+from lora_fx.passes._rollback import transactional
 
 __all__ = ["checkpoint_blocks", "checkpointed_blocks", "uncheckpoint_blocks"]
 

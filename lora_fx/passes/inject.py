@@ -34,16 +34,23 @@ import torch
 import torch.fx
 from torch import nn
 
-from lora_fx import _graph, quant
-from lora_fx._keys import is_adapter_parameter
-from lora_fx._meta import AdapterRecord, SiteRecord, get_state, state_or_none
-from lora_fx._rollback import rollback_on_error
 from lora_fx.capture import as_graph_module
 from lora_fx.config import LoraConfig
+from lora_fx.core import graph as _graph
+from lora_fx.core.keys import is_adapter_parameter
+from lora_fx.core.state import (
+    AdapterRecord,
+    SiteRecord,
+    get_state,
+    state_or_none,
+)
 from lora_fx.errors import AdapterError, ConfigError
-from lora_fx.inits import changes_base, init_from_base
-from lora_fx.passes._active import apply_active, set_trainable
+from lora_fx.math import quant
+from lora_fx.math.inits import changes_base
+from lora_fx.passes._base_init import init_from_base
 from lora_fx.passes._dora import add_magnitude
+from lora_fx.passes._rollback import rollback_on_error
+from lora_fx.passes._sync import apply_active, set_trainable
 from lora_fx.passes.checkpoint import require_flat
 from lora_fx.passes.replicate import tentative_replication
 from lora_fx.sites import Site, find_sites, match_modules_to_save
@@ -249,7 +256,7 @@ def _factor_modules(
             nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
         elif init == "gaussian":
             nn.init.normal_(lora_a.weight, std=1 / r)
-        # other strings ("pissa", ...): inits.init_from_base overwrites A and B afterwards
+        # other strings ("pissa", ...): _base_init.init_from_base overwrites A and B afterwards
         nn.init.zeros_(lora_b.weight)
         if lora_b.bias is not None:
             nn.init.zeros_(lora_b.bias)

@@ -21,10 +21,10 @@ import logging
 
 import torch.fx
 
-from lora_fx import _graph
-from lora_fx._rollback import transactional
-from lora_fx.passes._active import apply_active
+from lora_fx.core import graph as _graph
 from lora_fx.passes._branch import LAYOUTS
+from lora_fx.passes._rollback import transactional
+from lora_fx.passes._sync import apply_active
 from lora_fx.passes.merge import require_state
 
 __all__ = ["LAYOUTS", "get_layout", "set_layout"]

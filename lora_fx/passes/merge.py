@@ -35,13 +35,19 @@ import torch
 import torch.fx
 from torch import nn
 
-from lora_fx import _graph
-from lora_fx._meta import MERGE_REPORT_META, LoraState, SiteRecord, lora_tag, state_or_none
-from lora_fx._rollback import transactional
+from lora_fx.core import graph as _graph
+from lora_fx.core.state import (
+    MERGE_REPORT_META,
+    LoraState,
+    SiteRecord,
+    lora_tag,
+    state_or_none,
+)
 from lora_fx.errors import AdapterError, MergeError
 from lora_fx.passes import _fold
-from lora_fx.passes._active import apply_active
 from lora_fx.passes._branch import remove_branches
+from lora_fx.passes._rollback import transactional
+from lora_fx.passes._sync import apply_active
 from lora_fx.passes.checkpoint import require_flat
 from lora_fx.sites import Site, all_sites
 

@@ -20,10 +20,10 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.fx
 
-from lora_fx import _graph
-from lora_fx._rollback import transactional
+from lora_fx.core import graph as _graph
 from lora_fx.errors import AdapterError
-from lora_fx.passes._active import MASK_BUFFER, apply_active
+from lora_fx.passes._rollback import transactional
+from lora_fx.passes._sync import MASK_BUFFER, apply_active
 from lora_fx.passes.merge import require_state
 
 __all__ = ["BASE", "adapter_batch", "set_adapter_batch"]

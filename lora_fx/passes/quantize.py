@@ -32,10 +32,11 @@ import torch
 import torch.fx
 from torch import nn
 
-from lora_fx import _graph, quant
-from lora_fx._meta import get_state, lora_tag, state_or_none
 from lora_fx.config import LoraConfig
+from lora_fx.core import graph as _graph
+from lora_fx.core.state import get_state, lora_tag, state_or_none
 from lora_fx.errors import AdapterError, ConfigError, UnsupportedSiteError
+from lora_fx.math import quant
 from lora_fx.sites import Site, all_sites, find_sites
 
 __all__ = ["dequantize", "quantize"]

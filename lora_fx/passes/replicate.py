@@ -48,11 +48,11 @@ import torch.fx
 from torch import nn
 from torch.fx.node import map_arg
 
-from lora_fx import _graph
-from lora_fx._meta import state_or_none
-from lora_fx._rollback import transactional
 from lora_fx.capture import as_graph_module
+from lora_fx.core import graph as _graph
+from lora_fx.core.state import state_or_none
 from lora_fx.errors import ReplicationError
+from lora_fx.passes._rollback import transactional
 
 __all__ = ["REPLICATION_META", "replicate_layers", "tentative_replication"]
 

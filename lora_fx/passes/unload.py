@@ -20,12 +20,12 @@ from collections.abc import Iterable
 import torch
 import torch.fx
 
-from lora_fx import _graph
-from lora_fx._keys import HOLDERS
-from lora_fx._meta import STATE_META
-from lora_fx._rollback import transactional
+from lora_fx.core import graph as _graph
+from lora_fx.core.keys import HOLDERS
+from lora_fx.core.state import STATE_META
 from lora_fx.errors import LoraFxError, MergeError
 from lora_fx.passes._branch import remove_branches
+from lora_fx.passes._rollback import transactional
 from lora_fx.passes.merge import merge, require_state, unmerge
 from lora_fx.passes.quantize import dequantize as dequantize_pass
 

@@ -3,8 +3,8 @@
     adapters a, b on site s:  Δ_a = s_a B_a A_a,  Δ_b = s_b B_b A_b
     ->  new adapter n on s:   Δ_n = B_n A_n  (scale 1)  ≈ w_a Δ_a + w_b Δ_b  (exact for cat and svd)
 
-The math is in `lora_fx.combine`; this pass plans, checks, creates the adapter with `inject` and
-writes the combined factors into it.
+The math is in `lora_fx.math.combine`; this pass plans, checks, creates the adapter with `inject`
+and writes the combined factors into it.
 
 Rules:
 1. Plan first: every check runs, and every factor is computed, before the graph changes; a rejected
@@ -59,13 +59,14 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from lora_fx import _graph, combine, ops
-from lora_fx._keys import lora_paths
-from lora_fx._meta import LoraState
-from lora_fx._rollback import transactional
 from lora_fx.config import LoraConfig
+from lora_fx.core import graph as _graph
+from lora_fx.core.keys import lora_paths
+from lora_fx.core.state import LoraState
 from lora_fx.errors import AdapterError
-from lora_fx.passes._active import apply_active
+from lora_fx.math import combine, ops
+from lora_fx.passes._rollback import transactional
+from lora_fx.passes._sync import apply_active
 from lora_fx.passes.inject import inject
 from lora_fx.passes.merge import require_state, resolve_adapters
 from lora_fx.sites import Site, all_sites, find_sites

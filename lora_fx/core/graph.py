@@ -11,7 +11,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from lora_fx._meta import LoraState
+from lora_fx.core.state import LoraState
 
 __all__ = [
     "cleanup",

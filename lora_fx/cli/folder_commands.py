@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from lora_fx.cli.model_folder import inspect_model_folder, merge_model_folder
 from lora_fx.config import LoraConfig
-from lora_fx.model_folder import inspect_model_folder, merge_model_folder
 
 __all__ = ["run_inspect", "run_merge"]
 

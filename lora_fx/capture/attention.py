@@ -39,7 +39,7 @@ import torch
 import torch.fx
 from torch.fx.node import map_arg
 
-from lora_fx import _graph
+from lora_fx.core import graph as _graph
 
 __all__ = ["fuse_causal_attention"]
 

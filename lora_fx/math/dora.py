@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lora_fx import ops
+from lora_fx.math import ops
 
 __all__ = [
     "base_output",
@@ -128,6 +128,6 @@ def base_output(x: torch.Tensor, weight: torch.Tensor, transposed: bool = False)
 
 def _dense(weight: torch.Tensor) -> torch.Tensor:
     """The weight itself, or its dequantized value for a bitsandbytes tensor."""
-    from lora_fx import quant  # bitsandbytes is optional; quant imports it lazily
+    from lora_fx.math import quant
 
     return quant.dequantize(weight) if quant.is_quantized(weight) else weight

@@ -25,17 +25,11 @@ LoftQ needs a CUDA / XPU device; here it runs on the weight's device.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from lora_fx import _graph, quant
-from lora_fx._keys import lora_paths
-from lora_fx._meta import SiteRecord
-from lora_fx.config import LoraConfig
-from lora_fx.sites import Site
+from lora_fx.math import quant
 
-__all__ = ["BASE_CHANGING_INITS", "changes_base", "init_from_base", "loftq", "olora", "pissa"]
+__all__ = ["BASE_CHANGING_INITS", "changes_base", "loftq", "olora", "orthogonal", "pissa"]
 
 BASE_CHANGING_INITS = ("pissa", "olora", "loftq")  # and "pissa_niter_<K>"
 
@@ -43,51 +37,6 @@ BASE_CHANGING_INITS = ("pissa", "olora", "loftq")  # and "pissa_niter_<K>"
 def changes_base(init: bool | str) -> bool:
     """Whether an `init_lora_weights` value rewrites the base weight."""
     return isinstance(init, str) and (init in BASE_CHANGING_INITS or init.startswith("pissa"))
-
-
-def init_from_base(
-    gm: torch.fx.GraphModule, site: Site, adapter: str, record: SiteRecord, cfg: LoraConfig
-) -> bool:
-    """Apply `cfg.init_lora_weights` to one site's A, B (and base weight); True if it acted."""
-    init = cfg.init_lora_weights
-    if not isinstance(init, str) or init == "gaussian":
-        return False
-    paths = lora_paths(site.kind, site.fqn, adapter)
-    lora_a, lora_b = _graph.get_attr(gm, paths.a), _graph.get_attr(gm, paths.b)
-    weight = _graph.get_attr(gm, site.weight)
-    module = gm.get_submodule(site.nodes[0].target) if site.nodes[0].op == "call_module" else None
-    with torch.no_grad():
-        if init == "orthogonal":
-            a, b = orthogonal(record.r, site.in_features, site.out_features)
-            lora_a.copy_(a.to(lora_a.dtype))
-            lora_b.copy_(b.to(lora_b.dtype))
-            return True
-        dense = quant.dequantize(weight, module) if quant.is_quantized(weight) else weight
-        w = dense.detach().float()
-        w = w.T if site.transposed else w  # [out, in]
-        if init == "olora":
-            new_w, a, b = olora(w, record.r, record.scale)
-        elif init == "loftq":
-            bits, steps = cfg.loftq_config["loftq_bits"], cfg.loftq_config["loftq_iter"]
-            new_w, a, b = loftq(w, record.r, bits=bits, steps=steps)
-            if record.scale != 1:
-                warnings.warn(
-                    f"LoftQ on {site.fqn!r}: scale lora_alpha / r = {record.scale:g}; like PEFT, "
-                    "LoftQ's A and B ignore it, so base + adapter approximates the original weight "
-                    "only with lora_alpha == r",
-                    stacklevel=4,
-                )
-        else:
-            niter = int(init.split("_niter_")[1]) if "_niter_" in init else None
-            new_w, a, b = pissa(w, record.r, record.scale, niter=niter)
-        lora_a.copy_(a.to(lora_a.dtype))
-        lora_b.copy_(b.to(lora_b.dtype))
-        new_w = new_w.T if site.transposed else new_w
-        if quant.is_quantized(weight):
-            quant.requantize_(weight, new_w, module)
-        else:
-            weight.copy_(new_w.to(weight.dtype))
-    return True
 
 
 def pissa(

@@ -32,8 +32,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from lora_fx import quant
-from lora_fx._meta import STATE_META, LoraState
+from lora_fx.core.state import STATE_META, LoraState
+from lora_fx.math import quant
 
 __all__ = ["Undo", "rollback_on_error", "transactional"]
 

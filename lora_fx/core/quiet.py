@@ -21,7 +21,7 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator
 
-__all__ = ["dropping_records", "quiet_libraries"]
+__all__ = ["dropping_bitsandbytes_notice", "dropping_records", "quiet_libraries"]
 
 _BNB_LOGGER = "bitsandbytes.backends.cpu.ops"
 _BNB_NO_KERNELS = "Failed to load CPU gemm_4bit_forward from kernels-community"
@@ -43,14 +43,19 @@ def dropping_records(logger: str, match: Callable[[logging.LogRecord], bool]) ->
         target.removeFilter(keep)
 
 
-@contextlib.contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """The library messages of rule 3 are dropped in the block; the rest is untouched."""
+def dropping_bitsandbytes_notice() -> contextlib.AbstractContextManager[None]:
+    """Bitsandbytes' import-time "no `kernels` package" notice is dropped in the block (rule 3)."""
 
     def no_kernels(record: logging.LogRecord) -> bool:
         return str(record.msg).startswith(_BNB_NO_KERNELS)
 
-    with dropping_records(_BNB_LOGGER, no_kernels), warnings.catch_warnings():
+    return dropping_records(_BNB_LOGGER, no_kernels)
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """The library messages of rule 3 are dropped in the block; the rest is untouched."""
+    with dropping_bitsandbytes_notice(), warnings.catch_warnings():
         for message in _FUTURE_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=FutureWarning)
         yield

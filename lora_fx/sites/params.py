@@ -15,17 +15,13 @@ PEFT's.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.fx
 
-from lora_fx._keys import is_adapter_parameter
-from lora_fx._meta import CAPTURE_META, lora_tag, state_or_none
+from lora_fx.core.keys import is_adapter_parameter
+from lora_fx.core.state import CAPTURE_META, lora_tag, state_or_none
 from lora_fx.errors import NoTargetMatchedError, UnsupportedSiteError
-
-if TYPE_CHECKING:
-    from lora_fx.sites import Site
+from lora_fx.sites.site import Site
 
 __all__ = ["find_param_sites", "recorded_param_sites"]
 
@@ -37,8 +33,6 @@ def find_param_sites(gm: torch.fx.GraphModule, targets: list[str]) -> list[Site]
         NoTargetMatchedError: No parameter matches.
         UnsupportedSiteError: A matched parameter is not 2-D / 3-D, or no op reads it directly.
     """
-    from lora_fx.sites import Site
-
     readers: dict[str, list[torch.fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr" and lora_tag(node) is None:

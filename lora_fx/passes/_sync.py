@@ -22,10 +22,11 @@ import contextlib
 import torch
 import torch.fx
 
-from lora_fx import _graph
-from lora_fx._keys import lora_paths, modules_to_save_path
-from lora_fx._meta import LORA_META, LoraState
+from lora_fx.core import graph as _graph
+from lora_fx.core.keys import lora_paths, modules_to_save_path
+from lora_fx.core.state import LORA_META, LoraState
 from lora_fx.passes._branch import insert_branch, remove_branches
+from lora_fx.passes._emit import point_module_copies
 from lora_fx.sites import all_sites
 
 __all__ = ["MASK_BUFFER", "apply_active", "check_batch_rows", "set_trainable"]
@@ -49,7 +50,7 @@ def apply_active(gm: torch.fx.GraphModule, state: LoraState) -> None:
             if not state.adapters[name].merged:
                 for fqn, rec in state.adapters[name].sites.items():
                     insert_branch(gm, sites[fqn], name, rec, layout=state.layout)
-    _point_module_copies(gm, state)
+    point_module_copies(gm.graph, state, state.active)
 
 
 def set_trainable(gm: torch.fx.GraphModule, state: LoraState) -> None:
@@ -87,33 +88,3 @@ def _insert_batch_check(gm: torch.fx.GraphModule) -> None:
         check = gm.graph.call_function(check_batch_rows, (mask, first))
     for node in (mask, check):
         node.meta[LORA_META] = {"adapter": "", "site": "", "role": "mask"}
-
-
-def _point_module_copies(gm: torch.fx.GraphModule, state: LoraState) -> None:
-    """Point each modules_to_save module's graph references at the active copy (or the original)."""
-    paths = {p for rec in state.adapters.values() for p in rec.modules_to_save}
-    # A reference may still point at the copy of an adapter no longer in the state (delete).
-    paths |= {
-        node.target.split(".modules_to_save.", 1)[0]
-        for node in gm.graph.nodes
-        if node.op in ("get_attr", "call_module") and ".modules_to_save." in node.target
-    }
-    for path in sorted(paths):
-        owner = next((a for a in state.active if path in state.adapters[a].modules_to_save), None)
-        prefix = modules_to_save_path(path, owner) if owner else path
-        for node in gm.graph.nodes:
-            if node.op in ("get_attr", "call_module"):
-                rest = _relative(node.target, path)
-                if rest is not None:
-                    node.target = prefix + rest
-
-
-def _relative(target: str, path: str) -> str | None:
-    """The part of `target` below `path` (skipping any `.modules_to_save.<name>`), or None."""
-    if target != path and not target.startswith(path + "."):
-        return None
-    rest = target[len(path) :]
-    if rest.startswith(".modules_to_save."):
-        rest = rest[len(".modules_to_save.") :]
-        rest = rest[rest.index(".") :] if "." in rest else ""
-    return rest

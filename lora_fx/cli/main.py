@@ -28,7 +28,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from lora_fx._quiet import quiet_libraries
+from lora_fx.core.quiet import quiet_libraries
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -168,7 +168,7 @@ def _add_export_onnx(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     parser.add_argument(
         "--no-check", action="store_true", help="skip the onnxruntime vs torch check"
     )
-    parser.set_defaults(run=_lazy("lora_fx.exporters.command", "run_export_onnx"))
+    parser.set_defaults(run=_lazy("lora_fx.cli.export_command", "run_export_onnx"))
 
 
 def _add_merge(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -191,7 +191,7 @@ def _add_merge(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     parser.add_argument("--safe", action="store_true", help="check merged weights are finite")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
-    parser.set_defaults(run=_lazy("lora_fx.folder_commands", "run_merge"))
+    parser.set_defaults(run=_lazy("lora_fx.cli.folder_commands", "run_merge"))
 
 
 def _add_inspect(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -215,7 +215,7 @@ def _add_inspect(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     parser.add_argument("--r", type=int, default=8, help="rank (default 8)")
     parser.add_argument("--lora-alpha", type=float, help="alpha (default: r)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.set_defaults(run=_lazy("lora_fx.folder_commands", "run_inspect"))
+    parser.set_defaults(run=_lazy("lora_fx.cli.folder_commands", "run_inspect"))
 
 
 def _add_demo(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

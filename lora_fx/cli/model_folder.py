@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
-from lora_fx._files import CONFIG_NAME, read_adapter_folder
 from lora_fx.capture import capture
 from lora_fx.config import LoraConfig
+from lora_fx.core.files import CONFIG_NAME, read_adapter_folder
 from lora_fx.errors import AdapterError, LoraFxError
-from lora_fx.io import load_adapter
 from lora_fx.passes.adapters import count_parameters
+from lora_fx.passes.files import load_adapter
 from lora_fx.passes.inject import inject
 from lora_fx.passes.merge import merge_report
 from lora_fx.passes.unload import merge_and_unload

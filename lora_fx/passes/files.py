@@ -30,14 +30,24 @@ import safetensors.torch
 import torch
 import torch.fx
 
-from lora_fx import _graph
-from lora_fx._files import CONFIG_NAME, SAFETENSORS_NAME, atomic_write, read_adapter_folder
-from lora_fx._layout import adapter_keys, base_keys, bias_keys, check_tensors
-from lora_fx._meta import SiteRecord, state_or_none
-from lora_fx._rollback import rollback_on_error
 from lora_fx.capture import as_graph_module
 from lora_fx.config import LoraConfig
+from lora_fx.core import graph as _graph
+from lora_fx.core.files import (
+    CONFIG_NAME,
+    SAFETENSORS_NAME,
+    atomic_write,
+    read_adapter_folder,
+)
+from lora_fx.core.state import SiteRecord, state_or_none
 from lora_fx.errors import AdapterError
+from lora_fx.passes._file_keys import (
+    adapter_keys,
+    base_keys,
+    bias_keys,
+    check_tensors,
+)
+from lora_fx.passes._rollback import rollback_on_error
 from lora_fx.passes.hotswap import hotswap_adapter
 from lora_fx.passes.inject import inject, site_record
 from lora_fx.passes.merge import require_state

@@ -10,9 +10,14 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from lora_fx import _graph
-from lora_fx._keys import FILE_PREFIX, is_adapter_parameter, lora_paths, modules_to_save_path
-from lora_fx._meta import SiteRecord
+from lora_fx.core import graph as _graph
+from lora_fx.core.keys import (
+    FILE_PREFIX,
+    is_adapter_parameter,
+    lora_paths,
+    modules_to_save_path,
+)
+from lora_fx.core.state import SiteRecord
 from lora_fx.errors import AdapterError
 from lora_fx.sites import Site
 

@@ -40,12 +40,13 @@ from __future__ import annotations
 
 import collections
 import copy
-import logging
 import sys
 from typing import Any
 
 import torch
 from torch import nn
+
+from lora_fx.core.quiet import dropping_bitsandbytes_notice
 
 __all__ = [
     "SUPPORTED_QUANT_TYPES",
@@ -69,16 +70,13 @@ __all__ = [
 
 SUPPORTED_QUANT_TYPES = ("nf4", "fp4", "int8")
 _4BIT_CLASS, _8BIT_CLASS = "Params4bit", "Int8Params"
-# Logged by bitsandbytes' CPU backend at import on AVX512-BF16 CPUs when the optional `kernels`
-# package is missing; bitsandbytes then uses its own packed kernel, so there is nothing to act on.
-_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
-_KERNEL_HUB_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
 
 
 def requires_bitsandbytes() -> Any:
     """`import bitsandbytes`, for lora_fx code that may be the first to import it.
 
-    Its CPU backend's kernel-hub warning is dropped while importing (see `_KERNEL_HUB_WARNING`).
+    Its CPU backend's notice that the optional `kernels` package is missing is dropped while
+    importing (`core.quiet`): bitsandbytes falls back to its own kernel, nothing to act on.
     Code given a bitsandbytes tensor imports it plainly: it is loaded already.
 
     Returns:
@@ -89,21 +87,14 @@ def requires_bitsandbytes() -> Any:
     """
     if "bitsandbytes" in sys.modules:
         return sys.modules["bitsandbytes"]
-    cpu_log = logging.getLogger(_BNB_CPU_LOGGER)
-
-    def drop_hub_warning(record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(_KERNEL_HUB_WARNING)
-
-    cpu_log.addFilter(drop_hub_warning)
     try:
-        import bitsandbytes
+        with dropping_bitsandbytes_notice():
+            import bitsandbytes
     except ImportError as e:
         raise ImportError(
             "quantized bases need bitsandbytes: pip install 'lora_fx[bnb]' (bitsandbytes>=0.45; "
             "0.50 runs on CPU)"
         ) from e
-    finally:
-        cpu_log.removeFilter(drop_hub_warning)
     return bitsandbytes
 
 

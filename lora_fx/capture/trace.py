@@ -30,10 +30,10 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from lora_fx import quant
-from lora_fx._attention import fuse_causal_attention
-from lora_fx._meta import CAPTURE_META
+from lora_fx.capture.attention import fuse_causal_attention
+from lora_fx.core.state import CAPTURE_META
 from lora_fx.errors import CaptureError
+from lora_fx.math import quant
 
 __all__ = ["as_graph_module", "capture"]
 

@@ -32,10 +32,12 @@ import torch
 import torch.fx
 from torch import nn
 
-from lora_fx import _param_sites, quant
-from lora_fx._meta import CAPTURE_META, lora_tag
 from lora_fx.config import LoraConfig
+from lora_fx.core.state import CAPTURE_META, lora_tag
 from lora_fx.errors import NoTargetMatchedError, UnsupportedSiteError
+from lora_fx.math import quant
+from lora_fx.sites import params as _param_sites
+from lora_fx.sites.site import ConvSpec, Site
 
 __all__ = ["ConvSpec", "Site", "all_sites", "find_sites", "match_modules_to_save"]
 
@@ -60,36 +62,6 @@ _QUANT_LINEAR_OPS = (quant.linear_4bit, quant.linear_8bit)
 _CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 # Module classes whose path names a site in export's nn_module_stack.
 _SITE_CLASS_NAMES = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Embedding")
-
-
-@dataclass(frozen=True)
-class ConvSpec:
-    """Geometry of a conv site; A reuses it, B is 1x1 with the site's groups."""
-
-    dims: int
-    kernel_size: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: tuple[int, ...] | str
-    dilation: tuple[int, ...]
-    groups: int
-
-
-@dataclass(frozen=True)
-class Site:
-    """A matched base op (or several calls of one module), named by its PEFT module path."""
-
-    fqn: str
-    kind: str  # "linear" | "conv" | "embedding" | "param"
-    nodes: tuple[torch.fx.Node, ...]
-    inputs: tuple[torch.fx.Node, ...]  # the branch input at each node (x, or the ids)
-    weight: str  # attribute path of the base weight on gm
-    bias: str | None
-    in_features: int
-    out_features: int
-    transposed: bool = False  # base weight stored [in, out]
-    conv: ConvSpec | None = None
-    padding_idx: int | None = None
-    experts: int = 1  # "param" sites: stacked experts in a 3-D parameter
 
 
 @dataclass(frozen=True)
