@@ -1,4 +1,5 @@
-"""Pieces the benchmark scripts share: arguments, the run's provenance, timing, tables, JSON."""
+"""Pieces the benchmark scripts share: arguments, the model, the run's provenance, timing,
+reports (quartiles, ratios, tables) and JSON."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import math
 import os
 import platform
 import random
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 import lora_fx
 
@@ -27,6 +30,35 @@ def fill_defaults(
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
+
+
+def llama(
+    layers: int,
+    *,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    seq: int,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """A LlamaForCausalLM from config, weights drawn after `torch.manual_seed(seed)`, for inputs up
+    to 2*seq tokens, on `device`, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2 * seq,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(device).eval()
 
 
 def run_meta(
@@ -115,6 +147,39 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+def quartiles(values: list[float]) -> dict[str, float]:
+    """Median and 25th / 75th percentiles of `values`."""
+    return {
+        "median": statistics.median(values),
+        "p25": percentile(values, 0.25),
+        "p75": percentile(values, 0.75),
+    }
+
+
+def ratios(
+    samples: dict[str, list[float]], pairs: Iterable[tuple[str, str, str]]
+) -> dict[str, dict[str, float]]:
+    """Quartiles of the per-round ratios numerator / denominator, for each (label, num, den).
+
+    A pair naming a variant that has no samples (it failed to build) is left out.
+    """
+    out = {}
+    for label, num, den in pairs:
+        if num in samples and den in samples:
+            out[label] = quartiles([n / d for n, d in zip(samples[num], samples[den], strict=True)])
+    return out
+
+
+def median_ms(values: list[float]) -> float:
+    """Median of `values` (seconds), in milliseconds."""
+    return 1e3 * statistics.median(values)
+
+
+def spread(q: dict[str, float], places: int = 3) -> str:
+    """Quartiles as `median [p25-p75]`, the median with `places` decimals."""
+    return f"{q['median']:.{places}f} [{q['p25']:.2f}-{q['p75']:.2f}]"
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     """Right-aligned text table with a rule under the header."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
@@ -129,8 +194,18 @@ def write_result(
 ) -> None:
     """Print `report(result)`, write `result` to `out` as indented JSON (atomically), say where."""
     print(report(result))
+    write_json(result, out)
+    print(f"wrote {out}")
+
+
+def write_json(
+    data: dict[str, Any], out: Path, default: Callable[[Any], Any] | None = None
+) -> None:
+    """Write `data` to `out` as indented JSON, atomically (a temporary file, then a rename).
+
+    `default` turns what JSON cannot hold into what it can, as in `json.dumps`.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2, default=default) + "\n")
     tmp.replace(out)
-    print(f"wrote {out}")

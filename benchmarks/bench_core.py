@@ -46,10 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     fill_defaults,
+    llama,
     logits,
-    percentile,
+    median_ms,
+    ratios,
     run_meta,
     shuffled_rounds,
+    spread,
     table,
     timed,
     write_result,
@@ -58,6 +61,14 @@ from _common import (
 import lora_fx
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 256, 512, 4, 2, 1024
+# The model of this script and of those that import it: `llama(layers, seq=SEQ, **MODEL)`.
+MODEL = {
+    "hidden": HIDDEN,
+    "intermediate": INTERMEDIATE,
+    "heads": HEADS,
+    "kv_heads": KV_HEADS,
+    "vocab": VOCAB,
+}
 BATCH, SEQ = 4, 64
 RANK, ALPHA = 8, 16
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_core.json"
@@ -72,23 +83,6 @@ _RATIOS = (
     ("fx merged/base", "fx_merged", "graph"),
     ("peft merged/base", "peft_merged", "hf"),
 )
-
-
-def llama(layers: int, seed: int = 0, *, seq: int = SEQ) -> nn.Module:
-    """A LlamaForCausalLM from config with random weights, in eval mode, for inputs up to 2*seq."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=layers,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        max_position_embeddings=2 * seq,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
 
 
 def fx_config() -> lora_fx.LoraConfig:
@@ -212,18 +206,10 @@ def bench_forward(
         samples = shuffled_rounds(
             {name: (lambda fn=fn: fn(ids)) for name, fn in variants.items()}, rounds
         )
-    ratios = {}
-    for label, num, den in _RATIOS:
-        per_round = [n / d for n, d in zip(samples[num], samples[den], strict=True)]
-        ratios[label] = {
-            "median": statistics.median(per_round),
-            "p25": percentile(per_round, 0.25),
-            "p75": percentile(per_round, 0.75),
-        }
     return {
         "rounds": rounds,
-        "median_ms": {name: 1e3 * statistics.median(samples[name]) for name in variants},
-        "ratios": ratios,
+        "median_ms": {name: median_ms(samples[name]) for name in variants},
+        "ratios": ratios(samples, _RATIOS),
     }
 
 
@@ -266,7 +252,7 @@ def graph_nodes(gm: torch.fx.GraphModule) -> int:
 def bench_layers(layers: int, args: argparse.Namespace, *, forward: bool) -> dict[str, Any]:
     from peft import get_peft_model
 
-    base = llama(layers)
+    base = llama(layers, seq=SEQ, **MODEL)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     fx_model = copy.deepcopy(base)  # the captured graph shares its Parameters with this copy
     capture_s, gm0 = timed(lambda: lora_fx.capture(fx_model, (ids,), {"use_cache": False}))
@@ -291,10 +277,6 @@ def bench_layers(layers: int, args: argparse.Namespace, *, forward: bool) -> dic
                 variants, ids, budget_s=args.forward_seconds, min_rounds=args.min_rounds
             )
     return row
-
-
-def _range(r: dict[str, float]) -> str:
-    return f"{r['median']:.3f} [{r['p25']:.2f}-{r['p75']:.2f}]"
 
 
 def report(result: dict[str, Any]) -> str:
@@ -355,7 +337,7 @@ def report(result: dict[str, Any]) -> str:
                 ["layers"] + [label for label, _, _ in _RATIOS],
                 [
                     [str(r["layers"])]
-                    + [_range(r["forward"]["ratios"][label]) for label, _, _ in _RATIOS]
+                    + [spread(r["forward"]["ratios"][label]) for label, _, _ in _RATIOS]
                     for r in fwd
                 ],
             ),

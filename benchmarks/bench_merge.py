@@ -51,7 +51,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import fill_defaults, run_meta, table, write_result
+from _common import fill_defaults, llama, run_meta, table, write_result
 
 import lora_fx
 from lora_fx.core import graph as _graph
@@ -74,23 +74,6 @@ _VARIANTS = (
     "fx_merge_and_unload",
     "peft_merge_and_unload",
 )
-
-
-def llama(layers: int) -> nn.Module:
-    """A LlamaForCausalLM from config with random weights, in eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=layers,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
-        max_position_embeddings=2 * SEQ,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
 
 
 def make_adapter(base: nn.Module, folder: str) -> list[str]:
@@ -431,7 +414,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
     warnings.filterwarnings("ignore", message="merge lost up to", category=UserWarning)
     start = time.perf_counter()
-    base = llama(args.layers)
+    base = llama(
+        args.layers,
+        hidden=HIDDEN,
+        intermediate=INTERMEDIATE,
+        heads=HEADS,
+        kv_heads=HEADS,
+        vocab=VOCAB,
+        seq=SEQ,
+    )
     with tempfile.TemporaryDirectory() as folder:
         sites = make_adapter(base, folder)
         rows = [bench_dtype(base, d, folder, sites, args.rounds, args.runs) for d in args.dtypes]

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
 from collections.abc import Callable
@@ -44,7 +43,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from _common import percentile, shuffled_rounds, table, timed
+from _common import llama, median_ms, ratios, shuffled_rounds, spread, table, timed
 
 import lora_fx
 from lora_fx.exporters import export_onnx, ort_run_options, write_ort_adapter
@@ -55,23 +54,6 @@ RANK, ALPHA = 8, 16
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_onnx.json"
 _ORT = ("base", "merged", "unmerged", "inputs", "stacked")
 _TORCH = ("torch_base", "torch_unmerged")
-
-
-def llama(layers: int, hidden: int, seed: int = 0) -> nn.Module:
-    """A LlamaForCausalLM from config with random weights, in eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        max_position_embeddings=2 * SEQ,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
 
 
 def adapter(gm: torch.fx.GraphModule, name: str, seed: int) -> None:
@@ -130,7 +112,15 @@ def build(
     layers: int, hidden: int, folder: Path
 ) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
     """Export every variant; returns the run functions and the export/check figures."""
-    base_model = llama(layers, hidden)
+    base_model = llama(
+        layers,
+        hidden=hidden,
+        intermediate=2 * hidden,
+        heads=HEADS,
+        kv_heads=KV_HEADS,
+        vocab=VOCAB,
+        seq=SEQ,
+    )
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     gm_base = lora_fx.capture(base_model, (ids,), {"use_cache": False}).eval()
     gm = lora_fx.capture(base_model, (ids,), {"use_cache": False})  # shares the weights
@@ -195,18 +185,10 @@ def bench(runs: dict[str, Callable[[], Any]], *, budget_s: float, min_rounds: in
         rounds = max(min_rounds, min(500, int(budget_s / round_s)))
         progress(f"timing {rounds} rounds of {round_s:.2f} s")
         samples = shuffled_rounds(runs, rounds)
-    ratios = {}
-    for name in runs:
-        per_round = [n / d for n, d in zip(samples[name], samples["base"], strict=True)]
-        ratios[name] = {
-            "median": statistics.median(per_round),
-            "p25": percentile(per_round, 0.25),
-            "p75": percentile(per_round, 0.75),
-        }
     return {
         "rounds": rounds,
-        "median_ms": {n: 1e3 * statistics.median(s) for n, s in samples.items()},
-        "ratio_to_base": ratios,
+        "median_ms": {n: median_ms(s) for n, s in samples.items()},
+        "ratio_to_base": ratios(samples, [(name, name, "base") for name in runs]),
     }
 
 
@@ -238,9 +220,7 @@ def report(result: dict[str, Any]) -> str:
                 [
                     name,
                     f"{row['timing']['median_ms'][name]:.2f}",
-                    "{median:.3f} [{p25:.2f}-{p75:.2f}]".format(
-                        **row["timing"]["ratio_to_base"][name]
-                    ),
+                    spread(row["timing"]["ratio_to_base"][name]),
                     _TARGET[name].replace("FLOP bound", f"{bound:.3f}"),
                     str(row["nodes"].get(name, "")),
                     f"{row['export_s'][name]:.1f}" if name in row["export_s"] else "",

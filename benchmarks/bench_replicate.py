@@ -40,15 +40,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     fill_defaults,
+    llama,
     logits,
-    percentile,
+    median_ms,
+    quartiles,
     run_meta,
     shuffled_rounds,
+    spread,
     table,
     timed,
     write_result,
 )
-from bench_core import ALPHA, BATCH, HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, RANK, SEQ, VOCAB, llama
+from bench_core import ALPHA, BATCH, HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, MODEL, RANK, SEQ, VOCAB
 
 import lora_fx
 
@@ -66,7 +69,7 @@ QUICK = ((2, [[0, 2], [0, 2]]),)
 
 def really_deep(base: nn.Module, source: list[int]) -> nn.Module:
     """The same model with len(source) real layers, layer p a copy of base layer source[p]."""
-    deep = llama(len(source))
+    deep = llama(len(source), seq=SEQ, **MODEL)
     state = {}
     for key, value in base.state_dict().items():
         if not key.startswith("model.layers."):
@@ -107,18 +110,14 @@ def bench_forward(
     ratio = [r / d for r, d in zip(samples["replicated"], samples["real"], strict=True)]
     return {
         "rounds": rounds,
-        "median_ms": {name: 1e3 * statistics.median(s) for name, s in samples.items()},
-        "ratio": {
-            "median": statistics.median(ratio),
-            "p25": percentile(ratio, 0.25),
-            "p75": percentile(ratio, 0.75),
-        },
+        "median_ms": {name: median_ms(s) for name, s in samples.items()},
+        "ratio": quartiles(ratio),
     }
 
 
 def bench_layout(layers: int, ranges: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
     source = [i for start, end in ranges for i in range(start, end)]
-    base = llama(layers)
+    base = llama(layers, seq=SEQ, **MODEL)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     gm0 = capture(base, ids)
     pass_s = []
@@ -219,7 +218,7 @@ def report(result: dict[str, Any]) -> str:
                     str(r["forward"]["rounds"]),
                     f"{r['forward']['median_ms']['replicated']:.2f}",
                     f"{r['forward']['median_ms']['real']:.2f}",
-                    "{median:.3f} [{p25:.2f}-{p75:.2f}]".format(**r["forward"]["ratio"]),
+                    spread(r["forward"]["ratio"]),
                     f"{r['max_abs_diff_replicated_vs_real']:.1e}",
                 ]
                 for r in rows

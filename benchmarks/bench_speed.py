@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -37,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import interleaved, run_meta
-from bench_core import BATCH, SEQ, VOCAB, extra_flops, llama, logits, peft_config, percentile
+from _common import interleaved, llama, logits, median_ms, ratios, run_meta, spread
+from bench_core import BATCH, MODEL, SEQ, VOCAB, extra_flops, peft_config
 
 import lora_fx
 
@@ -51,20 +50,6 @@ _RATIOS = (
 )
 
 
-def ratios(samples: dict[str, list[float]], pairs) -> dict[str, dict[str, float]]:
-    out = {}
-    for label, num, den in pairs:
-        if num not in samples or den not in samples:
-            continue
-        per_round = [n / d for n, d in zip(samples[num], samples[den], strict=True)]
-        out[label] = {
-            "median": statistics.median(per_round),
-            "p25": percentile(per_round, 0.25),
-            "p75": percentile(per_round, 0.75),
-        }
-    return out
-
-
 def timing_runs(variants, pairs, args) -> list[dict[str, Any]]:
     runs = []
     for _ in range(args.runs):
@@ -72,7 +57,7 @@ def timing_runs(variants, pairs, args) -> list[dict[str, Any]]:
         runs.append(
             {
                 "rounds": len(next(iter(samples.values()))),
-                "median_ms": {k: 1e3 * statistics.median(v) for k, v in samples.items()},
+                "median_ms": {k: median_ms(v) for k, v in samples.items()},
                 "ratios": ratios(samples, pairs),
             }
         )
@@ -83,7 +68,7 @@ def build(layers: int):
     """Base HF model, PEFT model, captured base graph and one lora_fx graph per layout."""
     from peft import get_peft_model
 
-    base = llama(layers)
+    base = llama(layers, seq=SEQ, **MODEL)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     gm0 = lora_fx.capture(copy.deepcopy(base), (ids,), {"use_cache": False}).eval()
     torch.manual_seed(2)
@@ -171,10 +156,6 @@ def profile_table(gm: torch.fx.GraphModule, ids: torch.Tensor, rows: int = 12) -
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def _fmt(r: dict[str, float]) -> str:
-    return f"{r['median']:.3f} [{r['p25']:.2f}-{r['p75']:.2f}]"
-
-
 def report(result: dict[str, Any]) -> str:
     flop = 1 + result["flops"]["extra_vs_model"]
     lines = [f"FLOP ratio (unmerged/base, whole model): {flop:.4f}; goal <= {flop + 0.05:.4f}", ""]
@@ -187,7 +168,7 @@ def report(result: dict[str, Any]) -> str:
         lines.append("| ratio | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " |")
         lines.append("|---|" + "---|" * len(runs))
         for label in labels:
-            cells = " | ".join(_fmt(run["ratios"][label]) for run in runs)
+            cells = " | ".join(spread(run["ratios"][label]) for run in runs)
             lines.append(f"| {label} | {cells} |")
         lines.append(f"checks: {result[section]['checks']}")
         lines.append("")

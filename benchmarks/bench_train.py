@@ -63,7 +63,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from _common import fill_defaults, percentile, run_meta, table, timed, write_result
+from _common import fill_defaults, llama, ratios, run_meta, table, timed, write_result
 
 import lora_fx
 
@@ -90,23 +90,6 @@ _RATIOS = (
     ("fx eager / peft eager", "fx eager", "peft eager"),
     ("peft compiled / peft eager", "peft compiled", "peft eager"),
 )
-
-
-def llama(layers: int, seq: int, seed: int = 0) -> nn.Module:
-    """A LlamaForCausalLM from config with random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=layers,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        max_position_embeddings=2 * seq,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
 
 
 class Variant:
@@ -267,7 +250,15 @@ def graph_breaks() -> int:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
 
-    base = llama(args.layers, args.seq)
+    base = llama(
+        args.layers,
+        hidden=HIDDEN,
+        intermediate=INTERMEDIATE,
+        heads=HEADS,
+        kv_heads=KV_HEADS,
+        vocab=VOCAB,
+        seq=args.seq,
+    ).train()  # as built from config: every module in train mode when captured
     ids = torch.randint(
         0, VOCAB, (args.batch, args.seq), generator=torch.Generator().manual_seed(1)
     )
@@ -324,16 +315,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "forward_held_mb": held[name] / 2**20,
             **variants[name].state(),
         }
-    ratios = {}
-    for label, num, den in _RATIOS:
-        if num in samples and den in samples:
-            per_round = [d / n for n, d in zip(samples[num], samples[den], strict=True)]
-            ratios[label] = {
-                "median": statistics.median(per_round),
-                "p25": percentile(per_round, 0.25),
-                "p75": percentile(per_round, 0.75),
-            }
-    result = {"rows": rows, "speedups": ratios, "checks": checks}
+    # A speed-up num / den is the per-round step time of den over that of num.
+    speedups = ratios(samples, [(label, den, num) for label, num, den in _RATIOS])
+    result = {"rows": rows, "speedups": speedups, "checks": checks}
     if args.profile:
         result["profile"] = profiles
         if {"fx compiled", "peft eager"} <= profiles.keys():

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import tempfile
 import time
@@ -43,10 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_core
 
 from _common import (
     fill_defaults,
+    llama,
     logits,
-    percentile,
+    median_ms,
+    ratios,
     run_meta,
     shuffled_rounds,
+    spread,
     table,
     timed,
     write_result,
@@ -56,10 +58,10 @@ from bench_core import (
     BATCH,
     HIDDEN,
     INTERMEDIATE,
+    MODEL,
     RANK,
     SEQ,
     VOCAB,
-    llama,
     max_diff,
 )
 from models import bnb_copy
@@ -109,18 +111,6 @@ def rounds_of(
     return rounds, samples
 
 
-def ratios(samples: dict[str, list[float]], pairs) -> dict[str, dict[str, float]]:
-    out = {}
-    for label, num, den in pairs:
-        per_round = [n / d for n, d in zip(samples[num], samples[den], strict=True)]
-        out[label] = {
-            "median": statistics.median(per_round),
-            "p25": percentile(per_round, 0.25),
-            "p75": percentile(per_round, 0.75),
-        }
-    return out
-
-
 # ------------------------------------------------------------------------------- DoRA forward
 
 
@@ -146,7 +136,7 @@ def bench_dora(base: nn.Module, gm0: torch.fx.GraphModule, ids, args) -> dict[st
         )
     return {
         "rounds": rounds,
-        "median_ms": {n: 1e3 * statistics.median(s) for n, s in samples.items()},
+        "median_ms": {n: median_ms(s) for n, s in samples.items()},
         "ratios": ratios(samples, _DORA_RATIOS),
         "checks": checks,
     }
@@ -205,7 +195,7 @@ def bench_qlora(base: nn.Module, ids, args) -> dict[str, Any]:
     peft_bytes, _ = quantized_bytes(pm)
     return {
         "rounds": rounds,
-        "median_ms": {n: 1e3 * statistics.median(s) for n, s in samples.items()},
+        "median_ms": {n: median_ms(s) for n, s in samples.items()},
         "ratios": ratios(samples, (("fx/peft", "fx_qlora", "peft_qlora"),)),
         "checks": {"fx_vs_peft_logits_before_training": check},
         "trainable_tensors": {"fx": trainable[0], "peft": trainable[1]},
@@ -215,7 +205,7 @@ def bench_qlora(base: nn.Module, ids, args) -> dict[str, Any]:
 
 
 def bench_layers(layers: int, args) -> dict[str, Any]:
-    base = llama(layers)
+    base = llama(layers, seq=SEQ, **MODEL)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     gm0 = lora_fx.capture(copy.deepcopy(base), (ids,), {"use_cache": False}).eval()
     return {
@@ -226,10 +216,6 @@ def bench_layers(layers: int, args) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------- report
-
-
-def _range(r: dict[str, float]) -> str:
-    return f"{r['median']:.3f} [{r['p25']:.2f}-{r['p75']:.2f}]"
 
 
 def report(result: dict[str, Any]) -> str:
@@ -257,7 +243,7 @@ def report(result: dict[str, Any]) -> str:
                 ["layers"] + [label for label, _, _ in _DORA_RATIOS],
                 [
                     [str(r["layers"])]
-                    + [_range(r["dora"]["ratios"][label]) for label, _, _ in _DORA_RATIOS]
+                    + [spread(r["dora"]["ratios"][label]) for label, _, _ in _DORA_RATIOS]
                     for r in rows
                 ],
             ),
@@ -279,7 +265,7 @@ def report(result: dict[str, Any]) -> str:
                         str(r["qlora"]["rounds"]),
                         f"{r['qlora']['median_ms']['fx_qlora']:.1f}",
                         f"{r['qlora']['median_ms']['peft_qlora']:.1f}",
-                        _range(r["qlora"]["ratios"]["fx/peft"]),
+                        spread(r["qlora"]["ratios"]["fx/peft"]),
                         "{float32:,d} -> {fx_nf4:,d} | {peft_nf4:,d} B".format(
                             **r["qlora"]["base_linear_bytes"]
                         ),
