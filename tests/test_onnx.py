@@ -21,7 +21,6 @@ from torch.export import Dim
 import lora_fx
 from lora_fx import AdapterError, LoraConfig, UnsupportedSiteError
 from lora_fx.cli import main
-from lora_fx.core.keys import lora_paths
 from lora_fx.exporters import (
     BASE_INDEX,
     OnnxExportError,
@@ -36,6 +35,7 @@ from lora_fx.exporters import (
 )
 from lora_fx.exporters import onnx as onnx_exporter
 from lora_fx.exporters._names import input_names
+from lora_fx.sites.kinds import lora_paths
 
 HF_KW = {"use_cache": False}
 

@@ -163,7 +163,7 @@ def test_delete_adapter_failing_midway_changes_nothing(monkeypatch):
     cfg = LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"], init_lora_weights=False)
     lora_fx.inject(gm, cfg)
     before, out = _fingerprint(gm), gm(x)
-    _fail_on_call(monkeypatch, adapters, "set_trainable", call=1)
+    _fail_on_call(monkeypatch, adapters, "sync", call=1)
     with pytest.raises(_Boom):
         lora_fx.delete_adapter(gm, "default")
     _assert_same(before, _fingerprint(gm))
@@ -199,7 +199,7 @@ def test_set_adapter_failing_while_rebuilding_branches_changes_nothing(monkeypat
     lora_fx.inject(gm, LoraConfig(target_modules=["lin0"], init_lora_weights=False), "a")
     lora_fx.inject(gm, LoraConfig(target_modules=["lin1"], init_lora_weights=False), "b")
     before, out = _fingerprint(gm), gm(x)
-    _fail_on_call(monkeypatch, adapters, "apply_active", call=1)
+    _fail_on_call(monkeypatch, adapters, "sync", call=1)
     with pytest.raises(_Boom):
         lora_fx.set_adapter(gm, "b")
     _assert_same(before, _fingerprint(gm))

@@ -25,9 +25,9 @@ from torch import nn
 
 import lora_fx
 from lora_fx.core.graph import get_attr
-from lora_fx.core.keys import lora_paths
 from lora_fx.math import ops
 from lora_fx.passes.weighted import COMBINATION_TYPES, add_weighted_adapter
+from lora_fx.sites.kinds import lora_paths
 
 WEIGHTS = [0.7, -0.4]
 _DENSITY_FREE = ("linear", "cat", "svd")

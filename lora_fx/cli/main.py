@@ -219,7 +219,7 @@ def _add_inspect(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
 
 def _add_demo(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """`lora-fx demo`: see `lora_fx/demo.py`."""
+    """`lora-fx demo`: see `lora_fx/cli/demo.py`."""
     parser = sub.add_parser(
         "demo",
         parents=[common],
@@ -231,7 +231,7 @@ def _add_demo(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
     parser.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
     parser.add_argument("--no-export", action="store_true", help="skip the ONNX export")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or report")
-    parser.set_defaults(run=_lazy("lora_fx.demo", "run_command"))
+    parser.set_defaults(run=_lazy("lora_fx.cli.demo", "run_command"))
 
 
 # One registrar per command, in `lora-fx --help` order.

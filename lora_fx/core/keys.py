@@ -20,7 +20,6 @@ __all__ = [
     "HOLDERS",
     "LoraPaths",
     "is_adapter_parameter",
-    "lora_paths",
     "modules_to_save_path",
 ]
 
@@ -49,30 +48,6 @@ class LoraPaths:
     b_bias_key: str
     magnitude: str = ""  # DoRA's magnitude vector
     magnitude_key: str = ""
-
-
-def lora_paths(kind: str, site: str, adapter: str) -> LoraPaths:
-    """Paths and file keys of the A/B tensors of `adapter` on `site`."""
-    if kind == "embedding":
-        a, b = f"{site}.lora_embedding_A.{adapter}", f"{site}.lora_embedding_B.{adapter}"
-        a_key, b_key = (
-            f"{FILE_PREFIX}{site}.lora_embedding_A",
-            f"{FILE_PREFIX}{site}.lora_embedding_B",
-        )
-    else:
-        a, b = f"{site}.lora_A.{adapter}.weight", f"{site}.lora_B.{adapter}.weight"
-        a_key, b_key = f"{FILE_PREFIX}{site}.lora_A.weight", f"{FILE_PREFIX}{site}.lora_B.weight"
-    return LoraPaths(
-        a=a,
-        b=b,
-        b_bias=f"{site}.lora_B.{adapter}.bias",
-        dropout=f"{site}.lora_dropout.{adapter}",
-        a_key=a_key,
-        b_key=b_key,
-        b_bias_key=f"{FILE_PREFIX}{site}.lora_B.bias",
-        magnitude=f"{site}.lora_magnitude_vector.{adapter}.weight",
-        magnitude_key=f"{FILE_PREFIX}{site}.lora_magnitude_vector",
-    )
 
 
 def modules_to_save_path(module: str, adapter: str) -> str:

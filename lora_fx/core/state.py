@@ -9,8 +9,11 @@ merge after `unload` drops the state (`merge_and_unload`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from lora_fx.errors import AdapterError
 
 if TYPE_CHECKING:
     import torch.fx
@@ -19,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CAPTURE_META",
+    "CHECKPOINT_META",
     "LORA_META",
     "MERGE_REPORT_META",
     "ROLES",
@@ -28,12 +32,17 @@ __all__ = [
     "SiteRecord",
     "get_state",
     "lora_tag",
+    "require_flat",
+    "require_state",
+    "resolve_adapters",
     "state_or_none",
 ]
 
 LORA_META = "lora_fx"
 STATE_META = "lora_fx"
 CAPTURE_META = "lora_fx_capture"
+# Block paths `checkpoint_blocks` outlined (absent when the graph is flat).
+CHECKPOINT_META = "lora_fx_checkpointed"
 MERGE_REPORT_META = "lora_fx_merge_report"
 
 # Roles of nodes in a branch: y' = add(y, scale * lora_b(lora_a(dropout(x))))
@@ -53,6 +62,19 @@ class SiteRecord:
     dropout: float
     lora_bias: bool
     use_dora: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: LoraConfig, site: str, kind: str) -> SiteRecord:
+        """Rank, alpha and scale for `site` after the config's rank / alpha patterns."""
+        return cls(
+            kind,
+            cfg.rank_for(site),
+            cfg.alpha_for(site),
+            cfg.scale_for(site),
+            float(cfg.lora_dropout),
+            bool(cfg.lora_bias),
+            bool(cfg.use_dora),
+        )
 
 
 @dataclass
@@ -74,9 +96,9 @@ class LoraState:
     owned_modules: set[str] = field(default_factory=set)
     # Mixed-batch mode: adapters whose branches are masked per row (None: normal mode).
     batch_adapters: list[str] | None = None
-    # What each fold needs to undo itself, by "adapter:site", in fold order (a DoRA weight norm,
+    # What each fold needs to undo itself, by (adapter, site), in fold order (a DoRA weight norm,
     # a quantized weight before the merge; None for a plain fold). Unmerge walks it backwards.
-    merge_undo: dict[str, Any] = field(default_factory=dict)
+    merge_undo: dict[tuple[str, str], Any] = field(default_factory=dict)
     # How branches are laid out: "fused" | "plain" | "weight" (`set_layout`, `_branch.py` rule 7).
     layout: str = "fused"
 
@@ -97,3 +119,35 @@ def get_state(gm: torch.fx.GraphModule) -> LoraState:
 def lora_tag(node: torch.fx.Node) -> dict[str, Any] | None:
     """The lora_fx tag of a node, or None for nodes lora_fx did not create."""
     return node.meta.get(LORA_META)
+
+
+def require_flat(gm: torch.fx.GraphModule) -> None:
+    """Refuse LoRA passes on a checkpointed graph: its blocks' nodes live in submodules."""
+    blocks = gm.meta.get(CHECKPOINT_META)
+    if blocks:
+        raise AdapterError(
+            f"the graph has {len(blocks)} checkpointed blocks (e.g. {blocks[0]!r}); call "
+            "lora_fx.uncheckpoint_blocks(gm) first, and checkpoint_blocks(gm) again afterwards"
+        )
+
+
+def require_state(gm: torch.fx.GraphModule) -> LoraState:
+    """The LoRA state, or a clear error when nothing was injected."""
+    state = state_or_none(gm)
+    if state is None or not state.adapters:
+        raise AdapterError("this graph has no LoRA adapter; call lora_fx.inject(gm, cfg) first")
+    require_flat(gm)
+    return state
+
+
+def resolve_adapters(state: LoraState, adapter_names: Iterable[str] | None) -> list[str]:
+    """Adapter names to act on (default: the active ones), checked against the known ones."""
+    if adapter_names is None:
+        return list(state.active)
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    unknown = [n for n in names if n not in state.adapters]
+    if unknown:
+        raise AdapterError(
+            f"unknown adapter(s) {unknown}; adapters on this graph: {list(state.adapters)}"
+        )
+    return names

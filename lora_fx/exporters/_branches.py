@@ -26,7 +26,6 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from lora_fx.core import graph as _graph
-from lora_fx.core.keys import lora_paths
 from lora_fx.core.state import LoraState
 from lora_fx.errors import UnsupportedSiteError
 from lora_fx.exporters._names import STACKED, input_names, rank_dim
@@ -34,12 +33,11 @@ from lora_fx.math import ops
 from lora_fx.math.fused_ops import add_low_rank_out_of_place
 from lora_fx.passes._branch import (
     fitting_layout,
-    lora_a_node,
-    lora_b_node,
     weight_update_node,
 )
 from lora_fx.passes._emit import Emitter, chain_end
 from lora_fx.sites import Site
+from lora_fx.sites.kinds import kind_of, lora_paths
 
 __all__ = [
     "INDEX_INPUT",
@@ -193,15 +191,16 @@ def _emit_branches(
         if layout == "fused":
             # linear(x, A) then one out-of-place accumulate (ONNX MatMul + Gemm): in-place
             # writes make torch.export reject dynamic shapes.
-            low = lora_a_node(emit, site, x, a)
+            low = kind_of(site).emit_down(emit, site, x, a)
             args = (end, low, b, factor)
             add = emit("add", "call_function", add_low_rank_out_of_place, args)
             emit.attach(end, add)
             continue
         bias = emit("weight", "get_attr", tensors[2]) if tensors[2] else None
-        if cast and site.kind != "embedding":  # embedding inputs are ids
+        if cast and not kind_of(site).can.input_is_ids:
             x = emit("cast", "call_function", _aten.type_as.default, (x, a))
-        up = lora_b_node(emit, site, lora_a_node(emit, site, x, a), b, bias)
+        kind = kind_of(site)
+        up = kind.emit_up(emit, site, kind.emit_down(emit, site, x, a), b, bias)
         if scale is not None:
             up = emit("scale", "call_function", _aten.mul.Tensor, (up, scale))
         if cast:
@@ -278,8 +277,9 @@ def _stacks(
     for name in (*adapters, None):
         rec = recs.get(name)
         if rec is None:  # no LoRA here for this adapter, or the base slot
-            a = torch.zeros(_a_shape(site, rank), dtype=torch.float32)
-            b = torch.zeros(_b_shape(site, rank), dtype=torch.float32)
+            a_shape, b_shape = kind_of(site).factor_shapes(site, rank)
+            a = torch.zeros(a_shape, dtype=torch.float32)
+            b = torch.zeros(b_shape, dtype=torch.float32)
             bias = torch.zeros(site.out_features)
         else:
             paths = lora_paths(site.kind, site.fqn, name)
@@ -304,20 +304,6 @@ def _stacks(
     bias = torch.stack(bias_list) if with_bias else None
     cast = [t.to(weight.dtype).to(weight.device) if t is not None else None for t in (a, b, bias)]
     return cast[0], cast[1], cast[2]
-
-
-def _a_shape(site: Site, rank: int) -> tuple[int, ...]:
-    """A's shape at rank `rank`, as PEFT stores it."""
-    if site.kind == "conv":
-        return (rank, site.in_features, *site.conv.kernel_size)
-    return (rank, site.in_features)
-
-
-def _b_shape(site: Site, rank: int) -> tuple[int, ...]:
-    """B's shape at rank `rank`, as PEFT stores it."""
-    if site.kind == "conv":
-        return (site.out_features, rank, *(1,) * site.conv.dims)
-    return (site.out_features, rank)
 
 
 def _add_index_input(module: torch.fx.GraphModule) -> torch.fx.Node:

@@ -30,7 +30,7 @@ import torch.fx
 from torch import nn
 
 from lora_fx.core import graph as _graph
-from lora_fx.core.keys import HOLDERS, lora_paths
+from lora_fx.core.keys import HOLDERS
 from lora_fx.core.state import (
     LoraState,
     SiteRecord,
@@ -49,14 +49,15 @@ from lora_fx.exporters._branches import (
     emit_stacked,
     put_tensor,
 )
-from lora_fx.math import ops
+from lora_fx.passes import _fold
 from lora_fx.passes._emit import point_module_copies, strip_branches
 from lora_fx.sites import Site, all_sites
+from lora_fx.sites.kinds import KINDS, kind_of
 
 __all__ = ["LAYOUTS", "ExportPlan", "build_export_graph", "plan_export"]
 
 LAYOUTS = ("initializers", "inputs", "stacked")
-_KINDS = ("linear", "conv", "embedding")
+_ONNX_KINDS = [name for name, kind in KINDS.items() if kind.can.onnx]
 
 # Ops between a weight and its site when the weight is stored transposed (see sites.py).
 _aten = torch.ops.aten
@@ -129,11 +130,11 @@ def _check_supported(state: LoraState | None, names: list[str]) -> None:
     """Refuse adapter kinds the export does not rebuild (rule 6)."""
     for name in names:
         for fqn, rec in state.adapters[name].sites.items():
-            if getattr(rec, "use_dora", False) or rec.kind not in _KINDS:
+            if getattr(rec, "use_dora", False) or not kind_of(rec.kind).can.onnx:
                 what = "DoRA" if getattr(rec, "use_dora", False) else f"a {rec.kind!r} site"
                 raise UnsupportedSiteError(
                     f"adapter {name!r} has {what} at {fqn!r}, which export_onnx does not "
-                    f"export yet (supported: LoRA on {', '.join(_KINDS)} sites)"
+                    f"export yet (supported: LoRA on {', '.join(_ONNX_KINDS)} sites)"
                 )
 
 
@@ -231,11 +232,9 @@ def _plan_merged(
             for name in adapters
             if fqn in state.adapters[name].sites
         ]
-        if site.conv is not None and site.conv.groups > 1:
-            raise MergeError(
-                f"site {fqn!r} is a conv with groups={site.conv.groups}; it cannot be merged; "
-                "export it with merged=False"
-            )
+        reason = kind_of(site).refuse_merge(site)
+        if reason is not None:
+            raise MergeError(f"{reason}; export it with merged=False")
         if any(rec.lora_bias for _, rec in folds) and site.bias is None:
             raise MergeError(f"site {fqn!r} has lora_bias=True but no base bias to fold it into")
         weight = _own_tensor(out.module, site, site.weight, readers)
@@ -255,11 +254,7 @@ def _merged_weight(
         with torch.no_grad():
             total = weight.detach().to(torch.float32)
             for name, rec in folds:
-                paths = lora_paths(site.kind, site.fqn, name)
-                a, b = _graph.get_attr(gm, paths.a), _graph.get_attr(gm, paths.b)
-                total = total + ops.delta_weight(
-                    site.kind, a.detach(), b.detach(), rec.scale, transposed=site.transposed
-                ).to(total.device)
+                total = total + _fold.site_delta(gm, site, name, rec).to(total.device)
             return total.to(weight.dtype)
 
     return compute
@@ -276,8 +271,7 @@ def _merged_bias(
             total = bias.detach().to(torch.float32)
             for name, rec in folds:
                 if rec.lora_bias:
-                    b_bias = _graph.get_attr(gm, lora_paths(site.kind, site.fqn, name).b_bias)
-                    total = total + b_bias.detach().float() * rec.scale
+                    total = total + _fold.bias_delta(gm, site, name, rec)
             return total.to(bias.dtype)
 
     return compute

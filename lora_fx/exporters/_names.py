@@ -18,7 +18,8 @@ Rules:
 
 from __future__ import annotations
 
-from lora_fx.core.keys import FILE_PREFIX, LoraPaths, lora_paths
+from lora_fx.core.keys import FILE_PREFIX, LoraPaths
+from lora_fx.sites.kinds import lora_paths
 
 __all__ = ["STACKED", "input_names", "peft_key", "rank_dim"]
 

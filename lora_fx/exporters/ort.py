@@ -34,10 +34,11 @@ import torch.fx
 
 from lora_fx.core import graph as _graph
 from lora_fx.core.files import atomic_write, read_adapter_folder
-from lora_fx.core.keys import FILE_PREFIX, lora_paths
+from lora_fx.core.keys import FILE_PREFIX
+from lora_fx.core.state import require_state
 from lora_fx.errors import AdapterError
 from lora_fx.exporters._names import input_names
-from lora_fx.passes.merge import require_state
+from lora_fx.sites.kinds import lora_paths
 
 __all__ = [
     "ADAPTER_SUFFIX",

@@ -16,11 +16,11 @@ import torch
 
 from lora_fx.config import LoraConfig
 from lora_fx.core import graph as _graph
-from lora_fx.core.keys import lora_paths
 from lora_fx.core.state import SiteRecord
 from lora_fx.math import quant
 from lora_fx.math.inits import loftq, olora, orthogonal, pissa
 from lora_fx.sites import Site
+from lora_fx.sites.kinds import lora_paths
 
 __all__ = ["init_from_base"]
 

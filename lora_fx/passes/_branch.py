@@ -38,7 +38,6 @@ import torch
 import torch.fx
 
 from lora_fx.core import graph as _graph
-from lora_fx.core.keys import lora_paths
 from lora_fx.core.state import SiteRecord
 from lora_fx.math.fused_ops import add_lora, add_low_rank, low_rank_weight
 from lora_fx.math.quant import logical_dtype
@@ -46,13 +45,12 @@ from lora_fx.passes._dora import dora_output
 from lora_fx.passes._emit import Emitter, chain_end, strip_branches
 from lora_fx.passes._param import insert_param_branch
 from lora_fx.sites import Site
+from lora_fx.sites.kinds import kind_of, lora_paths
 
 __all__ = [
     "LAYOUTS",
     "fitting_layout",
     "insert_branch",
-    "lora_a_node",
-    "lora_b_node",
     "remove_branches",
     "row_weights",
     "weight_arg_index",
@@ -80,7 +78,8 @@ def insert_branch(
     With `row_mask=(buffer_path, k)` the branch output is multiplied per batch row by row `k` of the
     `[n_adapters, batch]` mask buffer (mixed-batch inference). `layout`: see rule 7.
     """
-    if site.kind == "param":  # target_parameters: W -> W + delta wherever W is read
+    kind = kind_of(site)
+    if kind.can.branch_at == "weight_read":  # target_parameters: W -> W + delta wherever W is read
         insert_param_branch(gm, site, adapter, record, row_mask=row_mask)
         return
     paths = lora_paths(site.kind, site.fqn, adapter)
@@ -103,15 +102,15 @@ def insert_branch(
         a = emit("weight", "get_attr", paths.a)
         b = emit("weight", "get_attr", paths.b)
         b_bias = emit("weight", "get_attr", paths.b_bias) if record.lora_bias else None
-        if cast and site.kind != "embedding":  # embedding inputs are ids
+        if cast and not kind.can.input_is_ids:
             x = emit("cast", "call_function", _aten.type_as.default, (x, a))
-        if record.dropout > 0 and site.kind != "embedding":
+        if record.dropout > 0 and not kind.can.input_is_ids:
             x = emit("dropout", "call_module", paths.dropout, (x,))
-        if layout == "fused" and site.kind == "linear" and row_mask is None:
+        if layout == "fused" and kind.can.fused_branch and row_mask is None:
             add = emit("add", "call_function", add_lora, (end, x, a, b, record.scale))
             emit.attach(end, add)
             continue
-        low = lora_a_node(emit, site, x, a)
+        low = kind.emit_down(emit, site, x, a)
         # Mixed batch: weight the rank-r activations per row, scale folded in, rather than the
         # full-size output (two fewer full-size passes per adapter and site). B's bias and DoRA
         # act on the output, so those weight the output instead.
@@ -127,7 +126,7 @@ def insert_branch(
             add = emit("add", "call_function", add_low_rank, (end, low, b, scale))
             emit.attach(end, add)
             continue
-        up = lora_b_node(emit, site, low, b, b_bias)
+        up = kind.emit_up(emit, site, low, b, b_bias)
         scaled = up
         if not mask_low:
             scaled = emit("scale", "call_function", _aten.mul.Tensor, (up, record.scale))
@@ -157,11 +156,12 @@ def fitting_layout(site: Site, layout: str, *, needs_plain: bool, can_weight: bo
     `needs_plain`: the branch has DoRA, a lora_B bias or dtype casts; `can_weight`: no dropout
     and no per-row mask stand between x and the delta.
     """
-    if needs_plain or site.kind not in ("linear", "embedding"):
+    layouts = kind_of(site).can.layouts
+    if needs_plain or "fused" not in layouts:
         return "plain"
     if layout == "weight" and not (
         can_weight
-        and site.kind == "linear"
+        and "weight" in layouts
         and all(weight_arg_index(n) is not None for n in site.nodes)
     ):
         return "fused"
@@ -209,39 +209,3 @@ def row_weights(mask: torch.Tensor, k: int, out: torch.Tensor, scale: float = 1.
     weights = mask[k].to(out.dtype) * scale
     weights = weights.repeat_interleave(out.shape[0] // weights.shape[0])
     return weights.view((out.shape[0],) + (1,) * (out.dim() - 1))
-
-
-def lora_a_node(
-    emit: Callable[..., torch.fx.Node], site: Site, x: torch.fx.Node, a: torch.fx.Node
-) -> torch.fx.Node:
-    """The down-projection x -> [.., r]; `emit(role, op, target, args)` creates tagged nodes."""
-    if site.kind == "linear":
-        return emit("lora_a", "call_function", _aten.linear.default, (x, a))
-    if site.kind == "embedding":
-        a_t = emit("lora_a", "call_function", _aten.t.default, (a,))  # [r, num] -> [num, r]
-        padding_idx = -1 if site.padding_idx is None else site.padding_idx
-        return emit("lora_a", "call_function", _aten.embedding.default, (a_t, x, padding_idx))
-    spec = site.conv
-    if isinstance(spec.padding, str):
-        op = {1: _aten.conv1d.padding, 2: _aten.conv2d.padding, 3: _aten.conv3d.padding}[spec.dims]
-        args = (x, a, None, list(spec.stride), spec.padding, list(spec.dilation), 1)
-        return emit("lora_a", "call_function", op, args)
-    zeros = [0] * spec.dims
-    args = (x, a, None, list(spec.stride), list(spec.padding), list(spec.dilation), False, zeros, 1)
-    return emit("lora_a", "call_function", _aten.convolution.default, args)
-
-
-def lora_b_node(
-    emit: Callable[..., torch.fx.Node],
-    site: Site,
-    low: torch.fx.Node,
-    b: torch.fx.Node,
-    bias: torch.fx.Node | None,
-) -> torch.fx.Node:
-    """The up-projection: [.., r] -> [.., out]."""
-    if site.kind in ("linear", "embedding"):
-        return emit("lora_b", "call_function", _aten.linear.default, (low, b, bias))
-    spec = site.conv
-    ones, zeros = [1] * spec.dims, [0] * spec.dims
-    args = (low, b, bias, ones, zeros, ones, False, zeros, spec.groups)
-    return emit("lora_b", "call_function", _aten.convolution.default, args)

@@ -26,10 +26,11 @@ import torch.fx
 from torch import nn
 
 from lora_fx.core import graph as _graph
-from lora_fx.core.keys import LoraPaths, lora_paths
+from lora_fx.core.keys import LoraPaths
 from lora_fx.core.state import LoraState, SiteRecord
 from lora_fx.math import dora
 from lora_fx.sites import Site
+from lora_fx.sites.kinds import kind_of, lora_paths
 
 __all__ = ["add_magnitude", "dora_output"]
 
@@ -98,23 +99,13 @@ def _base_term(
     weight: torch.fx.Node,
 ) -> torch.fx.Node:
     """`W x` without bias: recomputed from the dropped-out x, or the site output minus its bias."""
-    if record.dropout > 0 and site.kind == "linear":
-        return emit("dora", "call_function", dora.base_output, (x, weight, site.transposed))
-    if record.dropout > 0 and site.kind == "conv":
-        spec = site.conv
-        if isinstance(spec.padding, str):
-            op = {1: _aten.conv1d.padding, 2: _aten.conv2d.padding, 3: _aten.conv3d.padding}
-            args = (x, weight, None, list(spec.stride), spec.padding, list(spec.dilation))
-            return emit("dora", "call_function", op[spec.dims], (*args, spec.groups))
-        zeros = [0] * spec.dims
-        args = (x, weight, None, list(spec.stride), list(spec.padding), list(spec.dilation))
-        return emit(
-            "dora", "call_function", _aten.convolution.default, (*args, False, zeros, spec.groups)
-        )
-    if site.bias is None or site.kind == "embedding":
+    kind = kind_of(site)
+    if record.dropout > 0 and kind.emit_base is not None:
+        return kind.emit_base(emit, site, x, weight)
+    if site.bias is None:
         return base
     bias = emit("dora", "get_attr", site.bias)
-    if site.kind == "conv":  # bias [out] -> [1, out, 1, ...] over [N, out, *spatial]
-        shape = [1, -1] + [1] * site.conv.dims
-        bias = emit("dora", "call_function", _aten.view.default, (bias, shape))
+    shape = kind.magnitude_shape(site)  # the output channels' broadcast shape: [out], [1, out, 1..]
+    if len(shape) > 1:
+        bias = emit("dora", "call_function", _aten.view.default, (bias, list(shape)))
     return emit("dora", "call_function", _aten.sub.Tensor, (base, bias))

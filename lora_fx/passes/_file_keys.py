@@ -14,20 +14,18 @@ from lora_fx.core import graph as _graph
 from lora_fx.core.keys import (
     FILE_PREFIX,
     is_adapter_parameter,
-    lora_paths,
     modules_to_save_path,
 )
 from lora_fx.core.state import SiteRecord
 from lora_fx.errors import AdapterError
 from lora_fx.sites import Site
+from lora_fx.sites.kinds import kind_of, lora_paths
 
 __all__ = [
     "adapter_keys",
     "base_keys",
     "bias_keys",
     "check_tensors",
-    "factor_shapes",
-    "magnitude_shape",
 ]
 
 
@@ -43,13 +41,14 @@ def adapter_keys(
     for site in sites:
         rec = records[site.fqn]
         paths = lora_paths(site.kind, site.fqn, adapter)
-        a_shape, b_shape = factor_shapes(site, rec.r)
+        kind = kind_of(site)
+        a_shape, b_shape = kind.factor_shapes(site, rec.r)
         keys[paths.a_key] = (paths.a, a_shape)
         keys[paths.b_key] = (paths.b, b_shape)
         if rec.lora_bias:
             keys[paths.b_bias_key] = (paths.b_bias, (site.out_features,))
         if rec.use_dora:
-            keys[paths.magnitude_key] = (paths.magnitude, magnitude_shape(site))
+            keys[paths.magnitude_key] = (paths.magnitude, kind.magnitude_shape(site))
     for module in saved_modules:
         copy_path = modules_to_save_path(module, adapter)
         for name, param in gm.get_submodule(module).named_parameters():
@@ -88,25 +87,6 @@ def base_keys(gm: torch.fx.GraphModule, sites: list[Site]) -> dict[str, str]:
     for site in sites:
         keys[f"{FILE_PREFIX}{site.fqn}.base_layer.weight"] = site.weight
     return keys
-
-
-def factor_shapes(site: Site, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of A and B, as PEFT's modules have them."""
-    if site.kind in ("linear", "param"):
-        rank = r * site.experts  # PEFT's ParamWrapper: r per expert
-        return (rank, site.in_features), (site.out_features, rank)
-    if site.kind == "embedding":
-        return (r, site.in_features), (site.out_features, r)
-    spec = site.conv
-    ones = (1,) * spec.dims
-    return (r, site.in_features, *spec.kernel_size), (site.out_features, r // spec.groups, *ones)
-
-
-def magnitude_shape(site: Site) -> tuple[int, ...]:
-    """Shape of DoRA's magnitude vector: `[out]`, or `[1, out, 1, ...]` on a conv (PEFT's)."""
-    if site.kind == "conv":
-        return (1, site.out_features, *((1,) * site.conv.dims))
-    return (site.out_features,)
 
 
 def check_tensors(

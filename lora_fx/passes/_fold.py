@@ -6,7 +6,7 @@
     lora_bias:   b <- b + scale * b_B                     unfold:  b <- b - scale * b_B
 
 Rules:
-1. Every fold leaves an entry in `state.merge_undo["adapter:site"]` (in fold order): DoRA's norm,
+1. Every fold leaves an entry in `state.merge_undo[(adapter, site)]` (in fold order): DoRA's norm,
    which the merged weight no longer determines, and for a quantized weight the packed storage it
    replaced. `unfold` pops it.
 2. A quantized weight whose fold is the last one on that site is restored bitwise from its entry;
@@ -32,23 +32,21 @@ import torch
 import torch.fx
 
 from lora_fx.core import graph as _graph
-from lora_fx.core.keys import lora_paths
 from lora_fx.core.state import LoraState, SiteRecord
 from lora_fx.errors import MergeError
 from lora_fx.math import dora, ops, quant
 from lora_fx.sites import Site
+from lora_fx.sites.kinds import kind_of, lora_paths
 
-__all__ = ["fold", "is_quantized_site", "merged_value", "site_delta", "unfold"]
+__all__ = ["bias_delta", "fold", "is_quantized_site", "merged_value", "site_delta", "unfold"]
 
 
 def site_delta(gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord) -> torch.Tensor:
     """The float32 delta `scale * B @ A` of one adapter on one site, in the base weight's layout."""
     paths = lora_paths(site.kind, site.fqn, adapter)
     a, b = _graph.get_attr(gm, paths.a).detach(), _graph.get_attr(gm, paths.b).detach()
-    if site.kind == "param":
-        return ops.param_delta(a, b, rec.scale, tuple(_graph.get_attr(gm, site.weight).shape))
-    groups = site.conv.groups if site.conv else 1
-    return ops.delta_weight(site.kind, a, b, rec.scale, transposed=site.transposed, groups=groups)
+    shape = tuple(_graph.get_attr(gm, site.weight).shape)
+    return kind_of(site).delta(site, a, b, rec.scale, shape)
 
 
 def is_quantized_site(gm: torch.fx.GraphModule, site: Site) -> bool:
@@ -72,7 +70,7 @@ def fold(
     """Merge one adapter into one site's weight (and bias), in place; returns the rounding loss."""
     factors = _factors(gm, site, adapter, rec)
     if factors is not None:
-        state.merge_undo[f"{adapter}:{site.fqn}"] = None  # nothing to undo but the delta itself
+        state.merge_undo[(adapter, site.fqn)] = None  # nothing to undo but the delta itself
         loss = ops.add_low_rank_(*factors, rec.scale)
         _fold_bias(gm, site, adapter, rec, sign=1.0)
         return loss
@@ -86,7 +84,7 @@ def fold(
         wanted = before + delta
     if quant.is_quantized(weight):
         undo["quantized"] = quant.snapshot(weight, module)
-    state.merge_undo[f"{adapter}:{site.fqn}"] = undo or None
+    state.merge_undo[(adapter, site.fqn)] = undo or None
     loss = _write(weight, module, before, wanted, delta if not rec.use_dora else None)
     _fold_bias(gm, site, adapter, rec, sign=1.0)
     return loss
@@ -96,13 +94,13 @@ def unfold(
     gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord, state: LoraState
 ) -> float:
     """Take one merged adapter back out of one site's weight (and bias), in place."""
-    key = f"{adapter}:{site.fqn}"
+    key = (adapter, site.fqn)
     keys = list(state.merge_undo)
     later = keys[keys.index(key) + 1 :] if key in keys else []
     undo = state.merge_undo.pop(key, None) or {}
     weight, module = _graph.get_attr(gm, site.weight), _module(gm, site)
     _fold_bias(gm, site, adapter, rec, sign=-1.0)
-    if "quantized" in undo and not any(k.split(":", 1)[1] == site.fqn for k in later):
+    if "quantized" in undo and not any(fqn == site.fqn for _, fqn in later):
         quant.restore_(weight, undo["quantized"], module)  # the last fold here: bitwise restore
         return 0.0
     factors = _factors(gm, site, adapter, rec)
@@ -134,21 +132,7 @@ def _factors(
         return None
     paths = lora_paths(site.kind, site.fqn, adapter)
     a, b = _graph.get_attr(gm, paths.a).detach(), _graph.get_attr(gm, paths.b).detach()
-    w = weight.detach()
-    if site.kind == "param" and w.dim() == 3:
-        # A [r*E, in] -> [E, r, in];  B [out, r*E] -> [out, r, E] -> [E, out, r]  (ops.param_delta)
-        experts = w.shape[0]
-        left = b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)
-        return w, left, a.reshape(experts, -1, a.shape[-1])
-    if (site.kind == "param" and w.dim() == 2) or (site.kind == "linear" and not site.transposed):
-        return w, b, a  # W[out, in] += B[out, r] @ A[r, in]
-    if site.kind in ("linear", "embedding"):
-        return w, a.T, b.T  # W[in, out] += A.T[in, r] @ B.T[r, out];  embedding: in = num
-    groups = site.conv.groups if site.conv else 1
-    if site.kind == "conv" and groups == 1 and w.is_contiguous():
-        # delta[o, i, *k] = sum_r B[o, r] A[r, i, *k]: one matmul over W's flattened (i, *k)
-        return w.view(w.shape[0], -1), b.flatten(1), a.flatten(1)
-    return None
+    return kind_of(site).fold_factors(site, weight.detach(), a, b)
 
 
 def _dora_merge(
@@ -187,16 +171,21 @@ def _write(
         return ops.rounding_error(start, written, intended)
 
 
+def bias_delta(gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord) -> torch.Tensor:
+    """`lora_bias`: the float32 `scale * b_B` a merge adds to the base bias."""
+    b_bias = _graph.get_attr(gm, lora_paths(site.kind, site.fqn, adapter).b_bias)
+    return b_bias.detach().float() * rec.scale
+
+
 def _fold_bias(
     gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord, *, sign: float
 ) -> None:
     """`lora_bias`: b <- b + sign * scale * b_B."""
     if not rec.lora_bias:
         return
-    b_bias = _graph.get_attr(gm, lora_paths(site.kind, site.fqn, adapter).b_bias)
     bias = _graph.get_attr(gm, site.bias)
     with torch.no_grad():
-        bias.add_((b_bias.detach().float() * rec.scale * sign).to(bias.dtype))
+        bias.add_((bias_delta(gm, site, adapter, rec) * sign).to(bias.dtype))
 
 
 def _current(gm: torch.fx.GraphModule, site: Site) -> torch.Tensor:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from lora_fx.core.keys import lora_paths
 from lora_fx.core.state import SiteRecord
 from lora_fx.errors import AdapterError
 from lora_fx.math import ops
 from lora_fx.passes._emit import Emitter, chain_end
 from lora_fx.sites import Site
+from lora_fx.sites.kinds import lora_paths
 
 __all__ = ["insert_param_branch", "param_delta_like"]
 

@@ -1,6 +1,8 @@
-"""Make the graph match the state: branches for the active adapters, module copies pointed at.
+"""The one sync point: everything graph-side is derived from the `LoraState` record.
 
     state.active = ["a", "b"]  ->  y' = y + branch_a(x) + branch_b(x)   (inactive ones: no nodes)
+
+Every pass is: check (raise before touching anything) -> change the state -> `sync(gm)`.
 
 Rules:
 1. Every switch rebuilds all branches: remove every lora_fx branch, then insert those of the active,
@@ -10,9 +12,11 @@ Rules:
 3. Branches take `state.layout` ("fused" unless `set_layout` chose another; `_branch.py` rule 7).
 4. Graph references to a `modules_to_save` module point at the copy of the first active adapter
    that has one, else at the original module (also for a copy whose adapter is being deleted).
-5. `set_trainable` is the one trainability rule: an adapter's tensors (A, B, B's bias, DoRA's
+5. `_set_trainable` is the one trainability rule: an adapter's tensors (A, B, B's bias, DoRA's
    magnitude) and its `modules_to_save` copies require grad exactly when it is active (PEFT's
-   `set_adapter`); base parameters are left as they are.
+   `set_adapter`, and its disabled adapters); base parameters are left as they are.
+6. `sync` = branches and module copies (rules 1-4), trainability (rule 5), then dead code
+   elimination, lint and recompile. Sites are matched once per sync.
 """
 
 from __future__ import annotations
@@ -23,19 +27,28 @@ import torch
 import torch.fx
 
 from lora_fx.core import graph as _graph
-from lora_fx.core.keys import lora_paths, modules_to_save_path
-from lora_fx.core.state import LORA_META, LoraState
+from lora_fx.core.keys import modules_to_save_path
+from lora_fx.core.state import LORA_META, LoraState, get_state
 from lora_fx.passes._branch import insert_branch, remove_branches
 from lora_fx.passes._emit import point_module_copies
 from lora_fx.sites import all_sites
+from lora_fx.sites.kinds import lora_paths
 
-__all__ = ["MASK_BUFFER", "apply_active", "check_batch_rows", "set_trainable"]
+__all__ = ["MASK_BUFFER", "check_batch_rows", "sync"]
 
 MASK_BUFFER = "lora_fx_batch_mask"
 
 
-def apply_active(gm: torch.fx.GraphModule, state: LoraState) -> None:
-    """Rebuild branches and module-copy references from `state` (no recompile; callers finish)."""
+def sync(gm: torch.fx.GraphModule) -> None:
+    """Derive branches, module-copy references and `requires_grad` from the state; recompile."""
+    state = get_state(gm)
+    _rebuild_branches(gm, state)
+    _set_trainable(gm, state)
+    _graph.cleanup(gm)
+
+
+def _rebuild_branches(gm: torch.fx.GraphModule, state: LoraState) -> None:
+    """Branches of the active adapters (rules 1-3) and module-copy references (rule 4)."""
     remove_branches(gm)
     sites = all_sites(gm)
     if state.batch_adapters is not None:
@@ -53,7 +66,7 @@ def apply_active(gm: torch.fx.GraphModule, state: LoraState) -> None:
     point_module_copies(gm.graph, state, state.active)
 
 
-def set_trainable(gm: torch.fx.GraphModule, state: LoraState) -> None:
+def _set_trainable(gm: torch.fx.GraphModule, state: LoraState) -> None:
     """Active adapters' tensors and module copies require grad; inactive ones are frozen."""
     for name, record in state.adapters.items():
         on = name in state.active

@@ -29,17 +29,12 @@ from torch import nn
 
 from lora_fx.core import graph as _graph
 from lora_fx.core.keys import HOLDERS
-from lora_fx.core.state import state_or_none
+from lora_fx.core.state import require_state, resolve_adapters, state_or_none
 from lora_fx.errors import AdapterError
 from lora_fx.math import quant
 from lora_fx.passes._rollback import rollback_on_error, transactional
-from lora_fx.passes._sync import apply_active, set_trainable
-from lora_fx.passes.merge import (
-    merge,
-    require_state,
-    resolve_adapters,
-    unmerge,
-)
+from lora_fx.passes._sync import sync
+from lora_fx.passes.merge import merge, unmerge
 
 __all__ = [
     "active_adapters",
@@ -80,9 +75,7 @@ def set_adapter(gm: torch.fx.GraphModule, adapter_names: str | list[str]) -> tor
         warnings.warn(f"set_adapter: unmerging {merged} first", stacklevel=2)
         unmerge(gm, merged)
     state.active = list(dict.fromkeys(names))
-    set_trainable(gm, state)
-    apply_active(gm, state)
-    _graph.cleanup(gm)
+    sync(gm)
     log.info("set_adapter: active %s", state.active)
     return gm
 
@@ -111,14 +104,12 @@ def disable_adapters(gm: torch.fx.GraphModule) -> Iterator[torch.fx.GraphModule]
             warnings.warn(f"disable_adapters: unmerging {merged} for the block", stacklevel=3)
             unmerge(gm, merged)
         state.active = []
-        apply_active(gm, state)
-        _graph.cleanup(gm)
+        sync(gm)
     try:
         yield gm
     finally:
         state.active = previous
-        apply_active(gm, state)
-        _graph.cleanup(gm)
+        sync(gm)
         if merged:
             merge(gm, merged)
 
@@ -150,10 +141,8 @@ def delete_adapter(gm: torch.fx.GraphModule, adapter_name: str) -> torch.fx.Grap
                 f"adapter {state.active[0]!r} is now active",
                 stacklevel=2,
             )
-    apply_active(gm, state)
+    sync(gm)  # no branch or reference reads the adapter's tensors any more
     _delete_parameters(gm, adapter_name, record)
-    set_trainable(gm, state)
-    _graph.cleanup(gm)
     log.info("delete_adapter: %r (%d sites)", adapter_name, len(record.sites))
     return gm
 

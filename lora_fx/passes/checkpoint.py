@@ -43,8 +43,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lora_fx.core import graph as _graph
-from lora_fx.core.state import lora_tag
-from lora_fx.errors import AdapterError
+from lora_fx.core.state import CHECKPOINT_META, lora_tag
 from lora_fx.passes._rollback import transactional
 
 __all__ = ["checkpoint_blocks", "checkpointed_blocks", "uncheckpoint_blocks"]
@@ -131,8 +130,9 @@ def checkpoint_blocks(
         _outline(gm, block, nodes, preserve_rng_state)
 
     # finish
-    _graph.cleanup(gm)
     names = list(regions)
+    gm.meta[CHECKPOINT_META] = names  # LoRA passes refuse the graph until uncheckpoint_blocks
+    _graph.cleanup(gm)
     log.info("checkpoint_blocks: %d blocks (%s ... %s)", len(names), names[0], names[-1])
     return gm
 
@@ -154,19 +154,10 @@ def uncheckpoint_blocks(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     calls = [n for n in gm.graph.nodes if _checkpoint_module(gm, n) is not None]
     for call in calls:
         _inline(gm, call)
+    gm.meta.pop(CHECKPOINT_META, None)
     _graph.cleanup(gm)
     log.info("uncheckpoint_blocks: %d blocks", len(calls))
     return gm
-
-
-def require_flat(gm: torch.fx.GraphModule) -> None:
-    """Refuse LoRA passes on a checkpointed graph: its blocks' nodes live in submodules."""
-    blocks = checkpointed_blocks(gm)
-    if blocks:
-        raise AdapterError(
-            f"the graph has {len(blocks)} checkpointed blocks (e.g. {blocks[0]!r}); call "
-            "lora_fx.uncheckpoint_blocks(gm) first, and checkpoint_blocks(gm) again afterwards"
-        )
 
 
 def checkpointed_blocks(gm: torch.fx.GraphModule) -> list[str]:

@@ -39,7 +39,7 @@ from lora_fx.core.files import (
     atomic_write,
     read_adapter_folder,
 )
-from lora_fx.core.state import SiteRecord, state_or_none
+from lora_fx.core.state import SiteRecord, require_state, state_or_none
 from lora_fx.errors import AdapterError
 from lora_fx.passes._file_keys import (
     adapter_keys,
@@ -50,7 +50,6 @@ from lora_fx.passes._file_keys import (
 from lora_fx.passes._rollback import rollback_on_error
 from lora_fx.passes.hotswap import hotswap_adapter
 from lora_fx.passes.inject import inject, site_record
-from lora_fx.passes.merge import require_state
 from lora_fx.passes.replicate import REPLICATION_META, tentative_replication
 from lora_fx.sites import all_sites, find_sites, match_modules_to_save
 
@@ -216,7 +215,7 @@ def _rank_fields(cfg: LoraConfig, records: dict[str, SiteRecord]) -> dict[str, d
     changed = {
         fqn: rec
         for fqn, rec in records.items()
-        if rec.r != cfg.rank_for(fqn) or rec.lora_alpha != cfg.alpha_for(fqn)
+        if _rank_alpha(rec) != _rank_alpha(SiteRecord.from_config(cfg, fqn, rec.kind))
     }
     if not changed:
         return {}
@@ -224,3 +223,8 @@ def _rank_fields(cfg: LoraConfig, records: dict[str, SiteRecord]) -> dict[str, d
         "rank_pattern": {**{f: rec.r for f, rec in changed.items()}, **cfg.rank_pattern},
         "alpha_pattern": {**{f: rec.lora_alpha for f, rec in changed.items()}, **cfg.alpha_pattern},
     }
+
+
+def _rank_alpha(rec: SiteRecord) -> tuple[int, float]:
+    """What a hot-swapped slot may change of a record: its rank and alpha."""
+    return rec.r, rec.lora_alpha

@@ -27,18 +27,13 @@ from torch import nn
 
 from lora_fx.core import graph as _graph
 from lora_fx.core.files import read_adapter_folder
-from lora_fx.core.keys import (
-    FILE_PREFIX,
-    is_adapter_parameter,
-    lora_paths,
-    modules_to_save_path,
-)
-from lora_fx.core.state import LoraState
+from lora_fx.core.keys import FILE_PREFIX, is_adapter_parameter, modules_to_save_path
+from lora_fx.core.state import LoraState, require_state, resolve_adapters
 from lora_fx.errors import AdapterError
 from lora_fx.math import ops
 from lora_fx.passes._rollback import transactional
-from lora_fx.passes.merge import require_state, resolve_adapters
 from lora_fx.sites import find_sites
+from lora_fx.sites.kinds import lora_paths
 
 __all__ = ["hotswap_adapter", "prepare_for_hotswap"]
 

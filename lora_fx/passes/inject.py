@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import warnings
 from collections import Counter
 
@@ -42,6 +41,7 @@ from lora_fx.core.state import (
     AdapterRecord,
     SiteRecord,
     get_state,
+    require_flat,
     state_or_none,
 )
 from lora_fx.errors import AdapterError, ConfigError
@@ -50,16 +50,15 @@ from lora_fx.math.inits import changes_base
 from lora_fx.passes._base_init import init_from_base
 from lora_fx.passes._dora import add_magnitude
 from lora_fx.passes._rollback import rollback_on_error
-from lora_fx.passes._sync import apply_active, set_trainable
-from lora_fx.passes.checkpoint import require_flat
+from lora_fx.passes._sync import sync
 from lora_fx.passes.replicate import tentative_replication
 from lora_fx.sites import Site, find_sites, match_modules_to_save
+from lora_fx.sites.kinds import kind_of
 
 __all__ = ["inject", "site_record"]
 
 log = logging.getLogger(__name__)
 
-_CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _UPCAST = (torch.float16, torch.bfloat16)  # adapter dtypes autocast_adapter_dtype makes float32
 _NOT_YET = {}
 
@@ -134,9 +133,7 @@ def inject(
         if first:
             state.active.append(adapter_name)
         _freeze_base(gm, sites, cfg.bias)
-        set_trainable(gm, state)
-        apply_active(gm, state)
-        _graph.cleanup(gm)
+        sync(gm)
 
     # report
     kinds = Counter(site.kind for site in sites)
@@ -177,12 +174,8 @@ def _check_request(gm: torch.fx.GraphModule, cfg: LoraConfig, adapter_name: str)
 
 
 def site_record(cfg: LoraConfig, site: Site) -> SiteRecord:
-    """Rank, alpha and scale for one site after rank/alpha patterns."""
-    r, alpha = cfg.rank_for(site.fqn), cfg.alpha_for(site.fqn)
-    scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
-    return SiteRecord(
-        site.kind, r, alpha, scale, float(cfg.lora_dropout), bool(cfg.lora_bias), bool(cfg.use_dora)
-    )
+    """Rank, alpha and scale for one site after rank/alpha patterns (`SiteRecord.from_config`)."""
+    return SiteRecord.from_config(cfg, site.fqn, site.kind)
 
 
 def _warn_fan_in_fan_out(cfg: LoraConfig, sites: list[Site]) -> None:
@@ -213,65 +206,24 @@ def _add_lora_modules(
     # On a quantized (bitsandbytes) base the adapter is float32, as in PEFT.
     base_dtype = torch.float32 if quant.is_quantized(base) else base.dtype
     dtype = torch.float32 if autocast_adapter_dtype and base_dtype in _UPCAST else base_dtype
-    if site.kind == "embedding":
-        a, b = _embedding_factors(site, record.r, init)
-        for name, tensor in (("lora_embedding_A", a), ("lora_embedding_B", b)):
-            if name not in holder._modules:
-                holder.add_module(name, nn.ParameterDict())
-            getattr(holder, name)[adapter] = nn.Parameter(tensor.to(base.device, dtype))
-    else:
-        lora_a, lora_b = _factor_modules(site, record.r, record.lora_bias, init)
-        for name, module in (("lora_A", lora_a), ("lora_B", lora_b)):
-            if name not in holder._modules:
-                holder.add_module(name, nn.ModuleDict())
-            getattr(holder, name)[adapter] = module.to(base.device, dtype)
+    kind = kind_of(site)
+    for holder_name, factor in zip(
+        kind.holders, kind.new_factors(site, record.r, record.lora_bias, init), strict=True
+    ):
+        # PEFT's containers: a ModuleDict of nn.Linear / nn.ConvNd, or a ParameterDict of tensors
+        is_module = isinstance(factor, nn.Module)
+        if holder_name not in holder._modules:
+            holder.add_module(holder_name, nn.ModuleDict() if is_module else nn.ParameterDict())
+        value = factor.to(base.device, dtype)
+        getattr(holder, holder_name)[adapter] = value if is_module else nn.Parameter(value)
     if "lora_dropout" not in holder._modules:
         holder.add_module("lora_dropout", nn.ModuleDict())
     dropout = nn.Dropout(record.dropout) if record.dropout > 0 else nn.Identity()
     holder.lora_dropout[adapter] = dropout.train(gm.training)
 
 
-def _factor_modules(
-    site: Site, r: int, lora_bias: bool, init: bool | str
-) -> tuple[nn.Module, nn.Module]:
-    """PEFT's lora_A / lora_B modules for a linear or conv site."""
-    if site.kind in ("linear", "param"):
-        rank = r * site.experts  # a 3-D parameter of E experts: PEFT's A [r * E, in]
-        lora_a = nn.Linear(site.in_features, rank, bias=False)
-        lora_b = nn.Linear(rank, site.out_features, bias=lora_bias)
-    else:
-        spec, conv = site.conv, _CONV_CLASSES[site.conv.dims]
-        lora_a = conv(
-            site.in_features,
-            r,
-            spec.kernel_size,
-            spec.stride,
-            spec.padding,
-            spec.dilation,
-            bias=False,
-        )
-        lora_b = conv(r, site.out_features, 1, groups=spec.groups, bias=lora_bias)
-    if init is not False:
-        if init is True:
-            nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
-        elif init == "gaussian":
-            nn.init.normal_(lora_a.weight, std=1 / r)
-        # other strings ("pissa", ...): _base_init.init_from_base overwrites A and B afterwards
-        nn.init.zeros_(lora_b.weight)
-        if lora_b.bias is not None:
-            nn.init.zeros_(lora_b.bias)
-    return lora_a, lora_b
-
-
-def _embedding_factors(site: Site, r: int, init: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT's embedding factors: A `[r, num]` zeros and B `[dim, r]` normal, or both random."""
-    if init is False:
-        return torch.randn(r, site.in_features), torch.randn(site.out_features, r)
-    return torch.zeros(r, site.in_features), torch.randn(site.out_features, r)
-
-
 def _add_module_copy(gm: torch.fx.GraphModule, path: str, adapter: str, state) -> None:
-    """A deep copy of a module at `<path>.modules_to_save.<adapter>` (apply_active points to it)."""
+    """A deep copy of a module at `<path>.modules_to_save.<adapter>` (sync points to it)."""
     trained = copy.deepcopy(gm.get_submodule(path))
     holder = _graph.own_module(gm, path, state)
     if "modules_to_save" not in holder._modules:

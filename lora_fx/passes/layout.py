@@ -21,11 +21,10 @@ import logging
 
 import torch.fx
 
-from lora_fx.core import graph as _graph
+from lora_fx.core.state import require_state
 from lora_fx.passes._branch import LAYOUTS
 from lora_fx.passes._rollback import transactional
-from lora_fx.passes._sync import apply_active
-from lora_fx.passes.merge import require_state
+from lora_fx.passes._sync import sync
 
 __all__ = ["LAYOUTS", "get_layout", "set_layout"]
 
@@ -46,8 +45,7 @@ def set_layout(gm: torch.fx.GraphModule, layout: str) -> torch.fx.GraphModule:
     if state.layout == layout:
         return gm
     state.layout = layout
-    apply_active(gm, state)
-    _graph.cleanup(gm)
+    sync(gm)
     log.info("set_layout: %r", layout)
     return gm
 

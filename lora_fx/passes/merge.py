@@ -41,17 +41,18 @@ from lora_fx.core.state import (
     LoraState,
     SiteRecord,
     lora_tag,
-    state_or_none,
+    require_state,
+    resolve_adapters,
 )
 from lora_fx.errors import AdapterError, MergeError
 from lora_fx.passes import _fold
 from lora_fx.passes._branch import remove_branches
 from lora_fx.passes._rollback import transactional
-from lora_fx.passes._sync import apply_active
-from lora_fx.passes.checkpoint import require_flat
+from lora_fx.passes._sync import sync
 from lora_fx.sites import Site, all_sites
+from lora_fx.sites.kinds import kind_of
 
-__all__ = ["merge", "merge_report", "require_state", "resolve_adapters", "unmerge"]
+__all__ = ["merge", "merge_report", "unmerge"]
 
 log = logging.getLogger(__name__)
 
@@ -104,18 +105,18 @@ def merge(
         _check_finite(gm, plan)
 
     # apply
-    report: dict[str, float] = {}
-    quantized: list[str] = []
-    remove_branches(gm)  # the "weight" layout reads W through its own nodes; apply_active rebuilds
+    report: dict[tuple[str, str], float] = {}
+    quantized: list[tuple[str, str]] = []
+    remove_branches(gm)  # the "weight" layout reads W through its own nodes; sync rebuilds
     readers = _graph.tensor_readers(gm)
     folded: list[tuple[str, Site, SiteRecord]] = []
     try:
         for name, site, rec in plan:
             site = _untie_if_shared(gm, site, state, readers)
-            report[f"{name}:{site.fqn}"] = _fold.fold(gm, site, name, rec, state)
+            report[(name, site.fqn)] = _fold.fold(gm, site, name, rec, state)
             folded.append((name, site, rec))
             if _fold.is_quantized_site(gm, site):
-                quantized.append(f"{name}:{site.fqn}")
+                quantized.append((name, site.fqn))
     except BaseException:
         for name, site, rec in reversed(folded):  # weights back; `transactional` does the rest
             _fold.unfold(gm, site, name, rec, state)
@@ -123,10 +124,9 @@ def merge(
     for name in names:
         state.adapters[name].merged = True
     gm.meta[MERGE_REPORT_META] = report
-    apply_active(gm, state)
+    sync(gm)
 
-    # finish
-    _graph.cleanup(gm)
+    # report
     worst = max(report.values(), default=0.0)
     log.info("merge: %d adapters, %d sites, worst rounding loss %.2e", len(names), len(plan), worst)
     if quantized:
@@ -178,8 +178,7 @@ def unmerge(
         _fold.unfold(gm, sites[fqn], name, state.adapters[name].sites[fqn], state)
     for name in names:
         state.adapters[name].merged = False
-    apply_active(gm, state)  # active branches come back, in activation order
-    _graph.cleanup(gm)
+    sync(gm)  # active branches come back, in activation order
     log.info("unmerge: %d adapters", len(names))
     return gm
 
@@ -189,13 +188,14 @@ def merge_report(gm: torch.fx.GraphModule) -> dict[str, float]:
 
     The report stays on the graph until the next merge, so it is there after `merge_and_unload`.
     """
-    return dict(gm.meta.get(MERGE_REPORT_META, {}))
+    kept = gm.meta.get(MERGE_REPORT_META, {})  # by (adapter, site); shown as "adapter:site"
+    return {f"{adapter}:{site}": loss for (adapter, site), loss in kept.items()}
 
 
 def _unfold_order(state: LoraState, names: list[str]) -> list[tuple[str, str]]:
     """(adapter, site) pairs to unfold: the reverse of the fold order, then any not recorded."""
     wanted = {(n, fqn) for n in names for fqn in state.adapters[n].sites}
-    recorded = [tuple(key.split(":", 1)) for key in reversed(state.merge_undo)]
+    recorded = list(reversed(state.merge_undo))
     order = [pair for pair in recorded if pair in wanted]
     rest = [(n, fqn) for n in reversed(names) for fqn in state.adapters[n].sites]
     return order + [pair for pair in rest if pair not in set(order)]
@@ -203,10 +203,9 @@ def _unfold_order(state: LoraState, names: list[str]) -> list[tuple[str, str]]:
 
 def _check_mergeable(gm: torch.fx.GraphModule, site: Site, rec: SiteRecord) -> None:
     """Refuse sites whose delta is not one weight, before anything is written."""
-    if site.conv is not None and site.conv.groups > 1:
-        raise MergeError(
-            f"site {site.fqn!r} is a conv with groups={site.conv.groups}; it cannot be merged"
-        )
+    reason = kind_of(site).refuse_merge(site)
+    if reason is not None:
+        raise MergeError(reason)
     if rec.lora_bias and site.bias is None:
         raise MergeError(f"site {site.fqn!r} has lora_bias=True but no base bias to fold it into")
 
@@ -286,25 +285,3 @@ def _weight_reader(node: torch.fx.Node, weight: str) -> torch.fx.Node:
     raise MergeError(
         f"cannot give {node.format_node()} a private weight: it reads {weight!r} through another op"
     )
-
-
-def require_state(gm: torch.fx.GraphModule) -> LoraState:
-    """The LoRA state, or a clear error when nothing was injected."""
-    state = state_or_none(gm)
-    if state is None or not state.adapters:
-        raise AdapterError("this graph has no LoRA adapter; call lora_fx.inject(gm, cfg) first")
-    require_flat(gm)
-    return state
-
-
-def resolve_adapters(state: LoraState, adapter_names: Iterable[str] | None) -> list[str]:
-    """Adapter names to act on (default: the active ones), checked against the known ones."""
-    if adapter_names is None:
-        return list(state.active)
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    unknown = [n for n in names if n not in state.adapters]
-    if unknown:
-        raise AdapterError(
-            f"unknown adapter(s) {unknown}; adapters on this graph: {list(state.adapters)}"
-        )
-    return names

@@ -21,10 +21,10 @@ import torch
 import torch.fx
 
 from lora_fx.core import graph as _graph
+from lora_fx.core.state import require_state
 from lora_fx.errors import AdapterError
 from lora_fx.passes._rollback import transactional
-from lora_fx.passes._sync import MASK_BUFFER, apply_active
-from lora_fx.passes.merge import require_state
+from lora_fx.passes._sync import MASK_BUFFER, sync
 
 __all__ = ["BASE", "adapter_batch", "set_adapter_batch"]
 
@@ -58,8 +58,7 @@ def set_adapter_batch(
         if state.batch_adapters is not None:
             state.batch_adapters = None
             _graph.delete_attr(gm, MASK_BUFFER)
-            apply_active(gm, state)
-            _graph.cleanup(gm)
+            sync(gm)
         return gm
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     unknown = sorted({n for n in names if n != BASE and n not in state.adapters})
@@ -86,8 +85,7 @@ def set_adapter_batch(
         gm.register_buffer(MASK_BUFFER, mask, persistent=False)
     if state.batch_adapters != order:
         state.batch_adapters = order
-        apply_active(gm, state)
-        _graph.cleanup(gm)
+        sync(gm)
     log.debug("set_adapter_batch: %s", names)
     return gm
 

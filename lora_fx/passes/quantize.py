@@ -38,6 +38,7 @@ from lora_fx.core.state import get_state, lora_tag, state_or_none
 from lora_fx.errors import AdapterError, ConfigError, UnsupportedSiteError
 from lora_fx.math import quant
 from lora_fx.sites import Site, all_sites, find_sites
+from lora_fx.sites.kinds import kind_of
 
 __all__ = ["dequantize", "quantize"]
 
@@ -146,7 +147,7 @@ def dequantize(gm: torch.fx.GraphModule, dtype: torch.dtype | None = None) -> to
         >>> gm = lora_fx.merge_and_unload(lora_fx.dequantize(gm))  # merge_and_unload(..., True)
     """
     _refuse_merged(gm)
-    sites = [s for s in all_sites(gm).values() if s.kind == "linear"]
+    sites = [s for s in all_sites(gm).values() if kind_of(s).can.quantized]
     sites = [s for s in sites if quant.is_quantized(_graph.get_attr(gm, s.weight))]
     state = get_state(gm)
     for site in sites:
@@ -181,7 +182,7 @@ def _check_quantizable(
 ) -> None:
     """A float linear site whose weight no other op reads."""
     weight = _graph.get_attr(gm, site.weight)
-    if site.kind != "linear":
+    if not kind_of(site).can.quantized:
         raise UnsupportedSiteError(
             f"quantize handles linear sites; {site.fqn!r} is a {site.kind} site "
             "(exclude it with exclude_modules)"

@@ -22,11 +22,11 @@ import torch.fx
 
 from lora_fx.core import graph as _graph
 from lora_fx.core.keys import HOLDERS
-from lora_fx.core.state import STATE_META
+from lora_fx.core.state import STATE_META, require_state
 from lora_fx.errors import LoraFxError, MergeError
 from lora_fx.passes._branch import remove_branches
 from lora_fx.passes._rollback import transactional
-from lora_fx.passes.merge import merge, require_state, unmerge
+from lora_fx.passes.merge import merge, unmerge
 from lora_fx.passes.quantize import dequantize as dequantize_pass
 
 __all__ = ["merge_and_unload", "unload"]

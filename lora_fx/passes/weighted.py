@@ -61,15 +61,14 @@ import torch.fx
 
 from lora_fx.config import LoraConfig
 from lora_fx.core import graph as _graph
-from lora_fx.core.keys import lora_paths
-from lora_fx.core.state import LoraState
+from lora_fx.core.state import LoraState, require_state, resolve_adapters
 from lora_fx.errors import AdapterError
 from lora_fx.math import combine, ops
 from lora_fx.passes._rollback import transactional
-from lora_fx.passes._sync import apply_active
+from lora_fx.passes._sync import sync
 from lora_fx.passes.inject import inject
-from lora_fx.passes.merge import require_state, resolve_adapters
 from lora_fx.sites import Site, all_sites, find_sites
+from lora_fx.sites.kinds import kind_of, lora_paths
 
 __all__ = ["COMBINATION_TYPES", "add_weighted_adapter"]
 
@@ -199,8 +198,7 @@ def add_weighted_adapter(
     # apply
     _create_adapter(gm, state, plan, adapter_name, factors)
 
-    # finish
-    _graph.cleanup(gm)
+    # report (inject and sync recompiled)
     ranks = sorted({sp.rank for sp in plan.sites})
     log.info(
         "add_weighted_adapter: %r = %s of %s with weights %s -> %d sites, rank %s",
@@ -242,7 +240,7 @@ def _create_adapter(
         inject(gm, plan.config, adapter_name, autocast_adapter_dtype=autocast)
     if adapter_name in state.active:  # PEFT leaves the combined adapter inactive
         state.active.remove(adapter_name)
-        apply_active(gm, state)
+        sync(gm)
     with torch.no_grad():
         for sp in plan.sites:
             paths = lora_paths(sp.site.kind, sp.site.fqn, adapter_name)
@@ -511,7 +509,7 @@ def _draw_like_peft_init(plan: _Plan) -> None:
     """
     init = plan.config.init_lora_weights
     for sp in plan.sites:
-        a_shape, b_shape = _factor_shapes(sp.site, plan.peft_rank)
+        a_shape, b_shape = kind_of(sp.site).factor_shapes(sp.site, plan.peft_rank)
         if sp.site.kind == "embedding":
             torch.empty(a_shape).normal_()
             torch.empty(b_shape).normal_()
@@ -524,16 +522,6 @@ def _draw_like_peft_init(plan: _Plan) -> None:
             torch.empty(a_shape).uniform_()
         elif init == "gaussian":
             torch.empty(a_shape).normal_()
-
-
-def _factor_shapes(site: Site, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of A and B at rank r, as PEFT's modules have them."""
-    if site.kind != "conv":
-        return (r, site.in_features), (site.out_features, r)
-    spec = site.conv
-    return (r, site.in_features, *spec.kernel_size), (site.out_features, r // spec.groups) + (
-        1,
-    ) * spec.dims
 
 
 def _combine_site(

@@ -24,70 +24,29 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable
 
 import torch
 import torch.fx
-from torch import nn
 
 from lora_fx.config import LoraConfig
-from lora_fx.core.state import CAPTURE_META, lora_tag
+from lora_fx.core.state import CAPTURE_META, SiteRecord, lora_tag
 from lora_fx.errors import NoTargetMatchedError, UnsupportedSiteError
 from lora_fx.math import quant
 from lora_fx.sites import params as _param_sites
-from lora_fx.sites.site import ConvSpec, Site
+from lora_fx.sites.kinds import MATCHERS, kind_of
+from lora_fx.sites.site import ConvSpec, Match, Site
 
 __all__ = ["ConvSpec", "Site", "all_sites", "find_sites", "match_modules_to_save"]
-
-_LINEAR_OPS = (torch.ops.aten.linear.default, torch._C._nn.linear, nn.functional.linear)
-_MM_OPS = (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)
-_TRANSPOSE_OPS = (
-    torch.ops.aten.t.default,
-    torch.ops.aten.permute.default,
-    torch.ops.aten.transpose.int,
-)
-_CONV_OPS = {
-    torch.ops.aten.conv1d.default: 1,
-    torch.ops.aten.conv2d.default: 2,
-    torch.ops.aten.conv3d.default: 3,
-    torch.ops.aten.conv1d.padding: 1,
-    torch.ops.aten.conv2d.padding: 2,
-    torch.ops.aten.conv3d.padding: 3,
-}
-_CONVOLUTION_OPS = (torch.ops.aten.convolution.default,)
-_EMBEDDING_OPS = (torch.ops.aten.embedding.default,)
-_QUANT_LINEAR_OPS = (quant.linear_4bit, quant.linear_8bit)
-_CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-# Module classes whose path names a site in export's nn_module_stack.
-_SITE_CLASS_NAMES = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Embedding")
-
-
-@dataclass(frozen=True)
-class _Match:
-    """One node's match, before nodes with the same name are grouped into a Site."""
-
-    fqn: str
-    kind: str
-    node: torch.fx.Node
-    input: torch.fx.Node
-    weight: str
-    bias: str | None
-    in_features: int
-    out_features: int
-    transposed: bool = False
-    conv: ConvSpec | None = None
-    padding_idx: int | None = None
 
 
 def all_sites(gm: torch.fx.GraphModule) -> dict[str, Site]:
     """Every site in the graph, by name, in graph order."""
-    grouped: dict[str, list[_Match]] = {}
+    grouped: dict[str, list[Match]] = {}
     for node in gm.graph.nodes:
         if lora_tag(node) is not None:
             continue
-        for matcher in _MATCHERS:
+        for matcher in MATCHERS:
             match = matcher(gm, node)
             if match is not None:
                 grouped.setdefault(match.fqn, []).append(match)
@@ -117,8 +76,8 @@ def find_sites(gm: torch.fx.GraphModule, cfg: LoraConfig) -> list[Site]:
     excluded_any = False
     chosen = []
     for fqn, site in sites.items():
-        if site.kind == "param":
-            continue  # parameter sites are chosen by target_parameters only
+        if not kind_of(site).matchers:
+            continue  # a kind found by name, not by op (parameter sites: target_parameters only)
         if cfg.is_all_linear:
             wanted = site.kind == "linear" and fqn != output_layer
         else:
@@ -179,27 +138,24 @@ def match_modules_to_save(gm: torch.fx.GraphModule, names: list[str]) -> list[st
 
 
 def _check_site(site: Site, cfg: LoraConfig) -> None:
-    """Reject a site the config cannot adapt, naming it."""
-    r = cfg.rank_for(site.fqn)
-    if site.conv is not None and r % site.conv.groups != 0:
-        raise UnsupportedSiteError(
-            f"site {site.fqn!r} is a conv with groups={site.conv.groups}; "
-            f"r={r} must be divisible by it"
-        )
-    if cfg.lora_bias and site.kind == "embedding":
-        raise UnsupportedSiteError(
-            f"lora_bias=True is not supported on embedding site {site.fqn!r}"
-        )
-    if site.kind == "param":
-        _check_param_site(site, cfg)
-        return
-    if cfg.use_dora and site.conv is not None and site.conv.groups > 1:
-        raise UnsupportedSiteError(
-            f"use_dora=True is not supported on site {site.fqn!r}: a conv with "
-            f"groups={site.conv.groups} has no single weight to normalise"
-        )
-    init = cfg.init_lora_weights
-    if isinstance(init, str) and init != "gaussian" and site.kind != "linear":
+    """Reject a site the config cannot adapt, naming it; the kind's flags say what it can carry."""
+    kind, record = kind_of(site), SiteRecord.from_config(cfg, site.fqn, site.kind)
+    r, init = record.r, cfg.init_lora_weights
+    reason = kind.refuse(site, r, cfg.use_dora)
+    if reason is not None:
+        raise UnsupportedSiteError(reason)
+    asked = {
+        "use_dora=True": cfg.use_dora and not kind.can.dora,
+        "lora_bias=True": cfg.lora_bias and not kind.can.lora_bias,
+        f"lora_dropout={cfg.lora_dropout}": cfg.lora_dropout > 0 and not kind.can.dropout,
+    }
+    for what, refused in asked.items():
+        if refused:
+            raise UnsupportedSiteError(
+                f"{what} is not supported on {kind.label} {site.fqn!r}"
+                + kind.refusal_note.format(weight=site.weight)
+            )
+    if isinstance(init, str) and init != "gaussian" and not kind.can.base_inits:
         raise UnsupportedSiteError(
             f"init_lora_weights={init!r} needs a linear site; {site.fqn!r} is a {site.kind} site "
             "(use True, False or 'gaussian' there, or exclude it)"
@@ -236,27 +192,10 @@ def _check_weight(gm: torch.fx.GraphModule, site: Site, cfg: LoraConfig) -> None
             f"site {site.fqn!r} has a {weight.dtype} weight of type {type(weight).__name__}, "
             f"not a bitsandbytes one; {supported} (bitsandbytes Linear4bit / Linear8bitLt)"
         )
-    if kind not in quant.SUPPORTED_QUANT_TYPES or site.kind != "linear":
+    if kind not in quant.SUPPORTED_QUANT_TYPES or not kind_of(site).can.quantized:
         raise UnsupportedSiteError(
             f"site {site.fqn!r} is a {site.kind} site with a {kind!r} quantized weight; {supported}"
         )
-
-
-def _check_param_site(site: Site, cfg: LoraConfig) -> None:
-    """What a parameter site cannot carry (PEFT's ParamWrapper refuses the same)."""
-    refused = {
-        "use_dora=True": cfg.use_dora,
-        "lora_bias=True": cfg.lora_bias,
-        f"lora_dropout={cfg.lora_dropout}": cfg.lora_dropout > 0,
-        f"init_lora_weights={cfg.init_lora_weights!r}": cfg.init_lora_weights
-        not in (True, False, "gaussian"),
-    }
-    for what, bad in refused.items():
-        if bad:
-            raise UnsupportedSiteError(
-                f"{what} is not supported on target_parameters site {site.fqn!r} "
-                f"(parameter {site.weight!r}): the parameter is used directly, not as `W x`"
-            )
 
 
 def _target_matches(cfg: LoraConfig, fqn: str) -> bool:
@@ -323,7 +262,7 @@ def _short_names(sites: dict[str, Site]) -> list[str]:
     return list(dict.fromkeys(fqn.rsplit(".", 1)[-1] for fqn in sites))
 
 
-def _group(fqn: str, matches: list[_Match]) -> Site:
+def _group(fqn: str, matches: list[Match]) -> Site:
     """Merge the matches of one name; all must agree on kind, weight and shape."""
     first = matches[0]
     for other in matches[1:]:
@@ -350,233 +289,3 @@ def _group(fqn: str, matches: list[_Match]) -> Site:
         conv=first.conv,
         padding_idx=first.padding_idx,
     )
-
-
-# ---------------------------------------------------------------- matchers: Node -> _Match | None
-
-
-def _match_call_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match | None:
-    """nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and nn.Embedding called as modules."""
-    if node.op != "call_module" or not node.args:
-        return None
-    module = gm.get_submodule(node.target)
-    path, x = node.target, node.args[0]
-    bias = f"{path}.bias" if getattr(module, "bias", None) is not None else None
-    if isinstance(module, nn.Linear):
-        return _Match(
-            path, "linear", node, x, f"{path}.weight", bias, module.in_features, module.out_features
-        )
-    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
-        rows, cols = module.weight.shape  # Conv1D stores [in, out]
-        return _Match(path, "linear", node, x, f"{path}.weight", bias, rows, cols, transposed=True)
-    if type(module) in _CONV_MODULES:
-        spec = ConvSpec(
-            dims=_CONV_MODULES[type(module)],
-            kernel_size=tuple(module.kernel_size),
-            stride=tuple(module.stride),
-            padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
-            dilation=tuple(module.dilation),
-            groups=module.groups,
-        )
-        return _Match(
-            path,
-            "conv",
-            node,
-            x,
-            f"{path}.weight",
-            bias,
-            module.in_channels,
-            module.out_channels,
-            conv=spec,
-        )
-    if isinstance(module, nn.Embedding):
-        return _Match(
-            path,
-            "embedding",
-            node,
-            x,
-            f"{path}.weight",
-            None,
-            module.num_embeddings,
-            module.embedding_dim,
-            padding_idx=module.padding_idx,
-        )
-    return None
-
-
-def _match_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match | None:
-    """`linear(x, W[out, in], b)` on a parameter weight."""
-    if node.op != "call_function" or node.target not in _LINEAR_OPS:
-        return None
-    weight = _parameter_path(gm, _base_weight_read(_arg(node, 1, "weight")))
-    if weight is None:
-        return None
-    out_f, in_f = gm.get_parameter(weight).shape
-    bias = _parameter_path(gm, _arg(node, 2, "bias"))
-    return _Match(_site_name(node, weight), "linear", node, node.args[0], weight, bias, in_f, out_f)
-
-
-def _match_mm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match | None:
-    """`addmm(b, x, W)` / `mm(x, W)` with W a parameter `[in, out]` or `t(P)` of one `[out, in]`."""
-    if node.op != "call_function" or node.target not in _MM_OPS or node.kwargs:
-        return None
-    is_addmm = node.target == torch.ops.aten.addmm.default
-    x, w_arg = (node.args[1], node.args[2]) if is_addmm else (node.args[0], node.args[1])
-    w_arg = _base_weight_read(w_arg)
-    transposed = True
-    if (
-        isinstance(w_arg, torch.fx.Node)
-        and w_arg.op == "call_function"
-        and w_arg.target in _TRANSPOSE_OPS
-    ):
-        if not _is_2d_transpose(w_arg):
-            return None
-        w_arg, transposed = w_arg.args[0], False
-    weight = _parameter_path(gm, w_arg)
-    if weight is None or gm.get_parameter(weight).dim() != 2:
-        return None
-    rows, cols = gm.get_parameter(weight).shape
-    in_f, out_f = (rows, cols) if transposed else (cols, rows)
-    bias = _parameter_path(gm, node.args[0]) if is_addmm else None
-    return _Match(
-        _site_name(node, weight), "linear", node, x, weight, bias, in_f, out_f, transposed
-    )
-
-
-def _match_conv(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match | None:
-    """`conv{1,2,3}d(x, W, b, stride, padding, dilation, groups)`, non-transposed `convolution`."""
-    if node.op != "call_function":
-        return None
-    if node.target in _CONVOLUTION_OPS:
-        x, w, b, stride, padding, dilation, transposed, _, groups = node.args
-        if transposed:
-            return None
-    elif node.target in _CONV_OPS:
-        x, w = node.args[0], node.args[1]
-        b = _arg(node, 2, "bias")
-        stride, padding, dilation, groups = (
-            _arg(node, i, name, default)
-            for i, name, default in (
-                (3, "stride", 1),
-                (4, "padding", 0),
-                (5, "dilation", 1),
-                (6, "groups", 1),
-            )
-        )
-    else:
-        return None
-    weight = _parameter_path(gm, w)
-    if weight is None:
-        return None
-    shape = gm.get_parameter(weight).shape
-    dims = len(shape) - 2
-    spec = ConvSpec(
-        dims=dims,
-        kernel_size=tuple(shape[2:]),
-        stride=_tuple(stride, dims),
-        padding=padding if isinstance(padding, str) else _tuple(padding, dims),
-        dilation=_tuple(dilation, dims),
-        groups=int(groups),
-    )
-    bias = _parameter_path(gm, b)
-    in_ch = shape[1] * spec.groups
-    return _Match(
-        _site_name(node, weight), "conv", node, x, weight, bias, in_ch, shape[0], conv=spec
-    )
-
-
-def _match_embedding(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match | None:
-    """`embedding(W[num, dim], ids, padding_idx)` on a parameter weight."""
-    if node.op != "call_function" or node.target not in _EMBEDDING_OPS:
-        return None
-    weight = _parameter_path(gm, node.args[0])
-    if weight is None:
-        return None
-    num, dim = gm.get_parameter(weight).shape
-    padding_idx = _arg(node, 2, "padding_idx", -1)
-    return _Match(
-        _site_name(node, weight),
-        "embedding",
-        node,
-        node.args[1],
-        weight,
-        None,
-        num,
-        dim,
-        padding_idx=None if padding_idx == -1 else padding_idx,
-    )
-
-
-def _match_quant_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Match | None:
-    """`quant.linear_4bit(x, W, b)` / `quant.linear_8bit(x, W, b)` made by the `quantize` pass."""
-    if node.op != "call_function" or node.target not in _QUANT_LINEAR_OPS:
-        return None
-    weight = _parameter_path(gm, node.args[1])
-    if weight is None:
-        return None
-    out_f, in_f = quant.logical_shape(gm.get_parameter(weight))
-    bias = _parameter_path(gm, _arg(node, 2, "bias"))
-    return _Match(_site_name(node, weight), "linear", node, node.args[0], weight, bias, in_f, out_f)
-
-
-_MATCHERS: tuple[Callable[[torch.fx.GraphModule, torch.fx.Node], _Match | None], ...] = (
-    _match_call_module,
-    _match_quant_linear,
-    _match_linear,
-    _match_mm,
-    _match_conv,
-    _match_embedding,
-)
-
-
-def _site_name(node: torch.fx.Node, weight: str) -> str:
-    """The owning Linear/Conv/Embedding module's path in export's stack, else the weight's path."""
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path, cls = list(stack.values())[-1]
-        cls_name = cls.rsplit(".", 1)[-1] if isinstance(cls, str) else getattr(cls, "__name__", "")
-        if path and cls_name in _SITE_CLASS_NAMES:
-            return path
-    return weight.rsplit(".", 1)[0] if weight.endswith(".weight") else weight
-
-
-def _base_weight_read(arg: Any) -> Any:
-    """`arg`, or under the "weight" layout's `W + scale * B @ A` nodes the read of `W` itself."""
-    while isinstance(arg, torch.fx.Node) and (lora_tag(arg) or {}).get("role") == "add":
-        arg = arg.args[0]
-    return arg
-
-
-def _parameter_path(gm: torch.fx.GraphModule, arg: Any) -> str | None:
-    """The attribute path of `arg` if it is a get_attr node of an nn.Parameter."""
-    if not isinstance(arg, torch.fx.Node) or arg.op != "get_attr":
-        return None
-    try:
-        gm.get_parameter(arg.target)
-    except AttributeError:
-        return None
-    return arg.target
-
-
-def _is_2d_transpose(node: torch.fx.Node) -> bool:
-    """t(P), permute(P, [1, 0]) or transpose(P, 0, 1)."""
-    if node.target == torch.ops.aten.permute.default:
-        return list(node.args[1]) == [1, 0]
-    if node.target == torch.ops.aten.transpose.int:
-        return sorted(d % 2 for d in node.args[1:3]) == [0, 1]
-    return True
-
-
-def _arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
-    """A call argument by position or keyword."""
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _tuple(value: Any, dims: int) -> tuple[int, ...]:
-    """Expand an int or a 1-list to a dims-tuple."""
-    if isinstance(value, int):
-        return (value,) * dims
-    value = tuple(int(v) for v in value)
-    return value * dims if len(value) == 1 else value

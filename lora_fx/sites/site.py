@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-__all__ = ["ConvSpec", "Site"]
+__all__ = ["ConvSpec", "Match", "Site"]
 
 
 @dataclass(frozen=True)
@@ -38,3 +38,20 @@ class Site:
     conv: ConvSpec | None = None
     padding_idx: int | None = None
     experts: int = 1  # "param" sites: stacked experts in a 3-D parameter
+
+
+@dataclass(frozen=True)
+class Match:
+    """One node's match, before the matches with the same name are grouped into a Site."""
+
+    fqn: str
+    kind: str
+    node: torch.fx.Node
+    input: torch.fx.Node
+    weight: str
+    bias: str | None
+    in_features: int
+    out_features: int
+    transposed: bool = False
+    conv: ConvSpec | None = None
+    padding_idx: int | None = None

@@ -1,0 +1,121 @@
+"""Embedding sites: `y = embedding(W[num, dim], ids, padding_idx)`.
+
+    call_module  nn.Embedding (and subclasses)
+    aten         embedding(W, ids, padding_idx)
+
+    branch:  low = embedding(A^T[num, r], ids, padding_idx);  up = linear(low, B[dim, r])
+    delta:   scale * (B @ A)^T, `[num, dim]`
+PEFT keeps A and B as tensors (`lora_embedding_A` / `lora_embedding_B`), B random and A zero at
+init; no dropout on ids, no `lora_bias`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import nn
+
+from lora_fx.math import ops
+from lora_fx.sites.kind import Capabilities, Emit, SiteKind
+from lora_fx.sites.linear import emit_up
+from lora_fx.sites.node_reads import arg, parameter_path, site_name
+from lora_fx.sites.site import Match, Site
+
+__all__ = ["EMBEDDING"]
+
+_aten = torch.ops.aten
+_EMBEDDING_OPS = (_aten.embedding.default,)
+
+
+def match_embedding_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Match | None:
+    """nn.Embedding (and subclasses) called as a module."""
+    if node.op != "call_module" or not node.args:
+        return None
+    module = gm.get_submodule(node.target)
+    if not isinstance(module, nn.Embedding):
+        return None
+    path = node.target
+    return Match(
+        path,
+        "embedding",
+        node,
+        node.args[0],
+        f"{path}.weight",
+        None,
+        module.num_embeddings,
+        module.embedding_dim,
+        padding_idx=module.padding_idx,
+    )
+
+
+def match_aten_embedding(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Match | None:
+    """`embedding(W[num, dim], ids, padding_idx)` on a parameter weight."""
+    if node.op != "call_function" or node.target not in _EMBEDDING_OPS:
+        return None
+    weight = parameter_path(gm, node.args[0])
+    if weight is None:
+        return None
+    num, dim = gm.get_parameter(weight).shape
+    padding_idx = arg(node, 2, "padding_idx", -1)
+    return Match(
+        site_name(node, weight),
+        "embedding",
+        node,
+        node.args[1],
+        weight,
+        None,
+        num,
+        dim,
+        padding_idx=None if padding_idx == -1 else padding_idx,
+    )
+
+
+def factor_shapes(site: Site, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A `[r, num]`, B `[dim, r]`, as PEFT's tensors."""
+    return (r, site.in_features), (site.out_features, r)
+
+
+def new_factors(
+    site: Site, r: int, lora_bias: bool, init: bool | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's embedding factors: A `[r, num]` zeros and B `[dim, r]` normal, or both random."""
+    if init is False:
+        return torch.randn(r, site.in_features), torch.randn(site.out_features, r)
+    return torch.zeros(r, site.in_features), torch.randn(site.out_features, r)
+
+
+def emit_down(emit: Emit, site: Site, x: torch.fx.Node, a: torch.fx.Node) -> torch.fx.Node:
+    """Ids -> [.., r]: a lookup in A^T with the site's padding index."""
+    a_t = emit("lora_a", "call_function", _aten.t.default, (a,))  # [r, num] -> [num, r]
+    padding_idx = -1 if site.padding_idx is None else site.padding_idx
+    return emit("lora_a", "call_function", _aten.embedding.default, (a_t, x, padding_idx))
+
+
+def delta(
+    site: Site, a: torch.Tensor, b: torch.Tensor, scale: float, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """`scale * (B @ A)^T`, `[num, dim]`."""
+    return ops.delta_weight("embedding", a, b, scale)
+
+
+def fold_factors(site: Site, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+    """W[num, dim] += A.T[num, r] @ B.T[r, dim]."""
+    return w, a.T, b.T
+
+
+EMBEDDING = SiteKind(
+    name="embedding",
+    label="embedding site",
+    matchers=(match_embedding_module, match_aten_embedding),
+    holders=("lora_embedding_A", "lora_embedding_B"),
+    factor_suffix="",
+    factor_shapes=factor_shapes,
+    new_factors=new_factors,
+    emit_down=emit_down,
+    emit_up=emit_up,
+    emit_base=None,
+    delta=delta,
+    fold_factors=fold_factors,
+    magnitude_shape=lambda site: (site.out_features,),
+    can=Capabilities(lora_bias=False, input_is_ids=True, layouts=("fused", "plain")),
+)
