@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
 import torch
 from torch import nn
 
 __all__ = [
+    "METHODS",
+    "SITE_CASES",
+    "Case",
+    "SiteCase",
     "TinyBlockStack",
     "TinyConv",
     "TinyEmbedding",
@@ -214,3 +222,35 @@ def tiny_bert(layers: int = 2):
         num_labels=3,
     )
     return BertForSequenceClassification(config)
+
+
+METHODS = ("fx", "export")  # lora_fx.capture methods every custom model is tested with
+
+
+class SiteCase(NamedTuple):
+    """A tiny model, a maker of its example input, and targets covering every site it has."""
+
+    model: Callable[[], nn.Module]
+    make_input: Callable[[], torch.Tensor]
+    targets: list[str]
+
+
+# One model per site kind (linear; conv2d; embedding), shared by the inject / merge / unload tests,
+# which parametrize over `SITE_CASES` x `METHODS`.
+SITE_CASES = {
+    "mlp": SiteCase(TinyMLP, lambda: torch.randn(4, 10), ["lin0", "lin1"]),
+    "conv": SiteCase(TinyConv, lambda: torch.randn(2, 3, 6, 6), ["conv0", "conv1", "lin0"]),
+    "embedding": SiteCase(TinyEmbedding, lambda: torch.randint(0, 100, (2, 5)), ["emb", "lin0"]),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model, capture method and LoRA config (PEFT names, no `init_lora_weights`) for PEFT."""
+
+    id: str
+    model: Callable[[], nn.Module]
+    inputs: Callable[[], torch.Tensor]
+    cfg: dict[str, Any]
+    method: str = "export"
+    kwargs: dict[str, Any] | None = None

@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import assert_close
-from helpers import lora_roles
-from models import TinyBlockStack, TinyMLP, tiny_llama
+from helpers import injected_graph, lora_roles
+from models import TinyBlockStack, TinyMLP
 
 import lora_fx
-from lora_fx import LoraConfig
 from lora_fx.passes.checkpoint import CheckpointedBlock
 
 BLOCKS = {
@@ -20,24 +19,6 @@ BLOCKS = {
     "export": ["layers.0", "layers.1", "layers.2"],
     "llama": ["model.layers.0", "model.layers.1"],
 }
-
-
-def _graph(flavour: str):
-    """An injected graph with LoRA dropout and random B, and its input ids."""
-    if flavour == "llama":
-        model, ids = tiny_llama(layers=2), torch.randint(0, 256, (2, 16))
-        gm = lora_fx.capture(model, (ids,), {"use_cache": False})
-    else:
-        model, ids = TinyBlockStack(), torch.randint(0, 50, (2, 8))
-        gm = lora_fx.capture(model, (ids,), method=flavour)
-    cfg = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules="all-linear",
-        lora_dropout=0.1,
-        init_lora_weights=False,
-    )
-    return lora_fx.inject(gm, cfg), ids
 
 
 def _step(gm, ids: torch.Tensor, fn=None, seed: int = 1):
@@ -54,7 +35,7 @@ def _step(gm, ids: torch.Tensor, fn=None, seed: int = 1):
 
 @pytest.mark.parametrize("flavour", ["fx", "export", "llama"])
 def test_blocks_move_into_checkpointed_modules_and_names_stay(flavour):
-    gm, _ = _graph(flavour)
+    gm, _ = injected_graph(flavour)
     params = [n for n, _ in gm.named_parameters()]
     keys = list(gm.state_dict())
     nodes = len(gm.graph.nodes)
@@ -75,7 +56,7 @@ def test_blocks_move_into_checkpointed_modules_and_names_stay(flavour):
 
 @pytest.mark.parametrize("flavour", ["fx", "export", "llama"])
 def test_gradients_equal_without_checkpointing(flavour):
-    gm, ids = _graph(flavour)
+    gm, ids = injected_graph(flavour)
     base_loss, base = _step(gm, ids)
     lora_fx.checkpoint_blocks(gm)
     loss, grads = _step(gm, ids)
@@ -95,7 +76,7 @@ def test_gradients_equal_without_checkpointing(flavour):
 @pytest.mark.parametrize("flavour", ["export", "llama"])
 def test_compiled_checkpointed_gradients_equal_eager(flavour):
     torch._dynamo.reset()
-    gm, ids = _graph(flavour)
+    gm, ids = injected_graph(flavour)
     base_loss, base = _step(gm, ids)
     lora_fx.checkpoint_blocks(gm)
     loss, grads = _step(gm, ids, torch.compile(gm, backend="aot_eager", fullgraph=True))
@@ -106,7 +87,7 @@ def test_compiled_checkpointed_gradients_equal_eager(flavour):
 
 
 def test_uncheckpoint_restores_the_flat_graph_for_other_passes(tmp_path):
-    gm, ids = _graph("llama")
+    gm, ids = injected_graph("llama")
     ops = [(n.op, str(n.target)) for n in gm.graph.nodes]
     roles = lora_roles(gm)
     lora_fx.checkpoint_blocks(gm)
@@ -127,7 +108,7 @@ def test_uncheckpoint_restores_the_flat_graph_for_other_passes(tmp_path):
 
 
 def test_deepcopy_of_a_checkpointed_graph_is_independent():
-    gm, ids = _graph("fx")
+    gm, ids = injected_graph("fx")
     lora_fx.checkpoint_blocks(gm)
     twin = copy.deepcopy(gm)
     _, grads = _step(gm, ids)
@@ -142,7 +123,7 @@ def test_deepcopy_of_a_checkpointed_graph_is_independent():
 
 
 def test_named_blocks_only():
-    gm, ids = _graph("export")
+    gm, ids = injected_graph("export")
     _, base = _step(gm, ids)
     lora_fx.checkpoint_blocks(gm, ["layers.1"])
     assert lora_fx.checkpointed_blocks(gm) == ["layers.1"]
@@ -152,7 +133,7 @@ def test_named_blocks_only():
 
 
 def test_errors():
-    gm, _ = _graph("export")
+    gm, _ = injected_graph("export")
     with pytest.raises(ValueError, match=r"blocks=\['layers.7'\] are not blocks of this graph"):
         lora_fx.checkpoint_blocks(gm, ["layers.7"])
     lora_fx.checkpoint_blocks(gm)
@@ -164,7 +145,6 @@ def test_errors():
 
 
 def test_lora_passes_refuse_a_checkpointed_graph():
-    from models import TinyBlockStack
 
     import lora_fx
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import assert_close, assert_differs
-from models import TinyBlockStack, tiny_llama
+from helpers import injected_graph
+from models import tiny_llama
 
 import lora_fx
 from lora_fx import LoraConfig
@@ -30,24 +31,6 @@ def _loss(out, ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1)
     )
-
-
-def _graph(flavour: str, *, dropout: float = 0.1):
-    """An injected graph with random B (a non-vacuous adapter), and its input ids."""
-    if flavour == "llama":
-        model, ids = tiny_llama(layers=2), torch.randint(0, 256, (2, 16))
-        gm = lora_fx.capture(model, (ids,), {"use_cache": False})
-    else:
-        model, ids = TinyBlockStack(), torch.randint(0, 50, (2, 8))
-        gm = lora_fx.capture(model, (ids,), method=flavour)
-    cfg = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules="all-linear",
-        lora_dropout=dropout,
-        init_lora_weights=False,
-    )
-    return lora_fx.inject(gm, cfg), ids
 
 
 def _grads(
@@ -72,7 +55,7 @@ def _fresh_dynamo():
 
 @pytest.mark.parametrize("flavour", ["fx", "export", "llama"])
 def test_fullgraph_train_eval_toggles_without_recompiles(flavour):
-    gm, ids = _graph(flavour)
+    gm, ids = injected_graph(flavour)
     compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
     gm.eval()
     with torch.no_grad():
@@ -111,7 +94,7 @@ def test_fullgraph_train_eval_toggles_without_recompiles(flavour):
 
 @pytest.mark.parametrize("flavour", ["fx", "export", "llama"])
 def test_compiled_gradients_equal_eager_with_dropout(flavour):
-    gm, ids = _graph(flavour)
+    gm, ids = injected_graph(flavour)
     compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
     eager_loss, eager = _grads(gm, gm, ids)
     loss, grads = _grads(gm, compiled, ids)

@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 from conftest import assert_close, assert_differs
 from helpers import assert_no_lora, lora_roles
-from models import TinyConv, TinyEmbedding, TinyMLP, tiny_gpt2, tiny_llama
+from models import Case, TinyConv, TinyEmbedding, TinyMLP, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lora_fx
@@ -32,16 +32,6 @@ from lora_fx.math import dora
 
 pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)`:FutureWarning")
 _NO_CACHE = {"use_cache": False}
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    model: Callable[[], nn.Module]
-    inputs: Callable[[], torch.Tensor]
-    cfg: dict[str, Any]
-    method: str = "export"
-    kwargs: dict[str, Any] | None = None
 
 
 CASES = [

@@ -1,8 +1,8 @@
 import pytest
 import torch
 from conftest import assert_close, assert_differs
-from helpers import lora_roles
-from models import TinyBlockStack, TinyConv, TinyEmbedding, TinyMLP
+from helpers import capture_case, lora_roles
+from models import METHODS, SITE_CASES, TinyBlockStack, TinyMLP
 
 import lora_fx
 from lora_fx import AdapterError, LoraConfig, UnsupportedSiteError
@@ -12,19 +12,10 @@ def n_sites(targets):
     return len(targets)
 
 
-CASES = {
-    "mlp": (TinyMLP, lambda: torch.randn(4, 10), ["lin0", "lin1"]),
-    "conv": (TinyConv, lambda: torch.randn(2, 3, 6, 6), ["conv0", "conv1", "lin0"]),
-    "embedding": (TinyEmbedding, lambda: torch.randint(0, 100, (2, 5)), ["emb", "lin0"]),
-}
-
-
-@pytest.mark.parametrize("method", ["fx", "export"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", list(SITE_CASES))
 def test_fresh_inject_equals_base_and_tags_every_node(case, method):
-    cls, make_x, targets = CASES[case]
-    model, x = cls().eval(), make_x()
-    gm = lora_fx.capture(model, (x,), method=method)
+    gm, x, targets = capture_case(case, method)
     base = gm(x)
     lora_fx.inject(gm, LoraConfig(target_modules=targets, lora_dropout=0.1))
     gm.graph.lint()
@@ -41,7 +32,7 @@ def test_fresh_inject_equals_base_and_tags_every_node(case, method):
     assert roles["weight"] == 2 * n
 
 
-@pytest.mark.parametrize("method", ["fx", "export"])
+@pytest.mark.parametrize("method", METHODS)
 def test_parameters_named_as_peft_and_only_adapter_trains(method):
     model = TinyMLP().eval()
     gm = lora_fx.capture(model, (torch.randn(2, 10),), method=method)

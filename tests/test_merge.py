@@ -4,30 +4,22 @@ import peft
 import pytest
 import torch
 from conftest import assert_close, assert_differs
-from helpers import lora_roles
-from models import TinyConv, TinyEmbedding, TinyMLP, tiny_gpt2
+from helpers import capture_case, lora_roles
+from models import METHODS, SITE_CASES, TinyMLP, tiny_gpt2
 
 import lora_fx
 from lora_fx import AdapterError, LoraConfig, MergeError
 
-CASES = {
-    "mlp": (TinyMLP, lambda: torch.randn(4, 10), ["lin0", "lin1"]),
-    "conv": (TinyConv, lambda: torch.randn(2, 3, 6, 6), ["conv0", "conv1", "lin0"]),
-    "embedding": (TinyEmbedding, lambda: torch.randint(0, 100, (2, 5)), ["emb", "lin0"]),
-}
-
 
 def _adapted(case, method, **cfg):
-    cls, make_x, targets = CASES[case]
-    model, x = cls().eval(), make_x()
-    gm = lora_fx.capture(model, (x,), method=method)
+    gm, x, targets = capture_case(case, method)
     base = gm(x).detach()
     lora_fx.inject(gm, LoraConfig(target_modules=targets, init_lora_weights=False, **cfg))
     return gm, x, base
 
 
-@pytest.mark.parametrize("method", ["fx", "export"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", list(SITE_CASES))
 def test_merge_equals_unmerged_and_unmerge_restores(case, method):
     gm, x, base = _adapted(case, method, lora_bias=case != "embedding")
     adapted = gm(x).detach()
@@ -40,7 +32,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(case, method):
     lora_fx.unmerge(gm)
     for name, before in weights.items():
         assert_close(dict(gm.named_parameters())[name], before)
-    assert lora_roles(gm)["add"] == len(CASES[case][2])
+    assert lora_roles(gm)["add"] == len(SITE_CASES[case].targets)
     assert_close(gm(x), adapted)
 
 
@@ -143,7 +135,7 @@ def test_lora_bias_without_base_bias_cannot_merge():
         lora_fx.merge(gm)
 
 
-@pytest.mark.parametrize("method", ["fx", "export"])
+@pytest.mark.parametrize("method", METHODS)
 def test_lora_bias_folds_scale_times_bias_into_the_base_bias(method, tmp_path):
     # scale = alpha / r = 4: a fold that forgot the scale would be off by 3 * b_B
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ import peft
 import pytest
 import torch
 from conftest import assert_close, assert_differs
-from models import TinyConv, TinyEmbedding, TinyMLP, tiny_gpt2, tiny_llama
+from models import METHODS, SITE_CASES, tiny_gpt2, tiny_llama
 from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -118,9 +118,7 @@ def _site_weights(gm):
 
 
 _GRAPHS = {
-    "mlp": (TinyMLP, lambda: torch.randn(4, 10), {}, ["lin0", "lin1"]),
-    "conv": (TinyConv, lambda: torch.randn(2, 3, 6, 6), {}, ["conv0", "conv1", "lin0"]),
-    "embedding": (TinyEmbedding, lambda: torch.randint(0, 100, (2, 5)), {}, ["emb", "lin0"]),
+    **{name: (c.model, c.make_input, {}, c.targets) for name, c in SITE_CASES.items()},
     "gpt2": (
         tiny_gpt2,
         lambda: torch.randint(0, 256, (1, 8)),
@@ -141,7 +139,7 @@ def _logits(out):
 
 
 # transformers models need method="export"
-_GRAPH_CASES = [(c, m) for c in ("mlp", "conv", "embedding") for m in ("fx", "export")] + [
+_GRAPH_CASES = [(c, m) for c in SITE_CASES for m in METHODS] + [
     ("gpt2", "export"),
     ("llama", "export"),
 ]

@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import assert_close, assert_differs
-from helpers import lora_roles
-from models import TinyBlockStack, TinyConv, TinyMLP, tiny_bert, tiny_gpt2, tiny_llama
+from helpers import SeenMessages, lora_roles
+from models import SITE_CASES, TinyBlockStack, TinyConv, TinyMLP, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from torch.export import Dim
 
@@ -110,7 +110,7 @@ CUSTOM = {
         lambda: torch.randint(0, 50, (3, 5)),
         ["attn", "mlp", "embed", "head"],
     ),
-    "conv": (TinyConv, lambda: torch.randn(2, 3, 6, 6), ["conv0", "conv1", "lin0"]),
+    "conv": SITE_CASES["conv"],
 }
 
 
@@ -473,15 +473,6 @@ def test_cli_creates_the_folder_and_refuses_an_existing_file_unless_forced(tmp_p
     assert onnx.load(str(out)).graph.output[0].name == "logits"
 
 
-class _Seen(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def test_export_drops_only_its_own_notices_and_restores_the_loggers(mlp, tmp_path, monkeypatch):
     """A filter on the one message, for the call: other records of those loggers still pass."""
     gm, x = mlp
@@ -509,7 +500,7 @@ def test_export_drops_only_its_own_notices_and_restores_the_loggers(mlp, tmp_pat
 
     monkeypatch.setattr(onnx_exporter, "_translate", translate)
     monkeypatch.setattr(onnx_exporter, "optimize_keeping", keep)
-    seen = _Seen()
+    seen = SeenMessages()
     registry.addHandler(seen)
     dedup.addHandler(seen)
     try:

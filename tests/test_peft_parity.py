@@ -27,7 +27,7 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import assert_close, assert_differs
-from models import TinyConv, TinyEmbedding, TinyMLP, tiny_bert, tiny_gpt2, tiny_llama
+from models import Case, TinyConv, TinyEmbedding, TinyMLP, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lora_fx
@@ -47,18 +47,6 @@ def _images() -> torch.Tensor:
 
 def _ids(vocab: int) -> Callable[[], torch.Tensor]:
     return lambda: torch.randint(0, vocab, (2, 8))
-
-
-@dataclass(frozen=True)
-class Case:
-    """One model, capture method and LoRA config (PEFT field names, without `init_lora_weights`)."""
-
-    id: str
-    model: Callable[[], nn.Module]
-    inputs: Callable[[], torch.Tensor]
-    cfg: dict[str, Any]
-    method: str = "export"
-    kwargs: dict[str, Any] | None = None
 
 
 def _custom(name, model, inputs, cfg, methods=("export", "fx")) -> list[Case]:

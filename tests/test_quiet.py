@@ -4,6 +4,7 @@ import logging
 import warnings
 
 import pytest
+from helpers import SeenMessages
 
 from lora_fx.core.quiet import dropping_records, quiet_libraries
 
@@ -11,19 +12,10 @@ BNB = "bitsandbytes.backends.cpu.ops"
 NO_KERNELS = "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ..."
 
 
-class _Seen(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @pytest.fixture
 def bnb_log():
     log = logging.getLogger(BNB)
-    seen = _Seen()
+    seen = SeenMessages()
     log.addHandler(seen)
     yield log, seen.messages
     log.removeHandler(seen)

@@ -108,26 +108,15 @@ def storage(gm: nn.Module) -> tuple[set[int], int]:
     return set(ptrs), sum(ptrs.values())
 
 
+_LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+
+
 def peft_lora(layout, **kw) -> PeftLoraConfig:
-    return PeftLoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj", "down_proj"],
-        layer_replication=layout,
-        init_lora_weights=False,
-        **kw,
-    )
+    return PeftLoraConfig(**_LORA, layer_replication=layout, init_lora_weights=False, **kw)
 
 
 def fx_lora(layout, **kw) -> LoraConfig:
-    return LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj", "down_proj"],
-        layer_replication=layout,
-        init_lora_weights=False,
-        **kw,
-    )
+    return LoraConfig(**_LORA, layer_replication=layout, init_lora_weights=False, **kw)
 
 
 # ----------------------------------------------------------------- the pass on its own (no LoRA)

@@ -1,25 +1,17 @@
 import pytest
 import torch
 from conftest import assert_close, assert_differs
-from helpers import assert_no_lora
-from models import TinyConv, TinyEmbedding, TinyMLP, tiny_llama
+from helpers import assert_no_lora, capture_case
+from models import METHODS, SITE_CASES, TinyMLP, tiny_llama
 
 import lora_fx
 from lora_fx import LoraConfig
 
-CASES = {
-    "mlp": (TinyMLP, lambda: torch.randn(4, 10), ["lin0", "lin1"]),
-    "conv": (TinyConv, lambda: torch.randn(2, 3, 6, 6), ["conv0", "conv1", "lin0"]),
-    "embedding": (TinyEmbedding, lambda: torch.randint(0, 100, (2, 5)), ["emb", "lin0"]),
-}
 
-
-@pytest.mark.parametrize("method", ["fx", "export"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", list(SITE_CASES))
 def test_unload_restores_base_bitwise(case, method):
-    cls, make_x, targets = CASES[case]
-    model, x = cls().eval(), make_x()
-    gm = lora_fx.capture(model, (x,), method=method)
+    gm, x, targets = capture_case(case, method)
     base_out = gm(x).detach()
     base_weights = {n: p.detach().clone() for n, p in gm.named_parameters()}
     lora_fx.inject(
@@ -34,12 +26,10 @@ def test_unload_restores_base_bitwise(case, method):
     assert torch.equal(gm(x), base_out)
 
 
-@pytest.mark.parametrize("method", ["fx", "export"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", list(SITE_CASES))
 def test_merge_and_unload_leaves_plain_graph_with_adapter_outputs(case, method):
-    cls, make_x, targets = CASES[case]
-    model, x = cls().eval(), make_x()
-    gm = lora_fx.capture(model, (x,), method=method)
+    gm, x, targets = capture_case(case, method)
     n_nodes = len(gm.graph.nodes)
     lora_fx.inject(gm, LoraConfig(target_modules=targets, init_lora_weights=False))
     adapted = gm(x).detach()
