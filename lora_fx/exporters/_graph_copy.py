@@ -54,9 +54,11 @@ from lora_fx.passes._emit import point_module_copies, strip_branches
 from lora_fx.sites import Site, all_sites
 from lora_fx.sites.kinds import KINDS, kind_of
 
-__all__ = ["LAYOUTS", "ExportPlan", "build_export_graph", "plan_export"]
+__all__ = ["LORA_LAYOUTS", "ExportPlan", "build_export_graph", "plan_export"]
 
-LAYOUTS = ("initializers", "inputs", "stacked")
+# Where an unmerged export keeps the LoRA tensors (`export_onnx(lora_layout=...)`); not the
+# branch layout of `set_layout`, nor the PEFT file keys (`passes/_file_keys.py`).
+LORA_LAYOUTS = ("initializers", "inputs", "stacked")
 _ONNX_KINDS = [name for name, kind in KINDS.items() if kind.can.onnx]
 
 # Ops between a weight and its site when the weight is stored transposed (see sites.py).
@@ -68,12 +70,12 @@ _TRANSPOSE_OPS = (_aten.t.default, _aten.permute.default, _aten.transpose.int)
 class ExportPlan:
     """What to export: the layout and the adapters, checked against the graph."""
 
-    layout: str  # "merged" or one of LAYOUTS
+    lora_layout: str  # "merged" or one of LORA_LAYOUTS
     adapters: tuple[str, ...]
 
 
 def plan_export(
-    gm: torch.fx.GraphModule, *, layout: str, adapter_names: str | list[str] | None
+    gm: torch.fx.GraphModule, *, lora_layout: str, adapter_names: str | list[str] | None
 ) -> ExportPlan:
     """Check the request against the graph's adapters; nothing is built or changed here.
 
@@ -89,7 +91,7 @@ def plan_export(
         )
     known = dict(state.adapters) if state is not None else {}
     if adapter_names is None:
-        if layout in ("merged", "initializers"):
+        if lora_layout in ("merged", "initializers"):
             names = [n for n in (state.active if state else []) if not known[n].merged]
         else:
             names = list(known)
@@ -100,30 +102,31 @@ def plan_export(
             raise AdapterError(
                 f"unknown adapter(s) {unknown}; adapters on this graph: {list(known)}"
             )
-    if layout == "merged":
+    if lora_layout == "merged":
         # Adapters merged already are in the base weights: nothing more to fold for them.
         names = [n for n in names if not known[n].merged]
         _check_supported(state, names)
-        return ExportPlan(layout, tuple(names))
+        return ExportPlan(lora_layout, tuple(names))
     if not names:
         raise AdapterError(
-            f"lora_layout={layout!r} needs an adapter, but the graph has none to export; "
+            f"lora_layout={lora_layout!r} needs an adapter, but the graph has none to export; "
             "inject or load one, or export merged=True for the plain graph"
         )
     merged = [n for n, rec in known.items() if rec.merged]
-    if merged and (layout != "initializers" or set(merged) & set(names)):
+    if merged and (lora_layout != "initializers" or set(merged) & set(names)):
         raise AdapterError(
             f"adapters {merged} are merged into the base weights; call lora_fx.unmerge(gm) "
-            f"before exporting lora_layout={layout!r}"
+            f"before exporting lora_layout={lora_layout!r}"
         )
     _check_supported(state, names)
     with_copies = [n for n in names if known[n].modules_to_save]
-    if layout in ("inputs", "stacked") and with_copies:
+    if lora_layout in ("inputs", "stacked") and with_copies:
         raise AdapterError(
-            f"adapters {with_copies} have modules_to_save copies, which lora_layout={layout!r} "
-            "cannot switch per adapter; export them with lora_layout='initializers' or merged=True"
+            f"adapters {with_copies} have modules_to_save copies, which "
+            f"lora_layout={lora_layout!r} cannot switch per adapter; export them with "
+            "lora_layout='initializers' or merged=True"
         )
-    return ExportPlan(layout, tuple(names))
+    return ExportPlan(lora_layout, tuple(names))
 
 
 def _check_supported(state: LoraState | None, names: list[str]) -> None:
@@ -139,7 +142,7 @@ def _check_supported(state: LoraState | None, names: list[str]) -> None:
 
 
 def build_export_graph(gm: torch.fx.GraphModule, plan: ExportPlan) -> ExportGraph:
-    """Copy `gm` (sharing tensors), strip its branches and rebuild them for `plan.layout`.
+    """Copy `gm` (sharing tensors), strip its branches and rebuild them for `plan.lora_layout`.
 
     Raises:
         MergeError: A site cannot be merged (grouped conv; `lora_bias` without a base bias).
@@ -159,7 +162,7 @@ def build_export_graph(gm: torch.fx.GraphModule, plan: ExportPlan) -> ExportGrap
             "initializers": emit_named,
             "inputs": emit_inputs,
             "stacked": emit_stacked,
-        }[plan.layout]
+        }[plan.lora_layout]
         build(gm, state, plan.adapters, sites, out)
     _graph.cleanup(module)
     module.eval()

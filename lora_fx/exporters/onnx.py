@@ -51,7 +51,7 @@ from lora_fx.core.quiet import dropping_records
 from lora_fx.core.state import lora_tag
 from lora_fx.errors import OnnxExportError
 from lora_fx.exporters._branches import INDEX_INPUT, ExportGraph
-from lora_fx.exporters._graph_copy import LAYOUTS, build_export_graph, plan_export
+from lora_fx.exporters._graph_copy import LORA_LAYOUTS, build_export_graph, plan_export
 from lora_fx.exporters._onnx_ir import (
     EXTERNAL_DATA_BYTES,
     lift_to_inputs,
@@ -179,7 +179,7 @@ def export_onnx(
     kwargs = _call_kwargs(gm, kwargs)
     layout = _check_layout(merged, lora_layout)
     target = _check_target(path)
-    plan = plan_export(gm, layout=layout, adapter_names=adapter_names)
+    plan = plan_export(gm, lora_layout=layout, adapter_names=adapter_names)
 
     # apply
     export = build_export_graph(gm, plan)
@@ -238,8 +238,10 @@ def export_onnx(
 
 def _check_layout(merged: bool, lora_layout: str) -> str:
     """The layout name: "merged", or the requested LoRA layout."""
-    if lora_layout not in LAYOUTS:
-        raise ValueError(f"lora_layout={lora_layout!r} is invalid; expected one of {list(LAYOUTS)}")
+    if lora_layout not in LORA_LAYOUTS:
+        raise ValueError(
+            f"lora_layout={lora_layout!r} is invalid; expected one of {list(LORA_LAYOUTS)}"
+        )
     if merged and lora_layout != "initializers":
         raise ValueError(
             f"lora_layout={lora_layout!r} keeps LoRA branches; pass merged=False with it"

@@ -10,6 +10,7 @@ from lora_fx.passes.adapters import (
     trainable_parameters,
 )
 from lora_fx.passes.checkpoint import checkpoint_blocks, checkpointed_blocks, uncheckpoint_blocks
+from lora_fx.passes.files import load_adapter, save_adapter
 from lora_fx.passes.hotswap import hotswap_adapter, prepare_for_hotswap
 from lora_fx.passes.inject import inject
 from lora_fx.passes.layout import LAYOUTS, get_layout, set_layout
@@ -36,6 +37,7 @@ __all__ = [
     "get_layout",
     "hotswap_adapter",
     "inject",
+    "load_adapter",
     "merge",
     "merge_and_unload",
     "merge_report",
@@ -43,6 +45,7 @@ __all__ = [
     "print_trainable_parameters",
     "quantize",
     "replicate_layers",
+    "save_adapter",
     "set_adapter",
     "set_adapter_batch",
     "set_layout",

@@ -157,7 +157,9 @@ def _check_site(site: Site, cfg: LoraConfig) -> None:
             )
     if isinstance(init, str) and init != "gaussian" and not kind.can.base_inits:
         raise UnsupportedSiteError(
-            f"init_lora_weights={init!r} needs a linear site; {site.fqn!r} is a {site.kind} site "
+            f"init_lora_weights={init!r} is not supported on {kind.label} {site.fqn!r}"
+            + kind.refusal_note.format(weight=site.weight)
+            + f"; {init!r} needs a linear site; {site.fqn!r} is a {site.kind} site "
             "(use True, False or 'gaussian' there, or exclude it)"
         )
     if init == "orthogonal" and r % 2:
