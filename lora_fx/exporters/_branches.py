@@ -30,11 +30,7 @@ from lora_fx.core.state import LoraState
 from lora_fx.errors import UnsupportedSiteError
 from lora_fx.exporters._names import STACKED, input_names, rank_dim
 from lora_fx.math import ops
-from lora_fx.math.fused_ops import add_low_rank_out_of_place
-from lora_fx.passes._branch import (
-    fitting_layout,
-    weight_update_node,
-)
+from lora_fx.passes._branch import BranchSpec, emit_branch
 from lora_fx.passes._emit import Emitter, chain_end
 from lora_fx.sites import Site
 from lora_fx.sites.kinds import kind_of, lora_paths
@@ -112,14 +108,14 @@ def emit_named(
             for path in tensors:
                 put_tensor(out.module, path, _graph.get_attr(gm, path))
             out.lora_tensors.update(tensors)
-            bias = paths.b_bias if rec.lora_bias else None
             # A float32 adapter on a half-precision site (autocast_adapter_dtype) runs in float32.
             site_dtype = _graph.get_attr(gm, sites[fqn].weight).dtype
             cast = _graph.get_attr(gm, paths.a).dtype != site_dtype
-            branch = (paths.a, paths.b, bias)
-            _emit_branches(
-                out.module, sites[fqn], name, branch, rec.scale, cast=cast, layout=layout
+            bias = paths.b_bias if rec.lora_bias else None
+            spec = BranchSpec(
+                name, paths.a, paths.b, bias, rec.scale, cast=cast, layout=layout, export=True
             )
+            emit_branch(out.module.graph, sites[fqn], spec)
 
 
 def emit_inputs(
@@ -157,56 +153,8 @@ def emit_inputs(
             out.lora_tensors[bias] = names.b_bias_key
         # Plain layout: the rank may be 0 at run time (no adapter fed), and ORT's Gemm rejects
         # the empty inner dimension an accumulate would then have; MatMul + Add accept it.
-        _emit_branches(out.module, site, "inputs", (names.a, names.b, bias), None)
-
-
-def _emit_branches(
-    module: torch.fx.GraphModule,
-    site: Site,
-    tag: str,
-    tensors: tuple[str, str, str | None],
-    scale: float | None,
-    *,
-    cast: bool = False,
-    layout: str = "plain",
-) -> None:
-    """`y + scale * B(A(x))` after every node of the site (no scale when `scale` is None).
-
-    With `cast`, the branch input is cast to A's dtype and its output to the site's, as the
-    graph's own branch does for a float32 adapter on a half-precision site. `layout` is the
-    graph's (`passes/_branch.py` rule 7); export runs in eval mode, so dropout does not matter.
-    """
-    graph = module.graph
-    tag_ = {"adapter": tag, "site": site.fqn}
-    layout = fitting_layout(site, layout, needs_plain=cast or bool(tensors[2]), can_weight=True)
-    factor = 1.0 if scale is None else scale
-    for base, x in zip(site.nodes, site.inputs, strict=True):
-        if layout == "weight":
-            weight_update_node(Emitter(graph, base.prev, tag_), base, *tensors[:2], factor)
-            continue
-        end = chain_end(base)
-        emit = Emitter(graph, end, tag_)
-        a = emit("weight", "get_attr", tensors[0])
-        b = emit("weight", "get_attr", tensors[1])
-        if layout == "fused":
-            # linear(x, A) then one out-of-place accumulate (ONNX MatMul + Gemm): in-place
-            # writes make torch.export reject dynamic shapes.
-            low = kind_of(site).emit_down(emit, site, x, a)
-            args = (end, low, b, factor)
-            add = emit("add", "call_function", add_low_rank_out_of_place, args)
-            emit.attach(end, add)
-            continue
-        bias = emit("weight", "get_attr", tensors[2]) if tensors[2] else None
-        if cast and not kind_of(site).can.input_is_ids:
-            x = emit("cast", "call_function", _aten.type_as.default, (x, a))
-        kind = kind_of(site)
-        up = kind.emit_up(emit, site, kind.emit_down(emit, site, x, a), b, bias)
-        if scale is not None:
-            up = emit("scale", "call_function", _aten.mul.Tensor, (up, scale))
-        if cast:
-            up = emit("cast", "call_function", _aten.type_as.default, (up, end))
-        add = emit("add", "call_function", _aten.add.Tensor, (end, up))
-        emit.attach(end, add)
+        spec = BranchSpec("inputs", names.a, names.b, bias, None, layout="plain", export=True)
+        emit_branch(out.module.graph, site, spec)
 
 
 def emit_stacked(

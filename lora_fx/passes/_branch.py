@@ -33,13 +33,20 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.fx
 
 from lora_fx.core import graph as _graph
+from lora_fx.core.keys import LoraPaths
 from lora_fx.core.state import SiteRecord
-from lora_fx.math.fused_ops import add_lora, add_low_rank, low_rank_weight
+from lora_fx.math.fused_ops import (
+    add_lora,
+    add_low_rank,
+    add_low_rank_out_of_place,
+    low_rank_weight,
+)
 from lora_fx.math.quant import logical_dtype
 from lora_fx.passes._dora import dora_output
 from lora_fx.passes._emit import Emitter, chain_end, strip_branches
@@ -49,6 +56,8 @@ from lora_fx.sites.kinds import kind_of, lora_paths
 
 __all__ = [
     "LAYOUTS",
+    "BranchSpec",
+    "emit_branch",
     "fitting_layout",
     "insert_branch",
     "remove_branches",
@@ -62,6 +71,36 @@ LAYOUTS = ("fused", "plain", "weight")
 # Where an ATen site op reads its weight: linear(x, W[out, in]); addmm(b, x, W'[in, out]);
 # mm(x, W').
 _WEIGHT_ARG = {_aten.linear.default: 1, _aten.addmm.default: 2, _aten.mm.default: 1}
+
+
+@dataclass(frozen=True)
+class BranchSpec:
+    """One adapter's branch on one site, as `emit_branch` builds it (training graph or export copy).
+
+    Attributes:
+        adapter: The tag of every node (an adapter name, or the exporter's own).
+        a, b, b_bias: Module-tree paths of A, B and B's bias (`b_bias` None: no bias).
+        scale: The branch scale; None when B already carries it (ONNX "inputs" tensors).
+        cast: A float32 adapter on a half-precision site (rule 5).
+        dropout: Path of the dropout module (None: p == 0, or an export, which runs in eval).
+        row_mask: `(buffer path, k)` for mixed batches: rows weighted by row k of the mask.
+        dora: DoRA's paths and record (None: plain LoRA).
+        layout: The requested layout (rule 7); a site that cannot take it takes the next one.
+        export: Build for an export copy: fused accumulates out of place (torch.export rejects
+            in-place writes with dynamic shapes).
+    """
+
+    adapter: str
+    a: str
+    b: str
+    b_bias: str | None = None
+    scale: float | None = 1.0
+    cast: bool = False
+    dropout: str | None = None
+    row_mask: tuple[str, int] | None = None
+    dora: tuple[LoraPaths, SiteRecord] | None = None
+    layout: str = "fused"
+    export: bool = False
 
 
 def insert_branch(
@@ -78,68 +117,89 @@ def insert_branch(
     With `row_mask=(buffer_path, k)` the branch output is multiplied per batch row by row `k` of the
     `[n_adapters, batch]` mask buffer (mixed-batch inference). `layout`: see rule 7.
     """
-    kind = kind_of(site)
-    if kind.can.branch_at == "weight_read":  # target_parameters: W -> W + delta wherever W is read
+    if kind_of(site).can.branch_at == "weight_read":  # target_parameters: W -> W + delta
         insert_param_branch(gm, site, adapter, record, row_mask=row_mask)
         return
     paths = lora_paths(site.kind, site.fqn, adapter)
     cast = _graph.get_attr(gm, paths.a).dtype != logical_dtype(_graph.get_attr(gm, site.weight))
+    spec = BranchSpec(
+        adapter,
+        paths.a,
+        paths.b,
+        paths.b_bias if record.lora_bias else None,
+        record.scale,
+        cast=cast,
+        dropout=paths.dropout if record.dropout > 0 else None,
+        row_mask=row_mask,
+        dora=(paths, record) if record.use_dora else None,
+        layout=layout,
+    )
+    emit_branch(gm.graph, site, spec)
+
+
+def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
+    """`y + scale * B(A(dropout(x)))` after every node of `site`, laid out as rule 7 says."""
+    kind, tag = kind_of(site), {"adapter": spec.adapter, "site": site.fqn}
     layout = fitting_layout(
         site,
-        layout,
-        needs_plain=record.lora_bias or record.use_dora or cast,
-        can_weight=row_mask is None and record.dropout == 0,
+        spec.layout,
+        needs_plain=spec.b_bias is not None or spec.dora is not None or spec.cast,
+        can_weight=spec.row_mask is None and spec.dropout is None,
     )
-    if layout == "weight":
-        _insert_weight_update(gm, site, adapter, record, paths)
+    factor = 1.0 if spec.scale is None else spec.scale
+    if layout == "weight":  # each site node reads W + scale * B @ A (adapters chain on W)
+        for base in site.nodes:
+            weight_update_node(Emitter(graph, base.prev, tag), base, spec.a, spec.b, factor)
         return
     for base, x in zip(site.nodes, site.inputs, strict=True):
         end = chain_end(base)
         # If x is another site's output, read it after that site's branches (they were inserted
         # after `site` was matched), not the bare base value.
         x = chain_end(x)
-        emit = Emitter(gm.graph, end, {"adapter": adapter, "site": site.fqn})
-        a = emit("weight", "get_attr", paths.a)
-        b = emit("weight", "get_attr", paths.b)
-        b_bias = emit("weight", "get_attr", paths.b_bias) if record.lora_bias else None
-        if cast and not kind.can.input_is_ids:
+        emit = Emitter(graph, end, tag)
+        a = emit("weight", "get_attr", spec.a)
+        b = emit("weight", "get_attr", spec.b)
+        b_bias = emit("weight", "get_attr", spec.b_bias) if spec.b_bias else None
+        if spec.cast and not kind.can.input_is_ids:
             x = emit("cast", "call_function", _aten.type_as.default, (x, a))
-        if record.dropout > 0 and not kind.can.input_is_ids:
-            x = emit("dropout", "call_module", paths.dropout, (x,))
-        if layout == "fused" and kind.can.fused_branch and row_mask is None:
-            add = emit("add", "call_function", add_lora, (end, x, a, b, record.scale))
-            emit.attach(end, add)
+        if spec.dropout is not None and not kind.can.input_is_ids:
+            x = emit("dropout", "call_module", spec.dropout, (x,))
+        fused = layout == "fused"
+        if fused and kind.can.fused_branch and spec.row_mask is None and not spec.export:
+            emit.attach(end, emit("add", "call_function", add_lora, (end, x, a, b, factor)))
             continue
         low = kind.emit_down(emit, site, x, a)
         # Mixed batch: weight the rank-r activations per row, scale folded in, rather than the
         # full-size output (two fewer full-size passes per adapter and site). B's bias and DoRA
         # act on the output, so those weight the output instead.
-        mask_low = row_mask is not None and not record.lora_bias and not record.use_dora
+        mask_low = spec.row_mask is not None and spec.b_bias is None and spec.dora is None
         if mask_low:
-            mask = emit("mask", "get_attr", row_mask[0])
-            rows = emit(
-                "mask", "call_function", row_weights, (mask, row_mask[1], low, record.scale)
-            )
-            low = emit("mask", "call_function", _aten.mul.Tensor, (low, rows))
-        if layout == "fused":
-            scale = 1.0 if mask_low else record.scale  # a row mask already carries the scale
-            add = emit("add", "call_function", add_low_rank, (end, low, b, scale))
-            emit.attach(end, add)
+            low = _weighted_rows(emit, spec.row_mask, low, factor)
+        if fused:
+            accumulate = add_low_rank_out_of_place if spec.export else add_low_rank
+            scale = 1.0 if mask_low else factor  # a row mask already carries the scale
+            emit.attach(end, emit("add", "call_function", accumulate, (end, low, b, scale)))
             continue
-        up = kind.emit_up(emit, site, low, b, b_bias)
-        scaled = up
-        if not mask_low:
-            scaled = emit("scale", "call_function", _aten.mul.Tensor, (up, record.scale))
-        if record.use_dora:
+        scaled = kind.emit_up(emit, site, low, b, b_bias)
+        if not mask_low and spec.scale is not None:
+            scaled = emit("scale", "call_function", _aten.mul.Tensor, (scaled, spec.scale))
+        if spec.dora is not None:
+            paths, record = spec.dora
             scaled = dora_output(emit, site, paths, record, base=base, x=x, a=a, b=b, lora=scaled)
-        if row_mask is not None and not mask_low:
-            mask = emit("mask", "get_attr", row_mask[0])
-            rows = emit("mask", "call_function", row_weights, (mask, row_mask[1], scaled))
-            scaled = emit("mask", "call_function", _aten.mul.Tensor, (scaled, rows))
-        if cast:
+        if spec.row_mask is not None and not mask_low:
+            scaled = _weighted_rows(emit, spec.row_mask, scaled, 1.0)
+        if spec.cast:
             scaled = emit("cast", "call_function", _aten.type_as.default, (scaled, end))
-        add = emit("add", "call_function", _aten.add.Tensor, (end, scaled))
-        emit.attach(end, add)
+        emit.attach(end, emit("add", "call_function", _aten.add.Tensor, (end, scaled)))
+
+
+def _weighted_rows(
+    emit: Callable[..., torch.fx.Node], row_mask: tuple[str, int], out: torch.fx.Node, scale: float
+) -> torch.fx.Node:
+    """`out` times its rows' weights from row k of the mask buffer (mixed batches)."""
+    mask = emit("mask", "get_attr", row_mask[0])
+    rows = emit("mask", "call_function", row_weights, (mask, row_mask[1], out, scale))
+    return emit("mask", "call_function", _aten.mul.Tensor, (out, rows))
 
 
 def weight_arg_index(node: torch.fx.Node) -> int | None:
@@ -184,15 +244,6 @@ def weight_update_node(
     node = emit("add", "call_function", low_rank_weight, args)
     base.update_arg(index, node)
     return node
-
-
-def _insert_weight_update(
-    gm: torch.fx.GraphModule, site: Site, adapter: str, record: SiteRecord, paths
-) -> None:
-    """Each site node reads `W + scale * B @ A` instead of `W` (adapters chain: W -> add -> add)."""
-    for base in site.nodes:
-        emit = Emitter(gm.graph, base.prev, {"adapter": adapter, "site": site.fqn})
-        weight_update_node(emit, base, paths.a, paths.b, record.scale)
 
 
 def remove_branches(gm: torch.fx.GraphModule) -> int:
