@@ -6,7 +6,7 @@
         * non-tensor keyword arguments (`use_cache=False`) bound as constants, so `gm(ids)` works;
         * a plain `GraphModule` class, whose `train()` / `eval()` work (export's module refuses);
         * export only: a constant causal mask and `repeat_kv` copies feeding SDPA replaced by
-          `is_causal=True` / `enable_gqa=True`, as eager transformers calls it (`_attention.py`).
+          `is_causal=True` / `enable_gqa=True`, as eager transformers calls it (`attention.py`).
 
 Rules and edge cases:
 1. Export runs with the model in eval mode and then sets the graph to the model's own mode. Fused

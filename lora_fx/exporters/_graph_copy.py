@@ -61,7 +61,7 @@ __all__ = ["LORA_LAYOUTS", "ExportPlan", "build_export_graph", "plan_export"]
 LORA_LAYOUTS = ("initializers", "inputs", "stacked")
 _ONNX_KINDS = [name for name, kind in KINDS.items() if kind.can.onnx]
 
-# Ops between a weight and its site when the weight is stored transposed (see sites.py).
+# Ops between a weight and its site when the weight is stored transposed (see sites/linear.py).
 _aten = torch.ops.aten
 _TRANSPOSE_OPS = (_aten.t.default, _aten.permute.default, _aten.transpose.int)
 

@@ -1,6 +1,6 @@
 """Save and load adapters in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
 
-Keys are PEFT's (`base_model.model.<site>.lora_A.weight`, see `_keys.py`), so
+Keys are PEFT's (`base_model.model.<site>.lora_A.weight`, see `core/keys.py`), so
 `PeftModel.from_pretrained` reads what `save_adapter` writes and `load_adapter` reads what PEFT's
 `save_pretrained` writes.
 

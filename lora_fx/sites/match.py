@@ -1,4 +1,4 @@
-"""Find LoRA sites: the linear, conv and embedding ops of a graph that read a parameter weight.
+"""Find LoRA sites: the ops of a graph that read a parameter weight, and those a config selects.
 
 A **site** is named by the module path PEFT would use (`model.layers.0.self_attn.q_proj`): the
 `call_module` target, or for ATen graphs the innermost module in export's `nn_module_stack` when
@@ -6,17 +6,13 @@ that module is a Linear/Conv/Embedding/Conv1D, else the weight's path without `.
 module rather than by weight keeps tied weights apart: GPT-2's `wte` embedding and `lm_head` read
 one tensor but are two sites, as in PEFT.
 
-Matchers (first match wins), one per op family:
-1. `call_module` nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d, nn.Embedding;
-2. `aten.linear(x, W[out, in], b)`;
-3. `aten.addmm(b, x, W)` / `aten.mm(x, W)` with W a parameter stored `[in, out]` (GPT-2's Conv1D),
-   or `W = t(P)` with P stored `[out, in]`;
-4. `aten.conv1d/2d/3d`, `aten.convolution` (not transposed);
-5. `aten.embedding(W, ids)`;
-6. `quant.linear_4bit` / `quant.linear_8bit` (the `quantize` pass's bitsandbytes ops).
-Sites of kind "param" (`target_parameters`) are found by parameter name (`_param_sites.py`).
-A module called twice (the same weight at two nodes with one name) is one site with two nodes. Nodes
-created by lora_fx are never sites.
+Rules:
+1. Each node is offered to the matchers of the kind table (`kinds.MATCHERS`: linear, conv,
+   embedding, in table order); the first match wins. Nodes created by lora_fx are never sites.
+2. A module called twice (the same weight at two nodes with one name) is one site with two nodes.
+3. Parameter sites (`target_parameters`) are found by parameter name (`params.py`).
+4. `find_sites` applies PEFT's matching rules, then checks each chosen site against its kind's
+   flags (`kind.can`, `kind.refuse`): a config a site cannot carry is refused by name.
 """
 
 from __future__ import annotations
