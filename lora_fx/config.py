@@ -3,6 +3,11 @@
 `from_dict` reads a PEFT `adapter_config.json` dict: known fields become attributes, every other
 key is kept in `extra` and written back by `to_dict`, so a config PEFT wrote round-trips without
 loss and never crashes on keys lora_fx does not use.
+
+Every field is type-checked in `__post_init__`, so a config read from a file gets exactly the
+checks of a `LoraConfig(...)` call (`"use_rslora": "false"` is refused, not read as true); its
+errors name the file. Patterns are checked here and matched by `lora_fx.patterns`, which never
+backtracks: a pattern from a downloaded file cannot hang a load.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from lora_fx.errors import ConfigError
+from lora_fx import patterns
+from lora_fx.errors import ConfigError, ReplicationError
 
 __all__ = ["LoftQConfig", "LoraConfig"]
 
@@ -24,6 +30,8 @@ _INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq")  # a
 _PISSA_NITER = re.compile(r"pissa_niter_[1-9]\d*")
 _LOFTQ_BITS = (4, 8)
 ALL_LINEAR = "all-linear"
+_BOOLS = ("fan_in_fan_out", "use_rslora", "lora_bias", "use_dora", "inference_mode")
+_OPTIONAL_STRS = ("task_type", "base_model_name_or_path", "revision")
 
 
 @dataclass
@@ -105,6 +113,7 @@ class LoraConfig:
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
+        self._check_types()
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
         _check_rank("r", self.r)
@@ -113,15 +122,15 @@ class LoraConfig:
         _check_number("lora_alpha", self.lora_alpha)
         for key, alpha in self.alpha_pattern.items():
             _check_number(f"alpha_pattern[{key!r}]", alpha)
-        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
-            raise ConfigError(
-                f"lora_dropout={self.lora_dropout!r} is invalid; expected a float in [0, 1)"
-            )
+        dropout = self.lora_dropout
+        if isinstance(dropout, bool) or not (
+            isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0
+        ):
+            raise ConfigError(f"lora_dropout={dropout!r} is invalid; expected a float in [0, 1)")
         if self.bias not in _BIAS_MODES:
             raise ConfigError(f"bias={self.bias!r} is invalid; expected one of {list(_BIAS_MODES)}")
         self._check_variants()
-        _check_names("target_modules", self.target_modules)
-        _check_names("exclude_modules", self.exclude_modules)
+        self._check_patterns()
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ConfigError(
                 "layers_pattern is only used with layers_to_transform; set both or neither"
@@ -131,6 +140,70 @@ class LoraConfig:
                 "layers_to_transform needs target_modules as a list of names (as in PEFT), "
                 f"got the regex {self.target_modules!r}"
             )
+
+    def _check_types(self) -> None:
+        """The JSON type of every field, so a file gets the checks a call gets."""
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r} is invalid; expected true or false (a bool)"
+                )
+        for name in _OPTIONAL_STRS:
+            if not isinstance(getattr(self, name), (str, type(None))):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid; expected a str")
+        _check_names("target_modules", self.target_modules)
+        _check_names("exclude_modules", self.exclude_modules)
+        _check_names("layers_pattern", self.layers_pattern)
+        _check_names("modules_to_save", self.modules_to_save, regex=False)
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, dict) or not all(isinstance(k, str) for k in value)
+            ):
+                raise ConfigError(
+                    f"{name}={value!r} is invalid; expected a dict of {{pattern: value}}"
+                )
+        if not isinstance(self.loftq_config, (dict, LoftQConfig, type(None))):
+            raise ConfigError(
+                f"loftq_config={self.loftq_config!r} is invalid; expected a dict or LoftQConfig"
+            )
+        layers = self.layers_to_transform
+        if not (
+            layers is None
+            or _is_int(layers)
+            or (isinstance(layers, list) and all(_is_int(v) for v in layers))
+        ):
+            raise ConfigError(
+                f"layers_to_transform={layers!r} is invalid; expected a layer index or a list "
+                "of them"
+            )
+        ranges = self.layer_replication
+        if ranges is not None and not (
+            isinstance(ranges, (list, tuple))
+            and all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_int(v) for v in p)
+                for p in ranges
+            )
+        ):
+            raise ReplicationError(
+                f"layer_replication={ranges!r} is invalid; expected a list of [start, end) pairs "
+                "of layer indices, e.g. [[0, 4], [2, 5]]"
+            )
+
+    def _check_patterns(self) -> None:
+        """Every regex compiles for `lora_fx.patterns` (no backreferences), named by field."""
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                patterns.check_pattern(value, field=name)
+        for name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, name):
+                patterns.check_pattern(key, field=f"{name} key")
+        layers = self.layers_pattern
+        for pattern in [layers] if isinstance(layers, str) else layers or ():
+            patterns.check_pattern(pattern, field="layers_pattern")
+        for pattern in self.modules_to_save or ():
+            patterns.check_pattern(pattern, field="modules_to_save")
 
     def _check_variants(self) -> None:
         """init_lora_weights, loftq_config, use_dora, lora_bias and target_parameters together."""
@@ -184,11 +257,13 @@ class LoraConfig:
 
     def rank_for(self, site: str) -> int:
         """The rank for a site, after `rank_pattern` (first matching key wins, as in PEFT)."""
-        return self.rank_pattern.get(_pattern_key(self.rank_pattern, site), self.r)
+        key = _pattern_key(self.rank_pattern, site, "rank_pattern")
+        return self.rank_pattern.get(key, self.r)
 
     def alpha_for(self, site: str) -> float:
         """`lora_alpha` for a site, after `alpha_pattern`."""
-        return self.alpha_pattern.get(_pattern_key(self.alpha_pattern, site), self.lora_alpha)
+        key = _pattern_key(self.alpha_pattern, site, "alpha_pattern")
+        return self.alpha_pattern.get(key, self.lora_alpha)
 
     def scale_for(self, site: str) -> float:
         """The branch scale: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA."""
@@ -206,7 +281,15 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
-        """Build a config from a PEFT `adapter_config.json` dict; unknown keys go to `extra`."""
+        """Build a config from a PEFT `adapter_config.json` dict; unknown keys go to `extra`.
+
+        Raises:
+            ConfigError: `data` is not a dict, not a LoRA config, or a field has a wrong value.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"an adapter config is a JSON object of fields, got a {type(data).__name__}"
+            )
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
             raise ConfigError(
@@ -219,9 +302,20 @@ class LoraConfig:
 
     @classmethod
     def from_json(cls, path: str) -> LoraConfig:
-        """Read an `adapter_config.json` file."""
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """Read an `adapter_config.json` file.
+
+        Raises:
+            ConfigError: The file is not JSON, or its config is invalid (the message names it).
+        """
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{str(path)!r} is not a JSON file: {e}") from e
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise type(e)(f"{e} (in {str(path)!r})") from e
 
 
 def _check_rank(name: str, value: Any) -> None:
@@ -236,17 +330,23 @@ def _check_number(name: str, value: Any) -> None:
         raise ConfigError(f"{name}={value!r} is invalid; expected a finite number")
 
 
-def _check_names(name: str, value: Any) -> None:
-    """Target lists are a str (regex) or a list of str."""
-    if value is None or isinstance(value, str):
+def _check_names(name: str, value: Any, *, regex: bool = True) -> None:
+    """Name lists are a list of str, or (where PEFT takes a regex) a str."""
+    if value is None or (regex and isinstance(value, str)):
         return
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{name}={value!r} is invalid; expected a str (regex) or a list of names")
+        expected = "a str (regex) or a list of names" if regex else "a list of names"
+        raise ConfigError(f"{name}={value!r} is invalid; expected {expected}")
 
 
-def _pattern_key(patterns: dict[str, Any], site: str) -> str:
+def _is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON's true is not a layer index)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _pattern_key(keyed: dict[str, Any], site: str, field: str) -> str:
     r"""PEFT's `get_pattern_key`: the first key matching `(.*\\.)?key$`, else the site itself."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", site):
+    for key in keyed:
+        if patterns.suffix_match(key, site, field=f"{field} key"):
             return key
     return site

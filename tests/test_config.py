@@ -38,6 +38,25 @@ def test_defaults_are_peft_defaults():
         ({"lora_alpha": float("nan")}, r"lora_alpha=nan is invalid"),
         ({"layers_pattern": "layers"}, r"layers_pattern is only used with layers_to_transform"),
         ({"layers_to_transform": [0], "target_modules": "q.*"}, r"needs target_modules as a list"),
+        ({"use_rslora": "false"}, r"use_rslora='false' is invalid; expected true or false"),
+        ({"use_dora": 1}, r"use_dora=1 is invalid; expected true or false"),
+        ({"fan_in_fan_out": None}, r"fan_in_fan_out=None is invalid"),
+        ({"lora_dropout": False}, r"lora_dropout=False is invalid"),
+        ({"task_type": 3}, r"task_type=3 is invalid; expected a str"),
+        ({"modules_to_save": "score"}, r"modules_to_save='score' is invalid; expected a list"),
+        ({"rank_pattern": ["q"]}, r"rank_pattern=\['q'\] is invalid; expected a dict"),
+        ({"loftq_config": [4]}, r"loftq_config=\[4\] is invalid"),
+        ({"layers_to_transform": [True]}, r"layers_to_transform=\[True\] is invalid"),
+        ({"layer_replication": [[0, "4"]]}, r"layer_replication=\[\[0, '4'\]\] is invalid"),
+        ({"target_modules": "(q"}, r"target_modules='\(q' is not a valid regular expression"),
+        ({"exclude_modules": r"(a)\1"}, r"exclude_modules='\(a\)\\\\1' uses a backreference"),
+        ({"rank_pattern": {"q[": 2}}, r"rank_pattern key='q\[' is not a valid regular"),
+        ({"alpha_pattern": {"(?>q)": 2}}, r"alpha_pattern key='\(\?>q\)' uses an atomic group"),
+        (
+            {"layers_to_transform": [0], "layers_pattern": "(x", "target_modules": ["q"]},
+            r"layers_pattern='\(x' is not a valid regular expression",
+        ),
+        ({"modules_to_save": ["score)"]}, r"modules_to_save='score\)' is not a valid regular"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, match):
@@ -84,3 +103,40 @@ def test_from_dict_refuses_other_peft_types():
 
 def test_set_targets_become_sorted_lists():
     assert LoraConfig(target_modules={"b", "a"}).target_modules == ["a", "b"]
+
+
+def test_a_file_gets_the_checks_a_call_gets_and_is_named(tmp_path):
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({"peft_type": "LORA", "r": 8, "use_rslora": "false"}))
+    with pytest.raises(
+        ConfigError,
+        match=r"use_rslora='false' is invalid; expected true or false.*\(in '.*adapter_config.json'\)",
+    ):
+        LoraConfig.from_json(str(path))
+    path.write_text(json.dumps({"peft_type": "LORA", "target_modules": r"(a)\1"}))
+    with pytest.raises(
+        ConfigError, match=r"target_modules=.* uses a backreference.*adapter_config"
+    ):
+        LoraConfig.from_json(str(path))
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('{"r": 8,', r"'.*adapter_config.json' is not a JSON file: Expecting"),
+        ('["q_proj"]', r"an adapter config is a JSON object of fields, got a list \(in '.*'\)"),
+        (b"\xff\xfe", r"'.*adapter_config.json' is not a JSON file"),
+    ],
+)
+def test_unreadable_config_files_are_config_errors_naming_the_file(tmp_path, text, match):
+    path = tmp_path / "adapter_config.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=match):
+        LoraConfig.from_json(str(path))
+
+
+def test_catastrophic_patterns_are_matched_without_backtracking():
+    cfg = LoraConfig(rank_pattern={"(.+)+z": 4, "q_proj": 2}, alpha_pattern={"(a*)*b": 3})
+    name = "model.layers.10.self_attention.query_key_value_proj"
+    assert cfg.rank_for(name) == 8 and cfg.alpha_for(name) == 8
+    assert cfg.rank_for("model.layers.0.q_proj") == 2

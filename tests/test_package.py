@@ -8,8 +8,20 @@ from pathlib import Path
 import lora_fx
 
 ROOT = Path(lora_fx.__file__).parent
-# Lowest first. errors and config are the ground; lora_fx/__init__, demo and __main__ sit on top.
-FLOORS = ("errors", "config", "core", "math", "sites", "capture", "passes", "exporters", "cli")
+# Lowest first. errors, patterns and config are the ground; lora_fx/__init__, demo and __main__
+# sit on top.
+FLOORS = (
+    "errors",
+    "patterns",
+    "config",
+    "core",
+    "math",
+    "sites",
+    "capture",
+    "passes",
+    "exporters",
+    "cli",
+)
 
 
 def _module_name(path: Path) -> str:

@@ -13,6 +13,8 @@ Rules:
 3. Parameter sites (`target_parameters`) are found by parameter name (`params.py`).
 4. `find_sites` applies PEFT's matching rules, then checks each chosen site against its kind's
    flags (`kind.can`, `kind.refuse`): a config a site cannot carry is refused by name.
+5. Regex patterns are matched by `lora_fx.patterns`, which never backtracks, so a pattern from an
+   adapter file (`(.+)+z`) cannot hang `load_adapter`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Iterable
 import torch
 import torch.fx
 
+from lora_fx import patterns
 from lora_fx.config import LoraConfig
 from lora_fx.core.state import CAPTURE_META, SiteRecord, lora_tag
 from lora_fx.errors import NoTargetMatchedError, UnsupportedSiteError
@@ -34,6 +37,9 @@ from lora_fx.sites.kinds import MATCHERS, kind_of
 from lora_fx.sites.site import ConvSpec, Match, Site
 
 __all__ = ["ConvSpec", "Site", "all_sites", "find_sites", "match_modules_to_save"]
+
+# lora_fx's own pattern (not a user's): the first numbered component after two names.
+_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
 
 def all_sites(gm: torch.fx.GraphModule) -> dict[str, Site]:
@@ -200,7 +206,7 @@ def _target_matches(cfg: LoraConfig, fqn: str) -> bool:
     """PEFT's `check_target_module_exists` for target_modules and layers_to_transform."""
     targets = cfg.target_modules
     if isinstance(targets, str):
-        return re.fullmatch(targets, fqn) is not None
+        return patterns.fullmatch(targets, fqn, field="target_modules")
     if fqn in targets:
         return True  # an exact name is taken as it is, whatever layers_to_transform says (as PEFT)
     if not any(fqn.endswith(f".{t}") for t in targets):
@@ -217,27 +223,27 @@ def _target_matches(cfg: LoraConfig, fqn: str) -> bool:
 def _layer_index(fqn: str, layers_pattern: list[str] | str | None) -> int | None:
     """The first numbered path segment, optionally after one of `layers_pattern`."""
     if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", fqn)
-    else:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-        match = None
-        for pattern in patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", fqn)
-            if match:
-                break
-    return int(match["idx"]) if match else None
+        match = _LAYER_INDEX.match(fqn)
+        return int(match["idx"]) if match else None
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        index = patterns.layer_index(pattern, fqn, field="layers_pattern")
+        if index is not None:
+            return index
+    return None
 
 
-def _name_matches(names: list[str] | str, fqn: str) -> bool:
+def _name_matches(names: list[str] | str, fqn: str, field: str = "exclude_modules") -> bool:
     """A str is a full-match regex; a list entry matches exactly or as a dotted suffix."""
     if isinstance(names, str):
-        return re.fullmatch(names, fqn) is not None
+        return patterns.fullmatch(names, fqn, field=field)
     return fqn in names or any(fqn.endswith(f".{n}") for n in names)
 
 
 def _in_modules_to_save(cfg: LoraConfig, fqn: str) -> bool:
     """PEFT never puts an adapter on (or inside) a modules_to_save module."""
-    return any(re.match(rf"(^|.*\.){m}($|\..*)", fqn) for m in cfg.modules_to_save or ())
+    return any(
+        patterns.module_match(m, fqn, field="modules_to_save") for m in cfg.modules_to_save or ()
+    )
 
 
 def _warn_unmatched_entries(targets: Iterable[str], sites: dict[str, Site]) -> None:
