@@ -13,6 +13,7 @@ __all__ = [
     "LoraFxError",
     "MergeError",
     "NoTargetMatchedError",
+    "NotAGraphModuleError",
     "OnnxExportError",
     "ReplicationError",
     "UnsupportedSiteError",
@@ -33,6 +34,10 @@ class CaptureError(LoraFxError, RuntimeError):
 
 class NoTargetMatchedError(LoraFxError, ValueError):
     """`target_modules` (or `modules_to_save`) matched nothing in the graph."""
+
+
+class NotAGraphModuleError(LoraFxError, TypeError):
+    """A pass was given an `nn.Module` or `ExportedProgram` where it needs a captured graph."""
 
 
 class UnsupportedSiteError(LoraFxError, ValueError):

@@ -4,7 +4,7 @@ import os
 import pytest
 import safetensors.torch
 import torch
-from conftest import assert_differs
+from conftest import assert_close, assert_differs
 from models import TinyConv, TinyMLP
 
 import lora_fx
@@ -147,3 +147,87 @@ def test_save_errors_and_atomic_write(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         lora_fx.save_adapter(gm, tmp_path / "out")
     assert os.listdir(tmp_path / "out") == [], "a failed save leaves no file behind"
+
+
+def _edit_config(folder, **fields):
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "match"),
+    [
+        ({"use_rslora": "false"}, ConfigError, r"use_rslora='false' is invalid; expected true"),
+        ({"target_modules": r"(l)\1n0"}, ConfigError, r"target_modules=.* uses a backreference"),
+        ({"rank_pattern": {"lin(": 2}}, ConfigError, r"rank_pattern key='lin\(' is not a valid"),
+        ({"layers_to_transform": "0"}, ConfigError, r"layers_to_transform='0' is invalid"),
+    ],
+)
+@pytest.mark.parametrize("existing", [False, True])
+def test_bad_config_fields_name_field_and_file_and_change_nothing(
+    tmp_path, fields, error, match, existing
+):
+    x = torch.randn(4, 10)
+    gm = _trained(TinyMLP().eval(), x, target_modules=["lin0"])
+    lora_fx.save_adapter(gm, tmp_path)
+    _edit_config(tmp_path, **fields)
+    target = gm if existing else lora_fx.capture(TinyMLP().eval(), (x,))
+    snapshot = _unchanged(target)
+    with pytest.raises(error, match=match + r".*\(in '.*adapter_config.json'\)"):
+        lora_fx.load_adapter(target, tmp_path)
+    _assert_unchanged(target, snapshot)
+
+
+def test_catastrophic_patterns_in_a_file_load_at_once(tmp_path):
+    # `re` would backtrack ~2^20 times per site name for each of these; the load takes no time.
+    x = torch.randn(4, 10)
+    gm = _trained(TinyMLP().eval(), x, target_modules=["lin0", "lin1"])
+    lora_fx.save_adapter(gm, tmp_path)
+    _edit_config(
+        tmp_path,
+        target_modules=r"(?:(?:l|i|n)+)+[01]",
+        exclude_modules=r"(.+)+z",
+        rank_pattern={"(a*)*b": 2},
+    )
+    fresh = lora_fx.capture(TinyMLP().eval(), (x,))
+    fresh.load_state_dict(
+        {k: v for k, v in gm.state_dict().items() if ".lora_" not in k}, strict=False
+    )
+    with pytest.warns(UserWarning, match=r"exclude_modules='\(\.\+\)\+z' matched no site"):
+        lora_fx.load_adapter(fresh, tmp_path)
+    assert_close(fresh(x), gm(x))
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "error", "match"),
+    [
+        (
+            "adapter_model.safetensors",
+            lambda b: b[: len(b) // 2],
+            AdapterError,
+            r"cannot read '.*adapter_model.safetensors' \(SafetensorError: .*\); the file is "
+            "truncated or not a tensor file",
+        ),
+        (
+            "adapter_config.json",
+            lambda b: b[:-5],
+            ConfigError,
+            r"'.*adapter_config.json' is not a JSON file: ",
+        ),
+        (
+            "adapter_config.json",
+            lambda b: b'["lin0"]',
+            ConfigError,
+            r"a JSON object of fields, got a list \(in '.*adapter_config.json'\)",
+        ),
+    ],
+)
+def test_broken_files_name_the_file_and_change_nothing(tmp_path, name, data, error, match):
+    x = torch.randn(4, 10)
+    gm = _trained(TinyMLP().eval(), x, target_modules=["lin0"])
+    lora_fx.save_adapter(gm, tmp_path)
+    (tmp_path / name).write_bytes(data((tmp_path / name).read_bytes()))
+    snapshot = _unchanged(gm)
+    with pytest.raises(error, match=match):
+        lora_fx.load_adapter(gm, tmp_path)
+    _assert_unchanged(gm, snapshot)

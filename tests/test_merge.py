@@ -1,4 +1,5 @@
 import copy
+import math
 
 import peft
 import pytest
@@ -58,6 +59,22 @@ def test_safe_merge_refuses_non_finite_and_writes_nothing():
     assert gm.code == code
     for name, param in gm.named_parameters():
         assert torch.equal(param, before[name]), name
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_plain_merge_of_a_non_finite_adapter_warns_and_reports_nan(bad):
+    gm, x, _ = _adapted("mlp", "export")
+    with torch.no_grad():
+        gm.lin1.lora_B.default.weight[0, 0] = bad
+    with pytest.warns(
+        UserWarning,
+        match=r"merge wrote non-finite weights \(NaN or Inf in the adapter\) into 1 sites: "
+        r"\['default:lin1'\]; .* safe_merge=True to refuse",
+    ):
+        lora_fx.merge(gm)
+    report = lora_fx.merge_report(gm)
+    assert report["default:lin0"] == 0.0 and math.isnan(report["default:lin1"])
+    assert not torch.isfinite(gm.lin1.weight).all()
 
 
 def test_bf16_merge_reports_rounding_loss():

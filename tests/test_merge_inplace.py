@@ -7,6 +7,7 @@ that too, with the profiler.
 """
 
 import copy
+import math
 
 import peft
 import pytest
@@ -37,6 +38,17 @@ def test_add_low_rank_hand_checked():
     right = torch.tensor([[1.0, 0.0, 3.0]])  # [r=1, n=3]
     assert ops.add_low_rank_(w, left, right, 2.0) == 0.0  # float32 weight: exact in-place add
     assert torch.equal(w, torch.tensor([[2.0, 0.0, 6.0], [4.0, 0.0, 12.0]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_add_low_rank_reports_nan_for_a_non_finite_delta(dtype, bad):
+    w = torch.zeros(2, 3, dtype=dtype)
+    left = torch.tensor([[1.0], [bad]])  # [m=2, r=1]: row 1 of the delta is not finite
+    right = torch.tensor([[1.0, 0.0, 3.0]])  # [r=1, n=3]
+    loss = ops.add_low_rank_(w, left, right, 1.0)
+    assert math.isnan(loss)
+    assert torch.equal(w[0].float(), right[0]) and not torch.isfinite(w[1, [0, 2]]).any()
 
 
 @pytest.mark.parametrize("layout", ["plain", "transposed", "experts"])

@@ -21,14 +21,28 @@ BIN_NAME = "adapter_model.bin"
 
 
 def read_adapter_folder(folder: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """The config and tensors of a PEFT adapter folder (safetensors, or .bin with weights_only)."""
+    """The config and tensors of a PEFT adapter folder (safetensors, or .bin with weights_only).
+
+    Raises:
+        AdapterError: A file is missing, or a tensor file cannot be read (named in the message).
+        ConfigError: `adapter_config.json` is not JSON or not a valid LoRA config (named).
+    """
     if not (folder / CONFIG_NAME).is_file():
         raise AdapterError(f"no {CONFIG_NAME} in {str(folder)!r}; expected a PEFT adapter folder")
     cfg = LoraConfig.from_json(str(folder / CONFIG_NAME))
-    if (folder / SAFETENSORS_NAME).is_file():
-        return cfg, safetensors.torch.load_file(str(folder / SAFETENSORS_NAME))
-    if (folder / BIN_NAME).is_file():
-        return cfg, torch.load(folder / BIN_NAME, map_location="cpu", weights_only=True)
+    for name in (SAFETENSORS_NAME, BIN_NAME):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            if name == SAFETENSORS_NAME:
+                return cfg, safetensors.torch.load_file(str(path))
+            return cfg, torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # safetensors' SafetensorError, pickle's errors: name the file
+            raise AdapterError(
+                f"cannot read {str(path)!r} ({type(e).__name__}: {' '.join(str(e).split())}); "
+                "the file is truncated or not a tensor file"
+            ) from e
     raise AdapterError(f"no {SAFETENSORS_NAME} or {BIN_NAME} in {str(folder)!r}")
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lora_fx.errors import AdapterError
+from lora_fx.errors import AdapterError, NotAGraphModuleError
 
 if TYPE_CHECKING:
     import torch.fx
@@ -33,6 +33,7 @@ __all__ = [
     "get_state",
     "lora_tag",
     "require_flat",
+    "require_graph_module",
     "require_state",
     "resolve_adapters",
     "state_or_none",
@@ -103,13 +104,39 @@ class LoraState:
     layout: str = "fused"
 
 
+def require_graph_module(gm: Any) -> None:
+    """Refuse anything but a GraphModule, saying what to call instead of `AttributeError: meta`."""
+    import torch.fx
+
+    if isinstance(gm, torch.fx.GraphModule):
+        return
+    import torch.export
+
+    if isinstance(gm, torch.export.ExportedProgram):
+        raise NotAGraphModuleError(
+            "got a torch.export.ExportedProgram; lora_fx passes work on the GraphModule that "
+            "lora_fx.capture returns: call lora_fx.capture(model, args), or pass the program to "
+            "lora_fx.inject (or load_adapter), which accepts it, and use the GraphModule it returns"
+        )
+    raise NotAGraphModuleError(
+        f"expected a torch.fx.GraphModule from lora_fx.capture, got {type(gm).__name__}; "
+        "capture the model first: gm = lora_fx.capture(model, args)"
+    )
+
+
 def state_or_none(gm: torch.fx.GraphModule) -> LoraState | None:
-    """The graph's LoRA state, or None if nothing was injected."""
+    """The graph's LoRA state, or None if nothing was injected.
+
+    Raises:
+        NotAGraphModuleError: `gm` is an `nn.Module` or `ExportedProgram`, not a captured graph.
+    """
+    require_graph_module(gm)
     return gm.meta.get(STATE_META)
 
 
 def get_state(gm: torch.fx.GraphModule) -> LoraState:
     """The graph's LoRA state, created empty on first use."""
+    require_graph_module(gm)
     state = gm.meta.get(STATE_META)
     if state is None:
         state = gm.meta[STATE_META] = LoraState()

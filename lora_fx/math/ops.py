@@ -138,7 +138,8 @@ def add_low_rank_(
 
     Returns:
         The rounding loss `||written - exact|| / ||alpha * left @ right||` (Frobenius norms),
-        0.0 when the weight has the accumulation dtype or the delta is zero.
+        0.0 when the weight has the accumulation dtype or the delta is zero, and NaN when the
+        delta is not finite (NaN or Inf in the factors: the weight was written with them).
 
     Example:
         >>> loss = add_low_rank_(linear.weight.data, lora_b, lora_a, scale)   # merge one linear
@@ -150,7 +151,7 @@ def add_low_rank_(
     with torch.no_grad():
         if weight.dtype == dtype:
             add(weight, left, right, alpha=alpha)  # BLAS writes W in place: C <- C + alpha A @ B
-            return 0.0
+            return 0.0 if math.isfinite(_low_rank_norm_sq(left, right) * alpha**2) else math.nan
         # Chunk rows (dim -2): a chunk is [E, rows, n]. Two flat buffers in `dtype` serve all
         # chunks: the exact sum, and the written values read back (a same-dtype sub_ is ~1.5x
         # faster than subtracting the bf16 chunk directly, which casts it to a hidden temporary).
@@ -170,6 +171,8 @@ def add_low_rank_(
             written.copy_(part)
             err_sq += float(torch.linalg.vector_norm(exact.sub_(written))) ** 2
     delta_sq = _low_rank_norm_sq(left, right) * alpha**2
+    if not math.isfinite(delta_sq):
+        return math.nan
     return (err_sq / delta_sq) ** 0.5 if delta_sq > 0 else 0.0
 
 

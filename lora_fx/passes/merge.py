@@ -10,6 +10,8 @@ Rules:
 2. Low-precision weights lose part of the delta to rounding. `merge` measures it per site
    (`||applied - delta|| / ||delta||`), keeps the report on the graph until the next merge, past
    `unload` (`lora_fx.merge_report(gm)` after `merge_and_unload`), logs it, and warns above 1 %.
+   A delta with NaN or Inf reports NaN, and `merge` warns that it wrote non-finite weights
+   (PEFT merges them silently; `safe_merge=True` refuses them instead).
 3. `safe_merge=True` computes every merged weight in a copy first and raises on non-finite values
    before any weight is written.
 4. A weight read by several sites (tied embeddings) or other ops is first given a private copy for
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import warnings
 from collections.abc import Iterable
 
@@ -127,17 +130,27 @@ def merge(
     sync(gm)
 
     # report
-    worst = max(report.values(), default=0.0)
+    broken = [f"{name}:{fqn}" for (name, fqn), loss in report.items() if not math.isfinite(loss)]
+    if broken:
+        warnings.warn(
+            f"merge wrote non-finite weights (NaN or Inf in the adapter) into {len(broken)} "
+            f"sites: {broken[:4]}{' ...' if len(broken) > 4 else ''}; the model's outputs will "
+            "be NaN; merge with safe_merge=True to refuse such an adapter",
+            stacklevel=2,
+        )
+    report_ok = {k: v for k, v in report.items() if math.isfinite(v)}
+    worst = max(report_ok.values(), default=0.0)
     log.info("merge: %d adapters, %d sites, worst rounding loss %.2e", len(names), len(plan), worst)
     if quantized:
         warnings.warn(
             f"merge re-quantized {len(quantized)} quantized base weights: up to "
-            f"{max(report[k] for k in quantized):.1%} of a site's delta was lost to rounding; "
+            f"{max(report_ok.get(k, 0.0) for k in quantized):.1%} of a site's delta was lost "
+            "to rounding; "
             "merge_and_unload(gm, dequantize=True) merges exactly into a dequantized graph; "
             "see lora_fx.merge_report(gm)",
             stacklevel=2,
         )
-        worst = max((v for k, v in report.items() if k not in quantized), default=0.0)
+        worst = max((v for k, v in report_ok.items() if k not in quantized), default=0.0)
     if worst > _ROUNDING_WARN:
         warnings.warn(
             f"merge lost up to {worst:.1%} of a site's delta to rounding in the base weight dtype; "

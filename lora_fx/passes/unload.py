@@ -22,7 +22,7 @@ import torch.fx
 
 from lora_fx.core import graph as _graph
 from lora_fx.core.keys import HOLDERS
-from lora_fx.core.state import STATE_META, require_state
+from lora_fx.core.state import STATE_META, require_graph_module, require_state
 from lora_fx.errors import LoraFxError, MergeError
 from lora_fx.passes._branch import remove_branches
 from lora_fx.passes._rollback import transactional
@@ -97,10 +97,12 @@ def merge_and_unload(
     Raises:
         MergeError: A step failed; the message names the step ('dequantize', 'merge' or
             'unload').
+        NotAGraphModuleError: `gm` is not a captured GraphModule.
 
     Example:
         >>> gm = lora_fx.merge_and_unload(gm)
     """
+    require_graph_module(gm)  # a TypeError of its own, not wrapped as a step's MergeError
     if dequantize:
         try:
             dequantize_pass(gm)
