@@ -4,11 +4,13 @@ import copy
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 
 import pytest
+import safetensors.torch
 import torch
 from conftest import assert_close
 from models import tiny_llama
@@ -138,6 +140,39 @@ def test_debug_shows_traceback_and_force_is_needed(folders, tmp_path, capsys):
     assert main([*args, "--debug"]) == 2
     assert "Traceback" in capsys.readouterr().err
     assert main([*args, "--force"]) == 0
+
+
+@pytest.mark.parametrize("broken", ["nan", "truncated"])
+def test_broken_adapter_files_exit_2_naming_the_file_nothing_written(
+    folders, tmp_path, capsys, broken
+):
+    root, _, _ = folders
+    adapter = tmp_path / "adapter"
+    shutil.copytree(root / "adapter", adapter)
+    weights = adapter / "adapter_model.safetensors"
+    if broken == "nan":
+        tensors = safetensors.torch.load_file(weights)
+        key = next(k for k in sorted(tensors) if "lora_B" in k)
+        tensors[key][0, 0] = float("nan")
+        safetensors.torch.save_file(tensors, weights)
+        message = (
+            r"the adapter '.*adapter' has NaN or Inf weights: merging it made 1 sites "
+            r"non-finite .*; nothing was written. Pass --allow-non-finite"
+        )
+    else:
+        weights.write_bytes(weights.read_bytes()[:100])
+        message = r"cannot read '.*adapter_model.safetensors' \(SafetensorError: "
+    out = tmp_path / "out"
+    args = ["merge", "--model", str(root / "model"), "--adapter", str(adapter), "--out", str(out)]
+    assert main([*args, "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lora-fx merge: error: ") and len(err.splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not out.exists()
+    if broken == "nan":
+        assert main([*args, "-q", "--allow-non-finite"]) == 0
+        merged = AutoModelForCausalLM.from_pretrained(out)
+        assert not all(torch.isfinite(p).all() for p in merged.parameters())
 
 
 def test_inspect_table_and_json(folders, capsys):

@@ -21,6 +21,7 @@ def run_merge(args: argparse.Namespace) -> int:
         safe_merge=args.safe,
         force=args.force,
         progress=not args.quiet,
+        allow_non_finite=args.allow_non_finite,
     )
     if not args.quiet:
         timings = ", ".join(f"{k} {v:.2f}s" for k, v in summary.seconds.items())

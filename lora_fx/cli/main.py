@@ -2,6 +2,7 @@
 
     lora-fx [--debug] [-v] <command> [options]
     lora-fx merge --model MODEL_DIR --adapter ADAPTER_DIR --out OUT_DIR [--dtype ...] [--safe]
+                  [--allow-non-finite]
     lora-fx inspect --model MODEL_DIR [--target-modules ...] [--r R] [--json]
     lora-fx demo [--out DIR] [--steps N]
     lora-fx export-onnx --out model.onnx [--model DIR] [--adapter [NAME=]DIR] [--layout ...]
@@ -190,6 +191,11 @@ def _add_merge(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="load dtype")
     parser.add_argument("--safe", action="store_true", help="check merged weights are finite")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="write the model even if the adapter's NaN/Inf made merged weights non-finite",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     parser.set_defaults(run=_lazy("lora_fx.cli.folder_commands", "run_merge"))
 

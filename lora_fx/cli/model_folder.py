@@ -10,7 +10,9 @@ Rules:
    half-written folder.
 3. The captured graph shares its Parameters with the loaded model, so merging writes the merged
    weights into the model, which `save_pretrained` then saves; tokenizer files are copied over.
-4. Every check (folders, adapter type, shapes) runs before anything is written.
+4. Every check (folders, adapter type, shapes) runs before anything is written; so does the
+   check that the merged weights are finite (an adapter with NaN or Inf), which only
+   `allow_non_finite=True` skips.
 5. Without `progress`, transformers' progress bars (loading weights, writing shards) are off for
    the whole call and exactly as before afterwards.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -33,7 +36,7 @@ import torch
 from lora_fx.capture import capture
 from lora_fx.config import LoraConfig
 from lora_fx.core.files import CONFIG_NAME, read_adapter_folder
-from lora_fx.errors import AdapterError, LoraFxError
+from lora_fx.errors import AdapterError, LoraFxError, MergeError
 from lora_fx.passes.adapters import count_parameters
 from lora_fx.passes.files import load_adapter
 from lora_fx.passes.inject import inject
@@ -83,6 +86,7 @@ def merge_model_folder(
     safe_merge: bool = False,
     force: bool = False,
     progress: bool = False,
+    allow_non_finite: bool = False,
 ) -> MergeSummary:
     """Merge a PEFT LoRA adapter into a transformers model folder and save the result.
 
@@ -94,6 +98,7 @@ def merge_model_folder(
         safe_merge: Check merged weights are finite before writing them.
         force: Replace a non-empty `out_dir`.
         progress: Show a progress bar.
+        allow_non_finite: Write the merged model even if the adapter put NaN or Inf into it.
 
     Returns:
         A `MergeSummary`.
@@ -102,6 +107,7 @@ def merge_model_folder(
         FolderError: Missing folders, a non-empty `out_dir`, or `out_dir` inside `model_dir`.
         ConfigError: The adapter is not a LoRA adapter.
         AdapterError: The adapter does not fit the model (shapes, names).
+        MergeError: The merged weights are not finite (nothing is written).
 
     Example:
         >>> merge_model_folder("llama", "adapter", "llama-merged", dtype="bfloat16")
@@ -123,7 +129,9 @@ def merge_model_folder(
         steps.run("load adapter", lambda: load_adapter(gm, adapter_path))
         sites = len(find_sites(gm, LoraConfig.from_json(str(adapter_path / CONFIG_NAME))))
         steps.run("merge", lambda: merge_and_unload(gm, safe_merge=safe_merge))
-        worst = max(merge_report(gm).values(), default=0.0)  # kept past the unload
+        report = merge_report(gm)  # kept past the unload
+        _check_finite(report, adapter_path, allow_non_finite)
+        worst = max((v for v in report.values() if math.isfinite(v)), default=0.0)
         _check_untied(gm, model)
         steps.run("save", lambda: _save(model, model_path, out_path, force))
     steps.close()
@@ -211,6 +219,17 @@ def _load_model(path: Path, dtype: str | None):
     if dtype is not None:
         kwargs["dtype"] = _DTYPES[dtype]
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
+
+
+def _check_finite(report: dict[str, float], adapter_path: Path, allowed: bool) -> None:
+    """Refuse to write a model that a NaN / Inf adapter made non-finite (the report says NaN)."""
+    broken = [site for site, loss in report.items() if not math.isfinite(loss)]
+    if broken and not allowed:
+        raise MergeError(
+            f"the adapter {str(adapter_path)!r} has NaN or Inf weights: merging it made "
+            f"{len(broken)} sites non-finite ({broken[:3]}); nothing was written. Pass "
+            "--allow-non-finite (allow_non_finite=True) to write the model anyway"
+        )
 
 
 def _check_untied(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
