@@ -24,7 +24,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -38,15 +37,14 @@ from lora_fx.math import quant
 __all__ = ["Undo", "rollback_on_error", "transactional"]
 
 _Pass = TypeVar("_Pass", bound=Callable[..., Any])
+_ACTIVE_UNDO = "_lora_fx_undo"  # on the GraphModule's __dict__ while its outermost pass runs
 
 
 class Undo:
     """What `rollback_on_error` restores; `keep` adds a tensor about to be written in place."""
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
-        with warnings.catch_warnings():  # torch's own pytree deprecation, from copying in_spec
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            self._graph = copy.deepcopy(gm.graph)
+        self._graph = _GraphRecord(gm.graph)
         self._meta = dict(gm.meta)
         state = gm.meta.get(STATE_META)
         self._state = (state, _copy_state(state)) if state is not None else None
@@ -90,18 +88,29 @@ class Undo:
             live, saved = self._state
             for f in dataclasses.fields(LoraState):
                 setattr(live, f.name, getattr(saved, f.name))
-        gm.graph = self._graph  # the setter recompiles
+        gm.graph = self._graph.rebuild()  # the setter recompiles
 
 
 @contextlib.contextmanager
 def rollback_on_error(gm: torch.fx.GraphModule) -> Iterator[Undo]:
-    """Run the block; if it raises, restore `gm` (graph, state, modules, flags) and re-raise."""
+    """Run the block; if it raises, restore `gm` (graph, state, modules, flags) and re-raise.
+
+    Inside another pass's block (merge_and_unload calls merge, then unload) no second snapshot
+    is taken: the outermost one restores everything, and `keep` goes to it.
+    """
+    outer = gm.__dict__.get(_ACTIVE_UNDO)
+    if outer is not None:
+        yield outer
+        return
     undo = Undo(gm)
+    gm.__dict__[_ACTIVE_UNDO] = undo
     try:
         yield undo
     except BaseException:
         undo.restore(gm)
         raise
+    finally:
+        gm.__dict__.pop(_ACTIVE_UNDO, None)
 
 
 def transactional(pass_fn: _Pass) -> _Pass:
@@ -151,3 +160,34 @@ def _all_parameters(
             if p is not None:
                 seen.setdefault(id(p), p)
     return list(seen.values())
+
+
+class _GraphRecord:
+    """The graph's nodes as (node, op, target, args, kwargs, name, type, meta): cheap to take.
+
+    Copying a Graph builds every node anew (~10 us each); recording references is ~1 us, and the
+    graph is rebuilt only when a pass fails. Args keep the old Node objects, mapped on rebuild.
+    """
+
+    def __init__(self, graph: torch.fx.Graph) -> None:
+        self._tracer_cls = graph._tracer_cls
+        self._codegen = graph._codegen
+        self._pytree_info = getattr(graph._codegen, "pytree_info", None)
+        self._nodes = [
+            (n, n.op, n.target, n.args, n.kwargs, n.name, n.type, dict(n.meta)) for n in graph.nodes
+        ]
+
+    def rebuild(self) -> torch.fx.Graph:
+        """A new Graph with the recorded nodes, names, meta and call signature."""
+        graph = torch.fx.Graph(tracer_cls=self._tracer_cls)
+        if self._pytree_info is not None:
+            self._codegen.pytree_info = self._pytree_info
+        graph._codegen = self._codegen
+        new: dict[torch.fx.Node, torch.fx.Node] = {}
+        for node, op, target, args, kwargs, name, type_, meta in self._nodes:
+            args = torch.fx.map_arg(args, new.__getitem__)
+            kwargs = torch.fx.map_arg(kwargs, new.__getitem__)
+            made = graph.create_node(op, target, args, kwargs, name=name, type_expr=type_)
+            made.meta = meta
+            new[node] = made
+        return graph
