@@ -5,17 +5,20 @@
         ...the pass...                         # raises -> everything above is put back, re-raised
 
 Rules:
-1. The snapshot is cheap and takes no tensor memory: a copy of the graph's nodes, a copy of the
-   `LoraState` record (its merge-undo entries by reference: they are replaced, never edited), the
+1. The snapshot is cheap and takes no tensor memory: the graph's nodes by reference (rebuilt only
+   on failure), a copy of the `LoraState` record's containers (configs, site records and merge-undo
+   entries by reference: passes replace them, never edit them), the
    child / parameter / buffer tables of every module in the tree (references), and each
    parameter's `requires_grad` and `.data` (references).
 2. A pass that writes into a tensor in place (an init that rewrites the base weight) calls
    `undo.keep(tensor)` first; only kept tensors are copied (into host memory, so a GPU holds
-   no second copy of the weights a PiSSA init rewrites). Passes that can undo their own writes
-   exactly (merge unfolds what it folded) do that themselves before re-raising.
+   no second copy of the weights a PiSSA init rewrites). Passes whose writes can be taken back by
+   arithmetic (merge's folds, unmerge's unfolds) register that with `on_restore` instead.
 3. The state record is restored into the same `LoraState` object, so a caller holding it (a
    `disable_adapters` block) keeps a live reference.
-4. `transactional` wraps a public pass whose first argument is the GraphModule.
+4. `transactional` wraps a public pass whose first argument is the GraphModule. A pass called by
+   another (merge_and_unload calls merge, then unload) takes no snapshot of its own: the
+   outermost one restores everything.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from torch import nn
 from lora_fx.core.state import STATE_META, LoraState
 from lora_fx.math import quant
 
-__all__ = ["Undo", "rollback_on_error", "transactional"]
+__all__ = ["Undo", "active_undo", "rollback_on_error", "transactional"]
 
 _Pass = TypeVar("_Pass", bound=Callable[..., Any])
 _ACTIVE_UNDO = "_lora_fx_undo"  # on the GraphModule's __dict__ while its outermost pass runs
@@ -53,6 +56,7 @@ class Undo:
         ]
         self._params = [(p, p.requires_grad, p.data) for p in _all_parameters(self._modules)]
         self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._on_restore: list[Callable[[], None]] = []
 
     def keep(self, tensor: torch.Tensor) -> None:
         """Clone `tensor` once, so its values come back if the pass fails."""
@@ -63,6 +67,15 @@ class Undo:
         else:
             # in host memory: a rewrite of every targeted weight (PiSSA) must not double GPU use
             self._kept[id(tensor)] = (tensor, tensor.detach().to("cpu", copy=True))
+
+    def on_restore(self, undo_writes: Callable[[], None]) -> None:
+        """Run `undo_writes` on restore, once the module tree is back and before the state is.
+
+        For weight writes a pass can take back exactly (merge's folds, unmerge's unfolds): they
+        stay registered after the pass returns, so a later failure of an enclosing pass
+        (merge_and_unload's unload step) takes them back too. `undo_writes` must be idempotent.
+        """
+        self._on_restore.append(undo_writes)
 
     def restore(self, gm: torch.fx.GraphModule) -> None:
         """Put everything back as it was when the snapshot was taken."""
@@ -82,6 +95,8 @@ class Undo:
         for param, requires_grad, data in self._params:
             param.data = data
             param.requires_grad_(requires_grad)
+        for undo_writes in reversed(self._on_restore):
+            undo_writes()
         gm.meta.clear()
         gm.meta.update(self._meta)
         if self._state is not None:
@@ -113,6 +128,11 @@ def rollback_on_error(gm: torch.fx.GraphModule) -> Iterator[Undo]:
         gm.__dict__.pop(_ACTIVE_UNDO, None)
 
 
+def active_undo(gm: torch.fx.GraphModule) -> Undo | None:
+    """The snapshot of the outermost pass running on `gm`, if any."""
+    return gm.__dict__.get(_ACTIVE_UNDO)
+
+
 def transactional(pass_fn: _Pass) -> _Pass:
     """Make a public pass all-or-nothing on its GraphModule (its first argument)."""
 
@@ -127,12 +147,18 @@ def transactional(pass_fn: _Pass) -> _Pass:
 
 
 def _copy_state(state: LoraState) -> LoraState:
-    """A copy whose containers are new; merge-undo values stay shared (they hold tensors)."""
-    fields = {
-        f.name: dict(getattr(state, f.name))
-        if f.name == "merge_undo"
-        else copy.deepcopy(getattr(state, f.name))
-        for f in dataclasses.fields(LoraState)
+    """A copy whose containers are new; what passes replace but never edit stays shared.
+
+    Passes edit `AdapterRecord.merged` / `.config` / `.sites[...]`, the active list, the owned set
+    and the merge-undo dict; they replace configs and `SiteRecord`s rather than edit them, and
+    merge-undo values hold tensors (never copied).
+    """
+    fields = {f.name: copy.copy(getattr(state, f.name)) for f in dataclasses.fields(LoraState)}
+    fields["adapters"] = {
+        name: dataclasses.replace(
+            record, sites=dict(record.sites), modules_to_save=list(record.modules_to_save)
+        )
+        for name, record in state.adapters.items()
     }
     return LoraState(**fields)
 
