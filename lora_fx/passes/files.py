@@ -50,7 +50,7 @@ from lora_fx.passes._file_keys import (
 from lora_fx.passes._rollback import rollback_on_error
 from lora_fx.passes.hotswap import hotswap_adapter
 from lora_fx.passes.inject import inject, site_record
-from lora_fx.passes.replicate import REPLICATION_META, tentative_replication
+from lora_fx.passes.replicate import REPLICATION_META, apply_replication
 from lora_fx.sites import all_sites, find_sites, match_modules_to_save
 
 __all__ = ["load_adapter", "save_adapter"]
@@ -158,7 +158,8 @@ def load_adapter(
     # All or nothing: a new adapter's sites are named on the replicated graph; a failure in
     # planning, inject or the writes puts the graph, its state and overwritten tensors back.
     replication = None if existing else cfg.layer_replication
-    with rollback_on_error(gm) as undo, tentative_replication(gm, replication):
+    with rollback_on_error(gm) as undo:
+        apply_replication(gm, replication)  # a new adapter's sites: the new layer indices
         if existing:
             record = state.adapters[adapter_name]
             if record.merged:
