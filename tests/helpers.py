@@ -86,7 +86,7 @@ def kill_loop(
     """Kill a writer at random moments; return `check()`'s outcomes and the writes completed.
 
     Each round forks a child (the test process has imported everything: a fork costs
-    milliseconds) that calls `write(0)`, `write(1)`, `write(0)`, ... until it is sent SIGKILL
+    milliseconds) that calls `write(0)`, `write(1)`, `write(0)`, ... (or from `write(1)`) until it is sent SIGKILL
     after a random delay; then `check()` inspects what it left. A child that fails (rather than
     being killed) fails the test, so the loop cannot pass by writing nothing.
     """
@@ -94,6 +94,7 @@ def kill_loop(
     outcomes: Counter = Counter()
     writes = 0
     for _ in range(kills):
+        first = rng.randrange(2)  # which version the child writes first
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: write until killed, one byte per completed write
@@ -103,7 +104,7 @@ def kill_loop(
                 torch.set_num_threads(1)  # no OpenMP pool inherited across fork
                 i = 0
                 while True:
-                    write(i % 2)
+                    write((first + i) % 2)
                     os.write(write_end, b"w")
                     i += 1
             except BaseException:

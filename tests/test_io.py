@@ -2,6 +2,7 @@ import copy
 import json
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -12,9 +13,9 @@ from models import TinyConv, TinyMLP
 
 import lora_fx
 from lora_fx import AdapterError, ConfigError, LoraConfig
+from lora_fx.core import files as core_files
 from lora_fx.core.files import CONFIG_DIGEST_KEY, read_adapter_folder
 from lora_fx.core.state import require_state
-from lora_fx.passes import files as files_module
 
 
 def _trained(model, x, **cfg):
@@ -149,7 +150,7 @@ def test_save_errors_and_atomic_write(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(Path, "write_bytes", boom)  # the weights' temp file
     with pytest.raises(OSError, match="disk full"):
         lora_fx.save_adapter(gm, tmp_path / "out")
     assert os.listdir(tmp_path / "out") == [], "a failed save leaves no file behind"
@@ -167,14 +168,14 @@ def test_folder_killed_between_its_two_files_is_refused(tmp_path, monkeypatch):
     gm = _trained(TinyMLP().eval(), x, target_modules=["lin0"], lora_alpha=8)
     lora_fx.save_adapter(gm, tmp_path)
     require_state(gm).adapters["default"].config.lora_alpha = 16  # only the config changes
-    real = files_module.atomic_write
+    real = core_files.os.replace
 
-    def killed_before_config(target, write):
-        if target.name == "adapter_config.json":
+    def killed_before_config(src, dst):
+        if os.path.basename(dst) == "adapter_config.json":
             raise _Killed
-        real(target, write)
+        real(src, dst)
 
-    monkeypatch.setattr(files_module, "atomic_write", killed_before_config)
+    monkeypatch.setattr(core_files.os, "replace", killed_before_config)
     with pytest.raises(_Killed):
         lora_fx.save_adapter(gm, tmp_path)
     fresh = lora_fx.capture(TinyMLP().eval(), (x,))

@@ -21,6 +21,7 @@ import lora_fx
 from lora_fx import AdapterError, ConfigError, NoTargetMatchedError
 from lora_fx.cli.model_folder import (
     FolderError,
+    _progress_bars,
     _save,
     inspect_model_folder,
     merge_model_folder,
@@ -137,7 +138,8 @@ def test_merge_force_killed_at_random_moments_leaves_old_or_new(folders, tmp_pat
         )
 
     # `_save` is `lora-fx merge --force`'s write step (load, capture, merge write nothing).
-    outcomes, writes = kill_loop(lambda i: _save(models[i], root / "model", out, True), check)
+    with _progress_bars(False):
+        outcomes, writes = kill_loop(lambda i: _save(models[i], root / "model", out, True), check)
     assert set(outcomes) <= {"0", "1"}, outcomes
     assert writes > 10, "the writer was killed before it wrote"
     _save(models[1], root / "model", out, force=True)  # removes what the killed writers left

@@ -1,6 +1,7 @@
 """Adapter folder reads, and writes that a kill at any moment cannot leave half done.
 
     atomic_write(T)       write .T.<pid>-<tok>.tmp  --os.replace-->  T
+    atomic_writes(T, U)   write both temps, then the two renames back to back
     replace_folder(N, T)  N (a whole new folder)  --exchange (Linux) or aside+rename-->  T
     clean_stale(T)        remove our temp files/folders for T whose writer is gone
 
@@ -10,9 +11,10 @@ Rules:
    so the umask applies as for any other file (mkstemp/mkdtemp would give 0600/0700).
 2. A PEFT adapter folder is two files, and no rename replaces two files at once. So the weights
    record which config they were saved with: the safetensors header metadata holds
-   `CONFIG_DIGEST_KEY`, the sha256 of the config (canonical JSON). `save_adapter` writes the
-   weights, then the config; a folder killed between the two (new weights, old config) or mixed by
-   any other means fails the check and is refused with `AdapterError`. Files without the key
+   `CONFIG_DIGEST_KEY`, the sha256 of the config (canonical JSON). `save_adapter` writes both
+   temp files, then renames the weights and the config back to back (`atomic_writes`); a folder
+   killed between the two renames (new weights, old config) or mixed by any other means fails the
+   check and is refused with `AdapterError`. Files without the key
    (PEFT's, older lora_fx) load unchecked. Why the header and not `adapter_config.json`: PEFT
    warns ("Unexpected keyword arguments ... upgrade PEFT") about every key it does not know, and
    ignores safetensors metadata, so PEFT reads lora_fx folders exactly as before. Why not a folder
@@ -55,6 +57,7 @@ __all__ = [
     "CONFIG_NAME",
     "SAFETENSORS_NAME",
     "atomic_write",
+    "atomic_writes",
     "clean_stale",
     "config_digest",
     "make_temp_folder",
@@ -129,21 +132,54 @@ def make_temp_folder(target: Path) -> Path:
 
 def atomic_write(target: Path, write: Callable[[str], object]) -> None:
     """Call `write(tmp_path)` then rename into place; the temp file is removed on failure."""
+    atomic_writes({target: write})
+
+
+def atomic_writes(writes: dict[Path, Callable[[str], object]]) -> None:
+    """Write every file to a temp name, then rename them into place in order, back to back.
+
+    Each file is replaced atomically; the renames run with nothing between them, so a kill
+    leaves a mix of old and new files only within that instant (rule 2 makes it detectable).
+    Temp files are removed on failure.
+    """
+    temps: dict[Path, Path] = {}
+    try:
+        for target, write in writes.items():
+            temps[target] = _new_temp_file(target)
+            mode = os.stat(temps[target]).st_mode & 0o777  # 0o666 less the umask
+            write(str(temps[target]))
+            if os.stat(temps[target]).st_mode & 0o777 != mode:  # a writer made its own (0600)
+                os.chmod(temps[target], mode)
+            _fsync(temps[target])  # on disk before the renames, which are then quick
+        for target, tmp in temps.items():
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp in temps.values():
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+        raise
+    for target in writes:
+        clean_stale(target)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _new_temp_file(target: Path) -> Path:
+    """Create an empty temp file beside `target` (mode 0o666 less the umask)."""
     while True:
         tmp = temp_path(target)
         try:
             os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            break
+            return tmp
         except FileExistsError:
             continue
-    try:
-        write(str(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    clean_stale(target)
 
 
 def replace_folder(new: Path, target: Path) -> None:
