@@ -14,11 +14,14 @@ Rules:
    `CONFIG_DIGEST_KEY`, the sha256 of the config (canonical JSON). `save_adapter` writes both
    temp files, then renames the weights and the config back to back (`atomic_writes`); a folder
    killed between the two renames (new weights, old config) or mixed by any other means fails the
-   check and is refused with `AdapterError`. Files without the key
-   (PEFT's, older lora_fx) load unchecked. Why the header and not `adapter_config.json`: PEFT
-   warns ("Unexpected keyword arguments ... upgrade PEFT") about every key it does not know, and
-   ignores safetensors metadata, so PEFT reads lora_fx folders exactly as before. Why not a folder
-   swap: `save_adapter` writes into folders that hold other files (README.md, checkpoints).
+   check and is refused with `AdapterError`. Files without the key (PEFT's, older lora_fx) load
+   unchecked. Why the header and not `adapter_config.json`: PEFT 0.21 warns ("Unexpected keyword
+   arguments ... upgrade PEFT") about every config key it does not know and drops it, while it
+   ignores safetensors metadata, so PEFT reads lora_fx folders exactly as before. A config edited
+   by hand (values, not formatting) is refused too; the message says how to accept it. Why not a
+   folder swap: `save_adapter` writes into folders that hold other files (README.md, checkpoints),
+   and readers (PEFT) open the two files by path, so a swap between their opens mixes anyway.
+   Both files are fsynced before the renames (durable, and the renames are then quick).
 3. A whole folder (a merged model) is replaced by exchanging it with the new one in one
    `renameat2(RENAME_EXCHANGE)` (Linux 3.15+, most local file systems): the path is the whole old
    or the whole new folder at every instant. Where that is unavailable the old folder is renamed
