@@ -34,6 +34,7 @@ import torch
 
 from lora_fx.core.files import clean_stale, make_temp_folder
 from lora_fx.core.quiet import dropping_records
+from lora_fx.errors import OnnxExportError
 
 __all__ = [
     "EXTERNAL_DATA_BYTES",
@@ -153,9 +154,14 @@ def install_onnx(staged: Path, target: Path) -> Path | None:
     Returns:
         The installed data file's path, or None when the `.onnx` has no data file.
     """
-    assert staged.name == target.name, "the .onnx names its data file after itself"
     data = [p for p in staged.parent.iterdir() if _data_names(target.name).fullmatch(p.name)]
-    assert len(data) <= 1, f"one data file per model expected, found {data}"
+    if (
+        staged.name != target.name or len(data) > 1
+    ):  # the .onnx names its one data file after itself
+        raise OnnxExportError(
+            f"cannot install {str(staged)!r} as {str(target)!r}: expected one .onnx named like the "
+            f"target and at most one data file, found {sorted(p.name for p in data)}"
+        )
     for file in data:  # a new name: the old .onnx still reads its own data
         os.replace(file, target.parent / file.name)
     os.replace(staged, target)  # the one step from the old model to the new one
