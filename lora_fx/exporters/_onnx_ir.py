@@ -155,9 +155,8 @@ def install_onnx(staged: Path, target: Path) -> Path | None:
         The installed data file's path, or None when the `.onnx` has no data file.
     """
     data = [p for p in staged.parent.iterdir() if _data_names(target.name).fullmatch(p.name)]
-    if (
-        staged.name != target.name or len(data) > 1
-    ):  # the .onnx names its one data file after itself
+    # The .onnx names its one data file after itself.
+    if staged.name != target.name or len(data) > 1:
         raise OnnxExportError(
             f"cannot install {str(staged)!r} as {str(target)!r}: expected one .onnx named like the "
             f"target and at most one data file, found {sorted(p.name for p in data)}"
