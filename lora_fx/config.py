@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Any
 from lora_fx import patterns
 from lora_fx.errors import ConfigError, ReplicationError
 
-__all__ = ["LoftQConfig", "LoraConfig"]
+__all__ = ["LoftQConfig", "LoraConfig", "read_config_file"]
 
 _BIAS_MODES = ("none", "all", "lora_only")
 _INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq")  # and "pissa_niter_<K>"
@@ -301,21 +302,30 @@ class LoraConfig:
         return cls(**known, extra=extra)
 
     @classmethod
-    def from_json(cls, path: str) -> LoraConfig:
+    def from_json(cls, path: str | os.PathLike) -> LoraConfig:
         """Read an `adapter_config.json` file.
 
         Raises:
             ConfigError: The file is not JSON, or its config is invalid (the message names it).
         """
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{str(path)!r} is not a JSON file: {e}") from e
-        try:
-            return cls.from_dict(data)
-        except ConfigError as e:
-            raise type(e)(f"{e} (in {str(path)!r})") from e
+        return read_config_file(path)[0]
+
+
+def read_config_file(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, Any]]:
+    """The config of an `adapter_config.json` file and the dict it holds; errors name the file.
+
+    Raises:
+        ConfigError: The file is not JSON, not a JSON object, or a field is invalid.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{str(path)!r} is not a JSON file: {e}") from e
+    try:
+        return LoraConfig.from_dict(data), data
+    except ConfigError as e:
+        raise type(e)(f"{e} (in {str(path)!r})") from e
 
 
 def _check_rank(name: str, value: Any) -> None:

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import random
+import signal
+import time
+import traceback
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from models import SITE_CASES, TinyBlockStack, tiny_llama
@@ -67,3 +73,50 @@ class SeenMessages(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+
+
+def kill_loop(
+    write: Callable[[int], None],
+    check: Callable[[], str],
+    *,
+    kills: int = 24,
+    max_delay: float = 0.15,
+    seed: int = 0,
+) -> tuple[Counter, int]:
+    """Kill a writer at random moments; return `check()`'s outcomes and the writes completed.
+
+    Each round forks a child (the test process has imported everything: a fork costs
+    milliseconds) that calls `write(0)`, `write(1)`, `write(0)`, ... (or from `write(1)`) until it is sent SIGKILL
+    after a random delay; then `check()` inspects what it left. A child that fails (rather than
+    being killed) fails the test, so the loop cannot pass by writing nothing.
+    """
+    rng = random.Random(seed)
+    outcomes: Counter = Counter()
+    writes = 0
+    for _ in range(kills):
+        first = rng.randrange(2)  # which version the child writes first
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: write until killed, one byte per completed write
+            code = 1
+            try:
+                os.close(read_end)
+                torch.set_num_threads(1)  # no OpenMP pool inherited across fork
+                i = 0
+                while True:
+                    write((first + i) % 2)
+                    os.write(write_end, b"w")
+                    i += 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        time.sleep(rng.uniform(0, max_delay))
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        with os.fdopen(read_end, "rb") as done:
+            writes += len(done.read())
+        assert os.WIFSIGNALED(status), f"the writer exited by itself (status {status})"
+        outcomes[check()] += 1
+    return outcomes, writes

@@ -1,14 +1,21 @@
+import copy
 import json
 import os
+import warnings
+from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 from conftest import assert_close, assert_differs
+from helpers import kill_loop
 from models import TinyConv, TinyMLP
 
 import lora_fx
 from lora_fx import AdapterError, ConfigError, LoraConfig
+from lora_fx.core import files as core_files
+from lora_fx.core.files import CONFIG_DIGEST_KEY, read_adapter_folder
+from lora_fx.core.state import require_state
 
 
 def _trained(model, x, **cfg):
@@ -143,7 +150,7 @@ def test_save_errors_and_atomic_write(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(Path, "write_bytes", boom)  # the weights' temp file
     with pytest.raises(OSError, match="disk full"):
         lora_fx.save_adapter(gm, tmp_path / "out")
     assert os.listdir(tmp_path / "out") == [], "a failed save leaves no file behind"
@@ -189,6 +196,8 @@ def test_catastrophic_patterns_in_a_file_load_at_once(tmp_path):
         exclude_modules=r"(.+)+z",
         rank_pattern={"(a*)*b": 2},
     )
+    weights = tmp_path / "adapter_model.safetensors"  # an edited config: drop the pair check
+    safetensors.torch.save_file(safetensors.torch.load_file(weights), weights, {"format": "pt"})
     fresh = lora_fx.capture(TinyMLP().eval(), (x,))
     fresh.load_state_dict(
         {k: v for k, v in gm.state_dict().items() if ".lora_" not in k}, strict=False
@@ -231,3 +240,93 @@ def test_broken_files_name_the_file_and_change_nothing(tmp_path, name, data, err
     with pytest.raises(error, match=match):
         lora_fx.load_adapter(gm, tmp_path)
     _assert_unchanged(gm, snapshot)
+
+
+# ---- crash safety: a folder is the whole old or the whole new adapter, or refused -----------------
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL at one point of a write."""
+
+
+def test_folder_killed_between_its_two_files_is_refused(tmp_path, monkeypatch):
+    x = torch.randn(2, 10)
+    gm = _trained(TinyMLP().eval(), x, target_modules=["lin0"], lora_alpha=8)
+    lora_fx.save_adapter(gm, tmp_path)
+    require_state(gm).adapters["default"].config.lora_alpha = 16  # only the config changes
+    real = core_files.os.replace
+
+    def killed_before_config(src, dst):
+        if os.path.basename(dst) == "adapter_config.json":
+            raise _Killed
+        real(src, dst)
+
+    monkeypatch.setattr(core_files.os, "replace", killed_before_config)
+    with pytest.raises(_Killed):
+        lora_fx.save_adapter(gm, tmp_path)
+    fresh = lora_fx.capture(TinyMLP().eval(), (x,))
+    with pytest.raises(AdapterError, match=r"mixes two saves: adapter_model.safetensors was saved"):
+        lora_fx.load_adapter(fresh, tmp_path)
+    assert "lora_fx" not in fresh.meta
+
+
+def test_peft_reads_a_folder_with_the_config_digest_without_warnings(tmp_path):
+    from peft import PeftModel
+
+    x = torch.randn(2, 10)
+    model = TinyMLP().eval()
+    gm = _trained(model, x, target_modules=["lin0", "lin1"])
+    lora_fx.save_adapter(gm, tmp_path)
+    with safetensors.safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        assert CONFIG_DIGEST_KEY in f.metadata()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    assert torch.allclose(peft_model(x), gm(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_saved_files_follow_the_umask(tmp_path, mask):
+    gm = _trained(TinyMLP().eval(), torch.randn(2, 10), target_modules=["lin0"])
+    old = os.umask(mask)
+    try:
+        lora_fx.save_adapter(gm, tmp_path / "a")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o777 & ~mask
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "a" / name).stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_save_adapter_killed_at_random_moments_leaves_old_or_new(tmp_path):
+    x = torch.randn(2, 10)
+    model = TinyMLP().eval()
+    graphs = [
+        _trained(copy.deepcopy(model), x, target_modules=["lin0", "lin1"], lora_alpha=alpha)
+        for alpha in (8, 16)
+    ]
+    expected = []
+    for i, gm in enumerate(graphs):
+        lora_fx.save_adapter(gm, tmp_path / f"ref{i}")
+        cfg, tensors = read_adapter_folder(tmp_path / f"ref{i}")
+        expected.append((cfg.to_dict(), tensors))
+    dest = tmp_path / "dest"
+    lora_fx.save_adapter(graphs[0], dest)
+
+    def check() -> str:
+        try:
+            cfg, tensors = read_adapter_folder(dest)
+        except AdapterError as e:
+            assert "mixes two saves" in str(e)
+            return "refused"
+        for i, (config, ref) in enumerate(expected):
+            same = cfg.to_dict() == config and tensors.keys() == ref.keys()
+            if same and all(torch.equal(tensors[k], ref[k]) for k in ref):
+                return str(i)
+        return "mixed"
+
+    outcomes, writes = kill_loop(lambda i: lora_fx.save_adapter(graphs[i], dest), check)
+    assert set(outcomes) <= {"0", "1", "refused"}, outcomes
+    assert writes > len(graphs) * 10, "the writer was killed before it wrote"
+    lora_fx.save_adapter(graphs[1], dest)  # the next write removes the killed writers' temp files
+    assert sorted(os.listdir(dest)) == ["adapter_config.json", "adapter_model.safetensors"]

@@ -11,6 +11,7 @@ import socket
 import pytest
 import torch
 from conftest import assert_close
+from helpers import kill_loop
 from models import tiny_llama
 from peft import LoraConfig as PeftConfig
 from peft import get_peft_model
@@ -18,7 +19,13 @@ from transformers import AutoModelForCausalLM
 
 import lora_fx
 from lora_fx import AdapterError, ConfigError, NoTargetMatchedError
-from lora_fx.cli.model_folder import FolderError, inspect_model_folder, merge_model_folder
+from lora_fx.cli.model_folder import (
+    FolderError,
+    _progress_bars,
+    _save,
+    inspect_model_folder,
+    merge_model_folder,
+)
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +103,47 @@ def test_force_replaces_output(folders, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("x")
-    merge_model_folder(root / "model", root / "adapter", out, force=True)
+    old_mask = os.umask(0o022)
+    try:
+        merge_model_folder(root / "model", root / "adapter", out, force=True)
+    finally:
+        os.umask(old_mask)
     assert not (out / "old.txt").exists() and (out / "config.json").is_file()
+    assert os.listdir(tmp_path) == ["out"], "no temp folder is left"
+    assert out.stat().st_mode & 0o777 == 0o755  # as save_pretrained makes it (umask 022)
+    assert (out / "config.json").stat().st_mode & 0o777 == 0o644
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()} if folder.is_dir() else None
+
+
+def test_merge_force_killed_at_random_moments_leaves_old_or_new(folders, tmp_path):
+    root, _, _ = folders
+    models = [tiny_llama().eval() for _ in range(2)]  # two different merged models
+    refs = []
+    for i, model in enumerate(models):
+        _save(model, root / "model", tmp_path / f"ref{i}", force=False)
+        refs.append(_files(tmp_path / f"ref{i}"))
+    assert refs[0] != refs[1]
+    out = tmp_path / "runs" / "out"
+    _save(models[0], root / "model", out, force=False)
+
+    def check() -> str:
+        found = _files(out)
+        return (
+            "absent"
+            if found is None
+            else next((str(i) for i, ref in enumerate(refs) if found == ref), "mixed")
+        )
+
+    # `_save` is `lora-fx merge --force`'s write step (load, capture, merge write nothing).
+    with _progress_bars(False):
+        outcomes, writes = kill_loop(lambda i: _save(models[i], root / "model", out, True), check)
+    assert set(outcomes) <= {"0", "1"}, outcomes
+    assert writes > 10, "the writer was killed before it wrote"
+    _save(models[1], root / "model", out, force=True)  # removes what the killed writers left
+    assert os.listdir(out.parent) == ["out"] and _files(out) == refs[1]
 
 
 def test_inspect_lists_sites_and_peft_figures(folders):

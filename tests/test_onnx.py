@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections import Counter
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
 from conftest import assert_close, assert_differs
-from helpers import SeenMessages, lora_roles
+from helpers import SeenMessages, kill_loop, lora_roles
 from models import SITE_CASES, TinyBlockStack, TinyConv, TinyMLP, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from torch.export import Dim
@@ -370,9 +372,14 @@ def mlp(tmp_path):
 def test_external_data_file_is_written_and_loads(mlp, tmp_path):
     gm, x = mlp
     out = export_onnx(gm, (x,), tmp_path / "mlp.onnx", external_data=True)
-    assert out.data_path == tmp_path / "mlp.onnx.data" and out.data_path.stat().st_size > 0
+    assert re.fullmatch(r"mlp\.onnx\.[0-9a-f]{8}\.data", out.data_path.name)
+    assert out.data_path.parent == tmp_path and out.data_path.stat().st_size > 0
     assert_close(_ort(out.path, {"x": x.numpy()}), _torch(gm, x))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "mlp.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", out.data_path.name]
+    # A new export names its data afresh and removes the replaced model's.
+    again = export_onnx(gm, (x,), tmp_path / "mlp.onnx", external_data=True)
+    assert again.data_path != out.data_path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", again.data_path.name]
     # An adapter for another model is refused before anything is written.
     with pytest.raises(AdapterError, match=r"not inputs of the model.*lora_layout='inputs'"):
         write_ort_adapter(gm, tmp_path / "x.onnx_adapter", model=out.path)
@@ -603,3 +610,61 @@ def test_bad_arguments_and_adapters(mlp, tmp_path):
     with pytest.raises(UnsupportedSiteError, match="'default' has DoRA at 'lin0'"):
         export_onnx(dora, (x,), path)
     assert not path.exists()
+
+
+# ---- crash safety: the .onnx is read with the data file written with it ------------------------
+
+
+def _two_exports(mlp, tmp_path):
+    """The same graph exported with two sets of LoRA weights (external data), and their outputs."""
+    gm, x = mlp
+    refs = []
+    for i in range(2):
+        with torch.no_grad():
+            gm.lin0.lora_B.default.weight.mul_(-3.0 if i else 1.0)
+        out = export_onnx(gm, (x,), tmp_path / f"ref{i}" / "mlp.onnx", external_data=True)
+        refs.append((out.path, _ort(out.path, {"x": x.numpy()}).numpy()))
+    assert not np.array_equal(refs[0][1], refs[1][1])
+    return x, refs
+
+
+def test_export_killed_between_data_and_onnx_keeps_the_old_pair(mlp, tmp_path, monkeypatch):
+    for name in ("ref0", "ref1", "dest"):
+        (tmp_path / name).mkdir()
+    x, refs = _two_exports(mlp, tmp_path)
+    dest = tmp_path / "dest" / "mlp.onnx"
+    _onnx_ir.save_atomic(ir.load(refs[0][0]), dest, True)
+    real = _onnx_ir.os.replace
+
+    def killed_before_onnx(src, dst):
+        if str(dst) == str(dest):
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(_onnx_ir.os, "replace", killed_before_onnx)
+    with pytest.raises(KeyboardInterrupt):
+        _onnx_ir.save_atomic(ir.load(refs[1][0]), dest, True)
+    out = ort_session(dest, device="cpu").run(None, {"x": x.numpy()})[0]
+    assert np.array_equal(out, refs[0][1])
+
+
+def test_export_killed_at_random_moments_leaves_old_or_new(mlp, tmp_path):
+    for name in ("ref0", "ref1", "dest"):
+        (tmp_path / name).mkdir()
+    x, refs = _two_exports(mlp, tmp_path)
+    models = [ir.load(path) for path, _ in refs]
+    dest = tmp_path / "dest" / "mlp.onnx"
+    _onnx_ir.save_atomic(models[0], dest, True)
+
+    def check() -> str:
+        out = ort_session(dest, device="cpu").run(None, {"x": x.numpy()})[0]
+        return next(
+            (str(i) for i, (_, ref) in enumerate(refs) if np.array_equal(out, ref)), "mixed"
+        )
+
+    # save_atomic is export_onnx's whole write step (the export before it writes nothing).
+    outcomes, writes = kill_loop(lambda i: _onnx_ir.save_atomic(models[i], dest, True), check)
+    assert set(outcomes) <= {"0", "1"}, outcomes
+    assert writes > 10, "the writer was killed before it wrote"
+    data = _onnx_ir.save_atomic(models[1], dest, True)  # removes what the killed writers left
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["mlp.onnx", data.name]

@@ -194,6 +194,42 @@ def test_merge_failing_on_a_later_site_unfolds_the_earlier_ones(monkeypatch):
     assert lora_fx.merge_report(gm) == {}
 
 
+def test_merge_and_unload_failing_in_its_unload_step_restores_the_merge(monkeypatch):
+    """One snapshot for the composite pass: a failure in its second step undoes the first."""
+    gm, x = _mlp_graph()
+    lora_fx.inject(gm, LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False))
+    before, out = _fingerprint(gm), gm(x)
+    unload_module = importlib.import_module("lora_fx.passes.unload")
+    _fail_on_call(monkeypatch, unload_module, "_keep_trained_copies", call=1)
+    with pytest.raises(_Boom):
+        lora_fx.merge_and_unload(gm)
+    after = _fingerprint(gm)
+    for key in ("code", "nodes", "state", "modules", "buffers"):
+        assert before[key] == after[key], key
+    for (_name, *_, value), (_, *_, now) in zip(before["params"], after["params"], strict=True):
+        assert_close(now, value)  # unfolded: equal up to float32 rounding
+    assert_close(gm(x), out)
+
+
+def test_set_adapter_failing_after_it_unmerged_puts_the_merge_back(monkeypatch):
+    """set_adapter unmerges first; if it then fails, the weights hold the merge again."""
+    gm, x = _mlp_graph()
+    lora_fx.inject(gm, LoraConfig(target_modules=["lin0"], init_lora_weights=False), "a")
+    lora_fx.inject(gm, LoraConfig(target_modules=["lin1"], init_lora_weights=False), "b")
+    lora_fx.merge(gm, ["a"])
+    before, out = _fingerprint(gm), gm(x)
+    _fail_on_call(monkeypatch, adapters, "sync", call=1)
+    with pytest.raises(_Boom), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "set_adapter: unmerging ['a'] first"
+        lora_fx.set_adapter(gm, "b")
+    after = _fingerprint(gm)
+    for key in ("code", "nodes", "state", "modules", "buffers"):
+        assert before[key] == after[key], key
+    for (_name, *_, value), (_, *_, now) in zip(before["params"], after["params"], strict=True):
+        assert_close(now, value)  # folded again: equal up to float32 rounding
+    assert_close(gm(x), out)
+
+
 def test_set_adapter_failing_while_rebuilding_branches_changes_nothing(monkeypatch):
     gm, x = _mlp_graph()
     lora_fx.inject(gm, LoraConfig(target_modules=["lin0"], init_lora_weights=False), "a")

@@ -27,11 +27,11 @@ import dataclasses
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from lora_fx.core.files import make_temp_folder
 from lora_fx.errors import OnnxExportError
 
 __all__ = ["run_export_onnx"]
@@ -120,13 +120,18 @@ def _check_out(out: Path, siblings: list[str], *, force: bool) -> None:
 @contextlib.contextmanager
 def _staged(out: Path) -> Iterator[Path]:
     """A temporary folder beside `out`, whose files are moved beside `out` if the block succeeds."""
+    from lora_fx.exporters._onnx_ir import install_onnx
+    from lora_fx.exporters.ort import ADAPTER_SUFFIX
+
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    stage = make_temp_folder(out)
     try:
         yield stage
-        for file in sorted(stage.iterdir(), key=lambda f: f.name == out.name):  # the .onnx last
-            os.replace(file, out.parent / file.name)
+        for file in stage.iterdir():  # adapter files; the .onnx and its data file last
+            if file.name.endswith(ADAPTER_SUFFIX):
+                os.replace(file, out.parent / file.name)
+        install_onnx(stage / out.name, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         for folder in created:

@@ -6,8 +6,10 @@ Rules:
 1. Everything is read from disk (`local_files_only=True`); nothing is downloaded, and no process
    state (environment, log levels) is changed for it.
 2. `MODEL_DIR` is never written. `OUT_DIR` must be empty or absent unless `force=True`; the merged
-   model is written to a temporary folder beside it and renamed into place, so a failure leaves no
-   half-written folder.
+   model is written to a temporary folder beside it, which then replaces `OUT_DIR` in one step
+   (`core/files.py` `replace_folder`: an atomic exchange on Linux, so `OUT_DIR` is the whole old or
+   the whole new model at every instant, even if killed; elsewhere the old folder is renamed aside
+   first and `OUT_DIR` is absent for that instant). A failure leaves no half-written folder.
 3. The captured graph shares its Parameters with the loaded model, so merging writes the merged
    weights into the model, which `save_pretrained` then saves; tokenizer files are copied over.
 4. Every check (folders, adapter type, shapes) runs before anything is written; so does the
@@ -25,7 +27,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ import torch
 
 from lora_fx.capture import capture
 from lora_fx.config import LoraConfig
-from lora_fx.core.files import CONFIG_NAME, read_adapter_folder
+from lora_fx.core.files import CONFIG_NAME, make_temp_folder, read_adapter_folder, replace_folder
 from lora_fx.errors import AdapterError, LoraFxError, MergeError
 from lora_fx.passes.adapters import count_parameters
 from lora_fx.passes.files import load_adapter
@@ -244,19 +245,17 @@ def _check_untied(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
 
 
 def _save(model, model_path: Path, out_path: Path, force: bool) -> None:
-    """save_pretrained to a temp folder beside out_path, add tokenizer files, rename into place."""
+    """save_pretrained to a temp folder beside out_path, add tokenizer files, swap in (rule 2)."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_path.parent, prefix=f".{out_path.name}."))
+    tmp = make_temp_folder(out_path)
     try:
         model.save_pretrained(str(tmp))
         for name in _TOKENIZER_FILES:
             if (model_path / name).is_file():
                 shutil.copy2(model_path / name, tmp / name)
-        if out_path.exists():
-            if not force and any(out_path.iterdir()):
-                raise FolderError(f"out folder {str(out_path)!r} is not empty")
-            shutil.rmtree(out_path)
-        os.replace(tmp, out_path)
+        if out_path.exists() and not force and any(out_path.iterdir()):
+            raise FolderError(f"out folder {str(out_path)!r} is not empty")
+        replace_folder(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -19,21 +19,26 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import onnx_ir as ir
 import torch
 
+from lora_fx.core.files import clean_stale, make_temp_folder
 from lora_fx.core.quiet import dropping_records
+from lora_fx.errors import OnnxExportError
 
 __all__ = [
     "EXTERNAL_DATA_BYTES",
+    "install_onnx",
     "lift_to_inputs",
     "optimize_keeping",
     "save_atomic",
@@ -129,19 +134,45 @@ def tensor_bytes(model: ir.Model) -> int:
 
 
 def save_atomic(model: ir.Model, target: Path, external_data: bool) -> Path | None:
-    """Write `model` to `target` (and `<target>.data`) via a temporary folder (rule 4).
+    """Write `model` to `target` (and a fresh `<target>.<token>.data`) via a temp folder (rule 4).
 
     Returns:
         The data file's path, or None when the tensors are inside the `.onnx`.
     """
-    data_name = f"{target.name}.data"
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    stage = make_temp_folder(target)
     try:
-        ir.save(model, tmp / target.name, external_data=data_name if external_data else None)
-        data = tmp / data_name
-        if data.exists():
-            os.replace(data, target.parent / data_name)
-        os.replace(tmp / target.name, target)
+        data_name = f"{target.name}.{secrets.token_hex(4)}.data" if external_data else None
+        ir.save(model, stage / target.name, external_data=data_name)
+        return install_onnx(stage / target.name, target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target.parent / data_name if external_data else None
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def install_onnx(staged: Path, target: Path) -> Path | None:
+    """Move a written `.onnx` and its data file to `target`, then drop the replaced data (rule 4).
+
+    Returns:
+        The installed data file's path, or None when the `.onnx` has no data file.
+    """
+    data = [p for p in staged.parent.iterdir() if _data_names(target.name).fullmatch(p.name)]
+    # The .onnx names its one data file after itself.
+    if staged.name != target.name or len(data) > 1:
+        raise OnnxExportError(
+            f"cannot install {str(staged)!r} as {str(target)!r}: expected one .onnx named like the "
+            f"target and at most one data file, found {sorted(p.name for p in data)}"
+        )
+    for file in data:  # a new name: the old .onnx still reads its own data
+        os.replace(file, target.parent / file.name)
+    os.replace(staged, target)  # the one step from the old model to the new one
+    kept = target.parent / data[0].name if data else None
+    for file in target.parent.iterdir():  # data of the replaced model, or of killed writes
+        if _data_names(target.name).fullmatch(file.name) and file != kept:
+            with contextlib.suppress(FileNotFoundError):
+                file.unlink()
+    clean_stale(target)
+    return kept
+
+
+def _data_names(name: str) -> re.Pattern:
+    """Data files lora_fx names for the `.onnx` file `name`: `<name>[.<8 hex>].data`."""
+    return re.compile(rf"{re.escape(name)}(\.[0-9a-f]{{8}})?\.data")

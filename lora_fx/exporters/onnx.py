@@ -153,7 +153,8 @@ def export_onnx(
         lora_layout: With `merged=False`: `"initializers"`, `"inputs"` (ONNX Runtime adapters) or
             `"stacked"` (one adapter per batch row, chosen by the input `adapter_index`).
         optimize: Run torch's ONNX optimizer (LoRA tensor names are kept either way).
-        external_data: Put tensors in `<path>.data`; default: only above 1.8 GB of tensors.
+        external_data: Put tensors in `<path>.<8 hex>.data` (a new name per write, see
+            `_onnx_ir.py` rule 4); default: only above 1.8 GB of tensors.
         custom_translation_table: Passed to `torch.onnx.export` for ops it cannot translate.
 
     Returns:

@@ -5,17 +5,20 @@
         ...the pass...                         # raises -> everything above is put back, re-raised
 
 Rules:
-1. The snapshot is cheap and takes no tensor memory: a copy of the graph's nodes, a copy of the
-   `LoraState` record (its merge-undo entries by reference: they are replaced, never edited), the
+1. The snapshot is cheap and takes no tensor memory: the graph's nodes by reference (rebuilt only
+   on failure), a copy of the `LoraState` record's containers (configs, site records and merge-undo
+   entries by reference: passes replace them, never edit them), the
    child / parameter / buffer tables of every module in the tree (references), and each
    parameter's `requires_grad` and `.data` (references).
 2. A pass that writes into a tensor in place (an init that rewrites the base weight) calls
    `undo.keep(tensor)` first; only kept tensors are copied (into host memory, so a GPU holds
-   no second copy of the weights a PiSSA init rewrites). Passes that can undo their own writes
-   exactly (merge unfolds what it folded) do that themselves before re-raising.
+   no second copy of the weights a PiSSA init rewrites). Passes whose writes can be taken back by
+   arithmetic (merge's folds, unmerge's unfolds) register that with `on_restore` instead.
 3. The state record is restored into the same `LoraState` object, so a caller holding it (a
    `disable_adapters` block) keeps a live reference.
-4. `transactional` wraps a public pass whose first argument is the GraphModule.
+4. `transactional` wraps a public pass whose first argument is the GraphModule. A pass called by
+   another (merge_and_unload calls merge, then unload) takes no snapshot of its own: the
+   outermost one restores everything.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -35,18 +37,17 @@ from torch import nn
 from lora_fx.core.state import STATE_META, LoraState
 from lora_fx.math import quant
 
-__all__ = ["Undo", "rollback_on_error", "transactional"]
+__all__ = ["Undo", "active_undo", "rollback_on_error", "transactional"]
 
 _Pass = TypeVar("_Pass", bound=Callable[..., Any])
+_ACTIVE_UNDO = "_lora_fx_undo"  # on the GraphModule's __dict__ while its outermost pass runs
 
 
 class Undo:
     """What `rollback_on_error` restores; `keep` adds a tensor about to be written in place."""
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
-        with warnings.catch_warnings():  # torch's own pytree deprecation, from copying in_spec
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            self._graph = copy.deepcopy(gm.graph)
+        self._graph = _GraphRecord(gm.graph)
         self._meta = dict(gm.meta)
         state = gm.meta.get(STATE_META)
         self._state = (state, _copy_state(state)) if state is not None else None
@@ -55,6 +56,7 @@ class Undo:
         ]
         self._params = [(p, p.requires_grad, p.data) for p in _all_parameters(self._modules)]
         self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._on_restore: list[Callable[[], None]] = []
 
     def keep(self, tensor: torch.Tensor) -> None:
         """Clone `tensor` once, so its values come back if the pass fails."""
@@ -65,6 +67,15 @@ class Undo:
         else:
             # in host memory: a rewrite of every targeted weight (PiSSA) must not double GPU use
             self._kept[id(tensor)] = (tensor, tensor.detach().to("cpu", copy=True))
+
+    def on_restore(self, undo_writes: Callable[[], None]) -> None:
+        """Run `undo_writes` on restore, once the module tree is back and before the state is.
+
+        For weight writes a pass can take back exactly (merge's folds, unmerge's unfolds): they
+        stay registered after the pass returns, so a later failure of an enclosing pass
+        (merge_and_unload's unload step) takes them back too. `undo_writes` must be idempotent.
+        """
+        self._on_restore.append(undo_writes)
 
     def restore(self, gm: torch.fx.GraphModule) -> None:
         """Put everything back as it was when the snapshot was taken."""
@@ -84,24 +95,42 @@ class Undo:
         for param, requires_grad, data in self._params:
             param.data = data
             param.requires_grad_(requires_grad)
+        for undo_writes in reversed(self._on_restore):
+            undo_writes()
         gm.meta.clear()
         gm.meta.update(self._meta)
         if self._state is not None:
             live, saved = self._state
             for f in dataclasses.fields(LoraState):
                 setattr(live, f.name, getattr(saved, f.name))
-        gm.graph = self._graph  # the setter recompiles
+        gm.graph = self._graph.rebuild()  # the setter recompiles
 
 
 @contextlib.contextmanager
 def rollback_on_error(gm: torch.fx.GraphModule) -> Iterator[Undo]:
-    """Run the block; if it raises, restore `gm` (graph, state, modules, flags) and re-raise."""
+    """Run the block; if it raises, restore `gm` (graph, state, modules, flags) and re-raise.
+
+    Inside another pass's block (merge_and_unload calls merge, then unload) no second snapshot
+    is taken: the outermost one restores everything, and `keep` goes to it.
+    """
+    outer = gm.__dict__.get(_ACTIVE_UNDO)
+    if outer is not None:
+        yield outer
+        return
     undo = Undo(gm)
+    gm.__dict__[_ACTIVE_UNDO] = undo
     try:
         yield undo
     except BaseException:
         undo.restore(gm)
         raise
+    finally:
+        gm.__dict__.pop(_ACTIVE_UNDO, None)
+
+
+def active_undo(gm: torch.fx.GraphModule) -> Undo | None:
+    """The snapshot of the outermost pass running on `gm`, if any."""
+    return gm.__dict__.get(_ACTIVE_UNDO)
 
 
 def transactional(pass_fn: _Pass) -> _Pass:
@@ -118,12 +147,18 @@ def transactional(pass_fn: _Pass) -> _Pass:
 
 
 def _copy_state(state: LoraState) -> LoraState:
-    """A copy whose containers are new; merge-undo values stay shared (they hold tensors)."""
-    fields = {
-        f.name: dict(getattr(state, f.name))
-        if f.name == "merge_undo"
-        else copy.deepcopy(getattr(state, f.name))
-        for f in dataclasses.fields(LoraState)
+    """A copy whose containers are new; what passes replace but never edit stays shared.
+
+    Passes edit `AdapterRecord.merged` / `.config` / `.sites[...]`, the active list, the owned set
+    and the merge-undo dict; they replace configs and `SiteRecord`s rather than edit them, and
+    merge-undo values hold tensors (never copied).
+    """
+    fields = {f.name: copy.copy(getattr(state, f.name)) for f in dataclasses.fields(LoraState)}
+    fields["adapters"] = {
+        name: dataclasses.replace(
+            record, sites=dict(record.sites), modules_to_save=list(record.modules_to_save)
+        )
+        for name, record in state.adapters.items()
     }
     return LoraState(**fields)
 
@@ -151,3 +186,34 @@ def _all_parameters(
             if p is not None:
                 seen.setdefault(id(p), p)
     return list(seen.values())
+
+
+class _GraphRecord:
+    """The graph's nodes as (node, op, target, args, kwargs, name, type, meta): cheap to take.
+
+    Copying a Graph builds every node anew (~10 us each); recording references is ~1 us, and the
+    graph is rebuilt only when a pass fails. Args keep the old Node objects, mapped on rebuild.
+    """
+
+    def __init__(self, graph: torch.fx.Graph) -> None:
+        self._tracer_cls = graph._tracer_cls
+        self._codegen = graph._codegen
+        self._pytree_info = getattr(graph._codegen, "pytree_info", None)
+        self._nodes = [
+            (n, n.op, n.target, n.args, n.kwargs, n.name, n.type, dict(n.meta)) for n in graph.nodes
+        ]
+
+    def rebuild(self) -> torch.fx.Graph:
+        """A new Graph with the recorded nodes, names, meta and call signature."""
+        graph = torch.fx.Graph(tracer_cls=self._tracer_cls)
+        if self._pytree_info is not None:
+            self._codegen.pytree_info = self._pytree_info
+        graph._codegen = self._codegen
+        new: dict[torch.fx.Node, torch.fx.Node] = {}
+        for node, op, target, args, kwargs, name, type_, meta in self._nodes:
+            args = torch.fx.map_arg(args, new.__getitem__)
+            kwargs = torch.fx.map_arg(kwargs, new.__getitem__)
+            made = graph.create_node(op, target, args, kwargs, name=name, type_expr=type_)
+            made.meta = meta
+            new[node] = made
+        return graph

@@ -21,18 +21,15 @@ Rules:
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.fx
 
 from lora_fx.core import graph as _graph
-from lora_fx.core.keys import modules_to_save_path
+from lora_fx.core.keys import HOLDERS, modules_to_save_path
 from lora_fx.core.state import LORA_META, LoraState, get_state
 from lora_fx.passes._branch import insert_branch, remove_branches
 from lora_fx.passes._emit import point_module_copies
 from lora_fx.sites import all_sites
-from lora_fx.sites.kinds import lora_paths
 
 __all__ = ["MASK_BUFFER", "check_batch_rows", "sync"]
 
@@ -70,11 +67,12 @@ def _set_trainable(gm: torch.fx.GraphModule, state: LoraState) -> None:
     """Active adapters' tensors and module copies require grad; inactive ones are frozen."""
     for name, record in state.adapters.items():
         on = name in state.active
-        for fqn, rec in record.sites.items():
-            paths = lora_paths(rec.kind, fqn, name)
-            for path in (paths.a, paths.b, paths.b_bias, paths.magnitude):
-                with contextlib.suppress(AttributeError):  # b_bias / magnitude may not exist
-                    _graph.get_attr(gm, path).requires_grad_(on)
+        for fqn in record.sites:
+            children = gm.get_submodule(fqn)._modules
+            for holder in HOLDERS:  # A, B (and B's bias), DoRA's magnitude: whatever this site has
+                container = children.get(holder)
+                if container is not None and name in container:
+                    container[name].requires_grad_(on)
         for path in record.modules_to_save:
             gm.get_submodule(modules_to_save_path(path, name)).requires_grad_(on)
 

@@ -6,6 +6,10 @@ Keys are PEFT's (`base_model.model.<site>.lora_A.weight`, see `core/keys.py`), s
 
 Rules:
 1. Files are written to a temporary name and renamed into place: a failed save leaves no half file.
+   Both are written first, then renamed back to back, the weights first; the weights record the
+   sha256 of their config in the safetensors header, so a folder killed between the two renames
+   (new weights, old config) is refused on load, never mixed (`core/files.py` rule 2). PEFT
+   ignores that metadata; folders without it (PEFT's) load unchecked.
 2. Files are read with safetensors, or `torch.load(weights_only=True)` for `adapter_model.bin`.
 3. `load_adapter` checks every key and shape against the graph before changing anything; missing,
    unexpected or mis-shaped tensors raise `AdapterError` and leave the graph as it was.
@@ -34,9 +38,11 @@ from lora_fx.capture import as_graph_module
 from lora_fx.config import LoraConfig
 from lora_fx.core import graph as _graph
 from lora_fx.core.files import (
+    CONFIG_DIGEST_KEY,
     CONFIG_NAME,
     SAFETENSORS_NAME,
-    atomic_write,
+    atomic_writes,
+    config_digest,
     read_adapter_folder,
 )
 from lora_fx.core.state import SiteRecord, require_state, state_or_none
@@ -50,7 +56,7 @@ from lora_fx.passes._file_keys import (
 from lora_fx.passes._rollback import rollback_on_error
 from lora_fx.passes.hotswap import hotswap_adapter
 from lora_fx.passes.inject import inject, site_record
-from lora_fx.passes.replicate import REPLICATION_META, tentative_replication
+from lora_fx.passes.replicate import REPLICATION_META, apply_replication
 from lora_fx.sites import all_sites, find_sites, match_modules_to_save
 
 __all__ = ["load_adapter", "save_adapter"]
@@ -109,13 +115,17 @@ def save_adapter(
         config["layer_replication"] = gm.meta[REPLICATION_META]["layer_replication"]
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(
-        folder / SAFETENSORS_NAME,
-        lambda f: safetensors.torch.save_file(tensors, f, {"format": "pt"}),
-    )
-    atomic_write(
-        folder / CONFIG_NAME,
-        lambda f: Path(f).write_text(json.dumps(config, indent=2, sort_keys=True)),
+    # The weights name their config (core/files.py rule 2); both files are written, then renamed
+    # back to back, the weights first. The weights are serialized here: safetensors' save_file
+    # writes through a `.tmpXXXXXX` file of its own (mode 0600) that a kill would leave behind.
+    text = json.dumps(config, indent=2, sort_keys=True)
+    metadata = {"format": "pt", CONFIG_DIGEST_KEY: config_digest(json.loads(text))}
+    weights = safetensors.torch.save(tensors, metadata)
+    atomic_writes(
+        {
+            folder / SAFETENSORS_NAME: lambda f: Path(f).write_bytes(weights),
+            folder / CONFIG_NAME: lambda f: Path(f).write_text(text),
+        }
     )
     log.info("save_adapter: %r -> %s (%d tensors)", adapter_name, folder, len(tensors))
 
@@ -158,7 +168,8 @@ def load_adapter(
     # All or nothing: a new adapter's sites are named on the replicated graph; a failure in
     # planning, inject or the writes puts the graph, its state and overwritten tensors back.
     replication = None if existing else cfg.layer_replication
-    with rollback_on_error(gm) as undo, tentative_replication(gm, replication):
+    with rollback_on_error(gm) as undo:
+        apply_replication(gm, replication)  # a new adapter's sites: the new layer indices
         if existing:
             record = state.adapters[adapter_name]
             if record.merged:

@@ -51,7 +51,7 @@ from lora_fx.passes._base_init import init_from_base
 from lora_fx.passes._dora import add_magnitude
 from lora_fx.passes._rollback import rollback_on_error
 from lora_fx.passes._sync import sync
-from lora_fx.passes.replicate import tentative_replication
+from lora_fx.passes.replicate import apply_replication
 from lora_fx.sites import Site, find_sites, match_modules_to_save
 from lora_fx.sites.kinds import kind_of
 
@@ -101,13 +101,13 @@ def inject(
     _check_request(gm, cfg, adapter_name)
     # All or nothing from here: a failing init or DoRA magnitude also takes back the replication.
     with rollback_on_error(gm) as undo:
-        with tentative_replication(gm, cfg.layer_replication):  # sites get the new layer indices
-            sites = find_sites(gm, cfg)
-            saved_modules = (
-                match_modules_to_save(gm, cfg.modules_to_save) if cfg.modules_to_save else []
-            )
-            _warn_fan_in_fan_out(cfg, sites)
-            records = {site.fqn: site_record(cfg, site) for site in sites}
+        apply_replication(gm, cfg.layer_replication)  # sites get the new layer indices
+        sites = find_sites(gm, cfg)
+        saved_modules = (
+            match_modules_to_save(gm, cfg.modules_to_save) if cfg.modules_to_save else []
+        )
+        _warn_fan_in_fan_out(cfg, sites)
+        records = {site.fqn: site_record(cfg, site) for site in sites}
 
         # apply
         state = get_state(gm)

@@ -29,6 +29,7 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import warnings
@@ -50,7 +51,7 @@ from lora_fx.core.state import (
 from lora_fx.errors import AdapterError, MergeError
 from lora_fx.passes import _fold
 from lora_fx.passes._branch import remove_branches
-from lora_fx.passes._rollback import transactional
+from lora_fx.passes._rollback import active_undo, transactional
 from lora_fx.passes._sync import sync
 from lora_fx.sites import Site, all_sites
 from lora_fx.sites.kinds import kind_of
@@ -112,18 +113,17 @@ def merge(
     quantized: list[tuple[str, str]] = []
     remove_branches(gm)  # the "weight" layout reads W through its own nodes; sync rebuilds
     readers = _graph.tensor_readers(gm)
-    folded: list[tuple[str, Site, SiteRecord]] = []
-    try:
-        for name, site, rec in plan:
-            site = _untie_if_shared(gm, site, state, readers)
-            report[(name, site.fqn)] = _fold.fold(gm, site, name, rec, state)
-            folded.append((name, site, rec))
-            if _fold.is_quantized_site(gm, site):
-                quantized.append((name, site.fqn))
-    except BaseException:
-        for name, site, rec in reversed(folded):  # weights back; `transactional` does the rest
-            _fold.unfold(gm, site, name, rec, state)
-        raise
+    undo = active_undo(gm)
+    for name, site, rec in plan:
+        shared = _graph.get_attr(gm, site.weight)
+        site = _untie_if_shared(gm, site, state, readers)
+        # If this pass (or one that called it) fails later, the fold comes back out; a private
+        # copy of a tied weight just goes with the module tree.
+        if _graph.get_attr(gm, site.weight) is shared:
+            undo.on_restore(functools.partial(_unfold_if_folded, gm, site, name, rec, state))
+        report[(name, site.fqn)] = _fold.fold(gm, site, name, rec, state)
+        if _fold.is_quantized_site(gm, site):
+            quantized.append((name, site.fqn))
     for name in names:
         state.adapters[name].merged = True
     gm.meta[MERGE_REPORT_META] = report
@@ -187,8 +187,12 @@ def unmerge(
         else [n for n in resolve_adapters(state, adapter_names) if n in merged]
     )
     sites = all_sites(gm)
+    undo = active_undo(gm)
     for name, fqn in _unfold_order(state, names):
-        _fold.unfold(gm, sites[fqn], name, state.adapters[name].sites[fqn], state)
+        rec = state.adapters[name].sites[fqn]
+        # If this pass (or one that called it) fails later, the delta goes back in.
+        undo.on_restore(functools.partial(_fold_if_unfolded, gm, sites[fqn], name, rec, state))
+        _fold.unfold(gm, sites[fqn], name, rec, state)
     for name in names:
         state.adapters[name].merged = False
     sync(gm)  # active branches come back, in activation order
@@ -203,6 +207,22 @@ def merge_report(gm: torch.fx.GraphModule) -> dict[str, float]:
     """
     kept = gm.meta.get(MERGE_REPORT_META, {})  # by (adapter, site); shown as "adapter:site"
     return {f"{adapter}:{site}": loss for (adapter, site), loss in kept.items()}
+
+
+def _unfold_if_folded(
+    gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord, state: LoraState
+) -> None:
+    """Rollback of one fold: unfold it if it is still in the weights (its undo entry says so)."""
+    if (adapter, site.fqn) in state.merge_undo:
+        _fold.unfold(gm, site, adapter, rec, state)
+
+
+def _fold_if_unfolded(
+    gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord, state: LoraState
+) -> None:
+    """Rollback of one unfold: fold the delta back in if it is out of the weights."""
+    if (adapter, site.fqn) not in state.merge_undo:
+        _fold.fold(gm, site, adapter, rec, state)
 
 
 def _unfold_order(state: LoraState, names: list[str]) -> list[tuple[str, str]]:

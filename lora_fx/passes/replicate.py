@@ -34,7 +34,6 @@ Rules:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import warnings
@@ -54,7 +53,7 @@ from lora_fx.core.state import state_or_none
 from lora_fx.errors import ReplicationError
 from lora_fx.passes._rollback import transactional
 
-__all__ = ["REPLICATION_META", "replicate_layers", "tentative_replication"]
+__all__ = ["REPLICATION_META", "apply_replication", "replicate_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -126,23 +125,13 @@ def replicate_layers(
     return gm
 
 
-@contextlib.contextmanager
-def tentative_replication(
-    gm: torch.fx.GraphModule, layer_replication: list[list[int]] | None
-) -> Iterator[None]:
-    """Replicate for the plan phase of a pass; if the `with` body raises, restore the graph.
+def apply_replication(gm: torch.fx.GraphModule, layer_replication: list[list[int]] | None) -> bool:
+    """Replicate for `inject` / `load_adapter`, whose sites are named by the new layer indices.
 
-    `inject` and `load_adapter` must match sites on the replicated graph (they are named by new
-    layer index) yet leave `gm` as it was when planning fails. Does nothing when
-    `layer_replication` is empty or was already applied.
+    They run it inside their rollback (`_rollback.py`), which takes it back if they fail. Does
+    nothing when `layer_replication` is empty or was already applied; returns whether it acted.
     """
-    undo = _replicate(gm, layer_replication, None) if layer_replication else None
-    try:
-        yield
-    except BaseException:
-        if undo is not None:
-            undo()
-        raise
+    return bool(layer_replication) and _replicate(gm, layer_replication, None) is not None
 
 
 def _replicate(
