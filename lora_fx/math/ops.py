@@ -151,7 +151,9 @@ def add_low_rank_(
     with torch.no_grad():
         if weight.dtype == dtype:
             add(weight, left, right, alpha=alpha)  # BLAS writes W in place: C <- C + alpha A @ B
-            return 0.0 if math.isfinite(_low_rank_norm_sq(left, right) * alpha**2) else math.nan
+            # Non-finite factors made a non-finite delta (two small reductions, no product).
+            finite = bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all())
+            return 0.0 if finite and math.isfinite(alpha) else math.nan
         # Chunk rows (dim -2): a chunk is [E, rows, n]. Two flat buffers in `dtype` serve all
         # chunks: the exact sum, and the written values read back (a same-dtype sub_ is ~1.5x
         # faster than subtracting the bf16 chunk directly, which casts it to a hidden temporary).
