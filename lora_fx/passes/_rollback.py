@@ -27,6 +27,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import gc
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -189,19 +190,28 @@ def _all_parameters(
 
 
 class _GraphRecord:
-    """The graph's nodes as (node, op, target, args, kwargs, name, type, meta): cheap to take.
+    """The graph's nodes and what passes change on a node (target, args, kwargs): cheap to take.
 
-    Copying a Graph builds every node anew (~10 us each); recording references is ~1 us, and the
-    graph is rebuilt only when a pass fails. Args keep the old Node objects, mapped on rebuild.
+    Copying a Graph builds every node anew (~10 us each). Here the record is a few flat lists of
+    references, taken with the garbage collector paused (the allocations would otherwise trigger
+    collections over the whole heap); the graph is rebuilt only when a pass fails. A node's op,
+    name, type and meta are read back from the Node itself (an erased Node keeps them).
     """
 
     def __init__(self, graph: torch.fx.Graph) -> None:
         self._tracer_cls = graph._tracer_cls
         self._codegen = graph._codegen
         self._pytree_info = getattr(graph._codegen, "pytree_info", None)
-        self._nodes = [
-            (n, n.op, n.target, n.args, n.kwargs, n.name, n.type, dict(n.meta)) for n in graph.nodes
-        ]
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            self._nodes = list(graph.nodes)
+            self._targets = [n.target for n in self._nodes]
+            self._args = [n.args for n in self._nodes]
+            self._kwargs = [n.kwargs for n in self._nodes]
+        finally:
+            if paused:
+                gc.enable()
 
     def rebuild(self) -> torch.fx.Graph:
         """A new Graph with the recorded nodes, names, meta and call signature."""
@@ -210,10 +220,13 @@ class _GraphRecord:
             self._codegen.pytree_info = self._pytree_info
         graph._codegen = self._codegen
         new: dict[torch.fx.Node, torch.fx.Node] = {}
-        for node, op, target, args, kwargs, name, type_, meta in self._nodes:
+        records = zip(self._nodes, self._targets, self._args, self._kwargs, strict=True)
+        for node, target, args, kwargs in records:
             args = torch.fx.map_arg(args, new.__getitem__)
             kwargs = torch.fx.map_arg(kwargs, new.__getitem__)
-            made = graph.create_node(op, target, args, kwargs, name=name, type_expr=type_)
-            made.meta = meta
+            made = graph.create_node(
+                node.op, target, args, kwargs, name=node.name, type_expr=node.type
+            )
+            made.meta = node.meta
             new[node] = made
         return graph
