@@ -5,8 +5,9 @@
 
 Variants (same model, same PEFT adapter: all-linear, r=8, init_lora_weights=False; greedy):
 1. `peft eager`: PeftModel.generate, transformers' dynamic cache.
-2. `peft static+compile`: PeftModel.generate with `cache_implementation="static"` (transformers
-   compiles the decode step itself; its compile time is left out of the timed runs).
+2. `peft static+compile`: PeftModel.generate with `cache_implementation="static"` and a
+   `CompileConfig` (transformers then compiles its decode step with inductor, on CPU too; its
+   compile time is left out of the timed runs).
 3. `lora_fx eager`: lora_fx.generate on capture_for_generation's graph with the adapter loaded.
 4. `lora_fx compiled`: the same graph under torch.compile (inductor); compiles counted.
 5. `genai merged` / `genai multi-LoRA`: onnxruntime-genai on export_genai's folders (when
@@ -84,8 +85,12 @@ def _variants(base, args, ids, folder) -> tuple[dict[str, Callable], dict[str, A
     def peft_run(clock, **kw):
         with torch.no_grad():
             return pm.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=args.new, do_sample=False,
-                streamer=clock, **kw,
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=args.new,
+                do_sample=False,
+                streamer=clock,
+                **kw,
             )
 
     gm = lora_fx.capture_for_generation(
@@ -96,8 +101,13 @@ def _variants(base, args, ids, folder) -> tuple[dict[str, Callable], dict[str, A
     held = sum(b.numel() * b.element_size() for n, b in gm.named_buffers() if "kv_cache" in n)
     facts["kv_cache_bytes"] = held
     facts["kv_cache_bytes_theory"] = (
-        2 * spec.num_layers * spec.max_batch_size * spec.num_kv_heads * spec.max_cache_len
-        * spec.head_dim * 4
+        2
+        * spec.num_layers
+        * spec.max_batch_size
+        * spec.num_kv_heads
+        * spec.max_cache_len
+        * spec.head_dim
+        * 4
     )
 
     def fx_run(graph):
@@ -116,12 +126,17 @@ def _variants(base, args, ids, folder) -> tuple[dict[str, Callable], dict[str, A
         facts["lora_fx compiled: first call s"] = time.perf_counter() - start
         variants["lora_fx compiled"] = fx_run(compiled)
         facts["counter"] = counter
+        from transformers import CompileConfig
+
+        # transformers compiles the decode step itself only on GPUs unless told to
+        static = {
+            "cache_implementation": "static",
+            "compile_config": CompileConfig(mode="default", _compile_all_devices=True),
+        }
         start = time.perf_counter()
-        peft_run(_Clock(), cache_implementation="static")
+        peft_run(_Clock(), **static)
         facts["peft static+compile: first call s"] = time.perf_counter() - start
-        variants["peft static+compile"] = lambda clock: peft_run(
-            clock, cache_implementation="static"
-        )
+        variants["peft static+compile"] = lambda clock: peft_run(clock, **static)
     variants.update(_genai_variants(gm, ids, args, folder))
     return variants, facts
 
@@ -191,7 +206,9 @@ def report(result: dict[str, Any]) -> str:
             table(["variant", "TTFT ms", "decode tok/s", "vs peft eager", "tokens = peft"], rows)
         )
         extras = {k: v for k, v in entry.items() if k not in ("batch", "variants")}
-        lines += [f"  {k}: {v:.3g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in extras.items()]
+        lines += [
+            f"  {k}: {v:.3g}" if isinstance(v, float) else f"  {k}: {v}" for k, v in extras.items()
+        ]
     return "\n".join(lines)
 
 
