@@ -1,7 +1,7 @@
 """Text generation with a LoRA adapter: time to first token and decode tokens/s, side by side.
 
-    python benchmarks/bench_generate.py            # 4-layer Llama-like, prompt 128, 64 new, batch 1 and 8
-    python benchmarks/bench_generate.py --quick    # smoke mode: 2 layers, prompt 16, 8 new, no inductor
+    python benchmarks/bench_generate.py          # 4-layer Llama-like: prompt 128, 64 new, b 1, 8
+    python benchmarks/bench_generate.py --quick  # smoke: 2 layers, prompt 16, 8 new, no inductor
 
 Variants (same model, same PEFT adapter: all-linear, r=8, init_lora_weights=False; greedy):
 1. `peft eager`: PeftModel.generate, transformers' dynamic cache.
