@@ -4,7 +4,7 @@
 
     * the cache is one pair of buffers per layer on the graph, `lora_fx_kv_cache.key_<i>` /
       `value_<i>`, each [max_batch_size, kv_heads, max_cache_len, head_dim], written in place
-      (`index_copy_`) at slots k-s .. k-1;
+      (`index_put_` on the whole buffer, rows 0..b-1) at slots k-s .. k-1;
     * `attention_mask` is the 2D padding mask of every token seen so far, this call's included
       (k = tokens in the cache after the call), as `model.generate` and onnxruntime-genai pass it;
     * one graph serves prefill (s = prompt length) and decode (s = 1): batch, s and k are dynamic.
@@ -19,7 +19,10 @@ Rules and edge cases:
 3. The mask's key positions come from the padded mask itself (`cumsum(ones_like(...))`), so the
    ONNX rewrite that swaps the cache for past/present inputs only drops the padding op.
 4. Sliding-window models: the window is applied when every layer uses it; mixed layers are refused.
-5. The capture runs the model with a lora_fx attention function registered in transformers'
+5. The write indexes the whole buffer rather than a batch slice of it: a slice would be written
+   back whole (`slice_scatter`) by torch.compile's functionalization, a copy of the cache per
+   layer and step (decode at batch 8 took twice as long).
+6. The capture runs the model with a lora_fx attention function registered in transformers'
    `AttentionInterface`; the model's own setting is restored afterwards.
 """
 
@@ -193,11 +196,16 @@ class _GraphCache:
         cache_kwargs: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this call's keys/values at their slots; return the whole cache of these rows."""
-        rows = key_states.shape[0]
-        keys, values = self.keys[layer_idx][:rows], self.values[layer_idx][:rows]
-        keys.index_copy_(2, self.slots, key_states.to(keys.dtype))
-        values.index_copy_(2, self.slots, value_states.to(values.dtype))
-        return keys, values
+        rows, heads = key_states.shape[0], key_states.shape[1]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        where = (
+            torch.arange(rows, device=keys.device)[:, None, None],
+            torch.arange(heads, device=keys.device)[None, :, None],
+            self.slots[None, None, :],
+        )
+        keys.index_put_(where, key_states.to(keys.dtype))
+        values.index_put_(where, value_states.to(values.dtype))
+        return keys[:rows], values[:rows]
 
 
 class _CachedLM(nn.Module):
