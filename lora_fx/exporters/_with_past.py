@@ -85,9 +85,13 @@ def past_onnx_names(spec: GenerationSpec) -> PastIO:
 
 
 def past_example_inputs(
-    spec: GenerationSpec, *, batch: int = 2, past: int = 3, seq: int = 2
+    spec: GenerationSpec, *, past: int = 3, seq: int = 2
 ) -> tuple[torch.Tensor, ...]:
-    """Example inputs with sizes all different and > 1, so that no dimension specializes."""
+    """Example inputs with sizes all different and > 1, so that no dimension specializes.
+
+    The batch is 1 for a graph captured with `max_batch_size=1` (its batch is static), else 2.
+    """
+    batch = min(2, spec.max_batch_size)
     total = past + seq
     ids = torch.zeros(batch, seq, dtype=torch.long)
     mask = torch.ones(batch, total, dtype=torch.long)
@@ -101,16 +105,20 @@ def past_example_inputs(
 
 
 def past_dynamic_shapes(spec: GenerationSpec) -> dict[str, dict[int, object]]:
-    """Batch, sequence and past length dynamic; the mask's length follows (past + sequence)."""
+    """Sequence and past length dynamic, batch too unless captured static (`max_batch_size=1`).
+
+    The mask's length is `Dim.AUTO`: export finds it equal to past + sequence.
+    """
     dim = torch.export.Dim
-    batch, seq, past = dim("batch_size"), dim("sequence_length"), dim("past_sequence_length")
+    seq, past = dim("sequence_length"), dim("past_sequence_length")
+    rows = {0: dim("batch_size")} if spec.max_batch_size > 1 else {}
     shapes: dict[str, dict[int, object]] = {
-        "input_ids": {0: batch, 1: seq},
-        "attention_mask": {0: batch, 1: dim.AUTO},
-        "position_ids": {0: batch, 1: seq},
+        "input_ids": {**rows, 1: seq},
+        "attention_mask": {**rows, 1: dim.AUTO},
+        "position_ids": {**rows, 1: seq},
     }
     for name in list(past_onnx_names(spec).inputs)[len(_GRAPH_INPUTS) :]:
-        shapes[name] = {0: batch, 2: past}
+        shapes[name] = {**rows, 2: past}
     return shapes
 
 

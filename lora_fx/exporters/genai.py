@@ -12,8 +12,9 @@
 
 Rules:
 1. `model.type` is the graph's `model_type` when onnxruntime-genai runs it as a plain decoder
-   (`GENAI_MODEL_TYPES`), else `"decoder"`, genai's generic decoder-only type; the decoder's
-   names and sizes are written explicitly, so genai reads nothing from the type but defaults.
+   (`GENAI_MODEL_TYPES`: llama, mistral, qwen2), else `"decoder"`, genai's generic decoder-only
+   type (GPT-2: genai's "gpt2" type expects another graph). The decoder's names and sizes are
+   written explicitly, so genai takes nothing from the type but defaults.
 2. `context_length` and `search.max_length` are the capture's `max_cache_len`. The cache is not
    shared between past and present (`past_present_share_buffer: false`): the file's present
    outputs are `cat(past, new)`, one token longer than their past.
@@ -50,9 +51,10 @@ __all__ = ["GENAI_MODEL_TYPES", "GenaiExport", "export_genai", "genai_config"]
 
 log = logging.getLogger(__name__)
 
-# Types onnxruntime-genai 0.18 runs with the plain decoder pipeline (checked by tests for the
-# ones lora_fx captures: llama, qwen2, mistral, gpt2).
-GENAI_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "granite", "olmo", "gpt2")
+# `model_type`s written as such: onnxruntime-genai 0.18 runs them with its decoder pipeline and
+# the names given (tests check each). Others are written as "decoder": genai's own "gpt2" type
+# expects another graph (it asks for an input with an empty name).
+GENAI_MODEL_TYPES = ("llama", "mistral", "qwen2")
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "genai_config.json"
 _TOKENIZER_FILES = (
