@@ -47,7 +47,13 @@ from lora_fx.exporters._with_past import require_generation_spec
 from lora_fx.exporters.onnx import OnnxExport, export_onnx
 from lora_fx.exporters.ort import ADAPTER_SUFFIX, write_ort_adapter
 
-__all__ = ["GENAI_MODEL_TYPES", "GenaiExport", "export_genai", "genai_config"]
+__all__ = [
+    "GENAI_MODEL_TYPES",
+    "TOKENIZER_FILES",
+    "GenaiExport",
+    "export_genai",
+    "genai_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +63,7 @@ log = logging.getLogger(__name__)
 GENAI_MODEL_TYPES = ("llama", "mistral", "qwen2")
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "genai_config.json"
-_TOKENIZER_FILES = (
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -266,11 +272,11 @@ def _tokenizer_files(folder: str | os.PathLike | None) -> list[Path]:
     if folder is None:
         return []
     path = Path(folder)
-    files = [path / name for name in _TOKENIZER_FILES if (path / name).is_file()]
+    files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
     if not files:
         raise OnnxExportError(
             f"tokenizer_dir={str(path)!r} has no tokenizer files (looked for "
-            f"{list(_TOKENIZER_FILES[:3])}, ...); save the tokenizer there with "
+            f"{list(TOKENIZER_FILES[:3])}, ...); save the tokenizer there with "
             "tokenizer.save_pretrained, or omit tokenizer_dir"
         )
     return files
