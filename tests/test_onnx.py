@@ -795,3 +795,30 @@ def test_with_past_refuses_stacked_and_example_args(generation_graph, tmp_path):
     ids = torch.zeros(1, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="pass args=None"):
         export_onnx(generation_graph, (ids, ids, ids), tmp_path / "m.onnx", with_past=True)
+
+
+def test_with_past_runs_past_the_captured_cache_length(tmp_path):
+    # Nothing in the file is sized by max_cache_len: 40 + 2 tokens through a graph captured
+    # with an 8-token cache give the eager model's logits.
+    model = tiny_llama().eval()
+    gm = lora_fx.capture_for_generation(model, max_batch_size=2, max_cache_len=8)
+    result = export_onnx(gm, None, tmp_path / "decoder.onnx", with_past=True)
+    session = ort_session(result.path, device="cpu")
+    ids = torch.randint(3, 256, (2, 42))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    prompt, rest = ids[:, :40], ids[:, 40:]
+    past = {name: np.zeros((2, 2, 0, 16), np.float32) for name in PAST_NAMES}
+    feed = {"input_ids": prompt.numpy(), "attention_mask": np.ones((2, 40), np.int64)}
+    feed["position_ids"] = np.arange(40)[None].repeat(2, 0)
+    logits, *presents = session.run(None, {**feed, **past})
+    assert_close(torch.from_numpy(logits), expected[:, :40])
+    assert presents[0].shape == (2, 2, 40, 16)
+    for step in range(2):
+        feed = {"input_ids": rest[:, step : step + 1].numpy()}
+        feed["attention_mask"] = np.ones((2, 41 + step), np.int64)
+        feed["position_ids"] = np.full((2, 1), 40 + step)
+        logits, *presents = session.run(
+            None, {**feed, **dict(zip(PAST_NAMES, presents, strict=True))}
+        )
+        assert_close(torch.from_numpy(logits[:, 0]), expected[:, 40 + step])

@@ -20,7 +20,10 @@ Rules:
    re-traces with a dynamic `past_sequence_length`, which would fail on any op that still did.
 5. Export's `_guards_fn` of the capture checks sizes against the static cache; it is dropped.
 6. ONNX names with dots (`past_key_values.0.key`) are not Python identifiers: placeholders are
-   `past_key_values_0_key`, outputs are renamed at the ONNX stage (`io_names`).
+   `past_key_values_0_key`; `torch.onnx.export(input_names=, output_names=)` names the file's
+   inputs and outputs (`PastIO`), and `name_past_dims` names the mask's length dimension.
+7. A graph captured with `max_batch_size=1` has its batch baked into views: the file's batch is
+   static 1. Otherwise the batch is dynamic and no longer bounded by `max_batch_size` (no buffer).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import onnx_ir as ir
 import torch
 import torch.fx
 
-from lora_fx.capture.generation import GenerationSpec, generation_spec
+from lora_fx.capture.generation import CACHE_MODULE, GenerationSpec, generation_spec
 from lora_fx.errors import OnnxExportError
 
 __all__ = [
@@ -229,7 +232,7 @@ def _check_no_cache_length(graph: torch.fx.Graph, spec: GenerationSpec) -> None:
     """Refuse shape arithmetic on the static cache length that survived the rewrite (rule 4)."""
     length = spec.max_cache_len
     for node in graph.nodes:
-        if node.op == "get_attr" and node.target.startswith(spec.key_buffer(0).split(".")[0]):
+        if node.op == "get_attr" and node.target.startswith(f"{CACHE_MODULE}."):
             raise OnnxExportError(f"with_past: the graph still reads {node.target!r}")
         arithmetic = node.op == "call_function" and node.target in (operator.sub, operator.add)
         if arithmetic and length in node.args:

@@ -28,6 +28,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -177,7 +178,7 @@ def export_genai(
     data = target / model.data_path.name if model.data_path else None
     result = GenaiExport(
         folder=target,
-        model=OnnxExport(**{**model.__dict__, "path": target / MODEL_FILE, "data_path": data}),
+        model=dataclasses.replace(model, path=target / MODEL_FILE, data_path=data),
         config=config,
         adapters=adapters,
         tokenizer_files=tuple(f.name for f in tokenizer_files),

@@ -8,6 +8,8 @@
       "inputs"             y + B(A(x)); graph inputs `<site>.lora_A.weight`, ... with zero-rank
                            defaults, for ONNX Runtime adapters (`write_ort_adapter`)
       "stacked"            every adapter at once; input `adapter_index[batch]` picks one per row
+    with_past=True         a `capture_for_generation` graph as a decoder with past/present KV
+                           tensors (`_with_past.py`), for onnxruntime-genai (`genai.py`)
 
 Exporter: `torch.onnx.export(..., dynamo=True)`, the torch.export-based exporter. It is torch 2.13's
 default and maintained one, it reads the same ATen graph lora_fx rewrites, and it names
@@ -192,6 +194,8 @@ def export_onnx(
         >>> gm = lora_fx.capture(model, (ids,), {"use_cache": False})
         >>> gm = lora_fx.load_adapter(gm, "adapter/")
         >>> lora_fx.exporters.export_onnx(gm, (ids,), "model.onnx")   # merged
+        >>> gen = lora_fx.capture_for_generation(model, max_cache_len=256)
+        >>> lora_fx.exporters.export_onnx(gen, None, "decoder.onnx", with_past=True)
     """
     # plan
     gm = as_graph_module(gm)
