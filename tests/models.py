@@ -254,3 +254,17 @@ class Case:
     cfg: dict[str, Any]
     method: str = "export"
     kwargs: dict[str, Any] | None = None
+
+
+def save_tiny_tokenizer(folder, vocab_size: int = 256) -> None:
+    """A word-level fast tokenizer (`<unk>`, `<s>`, `</s>`, then `t3`, `t4`, ...) saved in `folder`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(folder)

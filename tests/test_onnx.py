@@ -668,3 +668,157 @@ def test_export_killed_at_random_moments_leaves_old_or_new(mlp, tmp_path):
     assert writes > 10, "the writer was killed before it wrote"
     data = _onnx_ir.save_atomic(models[1], dest, True)  # removes what the killed writers left
     assert sorted(p.name for p in dest.parent.iterdir()) == ["mlp.onnx", data.name]
+
+
+# ---- with_past: the generation graph as a decoder with past/present KV tensors ----------------
+
+PAST_NAMES = [f"past_key_values.{i}.{kind}" for i in (0, 1) for kind in ("key", "value")]
+
+
+@pytest.fixture(scope="module")
+def generation_graph():
+    """A tiny Llama captured for generation with two adapters: cat (all-linear), dog (q, v)."""
+    torch.manual_seed(0)
+    gm = lora_fx.capture_for_generation(tiny_llama().eval(), max_batch_size=3, max_cache_len=32)
+    _inject(gm, "all-linear", "cat")
+    _inject(gm, ["q_proj", "v_proj"], "dog", r=2, alpha=4)
+    return gm
+
+
+def _decode_with_past(session, gm, ids, mask, options=None, steps=3):
+    """Prefill then greedy decode in onnxruntime and in torch (static cache); both logits and
+    presents are compared at each step, real (not padding) query rows only."""
+    spec = gm.meta["lora_fx_generation"]
+    batch = ids.shape[0]
+    past = {
+        name: np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), np.float32)
+        for name in PAST_NAMES
+    }
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    for _ in range(steps + 1):
+        feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+        feed["position_ids"] = positions.numpy()
+        logits, *presents = session.run(None, {**feed, **past}, options)
+        expected = _torch(gm, ids, mask, positions)
+        real = mask[:, -ids.shape[1] :].bool()
+        assert_close(torch.from_numpy(logits)[real], expected[real])
+        total = mask.shape[1]
+        for name, present in zip(PAST_NAMES, presents, strict=True):
+            layer, kind = name.split(".")[1:]
+            buffer = getattr(gm.lora_fx_kv_cache, f"{kind}_{layer}")[:batch, :, :total]
+            assert_close(torch.from_numpy(present), buffer)
+        past = dict(zip(PAST_NAMES, presents, strict=True))
+        ids = torch.from_numpy(logits[:, -1].argmax(-1))[:, None]
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], 1)
+        positions = positions[:, -1:] + 1
+    return expected
+
+
+def _left_padded_prompts():
+    ids = torch.randint(3, 256, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    mask[2, :5] = 0
+    return ids, mask
+
+
+def test_with_past_merged_matches_torch_prefill_then_decode(generation_graph, tmp_path):
+    gm = generation_graph
+    lora_fx.set_adapter(gm, "cat")
+    result = export_onnx(gm, None, tmp_path / "decoder.onnx", with_past=True)
+    assert result.layout == "merged" and result.adapters == ("cat",)
+    assert not any(op.startswith("Lora") for op in result.op_counts)
+    ids, mask = _left_padded_prompts()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with lora_fx.disable_adapters(gm):
+        base = _torch(gm, ids, mask, positions)
+    assert_differs(_torch(gm, ids, mask, positions), base)  # the merged adapter matters
+    _decode_with_past(ort_session(result.path, device="cpu"), gm, ids, mask)
+
+
+def test_with_past_inputs_layout_serves_each_adapter_from_one_session(generation_graph, tmp_path):
+    gm = generation_graph
+    path = tmp_path / "decoder.onnx"
+    result = export_onnx(gm, None, path, merged=False, lora_layout="inputs", with_past=True)
+    assert result.adapters == ("cat", "dog")
+    session = ort_session(path, device="cpu")
+    ids, mask = _left_padded_prompts()
+    outs = {}
+    for name in ("cat", "dog"):
+        write_ort_adapter(gm, tmp_path / f"{name}.onnx_adapter", name, model=path)
+        lora_fx.set_adapter(gm, name)
+        options = ort_run_options(tmp_path / f"{name}.onnx_adapter")
+        outs[name] = _decode_with_past(session, gm, ids, mask, options, steps=2)
+    assert_differs(outs["cat"], outs["dog"])
+    lora_fx.set_adapter(gm, "cat")
+
+
+def test_with_past_names_inputs_outputs_and_dims_for_generation_runtimes(
+    generation_graph, tmp_path
+):
+    result = export_onnx(generation_graph, None, tmp_path / "decoder.onnx", with_past=True)
+    assert result.inputs == ("input_ids", "attention_mask", "position_ids", *PAST_NAMES)
+    presents = [name.replace("past_key_values", "present") for name in PAST_NAMES]
+    assert result.outputs == ("logits", *presents)
+    graph = onnx.load(str(result.path), load_external_data=False).graph
+    dims = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*graph.input, *graph.output]
+    }
+    assert dims["input_ids"] == ["batch_size", "sequence_length"]
+    assert dims["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert dims["past_key_values.1.value"] == ["batch_size", 2, "past_sequence_length", 16]
+    assert dims["present.0.key"] == ["batch_size", 2, "total_sequence_length", 16]
+    assert dims["logits"] == ["batch_size", "sequence_length", 256]
+    # no initializer is the cache: it is an input now
+    assert not any("kv_cache" in name for name in _initializers(result.path))
+
+
+def test_with_past_refuses_a_graph_without_kv_cache(tmp_path):
+    ids = torch.randint(0, 256, (1, 5))
+    gm = lora_fx.capture(tiny_llama().eval(), (ids,), HF_KW)
+    with pytest.raises(OnnxExportError, match=r"capture_for_generation.*with_past=False"):
+        export_onnx(gm, None, tmp_path / "m.onnx", with_past=True)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_with_past_refuses_stacked_and_example_args(generation_graph, tmp_path):
+    with pytest.raises(ValueError, match="not 'stacked'"):
+        export_onnx(
+            generation_graph,
+            None,
+            tmp_path / "m.onnx",
+            merged=False,
+            lora_layout="stacked",
+            with_past=True,
+        )
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="pass args=None"):
+        export_onnx(generation_graph, (ids, ids, ids), tmp_path / "m.onnx", with_past=True)
+
+
+def test_with_past_runs_past_the_captured_cache_length(tmp_path):
+    # Nothing in the file is sized by max_cache_len: 40 + 2 tokens through a graph captured
+    # with an 8-token cache give the eager model's logits.
+    model = tiny_llama().eval()
+    gm = lora_fx.capture_for_generation(model, max_batch_size=2, max_cache_len=8)
+    result = export_onnx(gm, None, tmp_path / "decoder.onnx", with_past=True)
+    session = ort_session(result.path, device="cpu")
+    ids = torch.randint(3, 256, (2, 42))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    prompt, rest = ids[:, :40], ids[:, 40:]
+    past = {name: np.zeros((2, 2, 0, 16), np.float32) for name in PAST_NAMES}
+    feed = {"input_ids": prompt.numpy(), "attention_mask": np.ones((2, 40), np.int64)}
+    feed["position_ids"] = np.arange(40)[None].repeat(2, 0)
+    logits, *presents = session.run(None, {**feed, **past})
+    assert_close(torch.from_numpy(logits), expected[:, :40])
+    assert presents[0].shape == (2, 2, 40, 16)
+    for step in range(2):
+        feed = {"input_ids": rest[:, step : step + 1].numpy()}
+        feed["attention_mask"] = np.ones((2, 41 + step), np.int64)
+        feed["position_ids"] = np.full((2, 1), 40 + step)
+        logits, *presents = session.run(
+            None, {**feed, **dict(zip(PAST_NAMES, presents, strict=True))}
+        )
+        assert_close(torch.from_numpy(logits[:, 0]), expected[:, 40 + step])

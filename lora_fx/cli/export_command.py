@@ -49,6 +49,8 @@ def run_export_onnx(args: argparse.Namespace) -> int:
     layout = args.layout or ("initializers" if args.unmerged else "merged")
     if args.unmerged and layout == "merged":
         raise ValueError("--unmerged contradicts --layout merged")
+    if args.genai:
+        return _run_genai(args, layout)
     out = Path(args.out)
     adapters = [_adapter_arg(text) for text in args.adapter]
     adapter_names = [f"{out.stem}.{name}.onnx_adapter" for name, _ in adapters]
@@ -94,6 +96,62 @@ def run_export_onnx(args: argparse.Namespace) -> int:
     adapter_files = [out.with_name(name) for name in adapter_names]
     _print_summary(result, source, adapters, adapter_files, check, time.perf_counter() - start)
     return 0
+
+
+def _run_genai(args: argparse.Namespace, layout: str) -> int:
+    """`--genai OUT_DIR`: capture for generation, load adapters, `export_genai`, summary."""
+    import torch
+
+    import lora_fx
+    from lora_fx.exporters.genai import export_genai
+
+    if layout not in ("merged", "inputs"):
+        raise ValueError(
+            f"--genai serves --layout merged or inputs (adapters chosen per request), "
+            f"not {layout!r}"
+        )
+    out = Path(args.genai)
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise OnnxExportError(f"{str(out)!r} exists and is not empty; pass --force to replace it")
+    adapters = [_adapter_arg(text) for text in args.adapter]
+    if layout == "inputs" and not adapters:
+        raise ValueError("--layout inputs with --genai needs at least one --adapter")
+    start = time.perf_counter()
+    model, source = _load_model(args.model, getattr(torch, args.dtype))
+    gm = lora_fx.capture_for_generation(
+        model, max_batch_size=args.batch, max_cache_len=args.context_length
+    )
+    for name, folder in adapters:
+        lora_fx.load_adapter(gm, folder, adapter_name=name)
+    if adapters:
+        lora_fx.set_adapter(gm, [name for name, _ in adapters])  # merged: fold them all
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = args.model if args.model and _has_tokenizer(Path(args.model)) else None
+    result = export_genai(
+        gm,
+        out,
+        merged=layout == "merged",
+        tokenizer_dir=tokenizer,
+        opset=args.opset,
+        overwrite=args.force,
+    )
+    seconds = time.perf_counter() - start
+    print(f"wrote {result.folder} for onnxruntime-genai in {seconds:.1f} s")
+    print(f"  model           {source}")
+    print(f"  genai type      {result.config['model']['type']}, context {args.context_length}")
+    print(f"  layout          {result.model.layout}, adapters {list(result.model.adapters)}")
+    for name, path in result.adapters.items():
+        print(f"  ORT adapter     {name}: {path}")
+    tokenizer_files = ", ".join(result.tokenizer_files) or "none (no tokenizer in --model)"
+    print(f"  tokenizer       {tokenizer_files}")
+    return 0
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    """Whether a model folder holds tokenizer files to copy."""
+    from lora_fx.exporters.genai import TOKENIZER_FILES
+
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
 def _check_out(out: Path, siblings: list[str], *, force: bool) -> None:

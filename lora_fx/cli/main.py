@@ -114,6 +114,8 @@ examples:
   lora-fx export-onnx --model llama_dir --adapter sql=peft_dir --out model.onnx
   lora-fx export-onnx --model llama_dir --adapter a=dir_a --adapter b=dir_b \\
       --layout inputs --out model.onnx         + model.a.onnx_adapter, model.b.onnx_adapter
+  lora-fx export-onnx --model llama_dir --adapter a=dir_a --adapter b=dir_b \\
+      --layout inputs --genai out_dir          onnxruntime-genai folder + a/b.onnx_adapter
 
 layouts:
   merged        adapters folded into the weights: the base model's graph (default)
@@ -135,7 +137,20 @@ def _add_export_onnx(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_EXPORT_ONNX_EPILOG,
     )
-    parser.add_argument("-o", "--out", required=True, help="the .onnx file to write")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("-o", "--out", help="the .onnx file to write")
+    target.add_argument(
+        "--genai",
+        metavar="OUT_DIR",
+        help="write a folder onnxruntime-genai loads (KV-cache decoder, genai_config.json, "
+        "tokenizer files of --model; --layout merged or inputs)",
+    )
+    parser.add_argument(
+        "--context-length",
+        type=int,
+        default=256,
+        help="with --genai: the most tokens (prompt + new) per request (default 256)",
+    )
     parser.add_argument(
         "--force", action="store_true", help="replace an existing --out (and its adapter files)"
     )

@@ -8,6 +8,8 @@
       "inputs"             y + B(A(x)); graph inputs `<site>.lora_A.weight`, ... with zero-rank
                            defaults, for ONNX Runtime adapters (`write_ort_adapter`)
       "stacked"            every adapter at once; input `adapter_index[batch]` picks one per row
+    with_past=True         a `capture_for_generation` graph as a decoder with past/present KV
+                           tensors (`_with_past.py`), for onnxruntime-genai (`genai.py`)
 
 Exporter: `torch.onnx.export(..., dynamo=True)`, the torch.export-based exporter. It is torch 2.13's
 default and maintained one, it reads the same ATen graph lora_fx rewrites, and it names
@@ -47,6 +49,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from lora_fx.capture import as_graph_module
+from lora_fx.capture.generation import GenerationSpec
 from lora_fx.core.quiet import dropping_records
 from lora_fx.core.state import lora_tag
 from lora_fx.errors import OnnxExportError
@@ -61,6 +64,14 @@ from lora_fx.exporters._onnx_ir import (
     tensor_bytes,
 )
 from lora_fx.exporters._shapes import resolve_dynamic_shapes
+from lora_fx.exporters._with_past import (
+    PastIO,
+    name_past_dims,
+    past_dynamic_shapes,
+    past_example_inputs,
+    require_generation_spec,
+    rewrite_with_past,
+)
 
 __all__ = ["BASE_INDEX", "OnnxExport", "export_onnx"]
 
@@ -135,12 +146,14 @@ def export_onnx(
     optimize: bool = True,
     external_data: bool | None = None,
     custom_translation_table: dict[Callable, Callable] | None = None,
+    with_past: bool = False,
 ) -> OnnxExport:
     """Write the graph as an ONNX model; the graph itself is left as it was.
 
     Args:
         gm: A captured graph, with or without adapters.
-        args: Example positional inputs, as for `gm(*args)`.
+        args: Example positional inputs, as for `gm(*args)`. With `with_past`: None (examples
+            sized from the graph's `GenerationSpec`).
         path: The `.onnx` file to write (its folder must exist).
         merged: Fold the adapters into the weights (no LoRA node). False keeps the branches.
         kwargs: Example keyword tensors. Non-tensor keywords bound at capture (`use_cache`) are
@@ -156,41 +169,61 @@ def export_onnx(
         external_data: Put tensors in `<path>.<8 hex>.data` (a new name per write, see
             `_onnx_ir.py` rule 4); default: only above 1.8 GB of tensors.
         custom_translation_table: Passed to `torch.onnx.export` for ops it cannot translate.
+        with_past: For a graph from `capture_for_generation`: a decoder for generation runtimes
+            (onnxruntime-genai, Optimum) with inputs `input_ids`, `attention_mask`
+            [batch, total_sequence_length], `position_ids`, `past_key_values.<i>.key/value`
+            [batch, kv_heads, past_sequence_length, head_dim] and outputs `logits`,
+            `present.<i>.key/value` (see `_with_past.py`); composes with `merged` and the
+            "initializers" and "inputs" layouts.
 
     Returns:
         An `OnnxExport` describing the file.
 
     Raises:
-        ValueError: A bad `lora_layout`, or a layout with `merged=True`.
+        ValueError: A bad `lora_layout`, a layout with `merged=True`, or `with_past` with the
+            "stacked" layout or with example `args`.
         AdapterError: Unknown adapters, or adapters the layout cannot serve.
         MergeError: A site that cannot be merged (grouped conv).
         UnsupportedSiteError: DoRA or `target_parameters` adapters, or a site the stacked layout
             cannot serve (grouped conv).
         OnnxExportError: torch.export or the ONNX translation failed (the message names the op
-            and the site or module using it), or the file could not be written.
+            and the site or module using it), the file could not be written, or `with_past` on a
+            graph without a KV cache (not from `capture_for_generation`).
 
     Example:
         >>> gm = lora_fx.capture(model, (ids,), {"use_cache": False})
         >>> gm = lora_fx.load_adapter(gm, "adapter/")
         >>> lora_fx.exporters.export_onnx(gm, (ids,), "model.onnx")   # merged
+        >>> gen = lora_fx.capture_for_generation(model, max_cache_len=256)
+        >>> lora_fx.exporters.export_onnx(gen, None, "decoder.onnx", with_past=True)
     """
     # plan
     gm = as_graph_module(gm)
-    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
-    kwargs = _call_kwargs(gm, kwargs)
     layout = _check_layout(merged, lora_layout)
+    spec = _check_with_past(gm, with_past, layout, args, kwargs)
+    if spec is None:
+        args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    kwargs = _call_kwargs(gm, kwargs)
     target = _check_target(path)
     plan = plan_export(gm, lora_layout=layout, adapter_names=adapter_names)
 
     # apply
     export = build_export_graph(gm, plan)
     call_kwargs = dict(kwargs)
-    if export.has_index_input:
-        call_kwargs[INDEX_INPUT] = _example_index(args, kwargs, len(plan.adapters))
-    index_input = INDEX_INPUT if export.has_index_input else None
-    shapes = resolve_dynamic_shapes(gm, dynamic_shapes, index_input=index_input)
-    program = _to_onnx(export, args, call_kwargs, shapes, opset, custom_translation_table)
+    past_io: PastIO | None = None
+    if spec is not None:
+        past_io = rewrite_with_past(export.module, spec)
+        args = past_example_inputs(spec)
+        shapes = dynamic_shapes if dynamic_shapes is not None else past_dynamic_shapes(spec)
+    else:
+        if export.has_index_input:
+            call_kwargs[INDEX_INPUT] = _example_index(args, kwargs, len(plan.adapters))
+        index_input = INDEX_INPUT if export.has_index_input else None
+        shapes = resolve_dynamic_shapes(gm, dynamic_shapes, index_input=index_input)
+    program = _to_onnx(export, args, call_kwargs, shapes, opset, custom_translation_table, past_io)
     model = program.model
+    if past_io is not None:
+        name_past_dims(model, past_io)
     missing = sorted(set(export.lora_tensors) - set(model.graph.initializers))
     if missing:  # the exporter renamed or folded them: the file could not serve the adapters
         raise OnnxExportError(
@@ -250,6 +283,27 @@ def _check_layout(merged: bool, lora_layout: str) -> str:
     return "merged" if merged else lora_layout
 
 
+def _check_with_past(
+    gm: torch.fx.GraphModule, with_past: bool, layout: str, args: Any, kwargs: Any
+) -> GenerationSpec | None:
+    """The graph's generation spec when `with_past` (checked), else None."""
+    if not with_past:
+        return None
+    spec = require_generation_spec(gm)
+    if layout == "stacked":
+        raise ValueError(
+            "with_past=True supports merged=True and the 'initializers' and 'inputs' layouts, "
+            "not 'stacked'; serve several adapters with lora_layout='inputs' and ONNX Runtime "
+            "adapters"
+        )
+    if args is not None or kwargs:
+        raise ValueError(
+            "with_past=True builds its own example inputs (past and present tensors sized from "
+            "the graph's GenerationSpec); pass args=None"
+        )
+    return spec
+
+
 def _check_target(path: str | os.PathLike) -> Path:
     """The output path, refused early when its folder is missing or not writable."""
     target = Path(path)
@@ -305,6 +359,7 @@ def _to_onnx(
     dynamic_shapes: Any,
     opset: int | None,
     translations: dict | None,
+    past_io: PastIO | None = None,
 ):
     """torch.export, then the dynamo ONNX translation; failures become one `OnnxExportError`."""
     module = export.module
@@ -317,7 +372,9 @@ def _to_onnx(
         # adapter_index shares the batch Dim on purpose; the renamer notes it once per export.
         warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")
         program = _torch_export(module, args, kwargs, dynamic_shapes)
-        return _translate(module, program, args, kwargs, dynamic_shapes, opset, translations)
+        return _translate(
+            module, program, args, kwargs, dynamic_shapes, opset, translations, past_io
+        )
 
 
 def _torch_export(module: torch.fx.GraphModule, args: tuple, kwargs: dict, dynamic_shapes: Any):
@@ -333,11 +390,13 @@ def _torch_export(module: torch.fx.GraphModule, args: tuple, kwargs: dict, dynam
         ) from e
 
 
-def _translate(module, program, args, kwargs, dynamic_shapes, opset, translations):
+def _translate(module, program, args, kwargs, dynamic_shapes, opset, translations, past_io):
     """Step 2: `torch.onnx.export(program, dynamo=True, optimize=False)`.
 
     `dynamic_shapes` only names the ONNX dimensions here (the program has its symbols already).
     """
+    input_names = list(past_io.inputs.values()) if past_io is not None else None
+    output_names = list(past_io.outputs) if past_io else _output_names(module, program)
     try:
         return torch.onnx.export(
             program,
@@ -348,7 +407,8 @@ def _translate(module, program, args, kwargs, dynamic_shapes, opset, translation
             optimize=False,
             opset_version=opset,
             verbose=False,
-            output_names=_output_names(module, program),
+            input_names=input_names,
+            output_names=output_names,
             custom_translation_table=translations,
         )
     except Exception as e:

@@ -13,7 +13,9 @@ Rules:
    and B (and a `lora_B` bias) holds `scale * B`: one graph serves adapters of any scale and rank.
 2. A file may cover a subset of the model's sites; the others keep their zero-rank default.
 3. Tensor dtypes must equal the model's: with `model=` the tensors are cast to the model's input
-   dtypes and every name and non-rank dimension is checked against it before anything is written.
+   dtypes and every name and non-rank dimension is checked against it before anything is written,
+   as is each site's rank (A's axis 0 = B's axis 1). `check_ort_adapter` checks a file already
+   written: ONNX Runtime and onnxruntime-genai load any file and fail only at run time.
 4. Only A/B tensors fit an adapter file. A PEFT folder that also carries biases or
    `modules_to_save` weights is refused (they are not graph inputs), as is DoRA.
 5. GPU: install `onnxruntime-gpu` instead of `onnxruntime` (the two packages conflict). Providers
@@ -44,6 +46,7 @@ __all__ = [
     "ADAPTER_SUFFIX",
     "adapter_ortvalues",
     "bind_adapter",
+    "check_ort_adapter",
     "ort_adapter_tensors",
     "ort_providers",
     "ort_run_options",
@@ -318,6 +321,7 @@ def _fit_to_model(tensors: dict[str, torch.Tensor], model: Path) -> dict[str, to
             fixed = [(i, d) for i, d in enumerate(dims) if isinstance(d, int)]
             if len(dims) != tensor.dim() or any(tensor.shape[i] != d for i, d in fixed):
                 wrong.append(f"{name}: adapter {tuple(tensor.shape)} vs model {dims}")
+    wrong.extend(_rank_mismatches(tensors))
     if unknown or wrong:
         problems = []
         if unknown:
@@ -331,6 +335,67 @@ def _fit_to_model(tensors: dict[str, torch.Tensor], model: Path) -> dict[str, to
         raise AdapterError(f"adapter does not fit {str(model)!r}: " + "; ".join(problems))
     dtypes = {name: _numpy_to_torch(inputs[name][0]) for name in tensors}
     return {name: tensor.to(dtypes[name]) for name, tensor in tensors.items()}
+
+
+def _rank_mismatches(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Sites whose A rank (axis 0) differs from their B rank (axis 1): `[r, in]`, `[out, r, ...]`.
+
+    ONNX Runtime only notices at run time, as "MatMul dimension mismatch" without the tensor name.
+    """
+    wrong = []
+    for a_suffix, b_suffix in zip(_A_SUFFIXES, _B_SUFFIXES[::2], strict=True):
+        for name, a in tensors.items():
+            b = tensors.get(name[: -len(a_suffix)] + b_suffix) if name.endswith(a_suffix) else None
+            if b is not None and (a.dim() < 1 or b.dim() < 2 or a.shape[0] != b.shape[1]):
+                wrong.append(
+                    f"{name[: -len(a_suffix)]}: A {tuple(a.shape)} and B {tuple(b.shape)} "
+                    "have different ranks"
+                )
+    return wrong
+
+
+def check_ort_adapter(path: str | os.PathLike, model: str | os.PathLike) -> dict[str, tuple]:
+    """Check an `.onnx_adapter` file against an "inputs" export before serving it.
+
+    ONNX Runtime (and onnxruntime-genai) load any adapter file and fail only when a request runs
+    it, some cases with a message that names no tensor (a rank that differs between A and B).
+
+    Args:
+        path: The adapter file.
+        model: The `.onnx` it is meant for.
+
+    Returns:
+        Tensor name -> shape.
+
+    Raises:
+        AdapterError: Names the model does not take, shapes or dtypes that do not fit, or A/B
+            pairs of different ranks; the message lists them.
+
+    Example:
+        >>> check_ort_adapter("a.onnx_adapter", "genai_out/model.onnx")
+    """
+    try:
+        values = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+    except Exception as e:
+        raise AdapterError(f"{str(path)!r} is not an ONNX Runtime adapter file: {e}") from e
+    tensors = {name: _tensor_of(value) for name, value in values.items()}
+    fitted = _fit_to_model(tensors, Path(model))
+    cast = sorted(n for n in tensors if fitted[n].dtype != tensors[n].dtype)
+    if cast:
+        raise AdapterError(
+            f"adapter {str(path)!r} does not fit {str(model)!r}: tensors {cast[:3]} are "
+            f"{tensors[cast[0]].dtype}, the model takes {fitted[cast[0]].dtype}; write the "
+            "adapter again with write_ort_adapter(..., model=...)"
+        )
+    return {name: tuple(t.shape) for name, t in tensors.items()}
+
+
+def _tensor_of(value: object) -> torch.Tensor:
+    """A torch tensor of an adapter file's `OrtValue` (bfloat16 from its uint16 bits)."""
+    array = value.numpy()
+    if value.data_type() == "tensor(bfloat16)":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def _numpy_to_torch(dtype: np.dtype) -> torch.dtype:
