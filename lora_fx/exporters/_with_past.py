@@ -1,6 +1,6 @@
 """The generation graph with past/present KV tensors instead of its static cache (`with_past`).
 
-    get_attr cache.key_i -> slice(:b) -> index_copy_(2, slots, k_new) -> sdpa(q, ., ., mask)
+    get_attr cache.key_i -> index_put_((rows, heads, slots), k_new); [:b] -> sdpa(q, ., ., mask)
         becomes
     placeholder past_key_values.i.key -> cat([past, k_new], 2) -> sdpa(q, ., ., mask)
                                                                -> output present.i.key
@@ -12,8 +12,9 @@ Rules:
    graph, or a cache buffer used in a way this rewrite does not know, raises `OnnxExportError`.
 2. The rewrite runs on the export copy (`build_export_graph`), never on the user's graph. Buffers
    stay registered on the shared modules; the copy simply stops reading them.
-3. Every use of the cache slice after the in-place write reads the `cat` instead (the write made
-   the slice equal to it for the rows and slots attention reads), and the `cat` is an output.
+3. Every use of the cache's batch slice (taken after the in-place write) reads the `cat` instead
+   (the write made the slice equal to it for the rows and slots attention reads), and the `cat`
+   is an output.
 4. Attention then runs over `past + seq` keys, and the padding mask is `attention_mask` itself
    (`total = past + seq` columns). The mask's key positions come from `cumsum(ones_like(mask))`
    (see `capture/generation.py` rule 3), so no other op depends on the cache length; export
@@ -50,7 +51,7 @@ __all__ = [
 
 _aten = torch.ops.aten
 _SLICE_OPS = (_aten.slice.Tensor,)
-_WRITE_OPS = (_aten.index_copy_.default, _aten.index_copy.default)
+_WRITE_OPS = (_aten.index_put_.default, _aten.index_put.default)
 _PAD_OPS = (_aten.pad.default, _aten.constant_pad_nd.default)
 _CAST_OPS = (_aten.to.dtype, _aten._to_copy.default, _aten.to.dtype_layout)
 _GRAPH_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -147,19 +148,19 @@ def rewrite_with_past(module: torch.fx.GraphModule, spec: GenerationSpec) -> Pas
     presents = []
     last = placeholders[-1]
     past_names = list(names.inputs)[len(_GRAPH_INPUTS) :]
-    for name, (getter, view, write) in zip(
+    for name, (getter, view, write, new) in zip(
         past_names, [w for pair in zip(writes, writes_v, strict=True) for w in pair], strict=True
     ):
         with graph.inserting_after(last):
             past = graph.placeholder(name)
         last = past
         with graph.inserting_before(write):
-            present = graph.call_function(_aten.cat.default, ([past, write.args[3]], 2))
+            present = graph.call_function(_aten.cat.default, ([past, new], 2))
         present.meta.update({k: v for k, v in write.meta.items() if k != "val"})
-        write.replace_all_uses_with(present)
-        view.replace_all_uses_with(present)  # uses after the write (rule 3); checked below
-        graph.erase_node(write)
+        view.replace_all_uses_with(present)  # uses after the write (rule 3)
         graph.erase_node(view)
+        write.replace_all_uses_with(present)
+        graph.erase_node(write)
         if not getter.users:
             graph.erase_node(getter)
         presents.append(present)
@@ -184,30 +185,29 @@ def rewrite_with_past(module: torch.fx.GraphModule, spec: GenerationSpec) -> Pas
 
 
 def _cache_write(graph: torch.fx.Graph, target: str) -> tuple[torch.fx.Node, ...]:
-    """(get_attr, batch slice, in-place write) of one cache buffer, checked (rule 1)."""
+    """(get_attr, batch slice, in-place write, written value) of one cache buffer (rule 1).
+
+    The slice reads the buffer after the write: as the buffer or as `index_put_`'s result.
+    """
     getters = [n for n in graph.nodes if n.op == "get_attr" and n.target == target]
-    views = [u for g in getters for u in g.users]
-    if len(views) != 1 or views[0].target not in _SLICE_OPS or views[0].args[1] != 0:
+    users = [u for g in getters for u in g.users]
+    writes = [u for u in users if u.target in _WRITE_OPS and u.args[0] in getters]
+    reads = [u for u in users if u not in writes] + [u for w in writes for u in w.users]
+    views = [u for u in reads if u.target in _SLICE_OPS and u.args[1] == 0]
+    if len(writes) != 1 or len(views) != 1 or len(reads) != 1 or len(writes[0].args[1]) != 3:
         raise OnnxExportError(
-            f"with_past: cache buffer {target!r} is read by {[v.format_node() for v in views]}; "
-            "expected one batch slice (as capture_for_generation builds it)"
+            f"with_past: cache buffer {target!r} is used by "
+            f"{[u.format_node() for u in users + reads]}; expected one index_put_ of (rows, "
+            "heads, slots) and one batch slice (as capture_for_generation builds them)"
         )
-    view = views[0]
-    writes = [u for u in view.users if u.target in _WRITE_OPS and u.args[0] is view]
-    if len(writes) != 1 or writes[0].args[1] != 2:
-        raise OnnxExportError(
-            f"with_past: cache buffer {target!r} is written by "
-            f"{[w.format_node() for w in writes]}; expected one index_copy_ on dim 2"
-        )
-    write = writes[0]
+    write, view = writes[0], views[0]
     order = {n: i for i, n in enumerate(graph.nodes)}
-    early = [u for u in view.users if u is not write and order[u] < order[write]]
-    if early:
+    if order[view] < order[write]:
         raise OnnxExportError(
             f"with_past: cache buffer {target!r} is read before it is written "
-            f"({early[0].format_node()}); this graph cannot be exported with past inputs"
+            f"({view.format_node()}); this graph cannot be exported with past inputs"
         )
-    return getters[0], view, write
+    return getters[0], view, write, write.args[2]
 
 
 def _mask_pad(graph: torch.fx.Graph, mask: torch.fx.Node) -> torch.fx.Node:
