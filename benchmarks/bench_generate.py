@@ -10,8 +10,9 @@ Variants (same model, same PEFT adapter: all-linear, r=8, init_lora_weights=Fals
    compile time is left out of the timed runs).
 3. `lora_fx eager`: lora_fx.generate on capture_for_generation's graph with the adapter loaded.
 4. `lora_fx compiled`: the same graph under torch.compile (inductor); compiles counted.
-5. `genai merged` / `genai multi-LoRA`: onnxruntime-genai on export_genai's folders (when
-   `benchmarks/_genai.py` and onnxruntime-genai are present).
+5. `genai merged` / `genai multi-LoRA`: onnxruntime-genai on export_genai's folders (merged
+   weights; and LoRA A/B as inputs fed from the adapter's `.onnx_adapter` file), when
+   onnxruntime-genai is installed.
 
 Method: each variant generates `--runs` times (after one untimed warm-up), variants interleaved;
 a streamer records when the prompt and each token arrive, so time to first token (TTFT) is
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import tempfile
@@ -142,14 +144,52 @@ def _variants(base, args, ids, folder) -> tuple[dict[str, Callable], dict[str, A
 
 
 def _genai_variants(gm, ids, args, folder) -> dict[str, Callable]:
-    """onnxruntime-genai merged and multi-LoRA runs, when the pieces are installed."""
+    """onnxruntime-genai runs of export_genai's merged and multi-LoRA folders (when installed)."""
     try:
-        import onnxruntime_genai  # noqa: F401
-        from _genai import genai_variants
+        import onnxruntime_genai as og
     except ImportError as e:
         print(f"(onnxruntime-genai variants skipped: {e})")
         return {}
-    return genai_variants(gm, ids, args.new, folder, _Clock)
+    import numpy as np
+
+    from lora_fx.exporters import export_genai
+
+    export_genai(gm, folder / "genai_merged", merged=True)
+    export_genai(gm, folder / "genai_lora", merged=False)
+    for name in ("genai_merged", "genai_lora"):  # the same thread count as torch's
+        config_file = folder / name / "genai_config.json"
+        config = json.loads(config_file.read_text())
+        options = config["model"]["decoder"].setdefault("session_options", {})
+        options["intra_op_num_threads"] = args.threads
+        config_file.write_text(json.dumps(config, indent=2))
+    merged = og.Model(str(folder / "genai_merged"))
+    unmerged = og.Model(str(folder / "genai_lora"))
+    adapters = og.Adapters(unmerged)
+    adapters.load(str(folder / "genai_lora" / "default.onnx_adapter"), "default")
+    prompt = ids.numpy().astype(np.int32)
+    length = prompt.shape[1] + args.new
+
+    def run(model, with_adapter):
+        def go(clock):
+            params = og.GeneratorParams(model)
+            # min_length: EOS is off, as in the torch variants
+            params.set_search_options(
+                max_length=length, min_length=length, do_sample=False, batch_size=prompt.shape[0]
+            )
+            generator = og.Generator(model, params)
+            if with_adapter:
+                generator.set_active_adapter(adapters, "default")
+            clock.put(prompt)
+            generator.append_tokens(prompt)
+            while not generator.is_done():
+                generator.generate_next_token()
+                clock.put(None)
+            rows = [np.asarray(generator.get_sequence(i)) for i in range(prompt.shape[0])]
+            return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+        return go
+
+    return {"genai merged": run(merged, False), "genai multi-LoRA": run(unmerged, True)}
 
 
 def bench_batch(base, args, batch: int) -> dict[str, Any]:
