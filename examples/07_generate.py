@@ -2,7 +2,9 @@
 
 The embedded tiny Llama (random weights, the one `lora-fx export-onnx` uses) is saved as a
 checkpoint folder with an adapter PEFT wrote; lora_fx loads both the way it would load a real
-model, generates greedily (eager and compiled), and checks the tokens against PeftModel.generate.
+model, generates greedily (eager and compiled), exports the same graph for onnxruntime-genai
+(merged, and unmerged with the adapter as an `.onnx_adapter` file), and prints the tokens of both
+runtimes beside PeftModel.generate's.
 """
 
 import tempfile
@@ -13,6 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import lora_fx
 from lora_fx.core.quiet import quiet_libraries
+from lora_fx.exporters import export_genai
 
 
 def make_checkpoint(folder: Path) -> None:
@@ -33,6 +36,31 @@ def make_checkpoint(folder: Path) -> None:
     base = AutoModelForCausalLM.from_pretrained(folder / "model")
     cfg = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
     get_peft_model(base, cfg).save_pretrained(folder / "adapter")
+
+
+def genai_greedy(folder: Path, prompts, mask, new: int, adapter: str | None = None):
+    """Greedy tokens of onnxruntime-genai, one request per row (padding stripped)."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    adapters = None
+    if adapter is not None:
+        adapters = og.Adapters(model)
+        adapters.load(str(folder / f"{adapter}.onnx_adapter"), adapter)
+    rows = []
+    for ids, keep in zip(prompts, mask.bool(), strict=True):
+        prompt = ids[keep].numpy().astype(np.int32)[None]
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=prompt.shape[1] + new, do_sample=False)
+        generator = og.Generator(model, params)
+        if adapters is not None:
+            generator.set_active_adapter(adapters, adapter)  # chosen per request
+        generator.append_tokens(prompt)
+        while not generator.is_done():
+            generator.generate_next_token()
+        rows.append(list(generator.get_sequence(0))[prompt.shape[1] :])
+    return torch.tensor(rows)
 
 
 def main(tmp: Path) -> None:
@@ -60,11 +88,20 @@ def main(tmp: Path) -> None:
             input_ids=prompts, attention_mask=mask, max_new_tokens=16, do_sample=False
         )
 
+    # --- the same model and adapter in onnxruntime-genai: merged, and as a LoRA adapter file ---
+    export_genai(gm, tmp / "genai_merged")
+    export_genai(gm, tmp / "genai_multi", merged=False)  # writes default.onnx_adapter
+    served = {
+        "genai merged": genai_greedy(tmp / "genai_merged", prompts, mask, 16),
+        "genai LoRA": genai_greedy(tmp / "genai_multi", prompts, mask, 16, "default"),
+    }
+
+    runs = {"lora_fx": tokens[:, 6:], "compiled": compiled[:, 6:], **served}
     for row in range(prompts.shape[0]):
-        print(f"row {row} lora_fx : {tokens[row, 6:].tolist()}")
-        print(f"row {row} compiled: {compiled[row, 6:].tolist()}")
-        print(f"row {row} PEFT    : {expected[row, 6:].tolist()}")
-    same = torch.equal(tokens, expected) and torch.equal(compiled, expected)
+        for name, out in runs.items():
+            print(f"row {row} {name:<12}: {out[row].tolist()}")
+        print(f"row {row} {'PEFT':<12}: {expected[row, 6:].tolist()}")
+    same = all(torch.equal(out, expected[:, 6:]) for out in runs.values())
     print("tokens equal PEFT's:", same)
     if not same:
         raise SystemExit(1)
