@@ -21,6 +21,8 @@ Rules:
    and then runs torch's guards, raising `ValueError` with the input, the shape given and the
    shape expected. Under tracing (`torch.compile`, `torch.export`) it runs torch's guards as
    before, so compiled and re-exported graphs keep their guards.
+5. A caller's `dynamic_shapes` dict may leave arguments out (`use_cache`, which capture adds for
+   transformers models): they are static, as export's `None` entry says.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from lora_fx.errors import CaptureError
 __all__ = [
     "AUTO",
     "InputCheck",
+    "complete_spec",
     "default_dynamic_shapes",
     "install_input_check",
     "shape_error",
@@ -74,6 +77,14 @@ def default_dynamic_shapes(
         for name, value in bound.items()
     }
     return spec, args, kwargs
+
+
+def complete_spec(model: nn.Module, args: tuple, kwargs: dict, spec: Any) -> Any:
+    """Rule 5: a caller's dict spec with `None` (static) for the arguments it leaves out."""
+    if not isinstance(spec, dict):
+        return spec
+    bound = _combine_args(model, args, kwargs)
+    return {**dict.fromkeys(bound), **spec}
 
 
 def warn_static_axes(gm: torch.fx.GraphModule, spec: dict[str, Any]) -> list[str]:
@@ -133,7 +144,7 @@ class InputCheck(nn.Module):
     def __init__(self, guards: nn.Module | None, inputs: list[tuple[str, tuple | None]]) -> None:
         super().__init__()
         self.guards = guards
-        self.inputs = inputs  # (name, expected shape: ints and symbol names) per argument
+        self.inputs = inputs  # (name, expected shape: ints, None where dynamic) per argument
 
     def forward(self, *args: Any) -> None:
         """Check `args` against the captured shapes (eager only), then run torch's guards."""
@@ -156,9 +167,9 @@ class InputCheck(nn.Module):
             }
             expected = {n: _format(s) for n, s in self.inputs if s is not None}
             raise ValueError(
-                f"inputs outside what the graph was captured for: "
-                f"{str(e).removeprefix('Guard failed: ')} does not hold; shapes given {given}, "
-                f"captured {expected}. Capture again with dynamic_shapes=... covering these sizes"
+                f"inputs outside what the graph was captured for: it needs "
+                f"{str(e).removeprefix('Guard failed: ')}; shapes given {given}, captured "
+                f"{expected} (* = any size within that condition)"
             ) from None
 
 
@@ -180,30 +191,33 @@ def install_input_check(gm: torch.fx.GraphModule) -> bool:
 
 def _check_shape(name: str, given: tuple[int, ...], expected: tuple) -> None:
     """Raise ValueError if `given` has another rank or another size on a static axis."""
-    wrong = len(given) != len(expected) or any(
-        isinstance(e, int) and g != e for g, e in zip(given, expected, strict=False)
-    )
-    if not wrong:
+    if len(given) != len(expected):
+        raise ValueError(
+            f"input {name!r} has shape {given}; the graph was captured for shape "
+            f"{_format(expected)} (rank {len(expected)}, * = any size)"
+        )
+    static = [a for a, e in enumerate(expected) if isinstance(e, int)]
+    if all(given[a] == expected[a] for a in static):
         return
-    static = [f"axis {a} = {e}" for a, e in enumerate(expected) if isinstance(e, int)]
+    fixed = ", ".join(f"axis {a} = {expected[a]}" for a in static)
     raise ValueError(
-        f"input {name!r} has shape {given}; the graph was captured for shape {_format(expected)}"
-        + (f" ({', '.join(static)} static)" if static and len(given) == len(expected) else "")
-        + ". Capture again with an example of this shape, or with dynamic_shapes=... making "
-        "that axis dynamic"
+        f"input {name!r} has shape {given}; the graph was captured for shape {_format(expected)} "
+        f"({fixed} static). Call it with those sizes, or capture again with dynamic_shapes=... "
+        "making the axis dynamic (the default for transformers models)"
     )
 
 
 def _expected(val: Any) -> tuple | None:
-    """A placeholder's captured shape: ints for static axes, symbol names for dynamic ones."""
+    """A placeholder's captured shape: ints for static axes, None for dynamic ones."""
     if not isinstance(val, torch.Tensor):
         return None
-    return tuple(d if isinstance(d, int) else str(d) for d in val.shape)
+    return tuple(d if isinstance(d, int) else None for d in val.shape)
 
 
 def _format(shape: tuple) -> str:
-    """`(s0, 16)` for a captured shape."""
-    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+    """`(*, 16)` for a captured shape (`*`: a dynamic axis)."""
+    text = ", ".join("*" if d is None else str(d) for d in shape)
+    return f"({text},)" if len(shape) == 1 else f"({text})"
 
 
 def _symbolic(value: Any) -> bool:

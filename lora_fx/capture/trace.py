@@ -83,9 +83,9 @@ def capture(
             given: a captured graph returns no cache.
         method: `"export"` (torch.export; for transformers models) or `"fx"` (symbolic_trace).
         dynamic_shapes: `"auto"` (default): dynamic batch and sequence axes for transformers
-            models, static shapes for others; `"auto"` on any model applies that rule to it
-            too. `None` or `False`: static shapes (export's default). Anything else is passed
-            to `torch.export.export` as is (keyed by forward's argument names).
+            models, static shapes for others. `None` or `False`: static shapes (export's
+            default). Anything else is passed to `torch.export.export` (a dict keyed by
+            forward's argument names may leave out arguments that stay static, `use_cache`).
 
     Returns:
         A `torch.fx.GraphModule` whose `train()` / `eval()` switch every dropout. Calling it
@@ -164,6 +164,8 @@ def _export(
         dynamic_shapes, args, kwargs = shapes.default_dynamic_shapes(model, args, kwargs)
     elif auto or dynamic_shapes is False:
         auto, dynamic_shapes = False, None
+    else:
+        dynamic_shapes = shapes.complete_spec(model, args, kwargs, dynamic_shapes)
     try:
         program = torch.export.export(
             model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False
