@@ -165,6 +165,7 @@ def test_inject_merge_on_a_dynamic_graph_at_two_shapes():
         lora_fx.merge(gm)
         for ids, out in zip(inputs, adapted, strict=True):
             assert_close(gm(ids).logits, out)
+        lora_fx.unmerge(gm)
         lora_fx.unload(gm)
         for ids in inputs:
             assert_close(gm(ids).logits, model(ids).logits)
