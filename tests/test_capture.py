@@ -229,8 +229,12 @@ def test_dimension_that_cannot_be_dynamic_names_input_and_axis():
         match=r"input 'x' axis 1 cannot be dynamic: .*dynamic_shapes=\{'x': \{1: Dim.STATIC",
     ):
         lora_fx.capture(TinyMLP(), (torch.randn(4, 10),), dynamic_shapes={"x": {1: Dim.DYNAMIC}})
-    with pytest.raises(CaptureError, match=r"Dim 'feat' cannot be dynamic"):
+    with pytest.raises(CaptureError, match=r"input 'x' axis 1 cannot be dynamic: You marked feat"):
         lora_fx.capture(TinyMLP(), (torch.randn(4, 10),), dynamic_shapes={"x": {1: Dim("feat")}})
+    with pytest.raises(CaptureError, match=r"positional input 0 axis 1 .*entry \[0\]\[1\]"):
+        lora_fx.capture(TinyMLP(), (torch.randn(4, 10),), dynamic_shapes=((None, Dim("feat")),))
+    with pytest.raises(CaptureError, match=r"input 'x' axis 0 .*use one of size 2 or more"):
+        lora_fx.capture(TinyMLP(), (torch.randn(1, 10),), dynamic_shapes={"x": {0: Dim.DYNAMIC}})
 
 
 def test_calls_outside_the_capture_raise_value_errors():

@@ -27,6 +27,7 @@ Rules:
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 from typing import Any
@@ -35,7 +36,6 @@ import torch
 import torch.fx
 from torch import nn
 from torch.export import Dim
-from torch.export.dynamic_shapes import _combine_args
 from torch.utils import _pytree as pytree
 
 from lora_fx.errors import CaptureError
@@ -64,7 +64,7 @@ def default_dynamic_shapes(
     """Rule 1-2: the AUTO spec keyed by `model.forward`'s argument names, and the example inputs."""
     if all(_batch_of_one(leaf) for leaf in _tensors((args, kwargs))) and _tensors((args, kwargs)):
         args, kwargs = pytree.tree_map_only(torch.Tensor, _two_rows, (args, kwargs))
-    bound = _combine_args(model, args, kwargs)
+    bound = _bound(model, args, kwargs)
     spec = {
         name: pytree.tree_map(
             lambda v: (
@@ -83,7 +83,7 @@ def complete_spec(model: nn.Module, args: tuple, kwargs: dict, spec: Any) -> Any
     """Rule 5: a caller's dict spec with `None` (static) for the arguments it leaves out."""
     if not isinstance(spec, dict):
         return spec
-    bound = _combine_args(model, args, kwargs)
+    bound = _bound(model, args, kwargs)
     return {**dict.fromkeys(bound), **spec}
 
 
@@ -116,20 +116,44 @@ def shape_error(model: nn.Module, error: Exception, dynamic_shapes: Any) -> Capt
     if "Constraints violated" not in text and "specialized" not in text:
         return None
     found = _AXIS_RE.search(text)
-    if found is not None:
-        where = f"input {found.group(1)!r} axis {found.group(2)}"
-        fix = f"{{{found.group(1)!r}: {{{found.group(2)}: Dim.STATIC, ...}}}}"
+    named = _DIM_NAME_RE.search(text)
+    where = (found.group(1), int(found.group(2))) if found else None
+    if where is None and named is not None:
+        where = _find_dim(dynamic_shapes, named.group(1))
+    if where is None:
+        place, fix = "a dimension", "... (the Dim named above replaced by Dim.STATIC)"
+    elif isinstance(where[0], int):  # a tuple spec: positional
+        place = f"positional input {where[0]} axis {where[1]}"
+        fix = f"... (entry [{where[0]}][{where[1]}] replaced by Dim.STATIC)"
     else:
-        name = _DIM_NAME_RE.search(text)
-        where = f"Dim {name.group(1)!r}" if name else "a dimension"
-        fix = "that Dim replaced by Dim.STATIC (or Dim.AUTO)"
+        place = f"input {where[0]!r} axis {where[1]}"
+        fix = f"{{{where[0]!r}: {{{where[1]}: Dim.STATIC, ...}}}}"
     reason = next((ln.strip(" -") for ln in text.splitlines()[1:] if ln.strip()), "")
+    size_one = " (an example of size 1 is always static: use one of size 2 or more)"
     return CaptureError(
-        f"capture of {type(model).__name__}: {where} cannot be dynamic: {reason} "
-        f"Pass dynamic_shapes with that axis static, e.g. dynamic_shapes={fix}, or "
-        "dynamic_shapes='auto' to let export decide (dynamic_shapes given: "
-        f"{dynamic_shapes!r})"
+        f"capture of {type(model).__name__}: {place} cannot be dynamic: {reason} "
+        f"Pass dynamic_shapes with that axis static, e.g. dynamic_shapes={fix}, or mark it "
+        f"Dim.AUTO to let export decide{size_one if '0/1 specialized' in text else ''}"
     )
+
+
+def _find_dim(spec: Any, name: str, path: tuple = ()) -> tuple[str | int, int] | None:
+    """(input, axis) of the `Dim` called `name` in a dynamic_shapes spec, or None."""
+    if isinstance(spec, dict):
+        for key, value in spec.items():
+            if isinstance(key, int) and getattr(value, "__name__", None) == name and path:
+                return path[0], key
+            found = _find_dim(value, name, (*path, key))
+            if found is not None:
+                return found
+    elif isinstance(spec, (list, tuple)):
+        for i, value in enumerate(spec):
+            if path and getattr(value, "__name__", None) == name:
+                return path[0], i
+            found = _find_dim(value, name, (*path, i))
+            if found is not None:
+                return found
+    return None
 
 
 class InputCheck(nn.Module):
@@ -194,7 +218,8 @@ def _check_shape(name: str, given: tuple[int, ...], expected: tuple) -> None:
     if len(given) != len(expected):
         raise ValueError(
             f"input {name!r} has shape {given}; the graph was captured for shape "
-            f"{_format(expected)} (rank {len(expected)}, * = any size)"
+            f"{_format(expected)} (rank {len(expected)}"
+            + (", * = any size)" if None in expected else ")")
         )
     static = [a for a, e in enumerate(expected) if isinstance(e, int)]
     if all(given[a] == expected[a] for a in static):
@@ -226,6 +251,11 @@ def _symbolic(value: Any) -> bool:
         return isinstance(value, torch.SymInt)
     fake = isinstance(value, torch._subclasses.FakeTensor)
     return fake or not all(isinstance(d, int) for d in value.shape)
+
+
+def _bound(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The inputs by `model.forward`'s argument names, as export keys a `dynamic_shapes` dict."""
+    return dict(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
