@@ -7,8 +7,8 @@
 Rules:
 1. `dynamic_shapes="auto"` marks axes 0 and 1 (batch and sequence) of every tensor input
    `Dim.AUTO`: export keeps them symbolic where the model allows and specialises them where it
-   does not (a channel axis, a fixed-size input), so the default never fails to export. Axes that
-   came out static are named in one warning.
+   does not (a channel axis, a fixed-size input), so the default never raises a constraint
+   violation. Axes that came out static are named in one warning.
 2. An example batch of 1 is repeated to 2 rows before export (every tensor input with axis 0 of
    size 1 is, so inputs stay consistent): export specialises sizes 0 and 1, and a graph traced at
    batch 2 runs at batch 1 as well. A sequence of length 1 is kept (and warned about): a
@@ -105,7 +105,7 @@ def warn_static_axes(gm: torch.fx.GraphModule, spec: dict[str, Any]) -> list[str
             f"capture: export kept {', '.join(static)} static (the model fixes that size, or the "
             "example had size 1); calls must use that size. Capture with a longer example, or "
             "pass dynamic_shapes=... to choose",
-            stacklevel=3,
+            stacklevel=4,  # warn_static_axes <- _export <- capture <- the caller
         )
     return static
 

@@ -6,7 +6,9 @@
         * non-tensor keyword arguments (`use_cache=False`) bound as constants, so `gm(ids)` works;
         * a plain `GraphModule` class, whose `train()` / `eval()` work (export's module refuses);
         * export only: a constant causal mask and `repeat_kv` copies feeding SDPA replaced by
-          `is_causal=True` / `enable_gqa=True`, as eager transformers calls it (`attention.py`).
+          `is_causal=True` / `enable_gqa=True`, as eager transformers calls it (`attention.py`);
+        * export only: dynamic batch and sequence axes for transformers models, and input checks
+          that raise `ValueError` instead of torch's guard assertions (`shapes.py`).
 
 Rules and edge cases:
 1. Export runs with the model in eval mode and then sets the graph to the model's own mode. Fused
@@ -18,6 +20,11 @@ Rules and edge cases:
    sharing the weight) that stays on bitsandbytes' plain CPU path. On AVX512-BF16 CPUs the user's
    module would pack its weight in eval: a crash unless `out_features % 32 == 0` and
    `in_features % blocksize == 0`, bfloat16 compute, and no input gradient after (`quant.py`).
+5. transformers models: `use_cache=False` is passed unless the caller says (a graph returns no
+   cache; `use_cache=True` raises). Other models' shapes stay static by default: lora_fx cannot
+   tell their batch axis from a feature axis, and their Python may branch on a size.
+6. `args` must be a tuple (or one tensor); a dict raises TypeError rather than being taken as
+   keyword inputs or as one positional dict, since both readings are plausible.
 """
 
 from __future__ import annotations
