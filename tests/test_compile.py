@@ -159,3 +159,14 @@ def test_example_04_learns_saves_and_merges(tmp_path):
     assert figures["accuracy"] > 0.9
     assert figures["merged_max_abs_diff"] < 1e-4
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_dynamic_capture_compiles_at_two_shapes():
+    model = tiny_llama().eval()
+    gm = lora_fx.capture(model, (torch.randint(0, 256, (2, 8)),))  # dynamic batch and length
+    lora_fx.inject(gm, LoraConfig(target_modules="all-linear", init_lora_weights=False))
+    compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for shape in [(2, 8), (3, 13), (1, 5)]:
+            ids = torch.randint(0, 256, shape)
+            assert_close(compiled(ids).logits, gm(ids).logits)

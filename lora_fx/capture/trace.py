@@ -195,6 +195,7 @@ def _export(
     if auto:
         shapes.warn_static_axes(gm, dynamic_shapes)
     _bind_constant_kwargs(gm, args, kwargs)
+    shapes.inline_no_grad_regions(gm)
     fuse_causal_attention(gm)
     return gm
 
