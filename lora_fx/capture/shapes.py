@@ -225,7 +225,7 @@ def install_input_check(gm: torch.fx.GraphModule) -> bool:
 def inline_no_grad_regions(gm: torch.fx.GraphModule) -> int:
     """Rule 6: inline grad-disabled regions of a dynamic graph that read no grad value; count."""
     placeholders = gm.graph.find_nodes(op="placeholder")
-    if not any(_symbolic(n.meta.get("val")) for n in placeholders):
+    if not any(_dynamic(n.meta.get("val")) for n in placeholders):
         return 0
     regions = [
         n
@@ -335,6 +335,11 @@ def _symbolic(value: Any) -> bool:
 def _bound(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """The inputs by `model.forward`'s argument names, as export keys a `dynamic_shapes` dict."""
     return dict(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
+
+
+def _dynamic(value: Any) -> bool:
+    """Whether a captured value is a tensor with a symbolic size."""
+    return isinstance(value, torch.Tensor) and not all(isinstance(d, int) for d in value.shape)
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
