@@ -253,3 +253,23 @@ def test_transformers_export_failure_does_not_suggest_fx():
     with pytest.raises(CaptureError, match=r"method='export' failed on LlamaForCausalLM") as info:
         lora_fx.capture(tiny_llama(), (torch.randn(2, 8),))  # float ids: the embedding fails
     assert "method='fx'" not in str(info.value)
+
+
+class NoGradBranch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        with torch.no_grad():  # reads a parameter: must stay grad-free when inlined or not
+            y = self.lin(x)
+        return x * y
+
+
+def test_no_grad_regions_reading_parameters_stay_regions():
+    hop = torch.ops.higher_order.wrap_with_set_grad_enabled
+    model = NoGradBranch()
+    gm = lora_fx.capture(model, (torch.randn(3, 4),), dynamic_shapes={"x": {0: Dim.AUTO}})
+    assert [n for n in gm.graph.nodes if n.target is hop]
+    gm(torch.randn(5, 4, requires_grad=True)).sum().backward()
+    assert model.lin.weight.grad is None
