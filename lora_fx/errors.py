@@ -10,6 +10,7 @@ __all__ = [
     "AdapterError",
     "CaptureError",
     "ConfigError",
+    "GenerationError",
     "LoraFxError",
     "MergeError",
     "NoTargetMatchedError",
@@ -62,3 +63,7 @@ class ReplicationError(ConfigError):
 
 class OnnxExportError(LoraFxError, RuntimeError):
     """A graph could not be exported to ONNX, or the file could not be written."""
+
+
+class GenerationError(LoraFxError, ValueError):
+    """`generate` cannot run: a graph without a KV cache, or a batch or length over its capacity."""

@@ -19,6 +19,7 @@ FLOORS = (
     "sites",
     "capture",
     "passes",
+    "generation",
     "exporters",
     "cli",
 )

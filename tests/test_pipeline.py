@@ -80,3 +80,19 @@ def test_examples_with_peft_print_no_library_notices(script, tmp_path):
     assert result.returncode == 0 and "max |diff|" in result.stdout, result.stderr
     assert result.stderr == ""
     assert _made_by_us(tmp_path) == []
+
+
+def test_generate_example_matches_peft_quietly(tmp_path):
+    """examples/07_generate.py: checkpoint folder -> capture_for_generation -> generate, vs PEFT."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "07_generate.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "tokens equal PEFT's: True" in result.stdout
+    assert result.stderr == ""
+    assert _made_by_us(tmp_path) == []

@@ -21,12 +21,6 @@ Rules:
    and then runs torch's guards, raising `ValueError` with the input, the shape given and the
    shape expected. Under tracing (`torch.compile`, `torch.export`) it runs torch's guards as
    before, so compiled and re-exported graphs keep their guards.
-6. Dynamic graphs only: a `wrap_with_set_grad_enabled(False, submod, *xs)` region (transformers'
-   rotary embedding runs under `torch.no_grad()`) is inlined when no value it reads can require
-   grad (each `x` and everything it is computed from: no parameter, no float input, no value
-   that required grad at capture): the region's ops then record nothing either way. Dynamo
-   cannot trace the region with symbolic sizes ("unexpected freevars"), so without this a
-   compiled graph fails at its second shape.
 5. A caller's `dynamic_shapes` dict may leave arguments out (`use_cache`, which capture adds for
    transformers models): they are static, as export's `None` entry says.
 """
@@ -34,7 +28,6 @@ Rules:
 from __future__ import annotations
 
 import inspect
-import operator
 import re
 import warnings
 from typing import Any
@@ -52,7 +45,6 @@ __all__ = [
     "InputCheck",
     "complete_spec",
     "default_dynamic_shapes",
-    "inline_no_grad_regions",
     "install_input_check",
     "shape_error",
     "warn_static_axes",
@@ -61,7 +53,6 @@ __all__ = [
 AUTO = "auto"  # capture's default `dynamic_shapes`: axes 0 and 1 of every tensor input
 _AUTO_AXES = (0, 1)
 _GUARDS = "_guards_fn"
-_GRAD_REGION_OPS = (torch.ops.higher_order.wrap_with_set_grad_enabled,)
 # `L['input_ids'].size()[1]` (guards) or `inputs['input_ids'].shape[1]` (0/1 specialisation)
 _AXIS_RE = re.compile(r"(?:L|inputs)\['([^']+)'\](?:\[[^\]]*\])*\.(?:size\(\)|shape)\[(\d+)\]")
 _DIM_NAME_RE = re.compile(r"Constraints violated \(([^)]+)\)")
@@ -222,76 +213,6 @@ def install_input_check(gm: torch.fx.GraphModule) -> bool:
     return True
 
 
-def inline_no_grad_regions(gm: torch.fx.GraphModule) -> int:
-    """Rule 6: inline grad-disabled regions of a dynamic graph that read no grad value; count."""
-    placeholders = gm.graph.find_nodes(op="placeholder")
-    if not any(_dynamic(n.meta.get("val")) for n in placeholders):
-        return 0
-    regions = [
-        n
-        for n in gm.graph.nodes
-        if n.op == "call_function"
-        and n.target in _GRAD_REGION_OPS
-        and n.args[0] is False
-        and all(_never_grad(x) for x in n.args[2:])
-        and all(u.op == "call_function" and u.target is operator.getitem for u in n.users)
-        and _inlinable(gm, n)
-    ]
-    for node in regions:
-        sub = getattr(gm, node.args[1].target)
-        with gm.graph.inserting_before(node):
-            out = gm.graph.graph_copy(
-                sub.graph,
-                dict(zip(sub.graph.find_nodes(op="placeholder"), node.args[2:], strict=True)),
-            )
-        outputs = out if isinstance(out, (tuple, list)) else (out,)
-        for user in list(node.users):
-            user.replace_all_uses_with(outputs[user.args[1]])
-            gm.graph.erase_node(user)
-        submod = node.args[1]
-        gm.graph.erase_node(node)
-        if not submod.users:
-            gm.graph.erase_node(submod)
-    if regions:
-        gm.delete_all_unused_submodules()
-        gm.recompile()
-    return len(regions)
-
-
-def _inlinable(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Whether a region's submodule is a flat graph of its inputs (no attributes of its own)."""
-    sub = getattr(gm, node.args[1].target, None) if node.args[1].op == "get_attr" else None
-    if not isinstance(sub, torch.fx.GraphModule):
-        return False
-    ops = {n.op for n in sub.graph.nodes}
-    placeholders = sub.graph.find_nodes(op="placeholder")
-    return ops <= {"placeholder", "call_function", "output"} and len(placeholders) == len(
-        node.args[2:]
-    )
-
-
-def _never_grad(node: object) -> bool:
-    """Whether `node` and all it is computed from cannot require grad (ints, buffers, sizes)."""
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if not isinstance(n, torch.fx.Node) or n in seen:
-            continue
-        seen.add(n)
-        val = n.meta.get("val")
-        if isinstance(val, torch.Tensor) and (
-            val.requires_grad
-            or (n.op == "placeholder" and (val.is_floating_point() or val.is_complex()))
-        ):
-            return False
-        if n.op == "get_attr" and isinstance(
-            getattr(n.graph.owning_module, n.target, None), nn.Parameter
-        ):
-            return False
-        stack.extend(n.all_input_nodes)
-    return True
-
-
 def _check_shape(name: str, given: tuple[int, ...], expected: tuple) -> None:
     """Raise ValueError if `given` has another rank or another size on a static axis."""
     if len(given) != len(expected):
@@ -335,11 +256,6 @@ def _symbolic(value: Any) -> bool:
 def _bound(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """The inputs by `model.forward`'s argument names, as export keys a `dynamic_shapes` dict."""
     return dict(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
-
-
-def _dynamic(value: Any) -> bool:
-    """Whether a captured value is a tensor with a symbolic size."""
-    return isinstance(value, torch.Tensor) and not all(isinstance(d, int) for d in value.shape)
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:

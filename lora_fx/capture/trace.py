@@ -8,7 +8,10 @@
         * export only: a constant causal mask and `repeat_kv` copies feeding SDPA replaced by
           `is_causal=True` / `enable_gqa=True`, as eager transformers calls it (`attention.py`);
         * export only: dynamic batch and sequence axes for transformers models, and input checks
-          that raise `ValueError` instead of torch's guard assertions (`shapes.py`).
+          that raise `ValueError` instead of torch's guard assertions (`shapes.py`);
+        * export only: `torch.no_grad()` regions inlined with detached outputs (`no_grad.py`), so
+          `torch.compile` retraces a dynamic graph at new sizes (it cannot trace the region op
+          with symbolic sizes).
 
 Rules and edge cases:
 1. Export runs with the model in eval mode and then sets the graph to the model's own mode. Fused
@@ -40,6 +43,7 @@ from torch.utils import _pytree as pytree
 
 from lora_fx.capture import shapes
 from lora_fx.capture.attention import fuse_causal_attention
+from lora_fx.capture.no_grad import inline_no_grad_regions
 from lora_fx.capture.shapes import AUTO
 from lora_fx.core.state import CAPTURE_META
 from lora_fx.errors import CaptureError
@@ -195,7 +199,7 @@ def _export(
     if auto:
         shapes.warn_static_axes(gm, dynamic_shapes)
     _bind_constant_kwargs(gm, args, kwargs)
-    shapes.inline_no_grad_regions(gm)
+    inline_no_grad_regions(gm)  # dynamo cannot retrace the rotary's no_grad region at new sizes
     fuse_causal_attention(gm)
     return gm
 
