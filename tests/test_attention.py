@@ -213,3 +213,54 @@ def test_compiled_rewritten_graph_matches_eager():
     assert_close(out_c, out_e)
     for c, e in zip(grads_c, grads_e, strict=True):
         assert_close(c, e)
+
+
+# ---- dynamic shapes ---------------------------------------------------------------------------
+
+
+def _tiny_mistral(sliding_window):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        sliding_window=sliding_window,
+    )
+    return MistralForCausalLM(config).eval()
+
+
+def test_dynamic_llama_is_rewritten_and_exact_at_other_lengths():
+    model = tiny_llama().eval()
+    gm = lora_fx.capture(model, (torch.randint(0, 256, (2, 8)),))
+    assert isinstance(gm.graph.find_nodes(op="placeholder")[0].meta["val"].shape[1], torch.SymInt)
+    assert all(
+        n.args[3] is None and n.args[5] is True and n.kwargs["enable_gqa"] for n in _sdpa(gm)
+    )
+    assert not _expands_5d(gm)
+    for shape in [(1, 1), (1, 5), (3, 21)]:
+        ids = torch.randint(0, 256, shape)
+        assert_close(gm(ids).logits, model(ids, use_cache=False).logits)
+
+
+@pytest.mark.parametrize("window", [4, None], ids=["window4", "no_window"])
+def test_dynamic_sliding_window_mask_is_kept(window):
+    # A window of 4 looks causal at the example's length 4: only a check past it tells them apart.
+    model = _tiny_mistral(window)
+    gm = lora_fx.capture(model, (torch.randint(0, 256, (2, 4)),))
+    fused = [n.args[5:6] == (True,) for n in _sdpa(gm)]
+    assert fused == [window is None] * 2
+    ids = torch.randint(0, 256, (2, 13))
+    assert_close(gm(ids).logits, model(ids, use_cache=False).logits)
+
+
+def test_dynamic_padding_mask_is_left_alone():
+    model = tiny_llama().eval()
+    ids, mask = torch.randint(0, 256, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    gm = lora_fx.capture(model, (ids,), {"attention_mask": mask})
+    assert all(n.args[3] is not None and n.args[5:6] != (True,) for n in _sdpa(gm))
+    assert _expands_5d(gm)  # GQA with a mask keeps repeat_kv, as transformers does

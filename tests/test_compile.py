@@ -159,3 +159,17 @@ def test_example_04_learns_saves_and_merges(tmp_path):
     assert figures["accuracy"] > 0.9
     assert figures["merged_max_abs_diff"] < 1e-4
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_dynamic_capture_compiles_at_two_shapes():
+    model = tiny_llama().eval()
+    gm = lora_fx.capture(model, (torch.randint(0, 256, (2, 8)),))  # dynamic batch and length
+    # The rotary embedding's no_grad region is inlined: dynamo cannot retrace it with symbolic sizes.
+    hop = torch.ops.higher_order.wrap_with_set_grad_enabled
+    assert not [n for n in gm.graph.nodes if n.target is hop]
+    lora_fx.inject(gm, LoraConfig(target_modules="all-linear", init_lora_weights=False))
+    compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for shape in [(2, 8), (3, 13), (1, 5)]:
+            ids = torch.randint(0, 256, shape)
+            assert_close(compiled(ids).logits, gm(ids).logits)

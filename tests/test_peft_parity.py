@@ -399,3 +399,26 @@ def test_gpt2_tied_weight_merge(targets, tied_untouched, tmp_path):
         assert_close(_out(gm(x)), out)
     if tied_untouched:  # lm_head is no site: the shared tensor it reads keeps the base values
         assert torch.equal(model.lm_head.weight, reference.lm_head.weight)
+
+
+# ------------------------------------------------------------------------------- dynamic shapes
+
+
+def test_dynamic_graph_matches_peft_at_two_shapes(tmp_path):
+    """inject on a graph captured at [2, 8] with a padding mask; PEFT agrees at other shapes."""
+    model = tiny_llama().eval()
+    ids, mask = torch.randint(0, 256, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    gm = lora_fx.capture(copy.deepcopy(model), (ids,), {"attention_mask": mask})
+    cfg = {"target_modules": "all-linear", "r": 4, "lora_alpha": 8}
+    lora_fx.inject(gm, lora_fx.LoraConfig(**cfg, init_lora_weights=False))
+    lora_fx.save_adapter(gm, tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    for shape in [(1, 5), (3, 13)]:
+        ids, mask = torch.randint(0, 256, shape), torch.ones(shape, dtype=torch.long)
+        mask[-1, : shape[1] // 2] = 0  # left padding
+        real = mask.bool()
+        with torch.no_grad():
+            out = gm(ids, attention_mask=mask).logits
+            expected = pm(input_ids=ids, attention_mask=mask).logits
+            assert_differs(expected[real], model(ids, attention_mask=mask).logits[real])
+        assert_close(out[real], expected[real])

@@ -28,6 +28,13 @@ Rules:
 4. Mask and repeat nodes left without users are erased, with the `_assert_tensor_metadata`
    checks on them; nodes still used elsewhere (position ids feed the rotary embedding) stay.
 5. Graphs without the pattern (no SDPA, a padding mask, `method="fx"` graphs) are unchanged.
+6. Dynamic shapes: a mask may read the inputs' sizes (`sym_size`), never their values. It is
+   then evaluated at several sizes and must be causal at each: the example's; L = S = 1, 2, 3,
+   5 (other symbols, the batch, at 1); and L = S just past every integer constant in the mask's
+   subgraph, since a sliding window or attention chunk of W positions looks causal below W
+   (Mistral's `sliding_window=4096` is checked at 4097 and 4098). A constant past 8192 keeps the
+   mask (it would be too large to check). This is a check at chosen points, not a proof: it
+   relies on transformers' masks being causal, windowed or chunked patterns of the sizes.
 """
 
 from __future__ import annotations
@@ -35,9 +42,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import sympy
 import torch
 import torch.fx
 from torch.fx.node import map_arg
+from torch.utils import _pytree as pytree
 
 from lora_fx.core import graph as _graph
 
@@ -54,6 +63,7 @@ _RESHAPE_OPS = (
     torch.ops.aten.view.default,
     torch.ops.aten._unsafe_view.default,
 )
+_SLICE_OPS = (torch.ops.aten.slice.Tensor,)
 _ASSERT_OPS = (torch.ops.aten._assert_tensor_metadata.default,)
 # Their values are not constants either (uninitialised memory), though torch tags them as pure.
 _UNINITIALISED_OPS = (
@@ -63,6 +73,8 @@ _UNINITIALISED_OPS = (
     torch.ops.aten.new_empty.default,
     torch.ops.aten.new_empty_strided.default,
 )
+_NO_SIZE = 2**62  # slice ends and other "to the end" sentinels are not window sizes
+_MAX_EVAL_LENGTH = 8192  # past this a mask is not evaluated (its L x S slice gets too large)
 # SDPA's positional parameters; scale and enable_gqa are keyword-only.
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 
@@ -177,12 +189,16 @@ def _bind(node: torch.fx.Node) -> dict:
 
 
 def _is_causal_mask(mask: torch.fx.Node) -> bool:
-    """Whether `mask` is computed from constants only and equals SDPA's causal pattern."""
+    """Whether `mask` is computed from constants and sizes only and is SDPA's causal pattern."""
     try:
-        value = _evaluate(mask)
+        return all(_causal(_evaluate(mask, sizes)) for sizes in _size_cases(mask))
     except Exception as e:  # an op that cannot run outside its graph: keep the mask
         log.debug("fuse_causal_attention: cannot evaluate %s: %s", mask.format_node(), e)
         return False
+
+
+def _causal(value: object) -> bool:
+    """Whether a mask value equals `ones(L, S).tril()` in each [L, S] slice (rule 1)."""
     if not isinstance(value, torch.Tensor) or value.dim() < 2:
         return False
     # causal[i, j] = j <= i: SDPA's is_causal pattern (top-left aligned when L != S)
@@ -195,24 +211,94 @@ def _is_causal_mask(mask: torch.fx.Node) -> bool:
     return bool((value[allowed] == 0).all() and (value[~allowed] == float("-inf")).all())
 
 
-def _evaluate(node: torch.fx.Node) -> object | None:
-    """Run the subgraph computing `node` if it reads no input, attribute or RNG; else None."""
+def _size_cases(mask: torch.fx.Node) -> list[dict[sympy.Symbol, int]]:
+    """Values of the mask's symbolic sizes to check it at (rule 6); [{}] for a static mask.
+
+    The example's sizes; L = S = 1, 2, 3, 5; and L = S just past every integer constant the
+    mask is built from (a sliding window or attention chunk of size W looks causal below W).
+    Other symbols (the batch) take 1 there. Raises ValueError where a case would be too large
+    to evaluate.
+    """
+    inputs = _subgraph(mask)
+    if inputs is None:
+        raise ValueError("the mask reads an input, attribute or random op")
+    nodes, syms = inputs
+    if not syms:
+        return [{}]
+    env = next(iter(syms.values())).node.shape_env
+    examples = getattr(env, "backed_var_to_val", None) or env.var_to_val  # renamed in torch 2.12
+    hint = {s: int(examples[s]) for s in syms}
+    shape = mask.meta["val"].shape
+    axes = set().union(
+        *(
+            sympy.sympify(d.node.expr if isinstance(d, torch.SymInt) else d).free_symbols
+            for d in shape[-2:]
+        )
+    )
+    constants = {
+        a
+        for n in nodes
+        for a in pytree.tree_leaves((n.args, n.kwargs))
+        if isinstance(a, int) and not isinstance(a, bool) and 3 < a < _NO_SIZE
+    }
+    lengths = {1, 2, 3, 5} | {c + d for c in constants for d in (1, 2)}
+    if max(lengths) > _MAX_EVAL_LENGTH:
+        raise ValueError(f"a constant {max(constants)} in the mask is too large to check past")
+    cases = [hint]
+    for length in sorted(lengths):
+        case = {s: _clip(s, env, length if s in axes else 1) for s in syms}
+        if case not in cases:
+            cases.append(case)
+    return cases
+
+
+def _clip(sym: sympy.Symbol, env: object, value: int) -> int:
+    """`value` within the range export found for `sym` (its upper bound; any lower one is 0/1)."""
+    bounds = env.var_to_range.get(sym)
+    if bounds is None or bounds.upper > _NO_SIZE:  # torch's int_oo: unbounded
+        return value
+    return min(value, int(bounds.upper))
+
+
+def _subgraph(
+    node: torch.fx.Node,
+) -> tuple[list[torch.fx.Node], dict[sympy.Symbol, torch.SymInt]] | None:
+    """The nodes computing `node` (sizes as leaves) and its size symbols; None if not constant."""
     order: list[torch.fx.Node] = []
+    syms: dict[sympy.Symbol, torch.SymInt] = {}
     seen: set[torch.fx.Node] = set()
     stack = [node]
     while stack:
         n = stack.pop()
         if n in seen:
             continue
+        seen.add(n)
+        val = n.meta.get("val")
+        if isinstance(val, torch.SymInt):  # a size: a leaf, evaluated from its expression
+            for s in val.node.expr.free_symbols:
+                syms[s] = val
+            order.append(n)
+            continue
         if n.op != "call_function" or _is_random(n):
             return None
-        seen.add(n)
         order.append(n)
         stack.extend(n.all_input_nodes)
     position = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(order, key=position.__getitem__), syms
+
+
+def _evaluate(node: torch.fx.Node, sizes: dict[sympy.Symbol, int]) -> object | None:
+    """Run the subgraph computing `node` at `sizes` for its symbols (None: not constant)."""
+    found = _subgraph(node)
+    if found is None:
+        return None
     env: dict[torch.fx.Node, object] = {}
     with torch.no_grad():
-        for n in sorted(order, key=position.__getitem__):
+        for n in found[0]:
+            val = n.meta.get("val")
+            if isinstance(val, torch.SymInt):
+                env[n] = int(val.node.expr.xreplace(sizes))
+                continue
             args = map_arg(n.args, env.__getitem__)
             kwargs = map_arg(n.kwargs, env.__getitem__)
             env[n] = n.target(*args, **kwargs)
@@ -226,23 +312,27 @@ def _is_random(node: torch.fx.Node) -> bool:
 
 
 def _repeat_kv(node: torch.fx.Node) -> _Repeat | None:
-    """Match `reshape(expand(unsqueeze(x, 2), [B, H, n, S, D]), [B, H * n, S, D])`."""
+    """Match `reshape(expand(unsqueeze(x, 2), [B, H, n, S, D]), [B, H * n, S, D])`.
+
+    Whole-axis slices (`x[:, :, None]` under dynamic shapes) between the steps are skipped.
+    """
     out = node
     chain = [node]
     if not _is_call(node, _RESHAPE_OPS):
         return None
-    node = node.args[0]
+    node = _skip_full_slices(node.args[0], chain)
     if _is_call(node, _COPY_OPS):  # a decomposed reshape: clone + _unsafe_view
         chain.append(node)
-        node = node.args[0]
+        node = _skip_full_slices(node.args[0], chain)
     if not _is_call(node, _EXPAND_OPS):
         return None
     expand = node
-    unsqueeze = expand.args[0]
+    chain.append(expand)
+    unsqueeze = _skip_full_slices(expand.args[0], chain)
     if not _is_call(unsqueeze, _UNSQUEEZE_OPS) or unsqueeze.args[1] not in (2, -3):
         return None
-    chain += [expand, unsqueeze]
-    source = unsqueeze.args[0]
+    chain.append(unsqueeze)
+    source = _skip_full_slices(unsqueeze.args[0], chain)
     shapes = [_shape(n) for n in (source, expand, out)]
     if any(s is None for s in shapes):
         return None
@@ -250,18 +340,36 @@ def _repeat_kv(node: torch.fx.Node) -> _Repeat | None:
     if len(expanded) != 5 or expanded[:2] != (b, h) or expanded[3:] != (s, d):
         return None
     n = expanded[2]
-    if n < 2 or repeated != (b, h * n, s, d):
+    if not isinstance(n, int) or n < 2 or repeated != (b, h * n, s, d):
         return None
     return _Repeat(source, n, tuple(chain))
 
 
-def _shape(node: object) -> tuple[int, ...] | None:
-    """A node's static shape from export's `meta['val']`, or None."""
+def _skip_full_slices(node: object, chain: list[torch.fx.Node]) -> object:
+    """Follow `slice(x, dim, 0, <end>)` nodes that keep a whole axis back to `x`, adding them."""
+    while _is_call(node, _SLICE_OPS) and _is_full_slice(node):
+        chain.append(node)
+        node = node.args[0]
+    return node
+
+
+def _is_full_slice(node: torch.fx.Node) -> bool:
+    """Whether a `slice.Tensor` node keeps its whole axis (start 0, step 1, end past the end)."""
+    _, dim, start, end, step = (*node.args, *(None,) * 5)[:5]
+    return (
+        (start or 0) == 0
+        and (step or 1) == 1
+        and (end is None or (isinstance(end, int) and end >= _NO_SIZE))
+        and isinstance(dim, int)
+    )
+
+
+def _shape(node: object) -> tuple[int | sympy.Expr, ...] | None:
+    """A node's shape from export's `meta['val']` (sympy expressions for dynamic sizes), or None."""
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     if not isinstance(val, torch.Tensor):
         return None
-    shape = tuple(val.shape)
-    return shape if all(isinstance(d, int) for d in shape) else None
+    return tuple(d.node.expr if isinstance(d, torch.SymInt) else d for d in val.shape)
 
 
 def _is_call(node: object, ops: tuple) -> bool:

@@ -10,6 +10,8 @@ results carry no gradient, which `detach` keeps exactly.
 Rules:
 1. Only regions that turn grad off are inlined (turning it on inside a no-grad graph stays as is).
 2. A body that reads attributes of its own (`get_attr`) is left alone.
+3. Each `detach` takes its input's module stack and value metadata: it belongs to the region's
+   module (`rotary_emb`), and passes that place nodes by module read it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.fx
 __all__ = ["inline_no_grad_regions"]
 
 _GRAD_REGION = torch.ops.higher_order.wrap_with_set_grad_enabled
+_KEPT_META = ("nn_module_stack", "stack_trace", "val", "tensor_meta")
 
 
 def inline_no_grad_regions(gm: torch.fx.GraphModule) -> bool:
@@ -42,9 +45,10 @@ def inline_no_grad_regions(gm: torch.fx.GraphModule) -> bool:
             outputs = gm.graph.graph_copy(body.graph, values)
             outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
             for user in list(node.users):
-                detached = gm.graph.call_function(
-                    torch.ops.aten.detach.default, (outputs[user.args[1]],)
-                )
+                out = outputs[user.args[1]]
+                detached = gm.graph.call_function(torch.ops.aten.detach.default, (out,))
+                # the region's module (rotary_emb) and value: passes read both
+                detached.meta.update({k: out.meta[k] for k in _KEPT_META if k in out.meta})
                 user.replace_all_uses_with(detached)
                 gm.graph.erase_node(user)
         gm.graph.erase_node(node)

@@ -6,7 +6,12 @@
         * non-tensor keyword arguments (`use_cache=False`) bound as constants, so `gm(ids)` works;
         * a plain `GraphModule` class, whose `train()` / `eval()` work (export's module refuses);
         * export only: a constant causal mask and `repeat_kv` copies feeding SDPA replaced by
-          `is_causal=True` / `enable_gqa=True`, as eager transformers calls it (`attention.py`).
+          `is_causal=True` / `enable_gqa=True`, as eager transformers calls it (`attention.py`);
+        * export only: dynamic batch and sequence axes for transformers models, and input checks
+          that raise `ValueError` instead of torch's guard assertions (`shapes.py`);
+        * export only: `torch.no_grad()` regions inlined with detached outputs (`no_grad.py`), so
+          `torch.compile` retraces a dynamic graph at new sizes (it cannot trace the region op
+          with symbolic sizes).
 
 Rules and edge cases:
 1. Export runs with the model in eval mode and then sets the graph to the model's own mode. Fused
@@ -18,10 +23,16 @@ Rules and edge cases:
    sharing the weight) that stays on bitsandbytes' plain CPU path. On AVX512-BF16 CPUs the user's
    module would pack its weight in eval: a crash unless `out_features % 32 == 0` and
    `in_features % blocksize == 0`, bfloat16 compute, and no input gradient after (`quant.py`).
+5. transformers models: `use_cache=False` is passed unless the caller says (a graph returns no
+   cache; `use_cache=True` raises). Other models' shapes stay static by default: lora_fx cannot
+   tell their batch axis from a feature axis, and their Python may branch on a size.
+6. `args` must be a tuple (or one tensor); a dict raises TypeError rather than being taken as
+   keyword inputs or as one positional dict, since both readings are plausible.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -30,7 +41,10 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from lora_fx.capture import shapes
 from lora_fx.capture.attention import fuse_causal_attention
+from lora_fx.capture.no_grad import inline_no_grad_regions
+from lora_fx.capture.shapes import AUTO
 from lora_fx.core.state import CAPTURE_META
 from lora_fx.errors import CaptureError
 from lora_fx.math import quant
@@ -59,34 +73,60 @@ def capture(
     kwargs: dict[str, Any] | None = None,
     method: str = "export",
     *,
-    dynamic_shapes: Any = None,
+    dynamic_shapes: Any = AUTO,
 ) -> torch.fx.GraphModule:
     """Capture `model` as a GraphModule that lora_fx passes can rewrite.
 
+    Shapes: a transformers model is exported with axes 0 and 1 (batch and sequence) of every
+    tensor input dynamic (`Dim.AUTO`: export keeps them static only where the model fixes them,
+    and warns), so the graph runs at other batch sizes and lengths. An `attention_mask` in
+    `kwargs` becomes an input of the graph (`gm(ids, attention_mask=m)`). Other models keep
+    export's static shapes unless `dynamic_shapes` says otherwise: lora_fx cannot tell which of
+    their axes are batch or sequence (axis 1 is often features or channels), and a model whose
+    Python code branches on a size would be captured for one side of the branch only.
+    `method="fx"` graphs are shape-generic already.
+
     Args:
         model: The eager model. Its parameters are shared with the graph, not copied.
-        args: Example positional inputs.
+        args: Example positional inputs (a tuple; a single tensor is taken as `(tensor,)`).
         kwargs: Example keyword inputs; non-tensor values (`use_cache=False`) become constants.
+            A transformers model whose forward takes `use_cache` gets `use_cache=False` unless
+            given: a captured graph returns no cache.
         method: `"export"` (torch.export; for transformers models) or `"fx"` (symbolic_trace).
-        dynamic_shapes: Passed to `torch.export.export` (e.g. to allow other batch sizes).
+        dynamic_shapes: `"auto"` (default): dynamic batch and sequence axes for transformers
+            models, static shapes for others. `None` or `False`: static shapes (export's
+            default). Anything else is passed to `torch.export.export` (a dict keyed by
+            forward's argument names may leave out arguments that stay static, `use_cache`).
 
     Returns:
-        A `torch.fx.GraphModule` whose `train()` / `eval()` switch every dropout.
+        A `torch.fx.GraphModule` whose `train()` / `eval()` switch every dropout. Calling it
+        with a shape it was not captured for raises `ValueError` naming the input, the shape
+        given and the shape expected.
 
     Raises:
-        ValueError: `method` is not `"export"` or `"fx"`.
-        CaptureError: The chosen method failed; the message says why and suggests the other one.
+        ValueError: `method` is not `"export"` or `"fx"`, or `use_cache=True` (a graph has no
+            cache; see `lora_fx.capture_for_generation`).
+        TypeError: `model` is not an `nn.Module`, or `args` is a dict (pass it as `kwargs`).
+        CaptureError: The chosen method failed, or a dimension in `dynamic_shapes` cannot be
+            dynamic; the message says why and what to pass.
 
     Example:
-        >>> gm = lora_fx.capture(model, (ids,), {"use_cache": False})
-        >>> gm = lora_fx.inject(gm, LoraConfig(target_modules="all-linear"))
+        >>> gm = lora_fx.capture(model, (ids,), {"attention_mask": mask})  # ids: [2, 8]
+        >>> logits = gm(ids3, attention_mask=mask3).logits  # ids3: [3, 13]
+        >>> static = lora_fx.capture(model, (ids,), dynamic_shapes=None)  # [2, 8] only
     """
     if method not in _METHODS:
         raise ValueError(f"method={method!r} is invalid; expected one of {list(_METHODS)}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture() needs an nn.Module, got {type(model).__name__}")
+    if isinstance(args, dict):
+        raise TypeError(
+            f"capture(model, args): args is a dict (keys {list(args)}); pass keyword inputs as "
+            "kwargs, e.g. capture(model, (), kwargs={...}), or a dict meant as the single "
+            "positional input as args=(d,)"
+        )
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
-    kwargs = dict(kwargs or {})
+    kwargs = _cache_off(model, dict(kwargs or {}))
     was_training = model.training
     try:
         model.eval()
@@ -130,20 +170,61 @@ def _export(
     model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any
 ) -> torch.fx.GraphModule:
     """torch.export, then the trainable-module fixes."""
+    auto = isinstance(dynamic_shapes, str) and dynamic_shapes == AUTO
+    if auto and _is_transformers(model):
+        dynamic_shapes, args, kwargs = shapes.default_dynamic_shapes(model, args, kwargs)
+    elif auto or dynamic_shapes is False:
+        auto, dynamic_shapes = False, None
+    else:
+        dynamic_shapes = shapes.complete_spec(model, args, kwargs, dynamic_shapes)
     try:
         program = torch.export.export(
             model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False
         )
     except Exception as e:
+        error = shapes.shape_error(model, e, dynamic_shapes)
+        if error is not None:
+            raise error from e
+        hint = (
+            "transformers models can only be captured with method='export'; check the example "
+            "inputs, or pass dynamic_shapes=None for static shapes"
+            if _is_transformers(model)
+            else "for a model with simple Python control flow try method='fx'"
+        )
         raise CaptureError(
             f"method='export' failed on {type(model).__name__}: "
-            f"{type(e).__name__}: {_first_line(e)}; "
-            "for a model with simple Python control flow try method='fx'"
+            f"{type(e).__name__}: {_first_line(e)}; {hint}"
         ) from e
     gm = _trainable_module(program.module())
+    if auto:
+        shapes.warn_static_axes(gm, dynamic_shapes)
     _bind_constant_kwargs(gm, args, kwargs)
+    inline_no_grad_regions(gm)  # dynamo cannot retrace the rotary's no_grad region at new sizes
     fuse_causal_attention(gm)
     return gm
+
+
+def _cache_off(model: nn.Module, kwargs: dict) -> dict:
+    """`use_cache=False` for transformers models that take it, unless given; refuse True."""
+    if not _is_transformers(model):
+        return kwargs
+    if kwargs.get("use_cache") is True:
+        raise ValueError(
+            "capture(..., use_cache=True): a captured graph has no KV cache (it returns logits "
+            "only); capture with use_cache=False (the default), or use "
+            "lora_fx.capture_for_generation(model, ...) to generate with a cache"
+        )
+    if "use_cache" not in kwargs and "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def _is_transformers(model: nn.Module) -> bool:
+    """Whether `model` is a transformers `PreTrainedModel` (checked without importing it)."""
+    return any(
+        c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
+        for c in type(model).__mro__
+    )
 
 
 def _trace(model: nn.Module, kwargs: dict) -> torch.fx.GraphModule:
@@ -199,6 +280,7 @@ class _Tracer(torch.fx.Tracer):
 def _trainable_module(exported: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Re-wrap export's module as a plain GraphModule (train()/eval() allowed), live dropouts."""
     gm = torch.fx.GraphModule(exported, exported.graph)
+    shapes.install_input_check(gm)
     _dropouts_to_modules(gm)
     # Export bakes each dropout's train flag; keep the mode the flags say the model was captured in.
     gm.train(False)
