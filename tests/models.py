@@ -21,6 +21,7 @@ __all__ = [
     "TinyMoE",
     "bnb_copy",
     "tiny_bert",
+    "tiny_causal_lm",
     "tiny_gpt2",
     "tiny_llama",
 ]
@@ -190,6 +191,28 @@ def tiny_llama(layers: int = 2, hidden: int = 64):
         max_position_embeddings=128,
     )
     return LlamaForCausalLM(config)
+
+
+def tiny_causal_lm(arch: str, *, vocab: int = 256, intermediate: int = 128, **config: Any):
+    """A Llama / Qwen2 / Mistral causal LM from config: 2 layers, hidden 64, 4 heads (2 for K/V).
+
+    `config` overrides or adds config fields (e.g. `num_key_value_heads=1, sliding_window=8`).
+    """
+    import transformers
+
+    names = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[arch]
+    fields = {
+        "vocab_size": vocab,
+        "hidden_size": 64,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        **config,
+    }
+    model_class = getattr(transformers, f"{names}ForCausalLM")
+    return model_class(getattr(transformers, f"{names}Config")(**fields))
 
 
 def tiny_gpt2(layers: int = 2):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import assert_close
-from models import TinyBlockStack, tiny_bert, tiny_gpt2, tiny_llama
+from models import TinyBlockStack, tiny_bert, tiny_causal_lm, tiny_gpt2, tiny_llama
 
 import lora_fx
 from lora_fx import LoraConfig
@@ -219,19 +219,7 @@ def test_compiled_rewritten_graph_matches_eager():
 
 
 def _tiny_mistral(sliding_window):
-    from transformers import MistralConfig, MistralForCausalLM
-
-    config = MistralConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        sliding_window=sliding_window,
-    )
-    return MistralForCausalLM(config).eval()
+    return tiny_causal_lm("mistral", sliding_window=sliding_window).eval()
 
 
 def test_dynamic_llama_is_rewritten_and_exact_at_other_lengths():

@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime_genai as og
 import pytest
 import torch
-from models import save_tiny_tokenizer, tiny_gpt2, tiny_llama
+from models import save_tiny_tokenizer, tiny_causal_lm, tiny_gpt2, tiny_llama
 from peft import LoraConfig as PeftConfig
 from peft import get_peft_model
 
@@ -93,42 +93,14 @@ def test_merged_llama_greedy_tokens_equal_peft_generate(llama, tmp_path):
     assert _genai_tokens(og.Model(str(result.folder)), prompt) == expected
 
 
-def _qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    return Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-        )
-    )
-
-
-def _mistral():
-    from transformers import MistralConfig, MistralForCausalLM
-
-    return MistralForCausalLM(
-        MistralConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            sliding_window=None,
-        )
-    )
-
-
 OTHER_TYPES = {
-    "qwen2": (_qwen2, "all-linear", {}, "qwen2"),
-    "mistral": (_mistral, "all-linear", {}, "mistral"),
+    "qwen2": (lambda: tiny_causal_lm("qwen2"), "all-linear", {}, "qwen2"),
+    "mistral": (
+        lambda: tiny_causal_lm("mistral", sliding_window=None),
+        "all-linear",
+        {},
+        "mistral",
+    ),
     # genai's own "gpt2" type expects another graph; its generic "decoder" type runs this one.
     "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], {"fan_in_fan_out": True}, "decoder"),
 }

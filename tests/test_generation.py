@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from models import tiny_causal_lm, tiny_gpt2
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch._dynamo.testing import CompileCounter
@@ -19,72 +20,18 @@ CACHE = 48
 
 
 def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-        )
-    )
+    return tiny_causal_lm("llama", vocab=128, intermediate=96)
 
 
-def _qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    return Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-        )
-    )
-
-
-def _mistral():
-    from transformers import MistralConfig, MistralForCausalLM
-
+ARCHS = {
+    "llama": _llama,
+    "qwen2": lambda: tiny_causal_lm("qwen2", vocab=128, intermediate=96),
     # a window shorter than prompt + new tokens, so the sliding mask matters
-    return MistralForCausalLM(
-        MistralConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            max_position_embeddings=128,
-            sliding_window=8,
-        )
-    )
-
-
-def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    return GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=128,
-            n_embd=32,
-            n_layer=2,
-            n_head=2,
-            n_positions=128,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-    )
-
-
-ARCHS = {"llama": _llama, "qwen2": _qwen2, "mistral": _mistral, "gpt2": _gpt2}
+    "mistral": lambda: tiny_causal_lm(
+        "mistral", vocab=128, intermediate=96, num_key_value_heads=1, sliding_window=8
+    ),
+    "gpt2": tiny_gpt2,
+}
 
 
 class Pair:

@@ -20,6 +20,7 @@ Rules (each as transformers' `generate` does it, so greedy tokens equal `PeftMod
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -92,49 +93,25 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else spec.pad_token_id
     if pad is None:
         pad = eos[0] if eos else 0
+    if adapter_names is not None and len(adapter_names) != input_ids.shape[0]:
+        raise GenerationError(
+            f"adapter_names has {len(adapter_names)} names for a batch of "
+            f"{input_ids.shape[0]} rows; pass one name per row"
+        )
+    rows = (
+        contextlib.nullcontext()
+        if adapter_names is None
+        else adapter_batch(graph, list(adapter_names))
+    )
+    choice = dict(
+        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+    )
     was_training = graph.training
     graph.eval()
     try:
-        if adapter_names is None:
+        with rows:
             return _loop(
-                gm,
-                spec,
-                input_ids,
-                attention_mask,
-                max_new_tokens,
-                eos,
-                pad,
-                streamer,
-                dict(
-                    do_sample=do_sample,
-                    temperature=temperature,
-                    top_k=top_k,
-                    top_p=top_p,
-                    generator=generator,
-                ),
-            )
-        if len(adapter_names) != input_ids.shape[0]:
-            raise GenerationError(
-                f"adapter_names has {len(adapter_names)} names for a batch of "
-                f"{input_ids.shape[0]} rows; pass one name per row"
-            )
-        with adapter_batch(graph, list(adapter_names)):
-            return _loop(
-                gm,
-                spec,
-                input_ids,
-                attention_mask,
-                max_new_tokens,
-                eos,
-                pad,
-                streamer,
-                dict(
-                    do_sample=do_sample,
-                    temperature=temperature,
-                    top_k=top_k,
-                    top_p=top_p,
-                    generator=generator,
-                ),
+                gm, spec, input_ids, attention_mask, max_new_tokens, eos, pad, streamer, choice
             )
     finally:
         graph.train(was_training)
