@@ -86,6 +86,16 @@ def run_meta(
     }
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the platform's processor string."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    return next(names, platform.processor())
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     """Seconds one call of `fn` takes (GC off, as timeit does), and its result."""
     gc.collect()

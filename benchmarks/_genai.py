@@ -1,17 +1,15 @@
-"""onnxruntime-genai timing for `bench_generate.py`: greedy decode speed of a genai folder, and the
-reference folder genai's own model builder writes for the same Hugging Face model.
+"""onnxruntime-genai timing for `bench_genai_builder.py`: greedy decode speed of a genai folder,
+and the reference folder genai's own model builder writes for the same Hugging Face model.
 
     tokens, ttft_s, tok_per_s = genai_decode("genai_out", prompt_ids, 64)             # merged
     genai_decode("genai_out", prompt_ids, 64, adapter="genai_out/cat.onnx_adapter")   # multi-LoRA
     build_reference("hf_model_dir", "genai_ref")      # python -m onnxruntime_genai.models.builder
 
-Run as a script to compare lora_fx's export with the builder's on a small random Llama:
-    python benchmarks/_genai.py [--layers 4 --hidden 512 --new 64]
+`python benchmarks/bench_genai_builder.py` compares lora_fx's export with the builder's.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -97,68 +95,3 @@ def build_reference(hf_folder: str | os.PathLike, out_dir: str | os.PathLike) ->
     if done.returncode != 0:
         raise RuntimeError(f"genai model builder failed: {(done.stdout + done.stderr)[-1500:]}")
     return out
-
-
-def _compare(args: argparse.Namespace) -> None:
-    """Build a random Llama, export it with lora_fx and with genai's builder, time both."""
-    import onnxruntime_genai as og
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import lora_fx
-    from lora_fx.exporters import export_genai
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from models import save_tiny_tokenizer
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 4,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=max(1, args.hidden // 256),
-        max_position_embeddings=args.context,
-    )
-    model = LlamaForCausalLM(config).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        model.save_pretrained(root / "hf")
-        save_tiny_tokenizer(root / "hf", args.vocab)
-        gm = lora_fx.capture_for_generation(model, max_batch_size=1, max_cache_len=args.context)
-        export_genai(gm, root / "ours")
-        build_reference(root / "hf", root / "ref")
-        cfg = lora_fx.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
-        lora_fx.inject(gm, cfg, "bench")
-        export_genai(gm, root / "lora", merged=False)
-        prompt = torch.randint(3, args.vocab, (1, args.prompt))
-        rows = []
-        for name, folder, adapter in (
-            ("ours", "ours", None),
-            ("ref", "ref", None),
-            ("ours+lora", "lora", root / "lora" / "bench.onnx_adapter"),
-        ):
-            loaded = og.Model(str(root / folder))
-            genai_decode(root / folder, prompt, 4, adapter, model=loaded)  # warm-up
-            runs = [
-                genai_decode(root / folder, prompt, args.new, adapter, model=loaded)
-                for _ in range(3)
-            ]
-            rows.append((name, min(r[1] for r in runs), max(r[2] for r in runs), runs[0][0]))
-        same = rows[0][3] == rows[1][3]
-        print(f"llama {args.layers}x{args.hidden}, prompt {args.prompt}, {args.new} new tokens")
-        for name, ttft, rate, _ in rows:
-            print(f"  {name:9s} ttft {ttft * 1e3:7.2f} ms   decode {rate:8.1f} tok/s")
-        print(f"  same greedy tokens (ours, ref): {same}; ours+lora: r=16 all-linear, unmerged")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--prompt", type=int, default=32)
-    parser.add_argument("--new", type=int, default=64)
-    _compare(parser.parse_args())

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import fill_defaults, llama, run_meta, table, write_result
+from _common import cpu_model, fill_defaults, llama, run_meta, table, write_result
 from bench_core import MODEL
 
 import lora_fx
@@ -251,19 +251,6 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_model() -> str:
-    """The CPU's model name (Linux), else the platform's processor string."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke mode")
@@ -295,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "layers": args.layers,
         "prompt": args.prompt,
         "new": args.new,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "batches": [bench_batch(base, args, b) for b in args.batches],
     }
     result["meta"] = run_meta(quick=args.quick, start=start)
