@@ -74,7 +74,7 @@ def test_mixed_batch_equals_peft_and_per_sample(tmp_path, which):
                     row
                 ]  # the graph is shape-specialised: run the batch, keep the row
             assert_close(mixed[row], alone)
-    assert not hasattr(gm, "lora_fx_batch_mask")
+    assert not hasattr(gm, "lora_fx_adapter_index")
 
 
 def test_new_composition_does_not_recompile(tmp_path):
@@ -237,6 +237,24 @@ def test_full_slots_evict_an_unused_adapter(tmp_path):
     assert state.batch_adapters == ["a8", "c8"] and gm.code == code
     lora_fx.set_adapter_batch(gm, MIXED_ROWS)  # three adapters in one batch: the stacks grow
     assert len(state.batch_adapters) == 3
+
+
+def test_hotswap_and_refresh_rewrite_the_stacks(tmp_path):
+    pm, gm, ids = _mixed_setup(tmp_path, "llama")
+    rows = ["a8"] * 6
+    with torch.no_grad():
+        pm.set_adapter("c8")
+        expected = pm(input_ids=ids, use_cache=False).logits
+        lora_fx.set_adapter_batch(gm, rows)
+        lora_fx.load_adapter(gm, tmp_path / "c8", "a8", hotswap=True)  # c8's weights, r 8
+        assert_close(gm(ids).logits, expected)
+        for name, param in gm.named_parameters():
+            if ".lora_B.a8." in name:
+                param.zero_()  # by hand: the stacks keep their copy until refresh=True
+        assert_close(gm(ids).logits, expected)
+        lora_fx.set_adapter_batch(gm, rows, refresh=True)
+        with pm.disable_adapter():
+            assert_close(gm(ids).logits, pm(input_ids=ids, use_cache=False).logits)
 
 
 @pytest.mark.parametrize("which", ["llama", "gpt2"])

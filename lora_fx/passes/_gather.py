@@ -44,7 +44,7 @@ from lora_fx.math.quant import logical_dtype
 from lora_fx.math.stack import gathered_linear, stack_adapters
 from lora_fx.passes._branch import insert_branch
 from lora_fx.passes._emit import Emitter, chain_end
-from lora_fx.sites import Site
+from lora_fx.sites import Site, all_sites
 from lora_fx.sites.kinds import kind_of, lora_paths
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "STACKS",
     "emit_batch",
     "layout_key",
+    "refresh_adapter",
     "site_ranks",
     "stack_and_gather",
     "write_slots",
@@ -193,6 +194,15 @@ def write_slots(
                 holder.b_t[k].copy_(b[0].t())
                 written += 1
     return written
+
+
+def refresh_adapter(gm: torch.fx.GraphModule, state: LoraState, name: str) -> int:
+    """Rewrite the stack slots that hold `name` from its tensors (after an in-place write)."""
+    if state.batch_adapters is None or name not in state.batch_adapters:
+        return 0
+    ranks = site_ranks(state, all_sites(gm), gm)
+    slots = [k for k, n in enumerate(state.batch_adapters) if n == name]
+    return write_slots(gm, state, ranks, slots)
 
 
 def _like(gm: torch.fx.GraphModule, site: Site) -> dict:
