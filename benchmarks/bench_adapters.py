@@ -13,9 +13,9 @@ target_modules="all-linear". Adapters cat, dog, fox: r=8, lora_alpha=16; owl: r=
 Figures:
 1. Mixed batch, eager (no_grad, eval): 4 adapters x 8 samples, a batch of 32 x seq 32. The row order
    of the composition changes every round (a shuffled 8/8/8/8 split), as a server's would.
-   - fx_mixed: `set_adapter_batch(gm, names)` (same batch size: only the mask buffer is written)
-     and one forward of 32 rows. Every adapter's branch runs on every row and is masked per row,
-     so its branch FLOPs are those of all 4 adapters (printed beside the table).
+   - fx_mixed: `set_adapter_batch(gm, names)` (same batch size: only the index buffer is written)
+     and one forward of 32 rows. Each row gathers its own adapter from per-site stacks padded to
+     the site's largest rank (branch FLOPs printed beside the table).
    - fx_seq: per adapter, `set_adapter(gm, name)` (a graph rewrite and recompile) and a forward of
      its 8 rows. `capture` specialises the batch size, so this graph is captured with
      `dynamic_shapes={"input_ids": {0: Dim("batch")}, "use_cache": None}` (export wants every
