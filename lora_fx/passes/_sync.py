@@ -41,13 +41,16 @@ def sync(gm: torch.fx.GraphModule) -> None:
     """Derive branches, module-copy references and `requires_grad` from the state; recompile."""
     state = get_state(gm)
     if state.batch_adapters is not None:
-        # Deleted adapters free their slots.
-        state.batch_adapters = [n if n in state.adapters else None for n in state.batch_adapters]
+        # Deleted adapters free their slots (zeroed below); a new adapter takes none until a
+        # batch names it.
+        slots = state.batch_adapters
+        freed = [k for k, n in enumerate(slots) if n is not None and n not in state.adapters]
+        state.batch_adapters = [n if n in state.adapters else None for n in slots]
         sites = all_sites(gm)
         ranks = site_ranks(state, sites, gm)
         key = layout_key(state, ranks)
         if key == state.batch_key:  # rule 2: same layout, new values only
-            write_slots(gm, state, ranks)
+            write_slots(gm, state, ranks, freed)
             _set_trainable(gm, state)
             return
     _rebuild_branches(gm, state)

@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 BASE = "__base__"
 
 
-@transactional
 def set_adapter_batch(
     gm: torch.fx.GraphModule,
     adapter_names: Sequence[str] | None,
@@ -76,6 +75,53 @@ def set_adapter_batch(
         >>> logits = compiled(ids)   # row 0 uses a, row 1 b, row 2 the base model
         >>> lora_fx.set_adapter_batch(gm, ["b", "b", "a"])   # new values only: no recompile
     """
+    state = require_state(gm)
+    if adapter_names is not None and _index_only(gm, state, adapter_names, capacity, rank, refresh):
+        return gm  # every adapter of the batch holds a slot: write the row index, nothing else
+    return _set_adapter_batch(gm, adapter_names, capacity=capacity, rank=rank, refresh=refresh)
+
+
+def _index_only(
+    gm: torch.fx.GraphModule,
+    state: LoraState,
+    adapter_names: Sequence[str],
+    capacity: int | None,
+    rank: int | None,
+    refresh: bool,
+) -> bool:
+    """Rule 2's fast path: the batch's adapters all hold slots and nothing else changes.
+
+    Then only the index buffer is written (no snapshot, no site matching): a new composition
+    costs microseconds whatever the number of adapters.
+    """
+    slots = state.batch_adapters
+    if (
+        slots is None
+        or state.batch_key is None
+        or refresh
+        or state.batch_training != gm.training
+        or (capacity is not None and capacity > len(slots))
+        or (rank is not None and rank > (state.batch_rank or 0))
+    ):
+        return False
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    held = set(slots)
+    if not all(n == BASE or n in held for n in names):
+        return False
+    _write_index(gm, state, names)
+    return True
+
+
+@transactional
+def _set_adapter_batch(
+    gm: torch.fx.GraphModule,
+    adapter_names: Sequence[str] | None,
+    *,
+    capacity: int | None,
+    rank: int | None,
+    refresh: bool,
+) -> torch.fx.GraphModule:
+    """`set_adapter_batch` when slots, stacks or the graph may change (snapshot and rollback)."""
     state = require_state(gm)
     if adapter_names is None:
         if state.batch_adapters is not None:
