@@ -5,15 +5,16 @@
     A_t [slots + 1, in, r_max]   B_t [slots + 1, r_max, out]   (scale folded into B; last slot 0)
     index = lora_fx_adapter_index [batch]: a row's slot (`slots`, the zero slot, for "__base__")
 
-Why gather and not group rows per adapter: measured on this CPU (Xeon, 1 thread; in 256, out
-512, r 16, 4/16/64 adapters), a site's LoRA delta costs over the base linear, batch 32 x 32
-tokens: gathered +0.34-0.41 ms flat in the number of adapters, rows grouped with one GEMM pair
-per adapter (segment GEMMs) +0.52-1.00 ms, growing with it (a sort, a host sync for the counts,
-one small GEMM pair and an `index_add_` per adapter); 8 rows x 1 token (decode): gathered
-+0.02 ms, grouped +0.07-0.16 ms; the masked layout this replaces (every adapter's branch on every
-row) +3.1 / +14 / +32 ms. Grouping also needs the counts on the host, a data-dependent shape that
-breaks a compiled graph; a gather is shape-static. `A_t` / `B_t` are stored with the rank last /
-first (`[in, r]`, `[r, out]`): 4-25 % faster than PEFT's `[r, in]` / `[out, r]` orientation here.
+Why gather and not group rows per adapter (`benchmarks/bench_gather.py`, Intel Xeon, 1 thread;
+one site, in 256, out 512, r 16, 4/16/64 adapters), the delta's cost over the base linear:
+batch 32 x 32 tokens: gathered +0.30-0.42 ms, flat in the number of adapters; rows grouped per
+adapter with one GEMM pair each (segment GEMMs) +0.52-1.00 ms, growing with it (a sort, the
+counts on the host, a small GEMM pair and an `index_add_` per adapter); 8 rows x 1 token
+(decode): gathered +0.02 ms, grouped +0.07-0.16 ms; the masked layout this replaces (every
+adapter's branch on every row) +3.1 / +14 / +32 ms. Grouping also needs per-adapter row counts
+on the host, a data-dependent shape that breaks a compiled graph; a gather is shape-static.
+`A_t` / `B_t` hold the rank last / first (`[in, r]`, `[r, out]`): the site runs 4 % (batch 32)
+to 24 % (decode) faster than with PEFT's `[r, in]` / `[out, r]` factors gathered.
 
 Rules:
 1. A site is gathered when it is a linear site and every adapter on it is plain LoRA in the
