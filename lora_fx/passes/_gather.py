@@ -7,14 +7,14 @@
 
 Why gather and not group rows per adapter (`benchmarks/bench_gather.py`, Intel Xeon, 1 thread;
 one site, in 256, out 512, r 16, 4/16/64 adapters), the delta's cost over the base linear:
-batch 32 x 32 tokens: gathered +0.30-0.42 ms, flat in the number of adapters; rows grouped per
-adapter with one GEMM pair each (segment GEMMs) +0.52-1.00 ms, growing with it (a sort, the
+batch 32 x 32 tokens: gathered +0.39-0.43 ms, flat in the number of adapters; rows grouped per
+adapter with one GEMM pair each (segment GEMMs) +0.49-1.00 ms, growing with it (a sort, the
 counts on the host, a small GEMM pair and an `index_add_` per adapter); 8 rows x 1 token
-(decode): gathered +0.02 ms, grouped +0.07-0.16 ms; the masked layout this replaces (every
-adapter's branch on every row) +3.1 / +14 / +32 ms. Grouping also needs per-adapter row counts
+(decode): gathered +0.03-0.04 ms, grouped +0.09-0.16 ms; the masked layout this replaces (every
+adapter's branch on every row) +3.5 / +9.2 / +32 ms. Grouping also needs per-adapter row counts
 on the host, a data-dependent shape that breaks a compiled graph; a gather is shape-static.
-`A_t` / `B_t` hold the rank last / first (`[in, r]`, `[r, out]`): the site runs 4 % (batch 32)
-to 24 % (decode) faster than with PEFT's `[r, in]` / `[out, r]` factors gathered.
+`A_t` / `B_t` hold the rank last / first (`[in, r]`, `[r, out]`): the site runs 6 % (batch 32)
+to 40 % (decode) faster than with PEFT's `[r, in]` / `[out, r]` factors gathered.
 
 Rules:
 1. A site is gathered when it is a linear site and every adapter on it is plain LoRA in the
