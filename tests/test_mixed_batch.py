@@ -237,6 +237,11 @@ def test_full_slots_evict_an_unused_adapter(tmp_path):
     assert state.batch_adapters == ["a8", "c8"] and gm.code == code
     lora_fx.set_adapter_batch(gm, MIXED_ROWS)  # three adapters in one batch: the stacks grow
     assert len(state.batch_adapters) == 3
+    stacks = gm.lora_fx_stacks.get_submodule("model.layers.0.self_attn.q_proj")
+    assert stacks.a_t.shape == (4, 64, 16)  # 3 slots + the zero slot, padded to rank 16
+    lora_fx.set_adapter_batch(gm, MIXED_ROWS, rank=32)  # room for larger adapters: a new graph
+    stacks = gm.lora_fx_stacks.get_submodule("model.layers.0.self_attn.q_proj")
+    assert stacks.a_t.shape == (4, 64, 32) and state.batch_rank == 32
 
 
 def test_hotswap_and_refresh_rewrite_the_stacks(tmp_path):
