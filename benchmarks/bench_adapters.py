@@ -13,9 +13,9 @@ target_modules="all-linear". Adapters cat, dog, fox: r=8, lora_alpha=16; owl: r=
 Figures:
 1. Mixed batch, eager (no_grad, eval): 4 adapters x 8 samples, a batch of 32 x seq 32. The row order
    of the composition changes every round (a shuffled 8/8/8/8 split), as a server's would.
-   - fx_mixed: `set_adapter_batch(gm, names)` (same batch size: only the mask buffer is written)
-     and one forward of 32 rows. Every adapter's branch runs on every row and is masked per row,
-     so its branch FLOPs are those of all 4 adapters (printed beside the table).
+   - fx_mixed: `set_adapter_batch(gm, names)` (same batch size: only the index buffer is written)
+     and one forward of 32 rows. Each row gathers its own adapter from per-site stacks padded to
+     the site's largest rank (branch FLOPs printed beside the table).
    - fx_seq: per adapter, `set_adapter(gm, name)` (a graph rewrite and recompile) and a forward of
      its 8 rows. `capture` specialises the batch size, so this graph is captured with
      `dynamic_shapes={"input_ids": {0: Dim("batch")}, "use_cache": None}` (export wants every
@@ -50,7 +50,11 @@ Method:
    25th-75th percentile range. Other timings are medians of repeats that alternate the sides.
 
 Figures 1-3 are measured and reported by `benchmarks/_bench_adapters/` (mixed.py, compiled.py,
-hotswap.py); this script runs them and writes the record.
+hotswap.py) and figure 4, many adapters in one batch (issue 19: 4 / 16 / 64 adapters, lora_fx
+vs PEFT vs the base, eager and compiled, load and switch times, memory), by counts.py; this
+script runs them and writes the record.
+
+    python benchmarks/bench_adapters.py --only-counts --counts 4,16   # figure 4 only, shorter
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from _bench_adapters.compiled import bench_compiled_mixed, report_compiled_mixed
+from _bench_adapters.counts import bench_counts, report_counts
 from _bench_adapters.hotswap import (
     SWAP_BATCH,
     SWAP_RANK,
@@ -111,6 +116,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        if args.counts:
+            result["counts"] = bench_counts(base, fx_model, ids, folder / "counts", args)
+        if args.only_counts:
+            return result
         m = build_mixed(base, fx_model, ids, folder / "mixed")
         variants = mixed_variants(base, m)
         result["mixed"] = {
@@ -149,12 +158,15 @@ def report(result: dict[str, Any]) -> str:
         f"{meta['torch']} | transformers {meta['transformers']} | {meta['threads']} thread(s)",
         f"LlamaForCausalLM {cfg['layers']} layers, hidden {HIDDEN}, intermediate {INTERMEDIATE}, "
         f"heads {HEADS}/{KV_HEADS}, vocab {VOCAB} | {TARGETS} | {adapters}",
-        "",
-        *report_mixed(result["mixed"]),
     ]
+    if "mixed" in result:
+        out += ["", *report_mixed(result["mixed"])]
     if "compiled_mixed" in result:
         out += ["", *report_compiled_mixed(result["compiled_mixed"])]
-    out += ["", *report_hotswap(result["hotswap"], result.get("hotswap_compiled"))]
+    if "hotswap" in result:
+        out += ["", *report_hotswap(result["hotswap"], result.get("hotswap_compiled"))]
+    if "counts" in result:
+        out += ["", *report_counts(result["counts"])]
     out += ["", f"total {meta['total_s']:.0f} s"]
     return "\n".join(out)
 
@@ -174,6 +186,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steady-rounds", type=int, help="calls timed on each compiled model")
     parser.add_argument("--backend", default="aot_eager", help="torch.compile backend")
     parser.add_argument(
+        "--counts",
+        type=lambda text: [int(c) for c in text.split(",") if c],
+        help="adapter counts of figure 4, e.g. 4,16 (default 4,16,64; quick 4,16; empty: skip)",
+    )
+    parser.add_argument("--only-counts", action="store_true", help="run figure 4 only")
+    parser.add_argument(
         "--no-compile", dest="compile", action="store_false", help="skip the torch.compile figures"
     )
     parser.add_argument(
@@ -190,6 +208,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "fx_compositions": 2,
         "peft_compositions": 1,
         "steady_rounds": 3,
+        "counts": [4, 16],
     }
     full = {
         "layers": 4,
@@ -201,6 +220,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "fx_compositions": 3,
         "peft_compositions": 1,
         "steady_rounds": 10,
+        "counts": [4, 16, 64],
     }
     return fill_defaults(args, quick=quick, full=full)
 

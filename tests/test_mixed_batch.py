@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, assert_differs
 from models import TinyMLP, tiny_gpt2, tiny_llama
 from peft import LoraConfig as PeftConfig
 from peft import get_peft_model
@@ -74,7 +74,7 @@ def test_mixed_batch_equals_peft_and_per_sample(tmp_path, which):
                     row
                 ]  # the graph is shape-specialised: run the batch, keep the row
             assert_close(mixed[row], alone)
-    assert not hasattr(gm, "lora_fx_batch_mask")
+    assert not hasattr(gm, "lora_fx_adapter_index")
 
 
 def test_new_composition_does_not_recompile(tmp_path):
@@ -105,10 +105,8 @@ def test_bad_mixed_batches(tmp_path):
         match=r"unknown adapter\(s\) \['cow'\] in the batch; adapters on this graph: \['cat', 'dog'\]",
     ):
         lora_fx.set_adapter_batch(gm, ["cat", "cow"])
-    gm.train()
-    with pytest.raises(AdapterError, match="mixed-batch adapters are for inference"):
-        lora_fx.set_adapter_batch(gm, ["cat"])
-    gm.eval()
+    with pytest.raises(AdapterError, match=r"capacity=0 is invalid; pass a positive int or None"):
+        lora_fx.set_adapter_batch(gm, ["cat"], capacity=0)
     lora_fx.merge(gm)
     code = gm.code
     with pytest.raises(AdapterError, match=r"adapters \['cat'\] are merged"):
@@ -132,3 +130,158 @@ def test_batch_and_name_list_must_have_the_same_length(tmp_path):
             lora_fx.adapter_batch(gm, names),
         ):
             gm(x)
+
+
+# Ranks 8 and 16 mixed, on every linear site (gathered) of a tiny Llama / GPT-2.
+MIXED = {"a8": (8, 16), "b16": (16, 8), "c8": (8, 32)}
+MIXED_ROWS = ["b16", "a8", "__base__", "c8", "a8", "b16"]
+
+
+def _mixed_setup(tmp_path, which, adapters=MIXED):
+    model = (tiny_llama() if which == "llama" else tiny_gpt2()).eval()
+    targets = ["q_proj", "v_proj", "down_proj"] if which == "llama" else ["c_attn", "c_fc"]
+    pm = None
+    for name, (r, alpha) in adapters.items():
+        cfg = PeftConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+        if pm is None:
+            pm = get_peft_model(copy.deepcopy(model), cfg, name)
+        else:
+            pm.add_adapter(name, cfg)
+    pm.eval()
+    pm.save_pretrained(tmp_path)
+    ids = torch.randint(0, 256, (len(MIXED_ROWS), 5))
+    gm = lora_fx.capture(model, (ids,), {"use_cache": False})
+    for name in adapters:
+        lora_fx.load_adapter(gm, tmp_path / name, name)
+    return pm, gm, ids
+
+
+def _gathered(gm):
+    return sum(
+        n.target is lora_fx.math.stack.gathered_linear
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+    )
+
+
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+def test_gathered_mixed_ranks_equal_peft(tmp_path, which):
+    pm, gm, ids = _mixed_setup(tmp_path, which)
+    with torch.no_grad():
+        expected = pm(input_ids=ids, adapter_names=MIXED_ROWS, use_cache=False).logits
+        with lora_fx.adapter_batch(gm, MIXED_ROWS):
+            gm.graph.lint()
+            sites = 6 if which == "llama" else 4  # one gathered node per site, whatever the count
+            assert _gathered(gm) == sites
+            tags = [n.meta.get("lora_fx", {}).get("adapter") for n in gm.graph.nodes]
+            assert not set(MIXED) & set(tags)  # no per-adapter branch
+            assert (
+                gm.lora_fx_stacks.get_submodule(
+                    "model.layers.0.self_attn.q_proj"
+                    if which == "llama"
+                    else "transformer.h.0.attn.c_attn"
+                ).a_t.shape[-1]
+                == 16
+            )  # padded to the largest rank
+            mixed = gm(ids).logits
+        assert_close(mixed, expected)
+        with lora_fx.disable_adapters(gm):
+            base = gm(ids).logits
+        for row in (0, 1, 3):  # the adapters change those rows: the check is not vacuous
+            assert_differs(mixed[row], base[row])
+    assert not hasattr(gm, "lora_fx_stacks")
+    assert _gathered(gm) == 0
+
+
+def test_new_adapters_and_compositions_do_not_recompile(tmp_path):
+    from torch._dynamo.testing import CompileCounter
+
+    pm, gm, ids = _mixed_setup(tmp_path, "llama")
+    rows2 = ["c8", "c8", "b16", "a8", "__base__", "a8"]
+    with torch.no_grad():
+        expected = {
+            tuple(r): pm(input_ids=ids, adapter_names=r, use_cache=False).logits
+            for r in (MIXED_ROWS, rows2)
+        }
+    lora_fx.delete_adapter(gm, "c8")
+    lora_fx.set_adapter_batch(gm, ["a8"] * 6, capacity=4)  # 2 adapters, 2 free slots
+    counter = CompileCounter()
+    compiled = torch.compile(gm, backend=counter, fullgraph=True)
+    try:
+        with torch.no_grad():
+            compiled(ids)
+            torch._dynamo.config.error_on_recompile = True
+            lora_fx.load_adapter(gm, tmp_path / "c8", "c8")  # into a free slot: values only
+            for rows in (MIXED_ROWS, rows2):
+                lora_fx.set_adapter_batch(gm, rows)
+                assert_close(compiled(ids).logits, expected[tuple(rows)])
+            lora_fx.delete_adapter(gm, "a8")  # frees its slot: values only
+            lora_fx.set_adapter_batch(gm, ["c8", "b16", "__base__", "c8", "c8", "b16"])
+            compiled(ids)
+            assert counter.frame_count == 1
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()
+    state = gm.meta["lora_fx"]
+    assert state.batch_adapters == [None, "b16", "c8", None]
+
+
+def test_full_slots_evict_an_unused_adapter(tmp_path):
+    _, gm, ids = _mixed_setup(tmp_path, "llama")
+    state = gm.meta["lora_fx"]
+    lora_fx.delete_adapter(gm, "c8")
+    lora_fx.set_adapter_batch(gm, ["a8"] * 6)  # capacity 2: a8, b16
+    lora_fx.load_adapter(gm, tmp_path / "c8", "c8")
+    code = gm.code
+    lora_fx.set_adapter_batch(gm, ["c8", "a8", "a8", "c8", "a8", "a8"])  # b16 makes room
+    assert state.batch_adapters == ["a8", "c8"] and gm.code == code
+    lora_fx.set_adapter_batch(gm, MIXED_ROWS)  # three adapters in one batch: the stacks grow
+    assert len(state.batch_adapters) == 3
+    stacks = gm.lora_fx_stacks.get_submodule("model.layers.0.self_attn.q_proj")
+    assert stacks.a_t.shape == (4, 64, 16)  # 3 slots + the zero slot, padded to rank 16
+    lora_fx.set_adapter_batch(gm, MIXED_ROWS, rank=32)  # room for larger adapters: a new graph
+    stacks = gm.lora_fx_stacks.get_submodule("model.layers.0.self_attn.q_proj")
+    assert stacks.a_t.shape == (4, 64, 32) and state.batch_rank == 32
+
+
+def test_hotswap_and_refresh_rewrite_the_stacks(tmp_path):
+    pm, gm, ids = _mixed_setup(tmp_path, "llama")
+    rows = ["a8"] * 6
+    with torch.no_grad():
+        pm.set_adapter("c8")
+        expected = pm(input_ids=ids, use_cache=False).logits
+        lora_fx.set_adapter_batch(gm, rows)
+        lora_fx.load_adapter(gm, tmp_path / "c8", "a8", hotswap=True)  # c8's weights, r 8
+        assert_close(gm(ids).logits, expected)
+        for name, param in gm.named_parameters():
+            if ".lora_B.a8." in name:
+                param.zero_()  # by hand: the stacks keep their copy until refresh=True
+        assert_close(gm(ids).logits, expected)
+        lora_fx.set_adapter_batch(gm, rows, refresh=True)
+        with pm.disable_adapter():
+            assert_close(gm(ids).logits, pm(input_ids=ids, use_cache=False).logits)
+
+
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+def test_mixed_batch_training_gradients_equal_training_alone(tmp_path, which):
+    _, gm, ids = _mixed_setup(tmp_path, which)
+    rows = ["a8", "b16", "a8", "__base__", "b16", "c8"]
+    for module in gm.modules():  # GPT-2's own dropout would make the two runs differ
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    gm.train()
+    lora_fx.set_adapter_batch(gm, rows)
+    params = dict(gm.named_parameters())
+    gm(ids).logits.pow(2).sum().backward()
+    mixed = {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
+    assert mixed and all(".lora_" in k for k in mixed)
+    lora_fx.set_adapter_batch(gm, None)
+    for name in ("a8", "b16", "c8"):
+        gm.zero_grad(set_to_none=True)
+        lora_fx.set_adapter(gm, name)
+        keep = torch.tensor([r == name for r in rows], dtype=torch.float32)
+        (gm(ids).logits.pow(2).sum((1, 2)) * keep).sum().backward()
+        alone = {k: p.grad for k, p in params.items() if p.grad is not None}
+        assert alone and all(f".{name}." in k for k in alone)
+        for key, grad in alone.items():
+            assert_close(mixed[key], grad)

@@ -95,8 +95,15 @@ class LoraState:
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
     owned_modules: set[str] = field(default_factory=set)
-    # Mixed-batch mode: adapters whose branches are masked per row (None: normal mode).
-    batch_adapters: list[str] | None = None
+    # Mixed-batch mode (None: normal mode): the slot table, one adapter name (None: free) per slot
+    # of the stacks that batch rows gather from (`passes/_gather.py`); its length is the capacity.
+    batch_adapters: list[str | None] | None = None
+    # Mixed batch set in training mode (stacks built in the graph from the adapters' parameters).
+    batch_training: bool = False
+    # Rank every site's stacks are padded to at least (room for adapters loaded later).
+    batch_rank: int | None = None
+    # The layout key the mixed-batch graph was built for (`_gather.layout_key`).
+    batch_key: tuple | None = None
     # What each fold needs to undo itself, by (adapter, site), in fold order (a DoRA weight norm,
     # a quantized weight before the merge; None for a plain fold). Unmerge walks it backwards.
     merge_undo: dict[tuple[str, str], Any] = field(default_factory=dict)

@@ -29,11 +29,11 @@ from lora_fx.core import graph as _graph
 from lora_fx.core.state import LoraState
 from lora_fx.errors import UnsupportedSiteError
 from lora_fx.exporters._names import STACKED, input_names, rank_dim
-from lora_fx.math import ops
+from lora_fx.math.stack import stack_adapters
 from lora_fx.passes._branch import BranchSpec, emit_branch
 from lora_fx.passes._emit import Emitter, chain_end
 from lora_fx.sites import Site
-from lora_fx.sites.kinds import kind_of, lora_paths
+from lora_fx.sites.kinds import lora_paths
 
 __all__ = [
     "INDEX_INPUT",
@@ -221,28 +221,27 @@ def _stacks(
     }
     rank = max(rec.r for rec in recs.values())
     weight = _graph.get_attr(gm, site.weight)
-    a_list, b_list, bias_list = [], [], []
-    for name in (*adapters, None):
+    slots = [*adapters, None]  # the last slot is the base model's (zeros)
+    lora_as, lora_bs, scales, bias_list = [], [], [], []
+    for name in slots:
         rec = recs.get(name)
         if rec is None:  # no LoRA here for this adapter, or the base slot
-            a_shape, b_shape = kind_of(site).factor_shapes(site, rank)
-            a = torch.zeros(a_shape, dtype=torch.float32)
-            b = torch.zeros(b_shape, dtype=torch.float32)
-            bias = torch.zeros(site.out_features)
-        else:
-            paths = lora_paths(site.kind, site.fqn, name)
-            a0 = _graph.get_attr(gm, paths.a).detach().float().cpu()
-            b0 = _graph.get_attr(gm, paths.b).detach().float().cpu() * rec.scale
-            a, b = ops.pad_rank(site.kind, a0, b0, rank)
-            bias = (
-                _graph.get_attr(gm, paths.b_bias).detach().float().cpu() * rec.scale
-                if rec.lora_bias
-                else torch.zeros(site.out_features)
-            )
-        a_list.append(a)
-        b_list.append(b)
-        bias_list.append(bias)
-    a, b = torch.stack(a_list), torch.stack(b_list)
+            lora_as.append(None)
+            lora_bs.append(None)
+            scales.append(0.0)
+            bias_list.append(torch.zeros(site.out_features))
+            continue
+        paths = lora_paths(site.kind, site.fqn, name)
+        lora_as.append(_graph.get_attr(gm, paths.a).detach().float().cpu())
+        lora_bs.append(_graph.get_attr(gm, paths.b).detach().float().cpu())
+        scales.append(rec.scale)
+        bias_list.append(
+            _graph.get_attr(gm, paths.b_bias).detach().float().cpu() * rec.scale
+            if rec.lora_bias
+            else torch.zeros(site.out_features)
+        )
+    # The torch graph's mixed batches stack with the same function (`math/stack.py`).
+    a, b = stack_adapters(lora_as, lora_bs, scales, rank, kind=site.kind)
     if site.kind == "embedding":
         a = a.transpose(1, 2).reshape(-1, rank)  # [slots, r, num] -> [slots * num, r]
     elif site.kind == "conv":

@@ -48,6 +48,7 @@ from lora_fx.math.fused_ops import (
     low_rank_weight,
 )
 from lora_fx.math.quant import logical_dtype
+from lora_fx.math.stack import slot_rows
 from lora_fx.passes._dora import dora_output
 from lora_fx.passes._emit import Emitter, chain_end, strip_branches
 from lora_fx.passes._param import insert_param_branch
@@ -61,7 +62,6 @@ __all__ = [
     "fitting_layout",
     "insert_branch",
     "remove_branches",
-    "row_weights",
     "weight_arg_index",
     "weight_update_node",
 ]
@@ -83,7 +83,7 @@ class BranchSpec:
         scale: The branch scale; None when B already carries it (ONNX "inputs" tensors).
         cast: A float32 adapter on a half-precision site (rule 5).
         dropout: Path of the dropout module (None: p == 0, or an export, which runs in eval).
-        row_mask: `(buffer path, k)` for mixed batches: rows weighted by row k of the mask.
+        row_mask: `(index buffer path, k)` for mixed batches: only rows whose slot is k.
         dora: DoRA's paths and record (None: plain LoRA).
         layout: The requested layout (rule 7); a site that cannot take it takes the next one.
         export: Build for an export copy: fused accumulates out of place (torch.export rejects
@@ -114,8 +114,8 @@ def insert_branch(
 ) -> None:
     """Add `adapter`'s branch after every node of `site` (parameters must already be registered).
 
-    With `row_mask=(buffer_path, k)` the branch output is multiplied per batch row by row `k` of the
-    `[n_adapters, batch]` mask buffer (mixed-batch inference). `layout`: see rule 7.
+    With `row_mask=(index_path, k)` the branch output is kept only on the batch rows whose slot in
+    the `[batch]` index buffer is `k` (mixed batches that cannot gather). `layout`: see rule 7.
     """
     if kind_of(site).can.branch_at == "weight_read":  # target_parameters: W -> W + delta
         insert_param_branch(gm, site, adapter, record, row_mask=row_mask)
@@ -196,9 +196,9 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
 def _weighted_rows(
     emit: Callable[..., torch.fx.Node], row_mask: tuple[str, int], out: torch.fx.Node, scale: float
 ) -> torch.fx.Node:
-    """`out` times its rows' weights from row k of the mask buffer (mixed batches)."""
-    mask = emit("mask", "get_attr", row_mask[0])
-    rows = emit("mask", "call_function", row_weights, (mask, row_mask[1], out, scale))
+    """`out` times `scale` on the rows whose slot in the index buffer is k (mixed batches)."""
+    index = emit("mask", "get_attr", row_mask[0])
+    rows = emit("mask", "call_function", slot_rows, (index, row_mask[1], out, scale))
     return emit("mask", "call_function", _aten.mul.Tensor, (out, rows))
 
 
@@ -249,14 +249,3 @@ def weight_update_node(
 def remove_branches(gm: torch.fx.GraphModule) -> int:
     """Erase every lora_fx branch node of `gm` (`_emit.strip_branches`); returns how many."""
     return strip_branches(gm.graph)
-
-
-def row_weights(mask: torch.Tensor, k: int, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Row `k` of a `[n_adapters, batch]` mask, shaped to broadcast over `out`'s rows.
-
-    Sites that flatten the batch (GPT-2's `addmm` on `[batch * seq, in]`) see `batch * seq` rows, so
-    each sample's weight is repeated over its rows. Plain tensor ops: dynamo and export trace it.
-    """
-    weights = mask[k].to(out.dtype) * scale
-    weights = weights.repeat_interleave(out.shape[0] // weights.shape[0])
-    return weights.view((out.shape[0],) + (1,) * (out.dim() - 1))

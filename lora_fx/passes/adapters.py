@@ -129,9 +129,7 @@ def delete_adapter(gm: torch.fx.GraphModule, adapter_name: str) -> torch.fx.Grap
     record = state.adapters[adapter_name]
     if record.merged:
         raise AdapterError(f"adapter {adapter_name!r} is merged; unmerge it before deleting it")
-    if state.batch_adapters is not None:
-        raise AdapterError("mixed-batch mode is on; call set_adapter_batch(gm, None) first")
-    del state.adapters[adapter_name]
+    del state.adapters[adapter_name]  # in a mixed batch its slot is freed (no new graph)
     if adapter_name in state.active:
         state.active.remove(adapter_name)
         if not state.active and state.adapters:

@@ -31,6 +31,7 @@ from lora_fx.core.keys import FILE_PREFIX, is_adapter_parameter, modules_to_save
 from lora_fx.core.state import LoraState, require_state, resolve_adapters
 from lora_fx.errors import AdapterError
 from lora_fx.math import ops
+from lora_fx.passes._gather import refresh_adapter
 from lora_fx.passes._rollback import transactional
 from lora_fx.sites import find_sites
 from lora_fx.sites.kinds import lora_paths
@@ -126,6 +127,7 @@ def hotswap_adapter(
         for target, value in writes:
             param = _graph.get_attr(gm, target)
             param.copy_(value.to(param.dtype))
+    refresh_adapter(gm, state, adapter_name)  # a mixed batch reads copies in its stacks
     log.info("hotswap_adapter: %s -> slot %r (%d tensors)", folder, adapter_name, len(writes))
     return gm
 

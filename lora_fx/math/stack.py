@@ -1,0 +1,124 @@
+"""Adapters stacked into slots, and the per-row gathered delta that reads them.
+
+    stack_adapters([A_0, None, A_2], [B_0, None, B_2], [s_0, 0, s_2], r)
+        ->  A [slots, r, in]   B [slots, out, r]      slot k: A_k and s_k * B_k, rank zero-padded
+    gathered_linear(y, x, index, a_t, b_t)
+        ->  y[i] + x[i] @ a_t[index[i]] @ b_t[index[i]]      a_t [slots, in, r], b_t [slots, r, out]
+
+Both the torch graph's mixed batches (`passes/_gather.py`) and the ONNX "stacked" layout
+(`exporters/_branches.py`) build their stacks with `stack_adapters`: one function, one layout.
+Tensors in, tensors out; the stack is differentiable, so stacking parameters inside a graph
+sends each slot's gradient back to its own adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lora_fx.math import ops
+
+__all__ = ["gathered_linear", "slot_rows", "stack_adapters"]
+
+
+def stack_adapters(
+    lora_as: Sequence[torch.Tensor | None],
+    lora_bs: Sequence[torch.Tensor | None],
+    scales: Sequence[float],
+    rank: int,
+    *,
+    kind: str = "linear",
+    a_shape: Sequence[int] | None = None,
+    b_shape: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack adapters' A and scale * B into slots, each zero-padded to `rank` (None: a zero slot).
+
+    Args:
+        lora_as: One A per slot, `[r_k, in, ...]`, or None for an empty slot.
+        lora_bs: One B per slot, `[out, r_k, ...]`, or None.
+        scales: One scale per slot, folded into B (ignored for empty slots).
+        rank: The stacks' rank; every `r_k <= rank`.
+        kind: The site kind (`ops.pad_rank`: "linear", "conv" or "embedding").
+        a_shape: A's shape at `rank`, needed only when every slot is empty.
+        b_shape: B's shape at `rank`, likewise.
+
+    Returns:
+        `(A [slots, rank, in, ...], B [slots, out, rank, ...])` in the first adapter's dtype.
+
+    Raises:
+        ValueError: An adapter's rank exceeds `rank`, or every slot is empty without shapes.
+
+    Example:
+        >>> a, b = stack_adapters([torch.ones(1, 2), None], [torch.ones(3, 1), None], [2.0, 0.0], 2)
+        >>> a.shape, b.shape, b[0, :, 0].tolist(), b[1].abs().sum().item()
+        (torch.Size([2, 2, 2]), torch.Size([2, 3, 2]), [2.0, 2.0, 2.0], 0.0)
+    """
+    first = next((i for i, a in enumerate(lora_as) if a is not None), None)
+    if first is None and (a_shape is None or b_shape is None):
+        raise ValueError("every slot is empty; pass a_shape and b_shape for the zero stacks")
+    if first is not None:
+        ref_a, ref_b = lora_as[first], lora_bs[first]
+        a_shape = (rank, *ref_a.shape[1:])
+        b_shape = (ref_b.shape[0], rank, *ref_b.shape[2:])
+        dtype, device = ref_a.dtype, ref_a.device
+    else:
+        dtype, device = torch.get_default_dtype(), None
+    a_list, b_list = [], []
+    for a, b, scale in zip(lora_as, lora_bs, scales, strict=True):
+        if a is None or b is None:
+            a_list.append(torch.zeros(a_shape, dtype=dtype, device=device))
+            b_list.append(torch.zeros(b_shape, dtype=dtype, device=device))
+            continue
+        a, b = ops.pad_rank(kind, a.to(dtype), (b * scale).to(dtype), rank)
+        a_list.append(a)
+        b_list.append(b)
+    return torch.stack(a_list), torch.stack(b_list)
+
+
+def gathered_linear(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    a_t: torch.Tensor,
+    b_t: torch.Tensor,
+) -> torch.Tensor:
+    """`y + delta`, row i's delta from its own slot: `x[i] @ a_t[index[i]] @ b_t[index[i]]`.
+
+    Sites that flatten the batch (GPT-2's `addmm` on `[batch * seq, in]`) keep rows batch-major,
+    so `x` and `y` are viewed as `[batch, m, in]` / `[batch, m, out]`. Each row gathers its
+    `[in, r]` and `[r, out]` factors (a copy of `batch * r * (in + out)` numbers, whatever the
+    number of slots) and runs two batched GEMMs; the second accumulates into `y`. In place when
+    autograd does not record (the site output is fresh and read by nothing else), else out of
+    place.
+
+    Args:
+        y: The site output `[..., out]` (batch-major rows).
+        x: The site input `[..., in]`.
+        index: `[batch]` slot per batch row (long).
+        a_t: `[slots, in, r]` (A transposed; a view is fine).
+        b_t: `[slots, r, out]` (scale * B transposed).
+
+    Returns:
+        `y` plus the per-row delta, shaped like `y`.
+    """
+    batch = index.shape[0]
+    rows = x.reshape(batch, -1, x.shape[-1])  # [batch, m, in]
+    low = torch.bmm(rows, a_t.index_select(0, index).to(x.dtype))  # [batch, m, r]
+    up = b_t.index_select(0, index).to(y.dtype)  # [batch, r, out]
+    out = y.view(batch, -1, y.shape[-1])
+    if torch.is_grad_enabled() and (y.requires_grad or low.requires_grad or up.requires_grad):
+        return torch.baddbmm(out, low.to(y.dtype), up).view(y.shape)
+    return out.baddbmm_(low.to(y.dtype), up).view(y.shape)
+
+
+def slot_rows(index: torch.Tensor, k: int, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """`scale` on the rows of `out` whose batch row uses slot `k`, 0 elsewhere, shaped to broadcast.
+
+    The masked branch of a site that cannot gather (conv, embedding, DoRA, ...) weights its
+    output with this. Sites that flatten the batch see `batch * m` rows; each sample's weight is
+    repeated over its rows.
+    """
+    weights = (index == k).to(out.dtype) * scale
+    weights = weights.repeat_interleave(out.shape[0] // weights.shape[0])
+    return weights.view((out.shape[0],) + (1,) * (out.dim() - 1))

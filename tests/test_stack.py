@@ -1,0 +1,63 @@
+"""`math/stack.py`: adapters stacked into slots and the per-row gathered delta, by hand."""
+
+import pytest
+import torch
+
+from lora_fx.math.stack import gathered_linear, slot_rows, stack_adapters
+
+
+def test_stack_adapters_pads_folds_scales_and_zeroes_empty_slots():
+    a0, b0 = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0], [3.0]])  # r=1, in 2, out 2
+    a2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # r=2
+    b2 = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    a, b = stack_adapters([a0, None, a2], [b0, None, b2], [2.0, 5.0, 0.5], 2)
+    assert a.tolist() == [
+        [[1.0, 2.0], [0.0, 0.0]],
+        [[0.0, 0.0], [0.0, 0.0]],
+        [[1.0, 0.0], [0.0, 1.0]],
+    ]
+    assert b.tolist() == [
+        [[2.0, 0.0], [6.0, 0.0]],
+        [[0.0, 0.0], [0.0, 0.0]],
+        [[0.5, 1.0], [1.5, 2.0]],
+    ]
+
+
+def test_stack_adapters_errors():
+    with pytest.raises(ValueError, match="every slot is empty; pass a_shape and b_shape"):
+        stack_adapters([None], [None], [1.0], 2)
+    with pytest.raises(ValueError, match="cannot pad rank 2 down to 1"):
+        stack_adapters([torch.ones(2, 3)], [torch.ones(3, 2)], [1.0], 1)
+    a, b = stack_adapters([None], [None], [0.0], 2, a_shape=(2, 3), b_shape=(4, 2))
+    assert a.shape == (1, 2, 3) and b.shape == (1, 4, 2) and not a.any() and not b.any()
+
+
+def test_gathered_linear_each_row_uses_its_slot():
+    a, b = stack_adapters(
+        [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), None],
+        [torch.tensor([[1.0], [1.0]]), torch.tensor([[2.0], [0.0]]), None],
+        [1.0, 1.0, 0.0],
+        1,
+    )
+    x = torch.tensor([[[3.0, 4.0]], [[3.0, 4.0]], [[3.0, 4.0]]])  # [batch 3, m 1, in 2]
+    y = torch.ones(3, 1, 2)
+    index = torch.tensor([1, 0, 2])  # row 2: the zero slot (base model)
+    out = gathered_linear(y, x, index, a.transpose(1, 2), b.transpose(1, 2))
+    assert out.tolist() == [[[9.0, 1.0]], [[4.0, 4.0]], [[1.0, 1.0]]]
+
+
+def test_gathered_linear_flattened_rows_and_gradients():
+    a = torch.randn(3, 4, 2, requires_grad=True)
+    b = torch.randn(3, 2, 5, requires_grad=True)
+    x, index = torch.randn(2 * 3, 4), torch.tensor([2, 0])  # GPT-2: [batch * seq, in]
+    out = gathered_linear(torch.zeros(6, 5), x, index, a, b)
+    expected = torch.cat([x[:3] @ a[2] @ b[2], x[3:] @ a[0] @ b[0]])
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert a.grad[1].abs().sum() == 0 and a.grad[0].abs().sum() > 0
+
+
+def test_slot_rows():
+    out = torch.zeros(4, 3)  # batch 2, 2 rows each
+    weights = slot_rows(torch.tensor([1, 0]), 1, out, 2.0)
+    assert weights.flatten().tolist() == [2.0, 2.0, 0.0, 0.0]
