@@ -825,3 +825,37 @@ def test_with_past_runs_past_the_captured_cache_length(tmp_path):
             None, {**feed, **dict(zip(PAST_NAMES, presents, strict=True))}
         )
         assert_close(torch.from_numpy(logits[:, 0]), expected[:, 40 + step])
+
+
+class _KeylessOutput:
+    """An output class registered without `flatten_with_keys_fn`, as diffusers registers its own."""
+
+    def __init__(self, sample: torch.Tensor, extra: torch.Tensor) -> None:
+        self.sample, self.extra = sample, extra
+
+
+torch.utils._pytree.register_pytree_node(
+    _KeylessOutput, lambda o: ([o.sample, o.extra], None), lambda leaves, _: _KeylessOutput(*leaves)
+)
+
+
+class _KeylessModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> _KeylessOutput:
+        y = self.lin(x)
+        return _KeylessOutput(y * 2, y + 1)
+
+
+def test_output_classes_without_path_keys_export_with_positional_names(tmp_path):
+    x = torch.randn(2, 4)
+    gm = lora_fx.capture(_KeylessModel().eval(), (x,))
+    lora_fx.inject(gm, LoraConfig(r=2, target_modules=["lin"], init_lora_weights=False))
+    out = export_onnx(gm, (x,), tmp_path / "m.onnx", merged=False)
+    assert out.outputs == ("output_0", "output_1")
+    expected = gm(x)
+    got = ort_session(out.path, device="cpu").run(None, {"x": x.numpy()})
+    assert_close(torch.from_numpy(got[0]), expected.sample)
+    assert_close(torch.from_numpy(got[1]), expected.extra)

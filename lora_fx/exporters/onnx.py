@@ -445,9 +445,12 @@ def _output_names(module: torch.fx.GraphModule, program) -> list[str] | None:
         return None
     if info.out_spec.is_leaf():
         return ["output"]
-    paths = pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(n_out)), info.out_spec))[
-        0
-    ]
+    try:
+        paths = pytree.tree_flatten_with_path(
+            pytree.tree_unflatten(list(range(n_out)), info.out_spec)
+        )[0]
+    except ValueError:  # an output class registered without `flatten_with_keys_fn` (diffusers')
+        return [f"output_{i}" for i in range(n_out)]
     names = []
     for i, (path, _) in enumerate(paths):
         name = re.sub(r"\W+", "_", pytree.keystr(path)).strip("_")
