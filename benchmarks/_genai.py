@@ -10,6 +10,7 @@ and the reference folder genai's own model builder writes for the same Hugging F
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["build_reference", "genai_decode"]
+__all__ = ["build_reference", "genai_decode", "pin_threads"]
 
 
 def genai_decode(
@@ -95,3 +96,11 @@ def build_reference(hf_folder: str | os.PathLike, out_dir: str | os.PathLike) ->
     if done.returncode != 0:
         raise RuntimeError(f"genai model builder failed: {(done.stdout + done.stderr)[-1500:]}")
     return out
+
+
+def pin_threads(folder: str | os.PathLike, threads: int) -> None:
+    """Set genai's intra-op threads in a folder's genai_config.json (fair runs beside torch)."""
+    config_file = Path(folder) / "genai_config.json"
+    config = json.loads(config_file.read_text())
+    config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+    config_file.write_text(json.dumps(config, indent=2))

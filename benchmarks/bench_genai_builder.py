@@ -16,7 +16,6 @@ time to first token and decode tokens/s. genai's session uses `--threads` intra-
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -29,17 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from _common import cpu_model, run_meta, table, write_result
-from _genai import build_reference, genai_decode
+from _genai import build_reference, genai_decode, pin_threads
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_genai_builder.json"
-
-
-def _set_threads(folder: Path, threads: int) -> None:
-    """Pin genai's intra-op threads in the folder's genai_config.json."""
-    config_file = folder / "genai_config.json"
-    config = json.loads(config_file.read_text())
-    config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
-    config_file.write_text(json.dumps(config, indent=2))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -79,7 +70,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ours + LoRA": (root / "lora", root / "lora" / "bench.onnx_adapter"),
         }
         for folder, _ in folders.values():
-            _set_threads(folder, args.threads)
+            pin_threads(folder, args.threads)
         models = {name: og.Model(str(folder)) for name, (folder, _) in folders.items()}
         prompt = torch.randint(3, args.vocab, (1, args.prompt))
         samples: dict[str, list[tuple[float, float]]] = {name: [] for name in folders}

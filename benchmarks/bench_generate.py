@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import tempfile
@@ -150,17 +149,14 @@ def _genai_variants(gm, ids, args, folder) -> dict[str, Callable]:
         print(f"(onnxruntime-genai variants skipped: {e})")
         return {}
     import numpy as np
+    from _genai import pin_threads
 
     from lora_fx.exporters import export_genai
 
     export_genai(gm, folder / "genai_merged", merged=True)
     export_genai(gm, folder / "genai_lora", merged=False)
     for name in ("genai_merged", "genai_lora"):  # the same thread count as torch's
-        config_file = folder / name / "genai_config.json"
-        config = json.loads(config_file.read_text())
-        options = config["model"]["decoder"].setdefault("session_options", {})
-        options["intra_op_num_threads"] = args.threads
-        config_file.write_text(json.dumps(config, indent=2))
+        pin_threads(folder / name, args.threads)
     merged = og.Model(str(folder / "genai_merged"))
     unmerged = og.Model(str(folder / "genai_lora"))
     adapters = og.Adapters(unmerged)

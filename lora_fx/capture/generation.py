@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_fx.capture.no_grad import inline_no_grad_regions
-from lora_fx.capture.trace import _first_line, _output_layer_name, _trainable_module
+from lora_fx.capture.trace import _first_line, _trainable_module, capture_record
 from lora_fx.core.state import CAPTURE_META
 from lora_fx.errors import CaptureError
 
@@ -149,12 +149,7 @@ def capture_for_generation(
     gm = _strip_wrapper(_trainable_module(program.module()))
     inline_no_grad_regions(gm)
     gm.meta[GENERATION_META] = spec
-    gm.meta[CAPTURE_META] = {
-        "method": "export",
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "output_layer": _output_layer_name(model),
-        "parameters": [name for name, _ in model.named_parameters()],
-    }
+    gm.meta[CAPTURE_META] = capture_record(model, "export")
     gm.eval()
     log.info(
         "capture_for_generation: %s, batch <= %d, cache %d tokens (%.1f MiB) -> %d nodes",

@@ -137,16 +137,21 @@ def capture(
         )
     finally:
         model.train(was_training)
-    gm.meta[CAPTURE_META] = {
+    gm.meta[CAPTURE_META] = capture_record(model, method)
+    gm.train(was_training)
+    log.info("capture: %s via %s -> %d nodes", type(model).__name__, method, len(gm.graph.nodes))
+    return gm
+
+
+def capture_record(model: nn.Module, method: str) -> dict[str, Any]:
+    """What passes later need to know of the captured model (`gm.meta[CAPTURE_META]`)."""
+    return {
         "method": method,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "output_layer": _output_layer_name(model),
         # registration order: PEFT nests target_parameters wrappers in this order
         "parameters": [name for name, _ in model.named_parameters()],
     }
-    gm.train(was_training)
-    log.info("capture: %s via %s -> %d nodes", type(model).__name__, method, len(gm.graph.nodes))
-    return gm
 
 
 def as_graph_module(obj: Any) -> torch.fx.GraphModule:
