@@ -48,6 +48,8 @@ from lora_fx.capture.shapes import AUTO
 from lora_fx.core.state import CAPTURE_META
 from lora_fx.errors import CaptureError
 from lora_fx.math import quant
+from lora_fx.sites.modules import site_modules
+from lora_fx.sites.moe_targets import moe_family
 
 __all__ = ["as_graph_module", "capture"]
 
@@ -151,6 +153,10 @@ def capture_record(model: nn.Module, method: str) -> dict[str, Any]:
         "output_layer": _output_layer_name(model),
         # registration order: PEFT nests target_parameters wrappers in this order
         "parameters": [name for name, _ in model.named_parameters()],
+        # which modules are sites by type (names sites; what all-linear takes)
+        **site_modules(model),
+        # PEFT rewrites LoRA configs of transformers-5 MoE models (`sites/moe_targets.py`)
+        "moe_family": moe_family(getattr(getattr(model, "config", None), "model_type", None)),
     }
 
 

@@ -53,6 +53,7 @@ from lora_fx.passes import _fold
 from lora_fx.passes._emit import point_module_copies, strip_branches
 from lora_fx.sites import Site, all_sites
 from lora_fx.sites.kinds import KINDS, kind_of
+from lora_fx.sites.node_reads import feeds_only
 
 __all__ = ["LORA_LAYOUTS", "ExportPlan", "build_export_graph", "plan_export"]
 
@@ -60,10 +61,6 @@ __all__ = ["LORA_LAYOUTS", "ExportPlan", "build_export_graph", "plan_export"]
 # branch layout of `set_layout`, nor the PEFT file keys (`passes/_file_keys.py`).
 LORA_LAYOUTS = ("initializers", "inputs", "stacked")
 _ONNX_KINDS = [name for name, kind in KINDS.items() if kind.can.onnx]
-
-# Ops between a weight and its site when the weight is stored transposed (see sites/linear.py).
-_aten = torch.ops.aten
-_TRANSPOSE_OPS = (_aten.t.default, _aten.permute.default, _aten.transpose.int)
 
 
 @dataclass(frozen=True)
@@ -306,11 +303,11 @@ def _own_tensor(
     others = [p for p in readers.get(id(tensor), []) if p != path]
     shared = [n for n in graph.nodes if n.op == "get_attr" and n.target == path]
     uses = [(n, u) for n in shared for u in n.users]
-    foreign = [(n, u) for n, u in uses if not _feeds_only(u, site.nodes)]
+    foreign = [(n, u) for n, u in uses if not feeds_only(u, site.nodes)]
     if foreign and not others:
         path = _free_path(module, f"{site.fqn}.merged_{path.rpartition('.')[2]}")
         put_tensor(module, path, nn.Parameter(tensor.detach(), requires_grad=False))
-        _rewire([(n, u) for n, u in uses if _feeds_only(u, site.nodes)], path)
+        _rewire([(n, u) for n, u in uses if feeds_only(u, site.nodes)], path)
         return path
     _rewire(foreign, others[0] if foreign else path)
     if others:
@@ -325,13 +322,6 @@ def _rewire(uses: list[tuple[torch.fx.Node, torch.fx.Node]], path: str) -> None:
         with node.graph.inserting_before(user):
             getter = node.graph.get_attr(path)
         user.replace_input_with(node, getter)
-
-
-def _feeds_only(node: torch.fx.Node, targets: tuple[torch.fx.Node, ...]) -> bool:
-    """Whether a node is a site node, or a transpose feeding only site nodes."""
-    if node in targets:
-        return True
-    return node.target in _TRANSPOSE_OPS and all(_feeds_only(u, targets) for u in node.users)
 
 
 def _free_path(module: nn.Module, path: str) -> str:

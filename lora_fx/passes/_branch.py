@@ -32,6 +32,7 @@ Rules:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,6 +55,7 @@ from lora_fx.passes._emit import Emitter, chain_end, strip_branches
 from lora_fx.passes._param import insert_param_branch
 from lora_fx.sites import Site
 from lora_fx.sites.kinds import kind_of, lora_paths
+from lora_fx.sites.linear import LINEAR_OPS
 
 __all__ = [
     "LAYOUTS",
@@ -68,9 +70,14 @@ __all__ = [
 
 _aten = torch.ops.aten
 LAYOUTS = ("fused", "plain", "weight")
-# Where an ATen site op reads its weight: linear(x, W[out, in]); addmm(b, x, W'[in, out]);
-# mm(x, W').
-_WEIGHT_ARG = {_aten.linear.default: 1, _aten.addmm.default: 2, _aten.mm.default: 1}
+# Where a site op reads its weight: linear(x, W[out, in]); addmm(b, x, W'[in, out]); mm(x, W');
+# matmul(x, W') (ATen and Python-level forms, `sites/linear.py`).
+_WEIGHT_ARG = {
+    **dict.fromkeys(LINEAR_OPS, 1),
+    **dict.fromkeys((_aten.addmm.default, torch.addmm), 2),
+    **dict.fromkeys((_aten.mm.default, _aten.matmul.default, torch.mm, torch.matmul), 1),
+    operator.matmul: 1,
+}
 
 
 @dataclass(frozen=True)
@@ -238,8 +245,8 @@ def weight_update_node(
     a = emit("weight", "get_attr", a_path)
     b = emit("weight", "get_attr", b_path)
     index = weight_arg_index(base)
-    # linear reads W as [out, in]; addmm / mm read [in, out] (t(W), or Conv1D's own layout).
-    transposed = base.target != _aten.linear.default
+    # linear reads W as [out, in]; addmm / mm / matmul read [in, out] (t(W), or Conv1D's own).
+    transposed = base.target not in LINEAR_OPS
     args = (base.args[index], a, b, scale, transposed)
     node = emit("add", "call_function", low_rank_weight, args)
     base.update_arg(index, node)

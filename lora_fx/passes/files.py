@@ -57,7 +57,8 @@ from lora_fx.passes._rollback import rollback_on_error
 from lora_fx.passes.hotswap import hotswap_adapter
 from lora_fx.passes.inject import inject, site_record
 from lora_fx.passes.replicate import REPLICATION_META, apply_replication
-from lora_fx.sites import all_sites, find_sites, match_modules_to_save
+from lora_fx.sites import all_sites, convert_moe_config, find_sites, match_modules_to_save
+from lora_fx.sites.kinds import kind_of
 
 __all__ = ["load_adapter", "save_adapter"]
 
@@ -107,8 +108,10 @@ def save_adapter(
     if not is_main_process:
         return
     config = record.config.to_dict()
-    if record.config.is_all_linear:
-        config["target_modules"] = sorted(record.sites)  # PEFT writes the resolved names
+    if record.config.is_all_linear:  # PEFT writes the resolved module names (no parameter sites)
+        config["target_modules"] = sorted(
+            fqn for fqn, rec in record.sites.items() if kind_of(rec.kind).matchers
+        )
     config.update(_rank_fields(record.config, record.sites))
     if not config.get("layer_replication") and REPLICATION_META in gm.meta:
         # Replicated by replicate_layers alone: PEFT needs the ranges to rebuild the same stack.
@@ -180,6 +183,7 @@ def load_adapter(
             sites = [sites_by_name[fqn] for fqn in record.sites]
             records, saved_modules = record.sites, record.modules_to_save
         else:
+            cfg = convert_moe_config(gm, cfg)  # a v4-style config PEFT would convert too
             sites = find_sites(gm, cfg)
             records = {site.fqn: site_record(cfg, site) for site in sites}
             saved_modules = (

@@ -52,7 +52,13 @@ from lora_fx.passes._dora import add_magnitude
 from lora_fx.passes._rollback import rollback_on_error
 from lora_fx.passes._sync import sync
 from lora_fx.passes.replicate import apply_replication
-from lora_fx.sites import Site, find_sites, match_modules_to_save
+from lora_fx.sites import (
+    Site,
+    convert_moe_config,
+    find_sites,
+    match_modules_to_save,
+    pattern_key,
+)
 from lora_fx.sites.kinds import kind_of
 
 __all__ = ["inject", "site_record"]
@@ -99,6 +105,7 @@ def inject(
         raise TypeError(f"cfg must be a lora_fx.LoraConfig, got {type(cfg).__name__}")
     gm = as_graph_module(gm)
     _check_request(gm, cfg, adapter_name)
+    cfg = convert_moe_config(gm, cfg)  # PEFT's targets on transformers-5 MoE models
     # All or nothing from here: a failing init or DoRA magnitude also takes back the replication.
     with rollback_on_error(gm) as undo:
         apply_replication(gm, cfg.layer_replication)  # sites get the new layer indices
@@ -175,7 +182,7 @@ def _check_request(gm: torch.fx.GraphModule, cfg: LoraConfig, adapter_name: str)
 
 def site_record(cfg: LoraConfig, site: Site) -> SiteRecord:
     """Rank, alpha and scale for one site after rank/alpha patterns (`SiteRecord.from_config`)."""
-    return SiteRecord.from_config(cfg, site.fqn, site.kind)
+    return SiteRecord.from_config(cfg, pattern_key(site), site.kind)
 
 
 def _warn_fan_in_fan_out(cfg: LoraConfig, sites: list[Site]) -> None:

@@ -55,6 +55,7 @@ from lora_fx.passes._rollback import active_undo, transactional
 from lora_fx.passes._sync import sync
 from lora_fx.sites import Site, all_sites
 from lora_fx.sites.kinds import kind_of
+from lora_fx.sites.node_reads import feeds_only, weight_getter
 
 __all__ = ["merge", "merge_report", "unmerge"]
 
@@ -282,7 +283,9 @@ def _untie_if_shared(
     others = [
         n
         for n in readers.get(id(weight), [])
-        if n not in own_nodes and not set(n.users) <= own_nodes and lora_tag(n) is None
+        if n not in own_nodes
+        and not all(feeds_only(u, own_nodes) for u in n.users)
+        and lora_tag(n) is None
     ]
     if not others:
         return site
@@ -294,10 +297,10 @@ def _untie_if_shared(
     else:
         holder.register_parameter("weight", private)
         for node in site.nodes:
-            reader = _weight_reader(node, site.weight)
-            with gm.graph.inserting_before(node):
+            consumer, reader = _weight_reader(node, site.weight)
+            with gm.graph.inserting_before(consumer):
                 getter = gm.graph.get_attr(path)
-            node.replace_input_with(reader, getter)
+            consumer.replace_input_with(reader, getter)
     # Later sites must not count this site's nodes as readers of the old weight any more.
     readers[id(weight)] = [n for n in readers[id(weight)] if n not in own_nodes]
     users = [n.target if n.op in ("get_attr", "call_module") else n.name for n in others]
@@ -310,11 +313,11 @@ def _untie_if_shared(
     return dataclasses.replace(site, weight=path)
 
 
-def _weight_reader(node: torch.fx.Node, weight: str) -> torch.fx.Node:
-    """The get_attr input of a site op that reads `weight`."""
-    for arg in node.all_input_nodes:
-        if arg.op == "get_attr" and arg.target == weight:
-            return arg
+def _weight_reader(node: torch.fx.Node, weight: str) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """`(consumer, get_attr)` where a site op reads `weight` (directly or through a view)."""
+    found = weight_getter(node, weight)
+    if found is not None:
+        return found
     raise MergeError(
         f"cannot give {node.format_node()} a private weight: it reads {weight!r} through another op"
     )

@@ -1,7 +1,8 @@
 """Convolution sites: `y = conv(x, W[out, in / groups, *k], b)`, 1-D to 3-D, not transposed.
 
 call_module  nn.Conv1d / nn.Conv2d / nn.Conv3d
-aten         conv1d / conv2d / conv3d (int or string padding), convolution (transposed=False)
+functions    conv1d / conv2d / conv3d (int or string padding), convolution (transposed=False):
+             ATen ops (export) and `torch.conv2d` (`F.conv2d`, as fx traces it)
 
 branch:  low = conv(x, A[r, in, *k], stride, padding, dilation)   (groups 1)
 up = conv(low, B[out, r / groups, 1, ...], groups)         (1x1)
@@ -29,6 +30,9 @@ _CONV_OPS = {
     _aten.conv1d.padding: 1,
     _aten.conv2d.padding: 2,
     _aten.conv3d.padding: 3,
+    torch.conv1d: 1,
+    torch.conv2d: 2,
+    torch.conv3d: 3,
 }
 _CONVOLUTION_OPS = (_aten.convolution.default,)
 _PADDING_OPS = {1: _aten.conv1d.padding, 2: _aten.conv2d.padding, 3: _aten.conv3d.padding}
@@ -37,16 +41,17 @@ _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def match_conv_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Match | None:
-    """nn.Conv1d / 2d / 3d called as a module."""
+    """nn.Conv1d / 2d / 3d (and subclasses) called as a module."""
     if node.op != "call_module" or not node.args:
         return None
     module = gm.get_submodule(node.target)
-    if type(module) not in _CONV_MODULES:
+    dims = next((d for cls, d in _CONV_MODULES.items() if isinstance(module, cls)), None)
+    if dims is None:
         return None
     path, x = node.target, node.args[0]
     bias = f"{path}.bias" if getattr(module, "bias", None) is not None else None
     spec = ConvSpec(
-        dims=_CONV_MODULES[type(module)],
+        dims=dims,
         kernel_size=tuple(module.kernel_size),
         stride=tuple(module.stride),
         padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
@@ -103,7 +108,8 @@ def match_aten_conv(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Match | No
     )
     bias = parameter_path(gm, b)
     in_ch = shape[1] * spec.groups
-    return Match(site_name(node, weight), "conv", node, x, weight, bias, in_ch, shape[0], conv=spec)
+    name, module = site_name(gm, node, weight)
+    return Match(name, "conv", node, x, weight, bias, in_ch, shape[0], conv=spec, module=module)
 
 
 def factor_shapes(site: Site, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

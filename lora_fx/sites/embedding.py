@@ -2,6 +2,7 @@
 
     call_module  nn.Embedding (and subclasses)
     aten         embedding(W, ids, padding_idx)
+    fx           F.embedding(ids, W, padding_idx) (a functional call fx keeps as such)
 
     branch:  low = embedding(A^T[num, r], ids, padding_idx);  up = linear(low, B[dim, r])
     delta:   scale * (B @ A)^T, `[num, dim]`
@@ -25,6 +26,7 @@ __all__ = ["EMBEDDING"]
 
 _aten = torch.ops.aten
 _EMBEDDING_OPS = (_aten.embedding.default,)
+_FUNCTIONAL_OPS = (nn.functional.embedding,)
 
 
 def match_embedding_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Match | None:
@@ -49,24 +51,38 @@ def match_embedding_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Mat
 
 
 def match_aten_embedding(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Match | None:
-    """`embedding(W[num, dim], ids, padding_idx)` on a parameter weight."""
-    if node.op != "call_function" or node.target not in _EMBEDDING_OPS:
+    """`embedding(W[num, dim], ids, padding_idx)` or `F.embedding(ids, W, ...)` on a parameter."""
+    if node.op != "call_function":
         return None
-    weight = parameter_path(gm, node.args[0])
-    if weight is None:
+    if node.target in _EMBEDDING_OPS:
+        weight, ids, padding_idx = node.args[0], node.args[1], arg(node, 2, "padding_idx", -1)
+    elif node.target in _FUNCTIONAL_OPS:
+        weight, ids = arg(node, 1, "weight"), arg(node, 0, "input")
+        padding_idx = arg(node, 2, "padding_idx")
+        if any(arg(node, i, key) for i, key in ((3, "max_norm"), (6, "sparse"))):
+            return None  # renormalizing or sparse lookups are not a plain table read
+    else:
+        return None
+    weight = parameter_path(gm, weight)
+    if weight is None or gm.get_parameter(weight).dim() != 2:
         return None
     num, dim = gm.get_parameter(weight).shape
-    padding_idx = arg(node, 2, "padding_idx", -1)
+    if node.target in _EMBEDDING_OPS:
+        padding_idx = None if padding_idx == -1 else padding_idx  # ATen's "no padding row"
+    elif padding_idx is not None and padding_idx < 0:
+        padding_idx += num  # as F.embedding does before calling ATen
+    name, module = site_name(gm, node, weight)
     return Match(
-        site_name(node, weight),
+        name,
         "embedding",
         node,
-        node.args[1],
+        ids,
         weight,
         None,
         num,
         dim,
-        padding_idx=None if padding_idx == -1 else padding_idx,
+        padding_idx=padding_idx,
+        module=module,
     )
 
 

@@ -1,8 +1,11 @@
 """Linear sites: `y = x W^T + b` however it reaches the graph.
 
 call_module  nn.Linear (bitsandbytes Linear4bit / Linear8bitLt too), transformers Conv1D
-aten         linear(x, W[out, in], b);  addmm(b, x, W[in, out]) / mm(x, W[in, out]) with W a
-parameter stored [in, out] (GPT-2's Conv1D) or t(P) of one stored [out, in]
+functions    linear(x, W[out, in], b);  addmm(b, x, W[in, out]) / mm(x, W[in, out]) /
+             matmul(x, W[in, out]) with W a parameter stored [in, out] (GPT-2's Conv1D) or a
+             transpose of one stored [out, in] (`x @ W.T`: Falcon's FalconLinear), dtype casts of
+             W allowed; ATen ops (export) and their Python-level forms (fx traces `torch.addmm`,
+             `F.linear`, `x @ W.T` as such)
 lora_fx      quant.linear_4bit / linear_8bit(x, W, b) (the `quantize` pass's ops)
 
 branch:  low = linear(x, A[r, in]);  up = linear(low, B[out, r], b_B)
@@ -11,27 +14,24 @@ delta:   scale * B @ A  (transposed for a weight stored [in, out])
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 from torch import nn
 
 from lora_fx.math import dora, ops, quant
 from lora_fx.sites.kind import Capabilities, Emit, SiteKind, init_factor_modules
-from lora_fx.sites.node_reads import (
-    arg,
-    base_weight_read,
-    is_2d_transpose,
-    parameter_path,
-    site_name,
-)
+from lora_fx.sites.node_reads import arg, parameter_path, site_name, weight_source
 from lora_fx.sites.site import Match, Site
 
-__all__ = ["LINEAR"]
+__all__ = ["LINEAR", "LINEAR_OPS"]
 
 _aten = torch.ops.aten
-_LINEAR_OPS = (_aten.linear.default, torch._C._nn.linear, nn.functional.linear)
-_MM_OPS = (_aten.addmm.default, _aten.mm.default)
-_TRANSPOSE_OPS = (_aten.t.default, _aten.permute.default, _aten.transpose.int)
+# Ops whose weight argument is [out, in]; and (with the index of x) those reading it [in, out].
+LINEAR_OPS = (_aten.linear.default, torch._C._nn.linear, nn.functional.linear)
+_ADDMM_OPS = (_aten.addmm.default, torch.addmm)
+_MM_OPS = (_aten.mm.default, _aten.matmul.default, torch.mm, torch.matmul, operator.matmul)
 _QUANT_LINEAR_OPS = (quant.linear_4bit, quant.linear_8bit)
 
 
@@ -61,44 +61,47 @@ def match_quant_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Match |
         return None
     out_f, in_f = quant.logical_shape(gm.get_parameter(weight))
     bias = parameter_path(gm, arg(node, 2, "bias"))
-    return Match(site_name(node, weight), "linear", node, node.args[0], weight, bias, in_f, out_f)
+    name, module = site_name(gm, node, weight)
+    return Match(name, "linear", node, node.args[0], weight, bias, in_f, out_f, module=module)
 
 
 def match_aten_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Match | None:
-    """`linear(x, W[out, in], b)` on a parameter weight."""
-    if node.op != "call_function" or node.target not in _LINEAR_OPS:
+    """`linear(x, W[out, in], b)` on a parameter weight (or a cast of one)."""
+    if node.op != "call_function" or node.target not in LINEAR_OPS:
         return None
-    weight = parameter_path(gm, base_weight_read(arg(node, 1, "weight")))
-    if weight is None:
+    source = weight_source(gm, arg(node, 1, "weight"))
+    if source is None or source[1]:
         return None
+    weight = source[0]
     out_f, in_f = gm.get_parameter(weight).shape
     bias = parameter_path(gm, arg(node, 2, "bias"))
-    return Match(site_name(node, weight), "linear", node, node.args[0], weight, bias, in_f, out_f)
+    name, module = site_name(gm, node, weight)
+    return Match(name, "linear", node, node.args[0], weight, bias, in_f, out_f, module=module)
 
 
 def match_mm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Match | None:
-    """`addmm(b, x, W)` / `mm(x, W)` with W a parameter `[in, out]` or `t(P)` of one `[out, in]`."""
-    if node.op != "call_function" or node.target not in _MM_OPS or node.kwargs:
+    """`addmm(b, x, W)` / `mm(x, W)` / `matmul(x, W)`: W a view `[in, out]` of a 2-D parameter.
+
+    The parameter is stored `[in, out]` (Conv1D: `transposed`) or `[out, in]` and transposed.
+    """
+    if node.op != "call_function" or node.kwargs:
         return None
-    is_addmm = node.target == _aten.addmm.default
-    x, w_arg = (node.args[1], node.args[2]) if is_addmm else (node.args[0], node.args[1])
-    w_arg = base_weight_read(w_arg)
-    transposed = True
-    if (
-        isinstance(w_arg, torch.fx.Node)
-        and w_arg.op == "call_function"
-        and w_arg.target in _TRANSPOSE_OPS
-    ):
-        if not is_2d_transpose(w_arg):
-            return None
-        w_arg, transposed = w_arg.args[0], False
-    weight = parameter_path(gm, w_arg)
-    if weight is None or gm.get_parameter(weight).dim() != 2:
+    if node.target in _ADDMM_OPS and len(node.args) == 3:
+        bias_arg, x, w_arg = node.args
+    elif node.target in _MM_OPS and len(node.args) == 2:
+        bias_arg, (x, w_arg) = None, node.args
+    else:
         return None
+    source = weight_source(gm, w_arg)
+    if source is None or parameter_path(gm, x) is not None:
+        return None
+    weight, flipped = source
+    transposed = not flipped  # read as [in, out] without a transpose: stored [in, out]
     rows, cols = gm.get_parameter(weight).shape
     in_f, out_f = (rows, cols) if transposed else (cols, rows)
-    bias = parameter_path(gm, node.args[0]) if is_addmm else None
-    return Match(site_name(node, weight), "linear", node, x, weight, bias, in_f, out_f, transposed)
+    bias = parameter_path(gm, bias_arg)
+    name, module = site_name(gm, node, weight)
+    return Match(name, "linear", node, x, weight, bias, in_f, out_f, transposed, module=module)
 
 
 def factor_shapes(site: Site, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -36,14 +36,19 @@ from lora_fx.sites import params as _param_sites
 from lora_fx.sites.kinds import MATCHERS, kind_of
 from lora_fx.sites.site import ConvSpec, Match, Site
 
-__all__ = ["ConvSpec", "Site", "all_sites", "find_sites", "match_modules_to_save"]
+__all__ = ["ConvSpec", "Site", "all_sites", "find_sites", "match_modules_to_save", "pattern_key"]
 
 # lora_fx's own pattern (not a user's): the first numbered component after two names.
 _LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
 
 def all_sites(gm: torch.fx.GraphModule) -> dict[str, Site]:
-    """Every site in the graph, by name, in graph order."""
+    """Every site in the graph, by name, in graph order (names no site can carry left out)."""
+    return _sites_and_conflicts(gm)[0]
+
+
+def _sites_and_conflicts(gm: torch.fx.GraphModule) -> tuple[dict[str, Site], dict[str, str]]:
+    """The sites, and the names whose ops disagree (why, for an error if a config picks one)."""
     grouped: dict[str, list[Match]] = {}
     for node in gm.graph.nodes:
         if lora_tag(node) is not None:
@@ -53,9 +58,15 @@ def all_sites(gm: torch.fx.GraphModule) -> dict[str, Site]:
             if match is not None:
                 grouped.setdefault(match.fqn, []).append(match)
                 break
-    sites = {fqn: _group(fqn, matches) for fqn, matches in grouped.items()}
+    sites, conflicts = {}, {}
+    for fqn, matches in grouped.items():
+        reason = _disagreement(fqn, matches)
+        if reason is None:
+            sites[fqn] = _group(fqn, matches)
+        else:
+            conflicts[fqn] = reason
     sites.update(_param_sites.recorded_param_sites(gm))
-    return sites
+    return sites, conflicts
 
 
 def find_sites(gm: torch.fx.GraphModule, cfg: LoraConfig) -> list[Site]:
@@ -64,7 +75,8 @@ def find_sites(gm: torch.fx.GraphModule, cfg: LoraConfig) -> list[Site]:
     Raises:
         NoTargetMatchedError: `target_modules` selects no site (a few candidate names are listed).
     """
-    sites = all_sites(gm)
+    sites, conflicts = _sites_and_conflicts(gm)
+    _refuse_conflicts(cfg, conflicts)
     targets = cfg.target_parameters
     params = _param_sites.find_param_sites(gm, targets) if targets else []
     if cfg.target_modules is None and params:
@@ -80,8 +92,8 @@ def find_sites(gm: torch.fx.GraphModule, cfg: LoraConfig) -> list[Site]:
     for fqn, site in sites.items():
         if not kind_of(site).matchers:
             continue  # a kind found by name, not by op (parameter sites: target_parameters only)
-        if cfg.is_all_linear:
-            wanted = site.kind == "linear" and fqn != output_layer
+        if cfg.is_all_linear:  # PEFT's: Linear / Conv1D modules but the output layer
+            wanted = site.kind == "linear" and site.module and fqn != output_layer
         else:
             wanted = _target_matches(cfg, fqn)
         if not wanted or _in_modules_to_save(cfg, fqn):
@@ -141,7 +153,7 @@ def match_modules_to_save(gm: torch.fx.GraphModule, names: list[str]) -> list[st
 
 def _check_site(site: Site, cfg: LoraConfig) -> None:
     """Reject a site the config cannot adapt, naming it; the kind's flags say what it can carry."""
-    kind, record = kind_of(site), SiteRecord.from_config(cfg, site.fqn, site.kind)
+    kind, record = kind_of(site), SiteRecord.from_config(cfg, pattern_key(site), site.kind)
     r, init = record.r, cfg.init_lora_weights
     reason = kind.refuse(site, r, cfg.use_dora)
     if reason is not None:
@@ -266,8 +278,23 @@ def _short_names(sites: dict[str, Site]) -> list[str]:
     return list(dict.fromkeys(fqn.rsplit(".", 1)[-1] for fqn in sites))
 
 
-def _group(fqn: str, matches: list[Match]) -> Site:
-    """Merge the matches of one name; all must agree on kind, weight and shape."""
+def pattern_key(site: Site) -> str:
+    """The name `rank_pattern` / `alpha_pattern` keys match (PEFT's `current_key`).
+
+    The module path, or for parameter sites the parameter's path (`...experts.gate_up_proj`).
+    """
+    return site.fqn if kind_of(site).matchers else site.weight
+
+
+def _refuse_conflicts(cfg: LoraConfig, conflicts: dict[str, str]) -> None:
+    """A name whose ops disagree fails only a config that selects it (never an unrelated one)."""
+    for fqn, reason in conflicts.items():
+        if not cfg.is_all_linear and cfg.target_modules is not None and _target_matches(cfg, fqn):
+            raise UnsupportedSiteError(reason)
+
+
+def _disagreement(fqn: str, matches: list[Match]) -> str | None:
+    """Why the matches of one name cannot be one site (kind, weight or shape differ), or None."""
     first = matches[0]
     for other in matches[1:]:
         if (other.kind, other.weight, other.in_features, other.out_features) != (
@@ -276,10 +303,16 @@ def _group(fqn: str, matches: list[Match]) -> Site:
             first.in_features,
             first.out_features,
         ):
-            raise UnsupportedSiteError(
+            return (
                 f"site {fqn!r} is reached by ops on different weights: {first.node.format_node()} "
                 f"and {other.node.format_node()}"
             )
+    return None
+
+
+def _group(fqn: str, matches: list[Match]) -> Site:
+    """One site from the matches of one name (they agree: `_disagreement`)."""
+    first = matches[0]
     return Site(
         fqn=fqn,
         kind=first.kind,
@@ -292,4 +325,5 @@ def _group(fqn: str, matches: list[Match]) -> Site:
         transposed=first.transposed,
         conv=first.conv,
         padding_idx=first.padding_idx,
+        module=any(m.module for m in matches),
     )

@@ -38,6 +38,9 @@ class Site:
     conv: ConvSpec | None = None
     padding_idx: int | None = None
     experts: int = 1  # "param" sites: stacked experts in a 3-D parameter
+    # Named by a site module (Linear, Embedding, Conv, Conv1D, subclasses): PEFT could wrap it.
+    # A functional op on a parameter elsewhere (a router's F.linear) is a site by name only.
+    module: bool = True
 
 
 @dataclass(frozen=True)
@@ -55,3 +58,4 @@ class Match:
     transposed: bool = False
     conv: ConvSpec | None = None
     padding_idx: int | None = None
+    module: bool = True
