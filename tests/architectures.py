@@ -9,7 +9,7 @@ in minutes on one thread.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,7 +39,8 @@ class Arch:
     build: Callable[[], nn.Module]
     inputs: Callable[[], tuple[tuple[Any, ...], dict[str, Any]]]
     targets: list[str]
-    notes: dict[str, str] = field(default_factory=dict)
+    # configs ("all-linear" / "named") where PEFT's unmerged output misses a LoRA its merge has
+    peft_unmerged_is_wrong: tuple[str, ...] = ()
 
 
 def _model(auto: str, model_type: str, **fields: Any) -> Callable[[], nn.Module]:
@@ -229,7 +230,7 @@ ARCHS: dict[str, Arch] = {
     "vit": Arch(
         _model("AutoModelForImageClassification", "vit", num_labels=3, **_VISION),
         _pixels(),
-        ["query", "value"],
+        ["q_proj", "v_proj"],
     ),
     "clip": Arch(
         _model(
@@ -242,6 +243,10 @@ ARCHS: dict[str, Arch] = {
         _model("AutoModel", "siglip", text_config=_CLIP_TEXT, vision_config=_VISION),
         _text_and_pixels,
         ["q_proj", "v_proj"],
+        # all-linear takes the pooling head's `nn.MultiheadAttention.out_proj`; MHA reads its
+        # weight directly, so PEFT's unmerged forward ignores that LoRA and only its merged
+        # model applies it. lora_fx applies it unmerged too: compare with PEFT's merged model.
+        peft_unmerged_is_wrong=("all-linear",),
     ),
     "llava": Arch(
         _model(

@@ -38,3 +38,24 @@ def assert_differs(a, b, min_diff=1e-3):
     assert (a - b).abs().max().item() > min_diff, (
         "adapter did not change the output; test is vacuous"
     )
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--run-slow",
+        action="store_true",
+        help="also run tests marked slow (the whole architecture matrix; CI passes it)",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: part of a matrix run with --run-slow (CI does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow matrix: pass --run-slow (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -32,8 +32,10 @@ Rules and edge cases:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -132,11 +134,12 @@ def capture(
     was_training = model.training
     try:
         model.eval()
-        gm = (
-            _export(model, args, kwargs, dynamic_shapes)
-            if method == "export"
-            else _trace(model, kwargs)
-        )
+        with _cache_off_in_config(model, kwargs):
+            gm = (
+                _export(model, args, kwargs, dynamic_shapes)
+                if method == "export"
+                else _trace(model, kwargs)
+            )
     finally:
         model.train(was_training)
     gm.meta[CAPTURE_META] = capture_record(model, method)
@@ -228,6 +231,36 @@ def _cache_off(model: nn.Module, kwargs: dict) -> dict:
     if "use_cache" not in kwargs and "use_cache" in inspect.signature(model.forward).parameters:
         kwargs["use_cache"] = False
     return kwargs
+
+
+@contextlib.contextmanager
+def _cache_off_in_config(model: nn.Module, kwargs: dict) -> Iterator[None]:
+    """`config.use_cache = False` while capturing a model that takes it only in `**kwargs`.
+
+    transformers 5's multimodal models (Llava) pass `use_cache` on through `**kwargs`, and
+    torch.export cannot take a non-tensor inside `**kwargs` together with dynamic shapes (its
+    checks want the `kwargs` key, its constraint builder the flattened names); the config's
+    default reaches the language model the same way.
+    """
+    configs = []
+    if _is_transformers(model) and kwargs.get("use_cache", False) is False:
+        config = getattr(model, "config", None)
+        get_text = getattr(config, "get_text_config", None)
+        text = get_text() if callable(get_text) else None
+        configs = [c for c in {id(c): c for c in (config, text)}.values() if c is not None]
+        configs = [c for c in configs if getattr(c, "use_cache", None) is not None]
+    if "use_cache" in inspect.signature(model.forward).parameters or not configs:
+        yield
+        return
+    kwargs.pop("use_cache", None)
+    saved = [(c, c.use_cache) for c in configs]
+    try:
+        for c, _ in saved:
+            c.use_cache = False
+        yield
+    finally:
+        for c, value in saved:
+            c.use_cache = value
 
 
 def _is_transformers(model: nn.Module) -> bool:

@@ -57,7 +57,14 @@ from lora_fx.passes._rollback import rollback_on_error
 from lora_fx.passes.hotswap import hotswap_adapter
 from lora_fx.passes.inject import inject, site_record
 from lora_fx.passes.replicate import REPLICATION_META, apply_replication
-from lora_fx.sites import all_sites, convert_moe_config, find_sites, match_modules_to_save
+from lora_fx.sites import (
+    Site,
+    all_sites,
+    convert_moe_config,
+    find_sites,
+    match_modules_to_save,
+    pattern_key,
+)
 from lora_fx.sites.kinds import kind_of
 
 __all__ = ["load_adapter", "save_adapter"]
@@ -112,7 +119,7 @@ def save_adapter(
         config["target_modules"] = sorted(
             fqn for fqn, rec in record.sites.items() if kind_of(rec.kind).matchers
         )
-    config.update(_rank_fields(record.config, record.sites))
+    config.update(_rank_fields(record.config, record.sites, sites))
     if not config.get("layer_replication") and REPLICATION_META in gm.meta:
         # Replicated by replicate_layers alone: PEFT needs the ranges to rebuild the same stack.
         config["layer_replication"] = gm.meta[REPLICATION_META]["layer_replication"]
@@ -222,15 +229,19 @@ def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _rank_fields(cfg: LoraConfig, records: dict[str, SiteRecord]) -> dict[str, dict]:
+def _rank_fields(
+    cfg: LoraConfig, records: dict[str, SiteRecord], sites: dict[str, Site]
+) -> dict[str, dict]:
     """rank/alpha patterns for sites whose rank or alpha differ from the config (hot-swap padding).
 
-    Full site names go first: PEFT takes the first pattern key that matches.
+    Full site names (parameter paths for parameter sites) go first: PEFT takes the first
+    pattern key that matches.
     """
+    keys = {fqn: pattern_key(sites[fqn]) for fqn in records}
     changed = {
-        fqn: rec
+        keys[fqn]: rec
         for fqn, rec in records.items()
-        if _rank_alpha(rec) != _rank_alpha(SiteRecord.from_config(cfg, fqn, rec.kind))
+        if _rank_alpha(rec) != _rank_alpha(SiteRecord.from_config(cfg, keys[fqn], rec.kind))
     }
     if not changed:
         return {}
