@@ -53,6 +53,7 @@ from lora_fx.passes._file_keys import (
     bias_keys,
     check_tensors,
 )
+from lora_fx.passes._inline import inline_targeted_leaves
 from lora_fx.passes._rollback import rollback_on_error
 from lora_fx.passes.hotswap import hotswap_adapter
 from lora_fx.passes.inject import inject, site_record
@@ -191,6 +192,7 @@ def load_adapter(
             records, saved_modules = record.sites, record.modules_to_save
         else:
             cfg = convert_moe_config(gm, cfg)  # a v4-style config PEFT would convert too
+            inline_targeted_leaves(gm, cfg.target_parameters)
             sites = find_sites(gm, cfg)
             records = {site.fqn: site_record(cfg, site) for site in sites}
             saved_modules = (

@@ -49,6 +49,7 @@ from lora_fx.math import quant
 from lora_fx.math.inits import changes_base
 from lora_fx.passes._base_init import init_from_base
 from lora_fx.passes._dora import add_magnitude
+from lora_fx.passes._inline import inline_targeted_leaves
 from lora_fx.passes._rollback import rollback_on_error
 from lora_fx.passes._sync import sync
 from lora_fx.passes.replicate import apply_replication
@@ -109,6 +110,7 @@ def inject(
     # All or nothing from here: a failing init or DoRA magnitude also takes back the replication.
     with rollback_on_error(gm) as undo:
         apply_replication(gm, cfg.layer_replication)  # sites get the new layer indices
+        inline_targeted_leaves(gm, cfg.target_parameters)  # fx leaves hide their weight reads
         sites = find_sites(gm, cfg)
         saved_modules = (
             match_modules_to_save(gm, cfg.modules_to_save) if cfg.modules_to_save else []
