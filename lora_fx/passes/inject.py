@@ -175,7 +175,7 @@ def _check_request(gm: torch.fx.GraphModule, cfg: LoraConfig, adapter_name: str)
 
 def site_record(cfg: LoraConfig, site: Site) -> SiteRecord:
     """Rank, alpha and scale for one site after rank/alpha patterns (`SiteRecord.from_config`)."""
-    return SiteRecord.from_config(cfg, site.fqn, site.kind)
+    return SiteRecord.from_config(cfg, kind_of(site).target_name(site), site.kind)
 
 
 def _warn_fan_in_fan_out(cfg: LoraConfig, sites: list[Site]) -> None:

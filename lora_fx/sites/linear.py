@@ -164,4 +164,5 @@ LINEAR = SiteKind(
     can=Capabilities(
         base_inits=True, quantized=True, layouts=("fused", "plain", "weight"), fused_branch=True
     ),
+    in_all_linear=lambda site: True,
 )
