@@ -40,8 +40,8 @@ def insert_param_branch(
     """Replace every read of the site's weight by `W + delta` for `adapter` (A, B at `a`, `b`)."""
     if row_mask is not None:
         raise AdapterError(
-            f"site {site.fqn!r} is a {kind_of(site).label}; mixed-batch adapters cannot act on "
-            "it (its delta is added to a weight, which has no batch rows)"
+            f"site {site.fqn!r} ({kind_of(site).label}): mixed-batch adapters cannot act on it "
+            "(its delta is added to a weight, which has no batch rows)"
         )
     for getter in site.nodes:
         end = chain_end(getter)

@@ -39,6 +39,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from lora_fx.core.state import lora_tag
 from lora_fx.math import ops
 from lora_fx.sites.kind import Capabilities, SiteKind, init_factor_modules
 from lora_fx.sites.node_reads import base_weight_read
@@ -61,7 +62,7 @@ def multi_head_attention(
     *args: Any,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`module(query, key, value, *args, **kwargs)` with its two projection weights given (rule 4)."""
+    """`module(query, key, value, *args, **kwargs)` with its projection weights given (rule 4)."""
     weights = {"in_proj_weight": in_proj_weight, "out_proj.weight": out_proj_weight}
     return torch.func.functional_call(module, weights, (query, key, value, *args), kwargs)
 
@@ -94,9 +95,19 @@ def match_mha(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Match | tuple[Ma
     bias = f"{owner}.bias" if _has(mha.out_proj, "bias") else None
     out_f, in_f = gm.get_parameter(path).shape
     nested = Match(holder + _NESTED_OUT, "mha", node, node, path, bias, in_f, out_f)
-    if any(user.target is multi_head_attention for user in node.users):
+    if _read_by_mha_call(node):
         return nested, Match(owner, "mha", node, node, path, bias, in_f, out_f)  # rule 3 (fx)
     return nested
+
+
+def _read_by_mha_call(node: torch.fx.Node) -> bool:
+    """Whether `multi_head_attention` reads `node`, directly or through LoRA's `W + delta` adds."""
+    for user in node.users:
+        if user.target is multi_head_attention:
+            return True
+        if (lora_tag(user) or {}).get("role") == "add" and user.args[0] is node:
+            return _read_by_mha_call(user)
+    return False
 
 
 def _leaf_match(node: torch.fx.Node, mha: nn.MultiheadAttention) -> Match:
