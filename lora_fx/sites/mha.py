@@ -40,8 +40,8 @@ import torch.fx
 from torch import nn
 
 from lora_fx.core.state import lora_tag
-from lora_fx.math import ops
-from lora_fx.sites.kind import Capabilities, SiteKind, init_factor_modules
+from lora_fx.sites.kind import Capabilities, SiteKind
+from lora_fx.sites.linear import LINEAR
 from lora_fx.sites.node_reads import base_weight_read
 from lora_fx.sites.site import Match, Site
 
@@ -171,41 +171,21 @@ def refuse(site: Site, r: int, use_dora: bool) -> str | None:
     return None
 
 
-def factor_shapes(site: Site, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """A `[r, E]`, B `[3E, r]` (in-projection) or `[E, r]` (out-projection), as PEFT's."""
-    return (r, site.in_features), (site.out_features, r)
-
-
-def new_factors(
-    site: Site, r: int, lora_bias: bool, init: bool | str
-) -> tuple[nn.Module, nn.Module]:
-    """PEFT's `lora_A` / `lora_B` nn.Linear modules, initialised as PEFT does."""
-    lora_a = nn.Linear(site.in_features, r, bias=False)
-    lora_b = nn.Linear(r, site.out_features, bias=lora_bias)
-    init_factor_modules(lora_a, lora_b, r, init)
-    return lora_a, lora_b
-
-
-def delta(
-    site: Site, a: torch.Tensor, b: torch.Tensor, scale: float, shape: tuple[int, ...]
-) -> torch.Tensor:
-    """`scale * B @ A`, shaped like the weight: PEFT's `MultiheadAttention.get_delta_weight`."""
-    return ops.param_delta(a, b, scale, shape)
-
-
 MHA = SiteKind(
     name="mha",
     label="attention site",
     matchers=(match_mha,),
     holders=("lora_A", "lora_B"),
     factor_suffix=".weight",
-    factor_shapes=factor_shapes,
-    new_factors=new_factors,
+    # A [r, E] and B [3E, r] (in-projection) or [E, r] (out-projection) are nn.Linear modules,
+    # made and folded as on linear sites: PEFT's `get_delta_weight` is `scale * B @ A` for both
+    factor_shapes=LINEAR.factor_shapes,
+    new_factors=LINEAR.new_factors,
     emit_down=None,
     emit_up=None,
     emit_base=None,
-    delta=delta,
-    fold_factors=lambda site, w, a, b: (w, b, a),  # W[out, in] += B[out, r] @ A[r, in]
+    delta=LINEAR.delta,
+    fold_factors=LINEAR.fold_factors,
     magnitude_shape=lambda site: (site.out_features,),
     can=Capabilities(
         dora=False,
