@@ -18,6 +18,7 @@ __all__ = [
     "TinyConv",
     "TinyEmbedding",
     "TinyMLP",
+    "TinyMha",
     "TinyMoE",
     "bnb_copy",
     "tiny_bert",
@@ -107,6 +108,20 @@ class _Experts(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [E, T, dim]
         gate, up = torch.bmm(x, self.gate_up_proj).chunk(2, dim=-1)
         return torch.bmm(nn.functional.silu(gate) * up, self.down_proj)
+
+
+class TinyMha(nn.Module):
+    """PEFT's ModelMha: `nn.MultiheadAttention(10, 2)` self-attention -> lin0 -> log_softmax."""
+
+    def __init__(self, batch_first: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(10, 2, batch_first=batch_first, bias=bias)
+        self.lin0 = nn.Linear(10, 2)
+        self.sm = nn.LogSoftmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.mha(x, x, x)
+        return self.sm(self.lin0(x))
 
 
 class TinyMoE(nn.Module):

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from models import SITE_CASES, TinyMoE
+from models import SITE_CASES, TinyMha, TinyMoE
 
 import lora_fx
 from lora_fx import LoraConfig, UnsupportedSiteError
@@ -23,6 +23,7 @@ def _sites_of_every_kind():
     moe = TinyMoE().eval()
     gm = lora_fx.capture(moe, (torch.randn(6, 8),))
     sites += find_param_sites(gm, ["gate_up_proj"])
+    sites += list(all_sites(lora_fx.capture(TinyMha().eval(), (torch.randn(3, 4, 10),))).values())
     return sites
 
 

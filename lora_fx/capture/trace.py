@@ -28,6 +28,10 @@ Rules and edge cases:
    tell their batch axis from a feature axis, and their Python may branch on a size.
 6. `args` must be a tuple (or one tensor); a dict raises TypeError rather than being taken as
    keyword inputs or as one positional dict, since both readings are plausible.
+7. fx only: each `nn.MultiheadAttention` call (a leaf) becomes `sites.mha.multi_head_attention`
+   with the module and its `in_proj_weight` / `out_proj.weight` as get_attr reads, so LoRA can
+   rewrite those reads as in export graphs; the module's own forward still runs (train-mode
+   dropout included). MHAs with separate q/k/v weights stay leaves.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from lora_fx.capture.shapes import AUTO
 from lora_fx.core.state import CAPTURE_META
 from lora_fx.errors import CaptureError
 from lora_fx.math import quant
+from lora_fx.sites.mha import multi_head_attention
 from lora_fx.sites.modules import site_modules
 from lora_fx.sites.moe_targets import moe_family
 
@@ -59,6 +64,7 @@ log = logging.getLogger(__name__)
 
 _DROPOUT_OPS = (torch.ops.aten.dropout.default,)
 _METHODS = ("export", "fx")
+_MHA_WEIGHTS = ("in_proj_weight", "out_proj.weight")  # what `multi_head_attention` takes
 _BNB_LEAVES = (
     "Linear4bit",
     "LinearNF4",
@@ -285,7 +291,32 @@ def _trace(model: nn.Module, kwargs: dict) -> torch.fx.GraphModule:
         ) from e
     _dropouts_to_modules(gm)
     _plain_linear_4bit(gm)
+    _expose_attention_weights(gm)
     return gm
+
+
+def _expose_attention_weights(gm: torch.fx.GraphModule) -> bool:
+    """Rule 7: MHA leaf calls -> `multi_head_attention(mha, q, k, v, W_in, W_out, ...)`."""
+    graph, changed = gm.graph, False
+    for node in list(graph.nodes):
+        if node.op != "call_module" or len(node.args) < 3:
+            continue
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, nn.MultiheadAttention) or not module._qkv_same_embed_dim:
+            continue
+        with graph.inserting_before(node):
+            reads = [graph.get_attr(node.target)]
+            reads += [graph.get_attr(f"{node.target}.{w}") for w in _MHA_WEIGHTS]
+            query, key, value, *rest = node.args
+            args = (reads[0], query, key, value, *reads[1:], *rest)
+            new = graph.call_function(multi_head_attention, args, dict(node.kwargs))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()
+    return changed
 
 
 def _plain_linear_4bit(gm: torch.fx.GraphModule) -> bool:

@@ -33,7 +33,7 @@ from lora_fx.math.stack import stack_adapters
 from lora_fx.passes._branch import BranchSpec, emit_branch
 from lora_fx.passes._emit import Emitter, chain_end
 from lora_fx.sites import Site
-from lora_fx.sites.kinds import lora_paths
+from lora_fx.sites.kinds import kind_of, lora_paths
 
 __all__ = [
     "INDEX_INPUT",
@@ -166,6 +166,12 @@ def emit_stacked(
 ) -> None:
     """Per-row adapters: stacks of every adapter's A and scale*B, indexed by a new graph input."""
     for site in sites.values():
+        if not kind_of(site).can.mixed_batch:
+            raise UnsupportedSiteError(
+                f"site {site.fqn!r} ({kind_of(site).label}) adds its delta to a weight shared by "
+                "every row; lora_layout='stacked' needs per-row branches (use "
+                "'initializers' or 'inputs')"
+            )
         if site.kind == "conv" and site.conv.groups > 1:
             raise UnsupportedSiteError(
                 f"site {site.fqn!r} is a conv with groups={site.conv.groups}; "

@@ -15,8 +15,9 @@ Rules:
    refuse them; the other layouts point each module at the first exported adapter's copy.
 5. Adapters already merged into the weights cannot be served unmerged; "initializers" exports of
    other adapters keep them in the weights.
-6. LoRA on linear, conv and embedding sites is exported; DoRA and `target_parameters` sites are
-   refused before anything is built (their branches are not A/B pairs).
+6. LoRA on linear, conv, embedding and MHA sites is exported (MHA: `W + scale * B @ A` where the
+   weight is read, or merged; not "stacked", which needs per-row branches); DoRA and
+   `target_parameters` sites are refused before anything is built.
 """
 
 from __future__ import annotations
@@ -303,7 +304,8 @@ def _own_tensor(
     others = [p for p in readers.get(id(tensor), []) if p != path]
     shared = [n for n in graph.nodes if n.op == "get_attr" and n.target == path]
     uses = [(n, u) for n in shared for u in n.users]
-    foreign = [(n, u) for n, u in uses if not feeds_only(u, site.nodes)]
+    # A weight-read site's nodes are the reads themselves: whatever consumes them is the site's.
+    foreign = [(n, u) for n, u in uses if n not in site.nodes and not feeds_only(u, site.nodes)]
     if foreign and not others:
         path = _free_path(module, f"{site.fqn}.merged_{path.rpartition('.')[2]}")
         put_tensor(module, path, nn.Parameter(tensor.detach(), requires_grad=False))

@@ -19,7 +19,8 @@ Rules:
    so a result can differ from PEFT's in its last bit.
    `type_as` reads the dtypes at run time, so a later `gm.to(dtype)` keeps the graph right.
 6. DoRA (`use_dora`) rescales the branch output and the base term (`_dora.py`); `target_parameters`
-   sites get `W -> W + delta` instead of a branch after the op (`_param.py`).
+   and MHA sites get `W -> W + delta` instead of a branch after the op (`_param.py`), in training
+   graphs and export copies alike (B, scale and dtype cast as the spec says).
 7. Layouts (`LoraState.layout`, chosen with `set_layout`), each exact up to float rounding:
    "fused" (default): B, scale and add are one `addmm` with the base output as accumulator
        on linear and embedding sites (`fused_ops.add_lora` / `add_low_rank`);
@@ -124,9 +125,6 @@ def insert_branch(
     With `row_mask=(index_path, k)` the branch output is kept only on the batch rows whose slot in
     the `[batch]` index buffer is `k` (mixed batches that cannot gather). `layout`: see rule 7.
     """
-    if kind_of(site).can.branch_at == "weight_read":  # target_parameters: W -> W + delta
-        insert_param_branch(gm, site, adapter, record, row_mask=row_mask)
-        return
     paths = lora_paths(site.kind, site.fqn, adapter)
     cast = _graph.get_attr(gm, paths.a).dtype != logical_dtype(_graph.get_attr(gm, site.weight))
     spec = BranchSpec(
@@ -147,6 +145,11 @@ def insert_branch(
 def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
     """`y + scale * B(A(dropout(x)))` after every node of `site`, laid out as rule 7 says."""
     kind, tag = kind_of(site), {"adapter": spec.adapter, "site": site.fqn}
+    if kind.can.branch_at == "weight_read":  # target_parameters, MHA: W -> W + delta where read
+        scale = 1.0 if spec.scale is None else spec.scale
+        args = {"adapter": spec.adapter, "a": spec.a, "b": spec.b, "scale": scale}
+        insert_param_branch(graph, site, **args, row_mask=spec.row_mask)
+        return
     layout = fitting_layout(
         site,
         spec.layout,

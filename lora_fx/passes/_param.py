@@ -1,4 +1,4 @@
-"""LoRA on a parameter read directly by ops (`target_parameters`): rewrite the read, not the op.
+"""LoRA on a weight read directly by ops (`target_parameters`, MHA): rewrite the read, not the op.
 
     W = get_attr(p);  y = bmm(x, W)   ->   W' = W + delta(A, B);  y = bmm(x, W')
 
@@ -16,12 +16,11 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from lora_fx.core.state import SiteRecord
 from lora_fx.errors import AdapterError
 from lora_fx.math import ops
 from lora_fx.passes._emit import Emitter, chain_end
 from lora_fx.sites import Site
-from lora_fx.sites.kinds import lora_paths
+from lora_fx.sites.kinds import kind_of
 
 __all__ = ["insert_param_branch", "param_delta_like"]
 
@@ -29,26 +28,27 @@ _aten = torch.ops.aten
 
 
 def insert_param_branch(
-    gm: torch.fx.GraphModule,
+    graph: torch.fx.Graph,
     site: Site,
-    adapter: str,
-    record: SiteRecord,
     *,
+    adapter: str,
+    a: str,
+    b: str,
+    scale: float,
     row_mask: tuple[str, int] | None = None,
 ) -> None:
-    """Replace every read of the site's parameter by `W + delta` for `adapter`."""
+    """Replace every read of the site's weight by `W + delta` for `adapter` (A, B at `a`, `b`)."""
     if row_mask is not None:
         raise AdapterError(
-            f"site {site.fqn!r} is a target_parameters site; mixed-batch adapters cannot act on "
-            "it (a parameter has no batch rows)"
+            f"site {site.fqn!r} ({kind_of(site).label}): mixed-batch adapters cannot act on it "
+            "(its delta is added to a weight, which has no batch rows)"
         )
-    paths = lora_paths(site.kind, site.fqn, adapter)
     for getter in site.nodes:
         end = chain_end(getter)
-        emit = Emitter(gm.graph, end, {"adapter": adapter, "site": site.fqn})
-        a = emit("weight", "get_attr", paths.a)
-        b = emit("weight", "get_attr", paths.b)
-        delta = emit("lora_b", "call_function", param_delta_like, (a, b, record.scale, end))
+        emit = Emitter(graph, end, {"adapter": adapter, "site": site.fqn})
+        a_node = emit("weight", "get_attr", a)
+        b_node = emit("weight", "get_attr", b)
+        delta = emit("lora_b", "call_function", param_delta_like, (a_node, b_node, scale, end))
         add = emit("add", "call_function", _aten.add.Tensor, (end, delta))
         emit.attach(end, add)
 

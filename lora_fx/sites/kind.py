@@ -28,7 +28,8 @@ from lora_fx.sites.site import Match, Site
 __all__ = ["Capabilities", "Emit", "Matcher", "SiteKind", "init_factor_modules"]
 
 Emit = Callable[..., torch.fx.Node]  # (role, op, target, args) -> a tagged node after the last one
-Matcher = Callable[[torch.fx.GraphModule, torch.fx.Node], Match | None]
+# A node's match; a tuple for several sites on one node, `()` for a node claimed without a site.
+Matcher = Callable[[torch.fx.GraphModule, torch.fx.Node], Match | tuple[Match, ...] | None]
 Shape = tuple[int, ...]
 
 
@@ -76,6 +77,10 @@ class SiteKind:
     refuse: Callable[[Site, int, bool], str | None] = lambda site, r, use_dora: None
     refuse_merge: Callable[[Site], str | None] = lambda site: None
     refusal_note: str = ""  # appended to "... is not supported on <label> <site>" ({weight})
+    # The name `target_modules` / `exclude_modules` / rank patterns select a site by (a site
+    # nested in PEFT's wrapper of another goes with it), and whether `"all-linear"` takes it.
+    target_name: Callable[[Site], str] = lambda site: site.fqn
+    in_all_linear: Callable[[Site], bool] = lambda site: False
 
     def paths(self, site: str, adapter: str) -> LoraPaths:
         """Module-tree paths and PEFT file keys of `adapter`'s tensors on `site`."""

@@ -1,10 +1,11 @@
 """The table of site kinds: every pass finds a site's kind here (`kind_of`), by its name.
 
-    KINDS = {"linear": LINEAR, "conv": CONV, "embedding": EMBEDDING, "param": PARAM}
+    KINDS = {"mha": MHA, "linear": LINEAR, "conv": CONV, "embedding": EMBEDDING, "param": PARAM}
 
 Adding a kind: a module beside `linear.py` with its matchers, factor shapes and emitters, one
 `SiteKind` entry, its place in `KINDS`, and its tests. Matchers run in table order; the first
-match of a node wins.
+match of a node wins: MHA comes first, so the ops reading an MHA's packed in-projection are
+claimed by its site rather than taken for linear sites.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from lora_fx.sites.conv import CONV
 from lora_fx.sites.embedding import EMBEDDING
 from lora_fx.sites.kind import SiteKind
 from lora_fx.sites.linear import LINEAR
+from lora_fx.sites.mha import MHA
 from lora_fx.sites.param import PARAM
 from lora_fx.sites.site import Site
 
 __all__ = ["KINDS", "MATCHERS", "kind_of", "lora_paths"]
 
-KINDS: dict[str, SiteKind] = {kind.name: kind for kind in (LINEAR, CONV, EMBEDDING, PARAM)}
+KINDS: dict[str, SiteKind] = {kind.name: kind for kind in (MHA, LINEAR, CONV, EMBEDDING, PARAM)}
 MATCHERS = tuple(matcher for kind in KINDS.values() for matcher in kind.matchers)
 
 

@@ -167,4 +167,5 @@ LINEAR = SiteKind(
     can=Capabilities(
         base_inits=True, quantized=True, layouts=("fused", "plain", "weight"), fused_branch=True
     ),
+    in_all_linear=lambda site: site.module,  # a functional op outside a Linear: by name only
 )

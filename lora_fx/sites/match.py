@@ -7,8 +7,9 @@ module rather than by weight keeps tied weights apart: GPT-2's `wte` embedding a
 one tensor but are two sites, as in PEFT.
 
 Rules:
-1. Each node is offered to the matchers of the kind table (`kinds.MATCHERS`: linear, conv,
-   embedding, in table order); the first match wins. Nodes created by lora_fx are never sites.
+1. Each node is offered to the matchers of the kind table (`kinds.MATCHERS`: mha, linear, conv,
+   embedding, in table order); the first match wins (a matcher may return several sites for one
+   node, or none to claim it). Nodes created by lora_fx are never sites.
 2. A module called twice (the same weight at two nodes with one name) is one site with two nodes.
 3. Parameter sites (`target_parameters`) are found by parameter name (`params.py`).
 4. `find_sites` applies PEFT's matching rules, then checks each chosen site against its kind's
@@ -56,7 +57,8 @@ def _sites_and_conflicts(gm: torch.fx.GraphModule) -> tuple[dict[str, Site], dic
         for matcher in MATCHERS:
             match = matcher(gm, node)
             if match is not None:
-                grouped.setdefault(match.fqn, []).append(match)
+                for one in match if isinstance(match, tuple) else (match,):
+                    grouped.setdefault(one.fqn, []).append(one)
                 break
     sites, conflicts = {}, {}
     for fqn, matches in grouped.items():
@@ -90,15 +92,17 @@ def find_sites(gm: torch.fx.GraphModule, cfg: LoraConfig) -> list[Site]:
     excluded_any = False
     chosen = []
     for fqn, site in sites.items():
-        if not kind_of(site).matchers:
+        kind = kind_of(site)
+        if not kind.matchers:
             continue  # a kind found by name, not by op (parameter sites: target_parameters only)
-        if cfg.is_all_linear:  # PEFT's: Linear / Conv1D modules but the output layer
-            wanted = site.kind == "linear" and site.module and fqn != output_layer
+        name = kind.target_name(site)  # an MHA's nested out_proj goes with the MHA
+        if cfg.is_all_linear:  # PEFT's: Linear / Conv1D modules (and MHAs) but the output layer
+            wanted = kind.in_all_linear(site) and fqn != output_layer
         else:
-            wanted = _target_matches(cfg, fqn)
-        if not wanted or _in_modules_to_save(cfg, fqn):
+            wanted = _target_matches(cfg, name)
+        if not wanted or _in_modules_to_save(cfg, name):
             continue
-        if cfg.exclude_modules and _name_matches(cfg.exclude_modules, fqn):
+        if cfg.exclude_modules and _name_matches(cfg.exclude_modules, name):
             excluded_any = True
             continue
         chosen.append(site)
@@ -169,6 +173,13 @@ def _check_site(site: Site, cfg: LoraConfig) -> None:
                 f"{what} is not supported on {kind.label} {site.fqn!r}"
                 + kind.refusal_note.format(weight=site.weight)
             )
+    if cfg.lora_dropout > 0 and kind.can.branch_at == "weight_read":
+        warnings.warn(
+            f"lora_dropout={cfg.lora_dropout} is not applied on {kind.label} {site.fqn!r}: its "
+            "delta is added to the weight where read, which leaves no input to drop (PEFT's "
+            "MultiheadAttention ignores it too)",
+            stacklevel=4,
+        )
     if isinstance(init, str) and init != "gaussian" and not kind.can.base_inits:
         raise UnsupportedSiteError(
             f"init_lora_weights={init!r} is not supported on {kind.label} {site.fqn!r}"
@@ -283,7 +294,8 @@ def pattern_key(site: Site) -> str:
 
     The module path, or for parameter sites the parameter's path (`...experts.gate_up_proj`).
     """
-    return site.fqn if kind_of(site).matchers else site.weight
+    kind = kind_of(site)
+    return kind.target_name(site) if kind.matchers else site.weight
 
 
 def _refuse_conflicts(cfg: LoraConfig, conflicts: dict[str, str]) -> None:
