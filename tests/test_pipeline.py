@@ -66,7 +66,9 @@ def test_examples_run_and_clean_up(script, capsys, tmp_path, monkeypatch):
     assert _made_by_us(tmp_path) == []
 
 
-@pytest.mark.parametrize("script", ["02_peft_interop.py", "05_replicate_layers.py"])
+@pytest.mark.parametrize(
+    "script", ["02_peft_interop.py", "05_replicate_layers.py", "08_architectures.py"]
+)
 def test_examples_with_peft_print_no_library_notices(script, tmp_path):
     """PEFT imports bitsandbytes (a log line on AVX512-BF16 CPUs) and warns through transformers."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
