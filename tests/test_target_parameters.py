@@ -210,3 +210,26 @@ def test_transformers_mixtral_experts_match_peft(tmp_path):
         assert_close(gm(ids).logits, expected)
         lora_fx.merge_and_unload(gm)
         assert_close(gm(ids).logits, expected)
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_onnx_export_of_parameter_sites_runs_in_onnxruntime(method, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from lora_fx.exporters import export_onnx
+
+    model, x = _moe()
+    cfg = LoraConfig(target_parameters=_TARGETS["both"], r=2, init_lora_weights=False)
+    gm = lora_fx.inject(lora_fx.capture(copy.deepcopy(model), (x,), method=method), cfg)
+    with torch.no_grad():
+        expected = gm(x)
+        assert_differs(expected, model(x))
+    for merged in (True, False):
+        path = tmp_path / f"merged_{merged}.onnx"
+        export_onnx(gm, (x,), path, merged=merged)
+        session = ort.InferenceSession(str(path))
+        (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        assert_close(torch.from_numpy(out), expected)
+    with pytest.raises(
+        UnsupportedSiteError, match=r"site 'experts(.base_layer)?'.*lora_layout='stacked'"
+    ):
+        export_onnx(gm, (x,), tmp_path / "stacked.onnx", merged=False, lora_layout="stacked")

@@ -15,9 +15,9 @@ Rules:
    refuse them; the other layouts point each module at the first exported adapter's copy.
 5. Adapters already merged into the weights cannot be served unmerged; "initializers" exports of
    other adapters keep them in the weights.
-6. LoRA on linear, conv, embedding and MHA sites is exported (MHA: `W + scale * B @ A` where the
-   weight is read, or merged; not "stacked", which needs per-row branches); DoRA and
-   `target_parameters` sites are refused before anything is built.
+6. LoRA on linear, conv, embedding, MHA and `target_parameters` sites is exported (MHA and
+   parameter sites: `W + scale * B @ A` where the weight is read, or merged; not "stacked",
+   which needs per-row branches); DoRA sites are refused before anything is built.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from lora_fx.passes._emit import point_module_copies, strip_branches
 from lora_fx.sites import Site, all_sites
 from lora_fx.sites.kinds import KINDS, kind_of
 from lora_fx.sites.node_reads import feeds_only
+from lora_fx.sites.params import find_param_sites
 
 __all__ = ["LORA_LAYOUTS", "ExportPlan", "build_export_graph", "plan_export"]
 
@@ -79,7 +80,7 @@ def plan_export(
 
     Raises:
         AdapterError: Unknown or unsuitable adapters, mixed-batch mode, or no adapter at all.
-        UnsupportedSiteError: DoRA or `target_parameters` sites (rule 6).
+        UnsupportedSiteError: DoRA sites (rule 6).
     """
     state = state_or_none(gm)
     if state is not None and getattr(state, "batch_adapters", None) is not None:
@@ -208,6 +209,12 @@ def _adapter_sites(
 ) -> dict[str, Site]:
     """The sites of the exported adapters, found again in the copy."""
     found = all_sites(module)
+    # Parameter sites are found by the adapters' `target_parameters` (the copy has no state);
+    # a 2-D one may share its name with a linear site on the same weight (a router's F.linear).
+    for name in adapters:
+        targets = state.adapters[name].config.target_parameters
+        if targets:
+            found.update({s.fqn: s for s in find_param_sites(module, list(targets))})
     wanted = {fqn for name in adapters for fqn in state.adapters[name].sites}
     missing = sorted(wanted - set(found))
     if missing:

@@ -184,8 +184,8 @@ def export_onnx(
             "stacked" layout or with example `args`.
         AdapterError: Unknown adapters, or adapters the layout cannot serve.
         MergeError: A site that cannot be merged (grouped conv).
-        UnsupportedSiteError: DoRA or `target_parameters` adapters, or a site the stacked layout
-            cannot serve (grouped conv).
+        UnsupportedSiteError: DoRA adapters, or a site the stacked layout cannot serve (grouped
+            conv, MHA and `target_parameters` sites).
         OnnxExportError: torch.export or the ONNX translation failed (the message names the op
             and the site or module using it), the file could not be written, or `with_past` on a
             graph without a KV cache (not from `capture_for_generation`).

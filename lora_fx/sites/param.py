@@ -74,7 +74,6 @@ PARAM = SiteKind(
         lora_bias=False,
         dropout=False,
         mixed_batch=False,
-        onnx=False,
         layouts=("plain",),
         branch_at="weight_read",
     ),
