@@ -173,3 +173,41 @@ def test_module_called_twice_is_one_site_with_two_branches(method):
     assert_close(gm(x), expected)
     lora_fx.merge(gm)
     assert_close(gm(x), expected)
+
+
+class _ScaledEmbedding(torch.nn.Embedding):
+    """An embedding subclass (as Gemma's and BART's scaled embeddings are)."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 2.0
+
+
+class _TiedByFunction(torch.nn.Module):
+    """The embedding's weight is also read by a bare F.linear (a head tied without a module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = _ScaledEmbedding(30, 8)
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, ids):
+        h = self.lin(self.emb(ids))
+        return torch.nn.functional.linear(h, self.emb.weight)
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_a_name_whose_ops_disagree_fails_only_configs_that_pick_it(method):
+    ids = torch.randint(0, 30, (2, 5))
+    gm = lora_fx.capture(_TiedByFunction().eval(), (ids,), method=method)
+    code = gm.code
+    # export: the embedding subclass is a site by type, named by its module path; the head's
+    # F.linear on the same weight is named by the weight's path too: one name, two kinds
+    assert "emb" not in all_sites(gm)
+    with pytest.raises(UnsupportedSiteError, match=r"site 'emb' is reached by ops on different"):
+        lora_fx.inject(gm, LoraConfig(target_modules=["emb"]))
+    assert gm.code == code
+    lora_fx.inject(gm, LoraConfig(target_modules=["lin"], init_lora_weights=False))  # unaffected
+    assert set(lora_fx.trainable_parameters(gm)) == {
+        "lin.lora_A.default.weight",
+        "lin.lora_B.default.weight",
+    }
