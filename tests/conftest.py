@@ -28,6 +28,30 @@ def _seed():
     logging.getLogger("lora_fx").setLevel(logging.INFO)
 
 
+@pytest.fixture(scope="module")
+def one_onnx_registry():
+    """Build torch's ONNX op registry once per test file that asks: `torch.onnx.export` rebuilds
+    it on every call (about 2 s). Test speed only; no test using it passes a
+    custom_translation_table, which would change the shared registry."""
+    from torch.onnx._internal.exporter import _registration
+
+    real = getattr(_registration.ONNXRegistry, "from_torchlib", None)
+    if real is None:  # another torch: export is just slower
+        yield
+        return
+    cache = {}
+
+    def from_torchlib(cls, *args, **kwargs):
+        key = repr((args, sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = real(*args, **kwargs)
+        return cache[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(from_torchlib))
+        yield
+
+
 def assert_close(actual, expected, dtype=torch.float32):
     """torch.testing.assert_close with the table's tolerance for `dtype`."""
     torch.testing.assert_close(actual, expected, **TOLERANCES[dtype])

@@ -23,6 +23,7 @@ __all__ = [
     "bnb_copy",
     "tiny_bert",
     "tiny_causal_lm",
+    "tiny_diffusers",
     "tiny_gpt2",
     "tiny_llama",
 ]
@@ -263,6 +264,61 @@ def tiny_bert(layers: int = 2):
 
 
 METHODS = ("fx", "export")  # lora_fx.capture methods every custom model is tested with
+
+
+def tiny_diffusers(name: str) -> tuple[nn.Module, tuple, dict]:
+    """A diffusers model from a tiny config (random weights, eval) with example (args, kwargs).
+
+    `name`: "unet" (UNet2DConditionModel), "vae" (AutoencoderKL, full forward), "sd3"
+    (SD3Transformer2DModel) or "flux" (FluxTransformer2DModel). diffusers is imported here, so
+    tests that never build one do not pay for the import.
+    """
+    import diffusers
+
+    if name == "unet":
+        model = diffusers.UNet2DConditionModel(
+            sample_size=8, block_out_channels=(32,), layers_per_block=1, cross_attention_dim=32,
+            attention_head_dim=8, norm_num_groups=32, down_block_types=("CrossAttnDownBlock2D",),
+            up_block_types=("CrossAttnUpBlock2D",),
+        )  # fmt: skip
+        args = (torch.randn(2, 4, 8, 8), torch.tensor(3), torch.randn(2, 5, 32))
+        return model.eval(), args, {}
+    if name == "vae":
+        model = diffusers.AutoencoderKL(
+            block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            sample_size=16,
+        )  # fmt: skip
+        return model.eval(), (torch.randn(1, 3, 16, 16),), {}
+    if name == "sd3":
+        model = diffusers.SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+            caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=16,
+        )  # fmt: skip
+        args = (
+            torch.randn(1, 4, 8, 8),
+            torch.randn(1, 5, 16),
+            torch.randn(1, 8),
+            torch.tensor([3.0]),
+        )
+        return model.eval(), args, {}
+    if name == "flux":
+        model = diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+            guidance_embeds=False, axes_dims_rope=(2, 2, 4),
+        )  # fmt: skip
+        kwargs = {
+            "hidden_states": torch.randn(1, 16, 4),
+            "encoder_hidden_states": torch.randn(1, 5, 16),
+            "pooled_projections": torch.randn(1, 8),
+            "timestep": torch.tensor([0.5]),
+            "img_ids": torch.zeros(16, 3),
+            "txt_ids": torch.zeros(5, 3),
+        }
+        return model.eval(), (), kwargs
+    raise ValueError(f"unknown diffusers model {name!r}; choose unet, vae, sd3 or flux")
 
 
 class SiteCase(NamedTuple):

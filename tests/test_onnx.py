@@ -43,27 +43,8 @@ HF_KW = {"use_cache": False}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_onnx_registry():
-    """Build torch's ONNX op registry once for this file: `torch.onnx.export` rebuilds it on every
-    call (about 2 s). Test speed only; no test passes a custom_translation_table, which would
-    change the shared registry."""
-    from torch.onnx._internal.exporter import _registration
-
-    real = getattr(_registration.ONNXRegistry, "from_torchlib", None)
-    if real is None:  # another torch: export is just slower
-        yield
-        return
-    cache = {}
-
-    def from_torchlib(cls, *args, **kwargs):
-        key = repr((args, sorted(kwargs.items())))
-        if key not in cache:
-            cache[key] = real(*args, **kwargs)
-        return cache[key]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(from_torchlib))
-        yield
+def _one_registry(one_onnx_registry):
+    yield
 
 
 def _inject(gm, targets, name="default", r=4, alpha=8):

@@ -30,6 +30,11 @@ Rules:
 4. Temp names are `.<name>.<pid>-<8 hex>.tmp`. `clean_stale` removes only those whose pid is not a
    running process, and the names older lora_fx versions used (`.<name>.<8 chars>[.tmp]`, from
    mkstemp/mkdtemp) once older than an hour; never anything else.
+5. diffusers' LoRA layout is one file, `pytorch_lora_weights.safetensors` (`save_lora_adapter`):
+   keys without `base_model.model.`, the LoRA config as JSON in the safetensors header under
+   `lora_adapter_metadata`. One file needs no pairing record: an `atomic_write` is enough.
+   `read_adapter` takes a PEFT folder, a diffusers folder or a diffusers file and returns tensors
+   under PEFT keys either way, so loading has one path.
 """
 
 from __future__ import annotations
@@ -52,18 +57,22 @@ import safetensors
 import torch
 
 from lora_fx.config import LoraConfig, read_config_file
-from lora_fx.errors import AdapterError, LoraFxError
+from lora_fx.core.keys import from_diffusers_key
+from lora_fx.errors import AdapterError, ConfigError, LoraFxError
 
 __all__ = [
     "BIN_NAME",
     "CONFIG_DIGEST_KEY",
     "CONFIG_NAME",
+    "DIFFUSERS_METADATA_KEY",
+    "DIFFUSERS_NAME",
     "SAFETENSORS_NAME",
     "atomic_write",
     "atomic_writes",
     "clean_stale",
     "config_digest",
     "make_temp_folder",
+    "read_adapter",
     "read_adapter_folder",
     "replace_folder",
     "temp_path",
@@ -73,6 +82,8 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 CONFIG_DIGEST_KEY = "lora_fx.config_sha256"  # safetensors metadata: the paired config (rule 2)
+DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE (rule 5)
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 
 _LEGACY_AGE_S = 3600.0  # older versions' temp names carry no pid: removed once this old
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -94,7 +105,10 @@ def read_adapter_folder(folder: Path) -> tuple[LoraConfig, dict[str, torch.Tenso
         ConfigError: `adapter_config.json` is not JSON or not a valid LoRA config (named).
     """
     if not (folder / CONFIG_NAME).is_file():
-        raise AdapterError(f"no {CONFIG_NAME} in {str(folder)!r}; expected a PEFT adapter folder")
+        raise AdapterError(
+            f"no {CONFIG_NAME} in {str(folder)!r}; expected a PEFT adapter folder, or a diffusers "
+            f"LoRA folder or file ({DIFFUSERS_NAME})"
+        )
     cfg, data = read_config_file(folder / CONFIG_NAME)
     for name in (SAFETENSORS_NAME, BIN_NAME):
         path = folder / name
@@ -115,6 +129,60 @@ def read_adapter_folder(folder: Path) -> tuple[LoraConfig, dict[str, torch.Tenso
                 "the file is truncated or not a tensor file"
             ) from e
     raise AdapterError(f"no {SAFETENSORS_NAME} or {BIN_NAME} in {str(folder)!r}")
+
+
+def read_adapter(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor], str]:
+    """Config, tensors (under PEFT file keys) and layout of a PEFT folder or diffusers file/folder.
+
+    The layout is `"peft"` or `"diffusers"`, for messages that quote keys as the file has them.
+
+    Raises:
+        AdapterError: Neither layout is there, or a file cannot be read (see the readers).
+        ConfigError: The config is not a valid LoRA config (the file is named).
+    """
+    if path.is_file():
+        return (*read_diffusers_file(path), "diffusers")
+    if (path / CONFIG_NAME).is_file() or not (path / DIFFUSERS_NAME).is_file():
+        return (*read_adapter_folder(path), "peft")
+    return (*read_diffusers_file(path / DIFFUSERS_NAME), "diffusers")
+
+
+def read_diffusers_file(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The config (from the header) and tensors, under PEFT file keys, of a diffusers LoRA file.
+
+    Raises:
+        AdapterError: Not a safetensors file, or its header has no LoRA config (rule 5).
+        ConfigError: The header's config is not JSON or not a valid LoRA config.
+    """
+    expected = (
+        f"expected a diffusers LoRA file ({DIFFUSERS_NAME} from save_lora_adapter or "
+        f"lora_fx.save_adapter(..., format='diffusers')) with the LoRA config as JSON under "
+        f"{DIFFUSERS_METADATA_KEY!r} in its safetensors header, or a PEFT folder with {CONFIG_NAME}"
+    )
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as st:
+            text = (st.metadata() or {}).get(DIFFUSERS_METADATA_KEY)
+            if text is None:
+                raise AdapterError(
+                    f"{str(path)!r} has no {DIFFUSERS_METADATA_KEY!r} header; {expected}"
+                )
+            tensors = {from_diffusers_key(key): st.get_tensor(key) for key in st.keys()}  # noqa: SIM118
+    except LoraFxError:
+        raise
+    except Exception as e:  # safetensors' SafetensorError and OSError: name the file
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        raise AdapterError(f"cannot read {str(path)!r} ({reason}); {expected}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{DIFFUSERS_METADATA_KEY!r} in {str(path)!r} is not JSON ({e}): {text[:80]!r}; "
+            + expected
+        ) from e
+    try:
+        return LoraConfig.from_dict(data), tensors
+    except ConfigError as e:
+        raise type(e)(f"{e} (in the {DIFFUSERS_METADATA_KEY!r} header of {str(path)!r})") from e
 
 
 def _check_pair(folder: Path, recorded: str | None, config: dict) -> None:

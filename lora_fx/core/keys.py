@@ -8,7 +8,8 @@
     <site>.lora_dropout.<adapter>             (not saved)
     <module>.modules_to_save.<adapter>.<p>    <module>.<p>
 
-Saving is a rename: drop the adapter name and prefix `base_model.model.`.
+Saving is a rename: drop the adapter name and prefix `base_model.model.`. diffusers' LoRA files
+(`save_lora_adapter`) hold the same keys without that prefix: `<site>.lora_A.weight`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ __all__ = [
     "FILE_PREFIX",
     "HOLDERS",
     "LoraPaths",
+    "from_diffusers_key",
     "is_adapter_parameter",
     "modules_to_save_path",
+    "to_diffusers_key",
 ]
 
 FILE_PREFIX = "base_model.model."
@@ -59,3 +62,13 @@ def is_adapter_parameter(name: str) -> bool:
     """Whether a parameter path lies inside a LoRA holder or a modules_to_save copy."""
     parts = name.split(".")
     return any(part in HOLDERS or part == "modules_to_save" for part in parts)
+
+
+def to_diffusers_key(peft_key: str) -> str:
+    """A PEFT file key as diffusers writes it: without `base_model.model.`."""
+    return peft_key.removeprefix(FILE_PREFIX)
+
+
+def from_diffusers_key(key: str) -> str:
+    """A diffusers file key as PEFT writes it (the inverse of `to_diffusers_key`)."""
+    return FILE_PREFIX + key

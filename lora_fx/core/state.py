@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CAPTURE_META",
     "CHECKPOINT_META",
+    "INPUT_GRAD_META",
     "LORA_META",
     "MERGE_REPORT_META",
     "ROLES",
@@ -45,6 +46,8 @@ CAPTURE_META = "lora_fx_capture"
 # Block paths `checkpoint_blocks` outlined (absent when the graph is flat).
 CHECKPOINT_META = "lora_fx_checkpointed"
 MERGE_REPORT_META = "lora_fx_merge_report"
+# On the `requires_grad_` node prepare_for_kbit_training puts after an input embedding.
+INPUT_GRAD_META = "lora_fx_input_requires_grad"
 
 # Roles of nodes in a branch: y' = add(y, scale * lora_b(lora_a(dropout(x))))
 # "cast": dtype casts around a float32 adapter on a half-precision site (autocast_adapter_dtype).

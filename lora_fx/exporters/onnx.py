@@ -438,7 +438,7 @@ def _shape_hint(error: Exception, dynamic_shapes: Any) -> str:
 
 
 def _output_names(module: torch.fx.GraphModule, program) -> list[str] | None:
-    """ONNX output names from the graph's output structure (`logits`, `output_0`, ...)."""
+    """ONNX output names from the graph's output structure (`logits`, `sample`, `output_0`, ...)."""
     info = getattr(module.graph._codegen, "pytree_info", None)
     n_out = len(program.graph_signature.user_outputs)
     if info is None or info.out_spec is None or info.out_spec.num_leaves != n_out:
@@ -449,13 +449,33 @@ def _output_names(module: torch.fx.GraphModule, program) -> list[str] | None:
         paths = pytree.tree_flatten_with_path(
             pytree.tree_unflatten(list(range(n_out)), info.out_spec)
         )[0]
+        keys = [pytree.keystr(path) for path, _ in paths]
     except ValueError:  # an output class registered without `flatten_with_keys_fn` (diffusers')
-        return [f"output_{i}" for i in range(n_out)]
+        keys = list(_context_keys(info.out_spec))
+    inputs = set(program.graph_signature.user_inputs)
     names = []
-    for i, (path, _) in enumerate(paths):
-        name = re.sub(r"\W+", "_", pytree.keystr(path)).strip("_")
-        names.append(name if name and not name[0].isdigit() else f"output_{i}")
+    for i, key in enumerate(keys):
+        name = re.sub(r"\W+", "_", key).strip("_")
+        name = name if name and not name[0].isdigit() else f"output_{i}"
+        # An ONNX value has one name: UNet2DCondition and AutoencoderKL take and return `sample`.
+        names.append(f"output_{name}" if name in inputs else name)
     return names if len(set(names)) == len(names) else None
+
+
+def _context_keys(spec: pytree.TreeSpec, prefix: str = ""):
+    """Leaf paths of a spec read from its contexts, for classes without `flatten_with_keys_fn`.
+
+    diffusers' `BaseOutput` flattens as a dict does (context: the field names), so its leaves get
+    the field names (`sample`); a context that names no child gives positions (`[0]`).
+    """
+    if spec.is_leaf():
+        yield prefix
+        return
+    context = spec.context
+    named = isinstance(context, (list, tuple)) and len(context) == spec.num_children
+    named = named and all(isinstance(k, str) for k in context)
+    for i, child in enumerate(spec.children()):
+        yield from _context_keys(child, f"{prefix}.{context[i]}" if named else f"{prefix}[{i}]")
 
 
 def _failed_op(error: BaseException) -> str | None:

@@ -13,6 +13,7 @@ from lora_fx.passes.checkpoint import checkpoint_blocks, checkpointed_blocks, un
 from lora_fx.passes.files import load_adapter, save_adapter
 from lora_fx.passes.hotswap import hotswap_adapter, prepare_for_hotswap
 from lora_fx.passes.inject import inject
+from lora_fx.passes.kbit import prepare_for_kbit_training
 from lora_fx.passes.layout import LAYOUTS, get_layout, set_layout
 from lora_fx.passes.merge import merge, merge_report, unmerge
 from lora_fx.passes.mixed_batch import BASE, adapter_batch, set_adapter_batch
@@ -42,6 +43,7 @@ __all__ = [
     "merge_and_unload",
     "merge_report",
     "prepare_for_hotswap",
+    "prepare_for_kbit_training",
     "print_trainable_parameters",
     "quantize",
     "replicate_layers",

@@ -15,6 +15,7 @@ from lora_fx.core.keys import (
     FILE_PREFIX,
     is_adapter_parameter,
     modules_to_save_path,
+    to_diffusers_key,
 )
 from lora_fx.core.state import SiteRecord
 from lora_fx.errors import AdapterError
@@ -94,12 +95,18 @@ def check_tensors(
     expected: dict[str, tuple[str, tuple[int, ...]]],
     base_keys: dict[str, str],
     folder: Path,
+    *,
+    layout: str = "peft",
 ) -> None:
-    """Every expected key present with its shape, and nothing unknown; else one clear error."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected) - set(base_keys))
+    """Every expected key present with its shape, and nothing unknown; else one clear error.
+
+    Keys are quoted as the file has them: PEFT's, or without `base_model.model.` for diffusers'.
+    """
+    shown = to_diffusers_key if layout == "diffusers" else str
+    missing = sorted(shown(k) for k in set(expected) - set(tensors))
+    unexpected = sorted(shown(k) for k in set(tensors) - set(expected) - set(base_keys))
     wrong = [
-        f"{key}: file {tuple(tensors[key].shape)} vs graph {shape}"
+        f"{shown(key)}: file {tuple(tensors[key].shape)} vs graph {shape}"
         for key, (_, shape) in expected.items()
         if key in tensors and tuple(tensors[key].shape) != shape
     ]
@@ -108,11 +115,13 @@ def check_tensors(
         problems.append(f"missing {len(missing)} tensors, e.g. {missing[:3]}")
     if unexpected:
         problems.append(f"{len(unexpected)} tensors that fit no site, e.g. {unexpected[:3]}")
+        if expected:  # what a key of this graph looks like in this layout
+            problems[-1] += f" (keys here look like {shown(min(expected))!r})"
     if wrong:
         problems.append(f"{len(wrong)} mis-shaped tensors, e.g. {wrong[:3]}")
     if problems:
         raise AdapterError(
-            f"adapter in {str(folder)!r} does not fit this graph: "
+            f"adapter in {str(folder)!r} ({layout} layout) does not fit this graph: "
             + "; ".join(problems)
             + "; nothing was loaded"
         )

@@ -1,4 +1,7 @@
-"""Save and load adapters in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
+"""Save and load adapters in PEFT's layout, or diffusers' (one file, the config in its header).
+
+PEFT: `adapter_config.json` + `adapter_model.safetensors`; diffusers:
+`pytorch_lora_weights.safetensors` (rule 7).
 
 Keys are PEFT's (`base_model.model.<site>.lora_A.weight`, see `core/keys.py`), so
 `PeftModel.from_pretrained` reads what `save_adapter` writes and `load_adapter` reads what PEFT's
@@ -20,6 +23,10 @@ Rules:
    `lm_head` targets are copied into the base parameters, as PEFT's loader does.
 6. `save_adapter` writes the adapter into `path` itself, whatever its name (PEFT's `save_pretrained`
    puts non-default adapters in a subfolder; pass that subfolder to `load_adapter`).
+7. `format="diffusers"` writes diffusers' one file (`core/files.py` rule 5): PEFT's keys without
+   `base_model.model.`, the config JSON under `lora_adapter_metadata` in the header, exactly as
+   diffusers' `save_lora_adapter`, so `model.load_lora_adapter(folder, prefix=None)` reads it with
+   scale alpha/r. `load_adapter` tells the layouts apart by the files it finds (`read_adapter`).
 """
 
 from __future__ import annotations
@@ -40,11 +47,15 @@ from lora_fx.core import graph as _graph
 from lora_fx.core.files import (
     CONFIG_DIGEST_KEY,
     CONFIG_NAME,
+    DIFFUSERS_METADATA_KEY,
+    DIFFUSERS_NAME,
     SAFETENSORS_NAME,
+    atomic_write,
     atomic_writes,
     config_digest,
-    read_adapter_folder,
+    read_adapter,
 )
+from lora_fx.core.keys import to_diffusers_key
 from lora_fx.core.state import SiteRecord, require_state, state_or_none
 from lora_fx.errors import AdapterError
 from lora_fx.passes._file_keys import (
@@ -68,9 +79,11 @@ from lora_fx.sites import (
 )
 from lora_fx.sites.kinds import kind_of
 
-__all__ = ["load_adapter", "save_adapter"]
+__all__ = ["FORMATS", "load_adapter", "save_adapter"]
 
 log = logging.getLogger(__name__)
+
+FORMATS = ("peft", "diffusers")  # save_adapter's layouts (rules 1 and 7)
 
 
 def save_adapter(
@@ -78,9 +91,10 @@ def save_adapter(
     path: str | os.PathLike,
     adapter_name: str = "default",
     *,
+    format: str = "peft",
     is_main_process: bool = True,
 ) -> None:
-    """Write one adapter in PEFT's layout into the folder `path` (created if needed).
+    """Write one adapter in PEFT's or diffusers' layout into the folder `path` (created if needed).
 
     Parameters sharded by FSDP2 (`DTensor`s) are gathered whole first; that is a collective, so
     with FSDP2 every rank calls `save_adapter` and only the one with `is_main_process` writes.
@@ -89,16 +103,23 @@ def save_adapter(
         gm: A graph with the adapter injected (the module given to DDP / `fully_shard`).
         path: Output folder.
         adapter_name: Which adapter to save.
+        format: `"peft"`: `adapter_config.json` + `adapter_model.safetensors`. `"diffusers"`:
+            `pytorch_lora_weights.safetensors` as diffusers' `save_lora_adapter` writes it, read
+            by `load_lora_adapter(path, prefix=None)` (rule 7).
         is_main_process: Whether this process writes the files (PEFT's `save_pretrained`
             argument); pass `torch.distributed.get_rank() == 0` in a multi-process run.
 
     Raises:
-        AdapterError: No such adapter on the graph.
+        AdapterError: No such adapter on the graph, or an unknown `format`.
 
     Example:
         >>> lora_fx.save_adapter(gm, "out/adapter")
         >>> PeftModel.from_pretrained(model, "out/adapter")   # PEFT reads it
+        >>> lora_fx.save_adapter(gm, "out/lora", format="diffusers")
+        >>> unet.load_lora_adapter("out/lora", prefix=None)   # diffusers reads it
     """
+    if format not in FORMATS:
+        raise AdapterError(f"format={format!r} is unknown; choose one of {list(FORMATS)}")
     state = require_state(gm)
     if adapter_name not in state.adapters:
         raise AdapterError(
@@ -126,6 +147,15 @@ def save_adapter(
         config["layer_replication"] = gm.meta[REPLICATION_META]["layer_replication"]
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
+    if format == "diffusers":
+        _write_diffusers(folder, config, tensors)
+    else:
+        _write_peft(folder, config, tensors)
+    log.info("save_adapter: %r -> %s (%s, %d tensors)", adapter_name, folder, format, len(tensors))
+
+
+def _write_peft(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """PEFT's two files, the weights naming their config (`core/files.py` rule 2)."""
     # The weights name their config (core/files.py rule 2); both files are written, then renamed
     # back to back, the weights first. The weights are serialized here: safetensors' save_file
     # writes through a `.tmpXXXXXX` file of its own (mode 0600) that a kill would leave behind.
@@ -138,7 +168,16 @@ def save_adapter(
             folder / CONFIG_NAME: lambda f: Path(f).write_text(text),
         }
     )
-    log.info("save_adapter: %r -> %s (%d tensors)", adapter_name, folder, len(tensors))
+
+
+def _write_diffusers(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """The diffusers file: keys without the PEFT prefix, the config in the header (rule 7)."""
+    # As diffusers' save_lora_adapter: json.dumps(config.to_dict(), indent=2, sort_keys=True).
+    text = json.dumps(config, indent=2, sort_keys=True)
+    metadata = {"format": "pt", DIFFUSERS_METADATA_KEY: text}
+    renamed = {to_diffusers_key(key): tensor for key, tensor in tensors.items()}
+    weights = safetensors.torch.save(renamed, metadata)
+    atomic_write(folder / DIFFUSERS_NAME, lambda f: Path(f).write_bytes(weights))
 
 
 def load_adapter(
@@ -148,11 +187,13 @@ def load_adapter(
     *,
     hotswap: bool = False,
 ) -> torch.fx.GraphModule:
-    """Load a PEFT adapter folder into the graph, in place (injecting its sites if needed).
+    """Load a PEFT or diffusers adapter into the graph, in place (injecting its sites if needed).
 
     Args:
         gm: A captured graph; it may already hold `adapter_name` (its weights are replaced).
-        path: Folder with `adapter_config.json` and `adapter_model.safetensors` (or `.bin`).
+        path: Folder with `adapter_config.json` and `adapter_model.safetensors` (or `.bin`),
+            or diffusers' `pytorch_lora_weights.safetensors` (the file or its folder; the config
+            is read from its header).
         adapter_name: Name for the adapter on the graph.
         hotswap: Write the weights into the existing slot `adapter_name` without changing the graph
             (no torch.compile recompile), folding a different alpha into B and padding a smaller
@@ -162,8 +203,9 @@ def load_adapter(
         The same GraphModule, recompiled.
 
     Raises:
-        AdapterError: Missing files, missing/unexpected/mis-shaped tensors, or a merged adapter.
-        ConfigError: The config file is not a LoRA config PEFT could have written.
+        AdapterError: Missing files, a diffusers file without its config, missing/unexpected/
+            mis-shaped tensors, or a merged adapter.
+        ConfigError: The config (file or header) is not a LoRA config PEFT could have written.
 
     Example:
         >>> gm = lora_fx.load_adapter(lora_fx.capture(model, (ids,)), "peft_adapter/")
@@ -173,7 +215,7 @@ def load_adapter(
     folder = Path(path)
     if hotswap:
         return hotswap_adapter(gm, folder, adapter_name)
-    cfg, tensors = read_adapter_folder(folder)
+    cfg, tensors, layout = read_adapter(folder)
     state = state_or_none(gm)
     existing = state is not None and adapter_name in state.adapters
     # All or nothing: a new adapter's sites are named on the replicated graph; a failure in
@@ -200,7 +242,7 @@ def load_adapter(
             )
         expected = adapter_keys(gm, adapter_name, sites, records, saved_modules)
         base = base_keys(gm, sites)
-        check_tensors(tensors, expected, base, folder)
+        check_tensors(tensors, expected, base, folder, layout=layout)
 
         # apply
         if not existing:

@@ -26,7 +26,7 @@ import torch.fx
 from torch import nn
 
 from lora_fx.core import graph as _graph
-from lora_fx.core.files import read_adapter_folder
+from lora_fx.core.files import read_adapter
 from lora_fx.core.keys import FILE_PREFIX, is_adapter_parameter, modules_to_save_path
 from lora_fx.core.state import LoraState, require_state, resolve_adapters
 from lora_fx.errors import AdapterError
@@ -102,7 +102,7 @@ def hotswap_adapter(
 
     Args:
         gm: A graph holding the slot (possibly compiled by the caller).
-        path: A PEFT adapter folder targeting the same sites.
+        path: A PEFT adapter folder (or diffusers file) targeting the same sites.
         adapter_name: The slot to overwrite.
 
     Returns:
@@ -121,7 +121,7 @@ def hotswap_adapter(
     if record.merged:
         raise AdapterError(f"adapter {adapter_name!r} is merged; unmerge it before hot-swapping")
     folder = Path(path)
-    cfg, tensors = read_adapter_folder(folder)
+    cfg, tensors, _ = read_adapter(folder)
     writes = _plan_writes(gm, state, adapter_name, cfg, tensors, folder)
     with torch.no_grad():
         for target, value in writes:
