@@ -102,6 +102,16 @@ _CLIP_TEXT = {
     "max_position_embeddings": 16,
 }
 _MOE = {"num_local_experts": 4, "num_experts_per_tok": 2}
+_ENCODER_DECODER = {  # BART / Whisper field names
+    "vocab_size": _VOCAB,
+    "d_model": 32,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+}
 
 _LLAVA_IMAGE_TOKEN = _VOCAB - 1
 
@@ -188,19 +198,7 @@ ARCHS: dict[str, Arch] = {
         ["q", "v"],
     ),
     "bart": Arch(
-        _model(
-            "AutoModelForSeq2SeqLM",
-            "bart",
-            vocab_size=_VOCAB,
-            d_model=32,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
-            max_position_embeddings=64,
-        ),
+        _model("AutoModelForSeq2SeqLM", "bart", **_ENCODER_DECODER, max_position_embeddings=64),
         _seq2seq_inputs,
         ["q_proj", "v_proj"],
     ),
@@ -208,14 +206,7 @@ ARCHS: dict[str, Arch] = {
         _model(
             "AutoModelForSpeechSeq2Seq",
             "whisper",
-            vocab_size=_VOCAB,
-            d_model=32,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=4,
-            decoder_attention_heads=4,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
+            **_ENCODER_DECODER,
             num_mel_bins=16,
             max_source_positions=16,
             max_target_positions=32,

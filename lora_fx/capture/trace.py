@@ -51,6 +51,7 @@ from lora_fx.capture import shapes
 from lora_fx.capture.attention import fuse_causal_attention
 from lora_fx.capture.no_grad import inline_no_grad_regions
 from lora_fx.capture.shapes import AUTO
+from lora_fx.core.graph import replace_with_call
 from lora_fx.core.state import CAPTURE_META
 from lora_fx.errors import CaptureError
 from lora_fx.math import quant
@@ -307,12 +308,9 @@ def _expose_attention_weights(gm: torch.fx.GraphModule) -> bool:
         with graph.inserting_before(node):
             reads = [graph.get_attr(node.target)]
             reads += [graph.get_attr(f"{node.target}.{w}") for w in _MHA_WEIGHTS]
-            query, key, value, *rest = node.args
-            args = (reads[0], query, key, value, *reads[1:], *rest)
-            new = graph.call_function(multi_head_attention, args, dict(node.kwargs))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        query, key, value, *rest = node.args
+        args = (reads[0], query, key, value, *reads[1:], *rest)
+        replace_with_call(node, multi_head_attention, args, dict(node.kwargs))
         changed = True
     if changed:
         gm.recompile()

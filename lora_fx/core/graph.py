@@ -19,6 +19,7 @@ __all__ = [
     "delete_attr",
     "get_attr",
     "own_module",
+    "replace_with_call",
     "set_module",
     "tensor_readers",
 ]
@@ -94,6 +95,19 @@ def own_module(gm: torch.fx.GraphModule, path: str, state: LoraState) -> nn.Modu
         state.owned_modules.add(path)
         parent = clone
     return parent
+
+
+def replace_with_call(
+    node: torch.fx.Node, op: Any, args: tuple, kwargs: dict | None = None
+) -> torch.fx.Node:
+    """Put `op(*args, **kwargs)` in `node`'s place (a module call opened into a function)."""
+    graph = node.graph
+    with graph.inserting_before(node):
+        new = graph.call_function(op, args, kwargs or {})
+    new.meta.update(node.meta)  # site names come from nn_module_stack
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
 
 
 def set_module(gm: nn.Module, path: str, module: nn.Module) -> None:

@@ -19,6 +19,8 @@ import torch.fx
 from torch import nn
 from torch.nn import functional as F
 
+from lora_fx.core.graph import replace_with_call
+
 __all__ = ["inline_targeted_leaves"]
 
 _CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
@@ -40,14 +42,9 @@ def inline_targeted_leaves(gm: torch.fx.GraphModule, targets: Iterable[str] | No
         functional = _functional(module)
         if functional is None:
             continue
-        graph = gm.graph
-        with graph.inserting_before(node):
-            reads = {n: graph.get_attr(f"{node.target}.{n}") for n in names}
-            op, args = functional(node.args[0], reads)
-            new = graph.call_function(op, args)
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        with gm.graph.inserting_before(node):
+            reads = {n: gm.graph.get_attr(f"{node.target}.{n}") for n in names}
+        replace_with_call(node, *functional(node.args[0], reads))
         changed = True
     if changed:
         gm.recompile()
