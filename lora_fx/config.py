@@ -27,7 +27,8 @@ from lora_fx.errors import ConfigError, ReplicationError
 __all__ = ["LoftQConfig", "LoraConfig", "read_config_file"]
 
 _BIAS_MODES = ("none", "all", "lora_only")
-_INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq")  # and "pissa_niter_<K>"
+# and "pissa_niter_<K>"
+_INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq", "mica")
 _PISSA_NITER = re.compile(r"pissa_niter_[1-9]\d*")
 _LOFTQ_BITS = (4, 8)
 ALL_LINEAR = "all-linear"
@@ -68,7 +69,8 @@ class LoraConfig:
         init_lora_weights: `True` (kaiming-uniform A, zero B), `"gaussian"`, `False` (both random),
             or an initialisation from the base weight (linear sites only): `"pissa"`,
             `"pissa_niter_<K>"`, `"olora"` and `"loftq"` **change the base weight** so that
-            base + adapter reproduces it; `"orthogonal"` leaves it as is (`B @ A = 0`).
+            base + adapter reproduces it; `"orthogonal"` leaves it as is (`B @ A = 0`), as does
+            `"mica"` (B: the weight's r minor left singular vectors, frozen; A = 0).
         layers_to_transform: Layer indices to adapt (with a list `target_modules`).
         layers_pattern: Name(s) of the layer container used to find the layer index.
         rank_pattern: `{pattern: r}` overrides, matched as `(.*\\.)?pattern$`.

@@ -1,4 +1,4 @@
-"""Adapter initialisations computed from the base weight: PiSSA, OLoRA, LoftQ and orthogonal.
+"""Adapter initialisations computed from the base weight: PiSSA, OLoRA, LoftQ, MiCA, orthogonal.
 
 All work on linear sites, in the `[out, in]` layout (a weight stored `[in, out]` is transposed and
 written back transposed), in float32, and follow PEFT's `LoraLayer.*_init` step by step:
@@ -8,6 +8,7 @@ written back transposed), in float32, and follow PEFT's `LoraLayer.*_init` step 
     pissa_niter_K  the same from `torch.svd_lowrank(W, r, niter=K)` (randomised)
     olora          W = Q R;  B = Q[:, :r],  A = R[:r];  W <- W - scale B A
     loftq          K times: W_q = deQ(Q(W - B A)) and B, A = rank-r SVD of W - W_q;  W <- W_q
+    mica           W = U S Vh;  B = U[:, -r:] (the r smallest directions),  A = 0;  B stays frozen
     orthogonal     one random orthogonal Q [r, r]: A uses its even rows, B its odd ones: B A = 0
 
 **PiSSA, OLoRA and LoftQ change the base weight** (in place, so the captured model sees it too, as
@@ -16,7 +17,8 @@ approximates `W` by a quantized `W_q` plus `B @ A`; like PEFT it ignores the sca
 `W_q + scale * B @ A ≈ W` only with `lora_alpha == r` (a warning says so otherwise). LoftQ quantizes
 with bitsandbytes (NF4: block 64, no double quant; int8: row-wise absmax), so `quantize(gm, "nf4",
 compress_statistics=False)` afterwards stores exactly the codes LoftQ planned for. Orthogonal leaves
-the base weight as it is.
+the base weight as it is, and so does MiCA (`A = 0`), whose B is frozen in training (PEFT's
+`MiCALinearVariant`: only A trains).
 
 Differences from PEFT: on transformers `Conv1D` (GPT-2) sites PEFT's OLoRA and LoftQ decompose the
 stored `[in, out]` matrix and produce factors of the wrong shape; here they use `[out, in]`. PEFT's
@@ -29,9 +31,19 @@ import torch
 
 from lora_fx.math import quant
 
-__all__ = ["BASE_CHANGING_INITS", "changes_base", "loftq", "olora", "orthogonal", "pissa"]
+__all__ = [
+    "BASE_CHANGING_INITS",
+    "FROZEN_B_INITS",
+    "changes_base",
+    "loftq",
+    "mica",
+    "olora",
+    "orthogonal",
+    "pissa",
+]
 
 BASE_CHANGING_INITS = ("pissa", "olora", "loftq")  # and "pissa_niter_<K>"
+FROZEN_B_INITS = ("mica",)  # B is fixed by the init; only A trains
 
 
 def changes_base(init: bool | str) -> bool:
@@ -111,6 +123,20 @@ def loftq(
             break
         res = weight - torch.mm(left, right)
     return dequantized, right, left
+
+
+def mica(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MiCA: B spans the r minor left singular directions of W, A is zero (so `B @ A == 0`).
+
+    Args:
+        weight: `[out, in]`, float32.
+        r: Rank.
+
+    Returns:
+        `(A = 0 [r, in], B = U[:, -r:] [out, r])`.
+    """
+    u, _, _ = torch.linalg.svd(weight, full_matrices=False)
+    return torch.zeros(r, weight.shape[1], device=weight.device), u[:, -r:].contiguous()
 
 
 def orthogonal(r: int, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:

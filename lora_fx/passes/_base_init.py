@@ -1,6 +1,7 @@
 """Apply an `init_lora_weights` computed from the base weight to one site (`math/inits.py` math).
 
     A, B <- init(W);  W <- W - scale * B @ A   (PiSSA, OLoRA)  |  W <- deQ(Q(...))  (LoftQ)
+    A, B <- init(W);  W unchanged              (MiCA, orthogonal)
 
 Rules:
 1. A and B are written in place into the adapter's registered tensors; the base weight is
@@ -18,7 +19,7 @@ from lora_fx.config import LoraConfig
 from lora_fx.core import graph as _graph
 from lora_fx.core.state import SiteRecord
 from lora_fx.math import quant
-from lora_fx.math.inits import loftq, olora, orthogonal, pissa
+from lora_fx.math.inits import loftq, mica, olora, orthogonal, pissa
 from lora_fx.sites import Site
 from lora_fx.sites.kinds import lora_paths
 
@@ -45,6 +46,11 @@ def init_from_base(
         dense = quant.dequantize(weight, module) if quant.is_quantized(weight) else weight
         w = dense.detach().float()
         w = w.T if site.transposed else w  # [out, in]
+        if init == "mica":  # the base weight stays as it is
+            a, b = mica(w, record.r)
+            lora_a.copy_(a.to(lora_a.dtype))
+            lora_b.copy_(b.to(lora_b.dtype))
+            return True
         if init == "olora":
             new_w, a, b = olora(w, record.r, record.scale)
         elif init == "loftq":

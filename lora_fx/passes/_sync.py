@@ -29,6 +29,7 @@ import torch.fx
 from lora_fx.core import graph as _graph
 from lora_fx.core.keys import HOLDERS, modules_to_save_path
 from lora_fx.core.state import LORA_META, LoraState, get_state
+from lora_fx.math.inits import FROZEN_B_INITS
 from lora_fx.passes._branch import insert_branch, remove_branches
 from lora_fx.passes._emit import point_module_copies
 from lora_fx.passes._gather import INDEX_BUFFER, emit_batch, layout_key, site_ranks, write_slots
@@ -81,12 +82,14 @@ def _set_trainable(gm: torch.fx.GraphModule, state: LoraState) -> None:
     slots = state.batch_adapters if state.batch_training else None
     for name, record in state.adapters.items():
         on = name in (slots or state.active)
+        # MiCA's B is fixed by its init (PEFT's `frozen_peft_weight_names`): only A trains
+        frozen = ("lora_B",) if record.config.init_lora_weights in FROZEN_B_INITS else ()
         for fqn in record.sites:
             children = gm.get_submodule(fqn)._modules
             for holder in HOLDERS:  # A, B (and B's bias), DoRA's magnitude: whatever this site has
                 container = children.get(holder)
                 if container is not None and name in container:
-                    container[name].requires_grad_(on)
+                    container[name].requires_grad_(on and holder not in frozen)
         for path in record.modules_to_save:
             gm.get_submodule(modules_to_save_path(path, name)).requires_grad_(on)
 

@@ -58,6 +58,7 @@ from lora_fx.core.files import (
 from lora_fx.core.keys import to_diffusers_key
 from lora_fx.core.state import SiteRecord, require_state, state_or_none
 from lora_fx.errors import AdapterError
+from lora_fx.math.inits import FROZEN_B_INITS
 from lora_fx.passes._file_keys import (
     adapter_keys,
     base_keys,
@@ -66,6 +67,7 @@ from lora_fx.passes._file_keys import (
 )
 from lora_fx.passes._inline import inline_targeted_leaves
 from lora_fx.passes._rollback import rollback_on_error
+from lora_fx.passes._sync import sync
 from lora_fx.passes.hotswap import hotswap_adapter
 from lora_fx.passes.inject import inject, site_record
 from lora_fx.passes.replicate import REPLICATION_META, apply_replication
@@ -252,6 +254,8 @@ def load_adapter(
                 gm, dataclasses.replace(cfg, init_lora_weights=True, loftq_config={}), adapter_name
             )
             state_or_none(gm).adapters[adapter_name].config = cfg
+            if cfg.init_lora_weights in FROZEN_B_INITS:
+                sync(gm)  # MiCA's config freezes B, as PEFT's variant does on load
         with torch.no_grad():
             for key, tensor in tensors.items():
                 target = expected[key][0] if key in expected else base[key]
