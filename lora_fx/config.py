@@ -24,7 +24,7 @@ from typing import Any
 from lora_fx import patterns
 from lora_fx.errors import ConfigError, ReplicationError
 
-__all__ = ["LoftQConfig", "LoraConfig", "read_config_file"]
+__all__ = ["KasaConfig", "LoftQConfig", "LoraConfig", "read_config_file"]
 
 _BIAS_MODES = ("none", "all", "lora_only")
 # and "pissa_niter_<K>"
@@ -47,6 +47,19 @@ class LoftQConfig:
 
     loftq_bits: int = 4
     loftq_iter: int = 1
+
+
+@dataclass
+class KasaConfig:
+    """PEFT's `KasaConfig`: KaSA's regulariser weights (the variant itself needs no option).
+
+    Args:
+        beta: Weight of the L2 penalty `sum(lora_diag ** 2)` (KaSA paper Eq. 9-10), >= 0.
+        gamma: Weight of the orthogonality penalty `||B^T B - I|| + ||A A^T - I||` (Eq. 11), >= 0.
+    """
+
+    beta: float = 1e-4
+    gamma: float = 1e-3
 
 
 @dataclass
@@ -80,6 +93,9 @@ class LoraConfig:
         target_parameters: Parameters (`module.param`, matched exactly or as a dotted suffix) that
             get LoRA wherever the graph reads them, e.g. MoE expert weights `[experts, in, out]`.
         loftq_config: `LoftQConfig` (or its dict) for `init_lora_weights="loftq"`.
+        kasa_config: `KasaConfig` (or its dict): KaSA on linear sites. Injecting **truncates the
+            base weight** to rank `min(in, out) - r` (its r smallest singular directions go)
+            and the delta becomes `scale * B @ diag(lora_diag) @ A`.
         extra: Every other `adapter_config.json` key, kept as read.
     """
 
@@ -102,6 +118,7 @@ class LoraConfig:
     layer_replication: list[list[int]] | None = None
     target_parameters: list[str] | None = None
     loftq_config: dict[str, Any] = field(default_factory=dict)
+    kasa_config: dict[str, float] | None = None
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     revision: str | None = None
@@ -238,6 +255,7 @@ class LoraConfig:
                 stacklevel=3,
             )
             self.loftq_config = {}
+        self._check_kasa()
         if self.lora_bias and init not in (True, False):
             raise ConfigError(
                 f"lora_bias=True needs init_lora_weights=True or False, got {init!r} (as in PEFT)"
@@ -251,6 +269,34 @@ class LoraConfig:
             raise ConfigError(
                 f"target_parameters={self.target_parameters!r} is invalid; "
                 "expected a list of parameter names such as ['experts.gate_up_proj']"
+            )
+
+    def _check_kasa(self) -> None:
+        """kasa_config: a dict / KasaConfig of non-negative numbers; not with DoRA or base inits."""
+        kasa = self.kasa_config
+        if kasa is None:
+            return
+        if isinstance(kasa, KasaConfig):
+            kasa = dataclasses.asdict(kasa)
+        if not isinstance(kasa, dict):
+            raise ConfigError(
+                f"kasa_config={kasa!r} is invalid; expected a KasaConfig, a dict or None"
+            )
+        # PEFT drops unknown keys of a sub-config read from a file
+        kasa = {k: kasa.get(k, v) for k, v in dataclasses.asdict(KasaConfig()).items()}
+        for name, value in kasa.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(
+                    f"kasa_config {name}={value!r} is invalid; expected a number >= 0"
+                )
+        self.kasa_config = kasa
+        if self.use_dora:
+            raise ConfigError("kasa_config is not supported with use_dora=True (one variant each)")
+        init = self.init_lora_weights
+        if isinstance(init, str) and init != "gaussian":
+            raise ConfigError(
+                f"kasa_config needs init_lora_weights=True, False or 'gaussian', got {init!r}: "
+                "KaSA truncates the base weight itself"
             )
 
     @property

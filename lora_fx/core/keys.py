@@ -35,6 +35,7 @@ HOLDERS = (
     "lora_embedding_B",
     "lora_dropout",
     "lora_magnitude_vector",
+    "lora_diag",
 )
 
 
@@ -51,6 +52,8 @@ class LoraPaths:
     b_bias_key: str
     magnitude: str = ""  # DoRA's magnitude vector
     magnitude_key: str = ""
+    diag: str = ""  # KaSA's learnable diagonal `lora_diag` [r]
+    diag_key: str = ""
 
 
 def modules_to_save_path(module: str, adapter: str) -> str:

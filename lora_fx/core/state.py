@@ -66,6 +66,7 @@ class SiteRecord:
     dropout: float
     lora_bias: bool
     use_dora: bool = False
+    use_kasa: bool = False  # KaSA: `lora_diag` between A and B, base weight truncated
 
     @classmethod
     def from_config(cls, cfg: LoraConfig, site: str, kind: str) -> SiteRecord:
@@ -78,6 +79,7 @@ class SiteRecord:
             float(cfg.lora_dropout),
             bool(cfg.lora_bias),
             bool(cfg.use_dora),
+            cfg.kasa_config is not None,
         )
 
 

@@ -132,8 +132,9 @@ def _check_supported(state: LoraState | None, names: list[str]) -> None:
     """Refuse adapter kinds the export does not rebuild (rule 6)."""
     for name in names:
         for fqn, rec in state.adapters[name].sites.items():
-            if getattr(rec, "use_dora", False) or not kind_of(rec.kind).can.onnx:
-                what = "DoRA" if getattr(rec, "use_dora", False) else f"a {rec.kind!r} site"
+            variant = "DoRA" if rec.use_dora else "KaSA" if rec.use_kasa else None
+            if variant is not None or not kind_of(rec.kind).can.onnx:
+                what = variant or f"a {rec.kind!r} site"
                 raise UnsupportedSiteError(
                     f"adapter {name!r} has {what} at {fqn!r}, which export_onnx does not "
                     f"export yet (supported: LoRA on {', '.join(_ONNX_KINDS)} sites)"

@@ -280,8 +280,11 @@ def _from_graph(gm: torch.fx.GraphModule, adapter_name: str) -> dict[str, torch.
 def _from_peft_folder(folder: Path) -> dict[str, torch.Tensor]:
     """A PEFT folder's A and scale * B under the "inputs" names (the file keys without prefix)."""
     cfg, file_tensors = read_adapter_folder(folder)
-    if cfg.use_dora:
-        raise AdapterError(f"adapter in {str(folder)!r} uses DoRA; ONNX Runtime adapters are LoRA")
+    if cfg.use_dora or cfg.kasa_config is not None:
+        variant = "DoRA" if cfg.use_dora else "KaSA"
+        raise AdapterError(
+            f"adapter in {str(folder)!r} uses {variant}; ONNX Runtime adapters are LoRA"
+        )
     tensors, other = {}, []
     for key, tensor in file_tensors.items():
         name = key[len(FILE_PREFIX) :] if key.startswith(FILE_PREFIX) else None

@@ -35,6 +35,7 @@ __all__ = [
     "BASE_CHANGING_INITS",
     "FROZEN_B_INITS",
     "changes_base",
+    "kasa_truncate",
     "loftq",
     "mica",
     "olora",
@@ -137,6 +138,21 @@ def mica(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """
     u, _, _ = torch.linalg.svd(weight, full_matrices=False)
     return torch.zeros(r, weight.shape[1], device=weight.device), u[:, -r:].contiguous()
+
+
+def kasa_truncate(weight: torch.Tensor, r: int) -> torch.Tensor:
+    """KaSA's base weight: W's rank-(k - r) SVD approximation, `k = min(out, in)` (PEFT's steps).
+
+    Args:
+        weight: `[out, in]`, float32.
+        r: Rank of the adapter: this many of the smallest singular directions are dropped.
+
+    Returns:
+        `U[:, :k-r] diag(S[:k-r]) Vh[:k-r]`, float32 `[out, in]`.
+    """
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    keep = min(weight.shape) - r
+    return (u[:, :keep] * s[:keep]) @ vh[:keep]
 
 
 def orthogonal(r: int, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:

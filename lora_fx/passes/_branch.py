@@ -18,7 +18,8 @@ Rules:
    PEFT adds in float32 and rounds the sum once; here the (small) delta is rounded before the add,
    so a result can differ from PEFT's in its last bit.
    `type_as` reads the dtypes at run time, so a later `gm.to(dtype)` keeps the graph right.
-6. DoRA (`use_dora`) rescales the branch output and the base term (`_dora.py`); `target_parameters`
+6. KaSA (`kasa_config`) multiplies the rank-r activations by `lora_diag` (plain layout).
+   DoRA (`use_dora`) rescales the branch output and the base term (`_dora.py`); `target_parameters`
    and MHA sites get `W -> W + delta` instead of a branch after the op (`_param.py`), in training
    graphs and export copies alike (B, scale and dtype cast as the spec says).
 7. Layouts (`LoraState.layout`, chosen with `set_layout`), each exact up to float rounding:
@@ -93,6 +94,7 @@ class BranchSpec:
         dropout: Path of the dropout module (None: p == 0, or an export, which runs in eval).
         row_mask: `(index buffer path, k)` for mixed batches: only rows whose slot is k.
         dora: DoRA's paths and record (None: plain LoRA).
+        diag: Path of KaSA's `lora_diag` (None: no KaSA): `B(diag * A(x))`.
         layout: The requested layout (rule 7); a site that cannot take it takes the next one.
         export: Build for an export copy: fused accumulates out of place (torch.export rejects
             in-place writes with dynamic shapes).
@@ -107,6 +109,7 @@ class BranchSpec:
     dropout: str | None = None
     row_mask: tuple[str, int] | None = None
     dora: tuple[LoraPaths, SiteRecord] | None = None
+    diag: str | None = None
     layout: str = "fused"
     export: bool = False
 
@@ -137,6 +140,7 @@ def insert_branch(
         dropout=paths.dropout if record.dropout > 0 else None,
         row_mask=row_mask,
         dora=(paths, record) if record.use_dora else None,
+        diag=paths.diag if record.use_kasa else None,
         layout=layout,
     )
     emit_branch(gm.graph, site, spec)
@@ -153,7 +157,10 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
     layout = fitting_layout(
         site,
         spec.layout,
-        needs_plain=spec.b_bias is not None or spec.dora is not None or spec.cast,
+        needs_plain=spec.b_bias is not None
+        or spec.dora is not None
+        or spec.diag is not None
+        or spec.cast,
         can_weight=spec.row_mask is None and spec.dropout is None,
     )
     factor = 1.0 if spec.scale is None else spec.scale
@@ -179,6 +186,9 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
             emit.attach(end, emit("add", "call_function", add_lora, (end, x, a, b, factor)))
             continue
         low = kind.emit_down(emit, site, x, a)
+        if spec.diag is not None:  # KaSA: [.., r] * lora_diag[r]
+            diag = emit("weight", "get_attr", spec.diag)
+            low = emit("lora_a", "call_function", _aten.mul.Tensor, (low, diag))
         # Mixed batch: weight the rank-r activations per row, scale folded in, rather than the
         # full-size output (two fewer full-size passes per adapter and site). B's bias and DoRA
         # act on the output, so those weight the output instead.

@@ -50,6 +50,8 @@ def adapter_keys(
             keys[paths.b_bias_key] = (paths.b_bias, (site.out_features,))
         if rec.use_dora:
             keys[paths.magnitude_key] = (paths.magnitude, kind.magnitude_shape(site))
+        if rec.use_kasa:
+            keys[paths.diag_key] = (paths.diag, (rec.r,))
     for module in saved_modules:
         copy_path = modules_to_save_path(module, adapter)
         for name, param in gm.get_submodule(module).named_parameters():

@@ -1,6 +1,7 @@
 """Fold one adapter's delta into one site's base weight, and back (the core of merge / unmerge).
 
     plain LoRA:  W <- W + scale * left @ right            unfold:  W <- W - scale * left @ right
+    KaSA:        the same with B diag(lora_diag) for B
     DoRA:        W <- g * (W + delta), g = m / ||W + delta||    unfold:  W <- W / g - delta
     quantized:   the same value from the dequantized W, then re-quantized in place
     lora_bias:   b <- b + scale * b_B                     unfold:  b <- b - scale * b_B
@@ -43,8 +44,7 @@ __all__ = ["bias_delta", "fold", "is_quantized_site", "merged_value", "site_delt
 
 def site_delta(gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord) -> torch.Tensor:
     """The float32 delta `scale * B @ A` of one adapter on one site, in the base weight's layout."""
-    paths = lora_paths(site.kind, site.fqn, adapter)
-    a, b = _graph.get_attr(gm, paths.a).detach(), _graph.get_attr(gm, paths.b).detach()
+    a, b = _a_b(gm, site, adapter, rec)
     shape = tuple(_graph.get_attr(gm, site.weight).shape)
     return kind_of(site).delta(site, a, b, rec.scale, shape)
 
@@ -130,9 +130,19 @@ def _factors(
     weight = _graph.get_attr(gm, site.weight)
     if rec.use_dora or quant.is_quantized(weight) or not weight.is_floating_point():
         return None
+    a, b = _a_b(gm, site, adapter, rec)
+    return kind_of(site).fold_factors(site, weight.detach(), a, b)
+
+
+def _a_b(
+    gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B (detached); KaSA's B carries its diagonal: `B diag(lora_diag)`."""
     paths = lora_paths(site.kind, site.fqn, adapter)
     a, b = _graph.get_attr(gm, paths.a).detach(), _graph.get_attr(gm, paths.b).detach()
-    return kind_of(site).fold_factors(site, weight.detach(), a, b)
+    if rec.use_kasa:  # (out, r) * (r,): PEFT's `(B * diag) @ A`
+        b = b * _graph.get_attr(gm, paths.diag).detach()
+    return a, b
 
 
 def _dora_merge(

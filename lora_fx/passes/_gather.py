@@ -83,7 +83,12 @@ def _can_gather(gm: torch.fx.GraphModule, state: LoraState, site: Site, fqn: str
         rec = adapter.sites.get(fqn)
         if rec is None:
             continue
-        if rec.use_dora or rec.lora_bias or (state.batch_training and rec.dropout > 0):
+        if (
+            rec.use_dora
+            or rec.use_kasa
+            or rec.lora_bias
+            or (state.batch_training and rec.dropout > 0)
+        ):
             return False
         if _graph.get_attr(gm, lora_paths(site.kind, fqn, name).a).dtype != dtype:
             return False

@@ -50,6 +50,7 @@ from lora_fx.math.inits import changes_base
 from lora_fx.passes._base_init import init_from_base
 from lora_fx.passes._dora import add_magnitude
 from lora_fx.passes._inline import inline_targeted_leaves
+from lora_fx.passes._kasa import add_kasa
 from lora_fx.passes._rollback import rollback_on_error
 from lora_fx.passes._sync import sync
 from lora_fx.passes.replicate import apply_replication
@@ -131,9 +132,11 @@ def inject(
                 state,
                 autocast_adapter_dtype=autocast_adapter_dtype,
             )
-            if changes_base(cfg.init_lora_weights):
+            if changes_base(cfg.init_lora_weights) or records[site.fqn].use_kasa:
                 undo.keep(_graph.get_attr(gm, site.weight))
             init_from_base(gm, site, adapter_name, records[site.fqn], cfg)  # PiSSA, LoftQ, ...
+            if records[site.fqn].use_kasa:
+                add_kasa(gm, site, adapter_name, records[site.fqn], state)
             if records[site.fqn].use_dora:
                 add_magnitude(gm, site, adapter_name, records[site.fqn], state)
         for path in saved_modules:
@@ -175,10 +178,24 @@ def _check_request(gm: torch.fx.GraphModule, cfg: LoraConfig, adapter_name: str)
     for name, feature in _NOT_YET.items():
         if getattr(cfg, name):
             raise ConfigError(f"{name}={getattr(cfg, name)!r}: {feature} is not supported yet")
-    if cfg.layer_replication and changes_base(cfg.init_lora_weights):
+    if state is not None and state.adapters:
+        # PEFT: KaSA truncates the base weight, so it does not mix with other adapters
+        kasa = {name: rec.config.kasa_config is not None for name, rec in state.adapters.items()}
+        mixed = [name for name, uses in kasa.items() if uses != (cfg.kasa_config is not None)]
+        if mixed:
+            raise ConfigError(
+                f"kasa_config={cfg.kasa_config!r} cannot be combined with adapters {mixed}, "
+                "which "
+                + ("do not use KaSA" if cfg.kasa_config is not None else "use KaSA")
+                + ": KaSA truncates the base weights (as in PEFT)"
+            )
+    rewrites = "kasa_config" if cfg.kasa_config is not None else None
+    if changes_base(cfg.init_lora_weights):
+        rewrites = f"init_lora_weights={cfg.init_lora_weights!r}"
+    if cfg.layer_replication and rewrites:
         raise ConfigError(
-            f"init_lora_weights={cfg.init_lora_weights!r} rewrites base weights, which "
-            "layer_replication shares between copies; use True or 'gaussian' with it"
+            f"{rewrites} rewrites base weights, which layer_replication shares between copies; "
+            "use plain LoRA (init_lora_weights=True or 'gaussian') with it"
         )
 
 

@@ -296,6 +296,12 @@ def _check_arguments(
         raise AdapterError(
             f"adapters {merged} are merged; call lora_fx.unmerge(gm) before add_weighted_adapter"
         )
+    kasa = [n for n in adapters if n in state.adapters and state.adapters[n].config.kasa_config]
+    if kasa:
+        raise AdapterError(
+            f"adapters {kasa} use KaSA (a diagonal between A and B), which add_weighted_adapter "
+            "does not combine"
+        )
 
 
 def _check_options(

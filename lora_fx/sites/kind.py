@@ -42,6 +42,7 @@ class Capabilities:
     lora_bias: bool = True
     dropout: bool = True  # a dropout on the branch input
     base_inits: bool = False  # PiSSA / OLoRA / LoftQ / orthogonal (they decompose a linear weight)
+    kasa: bool = False  # KaSA: a `[r]` diagonal between A and B, the base weight truncated
     quantized: bool = False  # a bitsandbytes base weight
     mixed_batch: bool = True  # branches weighted per batch row
     input_is_ids: bool = False  # the branch input is token ids: no dtype cast, no dropout
@@ -95,6 +96,8 @@ class SiteKind:
             b_bias_key=f"{FILE_PREFIX}{site}.{b_holder}.bias",
             magnitude=f"{site}.lora_magnitude_vector.{adapter}.weight",
             magnitude_key=f"{FILE_PREFIX}{site}.lora_magnitude_vector",
+            diag=f"{site}.lora_diag.{adapter}",
+            diag_key=f"{FILE_PREFIX}{site}.lora_diag",
         )
 
 

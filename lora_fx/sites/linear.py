@@ -165,7 +165,11 @@ LINEAR = SiteKind(
     fold_factors=fold_factors,
     magnitude_shape=lambda site: (site.out_features,),
     can=Capabilities(
-        base_inits=True, quantized=True, layouts=("fused", "plain", "weight"), fused_branch=True
+        base_inits=True,
+        kasa=True,
+        quantized=True,
+        layouts=("fused", "plain", "weight"),
+        fused_branch=True,
     ),
     in_all_linear=lambda site: site.module,  # a functional op outside a Linear: by name only
 )

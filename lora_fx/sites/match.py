@@ -166,6 +166,7 @@ def _check_site(site: Site, cfg: LoraConfig) -> None:
         "use_dora=True": cfg.use_dora and not kind.can.dora,
         "lora_bias=True": cfg.lora_bias and not kind.can.lora_bias,
         f"lora_dropout={cfg.lora_dropout}": cfg.lora_dropout > 0 and not kind.can.dropout,
+        "kasa_config": cfg.kasa_config is not None and not kind.can.kasa,
     }
     for what, refused in asked.items():
         if refused:
@@ -187,6 +188,8 @@ def _check_site(site: Site, cfg: LoraConfig) -> None:
             + f"; {init!r} needs a linear site; {site.fqn!r} is a {site.kind} site "
             "(use True, False or 'gaussian' there, or exclude it)"
         )
+    if cfg.kasa_config is not None:
+        _check_kasa_site(site, r)
     if init == "orthogonal" and r % 2:
         raise UnsupportedSiteError(
             f"init_lora_weights='orthogonal' needs an even rank; site {site.fqn!r} has r={r}"
@@ -201,6 +204,22 @@ def _check_site(site: Site, cfg: LoraConfig) -> None:
             )
 
 
+def _check_kasa_site(site: Site, r: int) -> None:
+    """KaSA keeps `min(in, out) - r >= 1` directions of an `[out, in]` weight (PEFT's limits)."""
+    if site.transposed:
+        raise UnsupportedSiteError(
+            f"kasa_config is not supported on site {site.fqn!r}, whose weight is stored [in, out] "
+            "(transformers Conv1D; PEFT refuses fan_in_fan_out layers too); target nn.Linear sites"
+        )
+    smallest = min(site.in_features, site.out_features)
+    if r >= smallest:
+        raise UnsupportedSiteError(
+            f"kasa_config needs r < min(in_features, out_features) so the truncated base weight "
+            f"keeps a direction; site {site.fqn!r} ({site.out_features}x{site.in_features}) has "
+            f"r={r}; use r <= {smallest - 1}"
+        )
+
+
 def _check_weight(gm: torch.fx.GraphModule, site: Site, cfg: LoraConfig) -> None:
     """A non-float base weight must be a bitsandbytes type lora_fx can read, on a linear site."""
     weight = gm.get_parameter(site.weight)
@@ -208,6 +227,11 @@ def _check_weight(gm: torch.fx.GraphModule, site: Site, cfg: LoraConfig) -> None
     if kind is None and (weight.is_floating_point() or weight.is_complex()):
         return
     init = cfg.init_lora_weights
+    if kind is not None and cfg.kasa_config is not None:
+        raise UnsupportedSiteError(
+            f"kasa_config needs the full-precision weight of site {site.fqn!r}, which is {kind}; "
+            "inject before lora_fx.quantize"
+        )
     if kind is not None and isinstance(init, str) and init.startswith(("pissa", "loftq")):
         raise UnsupportedSiteError(
             f"init_lora_weights={init!r} needs the full-precision weight of site {site.fqn!r}, "
