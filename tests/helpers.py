@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
@@ -11,11 +12,28 @@ import traceback
 from collections import Counter
 from collections.abc import Callable
 
+import peft
 import torch
 from models import SITE_CASES, TinyBlockStack, tiny_llama
 
 import lora_fx
 from lora_fx import LoraConfig
+
+
+def peft_and_lora_fx(model, gm, cfg: dict):
+    """PEFT and lora_fx on the same weights, each seeded the same way just before injecting."""
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**cfg)).eval()
+    torch.manual_seed(1)
+    gm = lora_fx.inject(gm, LoraConfig(**cfg))
+    return pm, gm
+
+
+def peft_param_name(name: str) -> str:
+    """PEFT's in-memory name of a graph parameter (adapted base weights sit under base_layer)."""
+    if ".lora_" not in name and name.endswith(".weight"):
+        name = name[: -len(".weight")] + ".base_layer.weight"
+    return "base_model.model." + name
 
 
 def capture_case(case: str, method: str) -> tuple[torch.fx.GraphModule, torch.Tensor, list[str]]:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import copy
 import inspect
 
-import peft
 import peft.utils.loftq_utils as peft_loftq_utils
 import pytest
 import torch
 from conftest import assert_close
+from helpers import peft_and_lora_fx, peft_param_name
 from models import TinyConv, TinyMLP, tiny_gpt2, tiny_llama
 
 import lora_fx
@@ -38,22 +38,6 @@ def llama():
     return model, ids, lora_fx.capture(copy.deepcopy(model), (ids,), _NO_CACHE)
 
 
-def _both(model, gm, cfg):
-    """PEFT and lora_fx on the same weights, each seeded the same way just before injecting."""
-    torch.manual_seed(1)
-    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**cfg)).eval()
-    torch.manual_seed(1)
-    gm = lora_fx.inject(gm, LoraConfig(**cfg))
-    return pm, gm
-
-
-def _peft_key(name: str) -> str:
-    """PEFT's in-memory name of a graph parameter (adapted base weights sit under base_layer)."""
-    if ".lora_" not in name and name.endswith(".weight"):
-        name = name[: -len(".weight")] + ".base_layer.weight"
-    return "base_model.model." + name
-
-
 @pytest.mark.parametrize("init", _INITS)
 def test_llama_matches_peft_exactly(init, llama):
     model, ids, gm0 = llama
@@ -63,12 +47,12 @@ def test_llama_matches_peft_exactly(init, llama):
         "lora_alpha": 8,
         "init_lora_weights": init,
     }
-    pm, gm = _both(model, copy.deepcopy(gm0), cfg)
+    pm, gm = peft_and_lora_fx(model, copy.deepcopy(gm0), cfg)
     theirs = pm.state_dict()
     compared = 0
     for name, value in gm.state_dict().items():
-        if _peft_key(name) in theirs and ("q_proj" in name or "o_proj" in name):
-            assert torch.equal(value, theirs[_peft_key(name)]), name
+        if peft_param_name(name) in theirs and ("q_proj" in name or "o_proj" in name):
+            assert torch.equal(value, theirs[peft_param_name(name)]), name
             compared += 1
     assert compared == 12  # 4 sites x (A, B, residual base weight)
     lora_fx.set_layout(gm, "plain")  # PEFT's order of operations: bitwise equal outputs

@@ -13,6 +13,7 @@ import peft
 import pytest
 import torch
 from conftest import assert_close, assert_differs
+from helpers import peft_and_lora_fx, peft_param_name
 from models import TinyMLP
 
 import lora_fx
@@ -29,29 +30,13 @@ def _mlp():
     return model, x, lora_fx.capture(copy.deepcopy(model), (x,))
 
 
-def _both(model, gm, cfg):
-    """PEFT and lora_fx on the same weights, each seeded the same way just before injecting."""
-    torch.manual_seed(1)
-    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**cfg)).eval()
-    torch.manual_seed(1)
-    gm = lora_fx.inject(gm, LoraConfig(**cfg))
-    return pm, gm
-
-
-def _peft_name(name: str) -> str:
-    """PEFT's in-memory name of a graph parameter (adapted base weights sit under base_layer)."""
-    if ".lora_" not in name and name.endswith(".weight"):
-        name = name[: -len(".weight")] + ".base_layer.weight"
-    return "base_model.model." + name
-
-
 def _assert_tensors_equal_peft(gm, pm, *, atol: float = 0.0) -> int:
     """Every graph tensor PEFT also holds equals PEFT's; returns how many were compared."""
     theirs = pm.state_dict()
     compared = 0
     for name, value in gm.state_dict().items():
-        if _peft_name(name) in theirs:
-            torch.testing.assert_close(value, theirs[_peft_name(name)], atol=atol, rtol=0)
+        if peft_param_name(name) in theirs:
+            torch.testing.assert_close(value, theirs[peft_param_name(name)], atol=atol, rtol=0)
             compared += 1
     return compared
 
@@ -71,7 +56,7 @@ _MICA = {"target_modules": _TARGETS, "r": 4, "lora_alpha": 8, "init_lora_weights
 
 def test_mica_init_matches_peft():
     model, x, gm = _mlp()
-    pm, gm = _both(model, gm, _MICA)
+    pm, gm = peft_and_lora_fx(model, gm, _MICA)
     # A, B and the (unchanged) base weight of both sites; SVD signs agree on one machine
     assert _assert_tensors_equal_peft(gm, pm) == 6
     for site in _TARGETS:
@@ -84,7 +69,7 @@ def test_mica_init_matches_peft():
 
 def test_mica_trains_only_a_like_peft():
     model, _, gm = _mlp()
-    pm, gm = _both(model, gm, _MICA)
+    pm, gm = peft_and_lora_fx(model, gm, _MICA)
     ours = sorted(n for n, p in gm.named_parameters() if p.requires_grad)
     theirs = sorted(
         n.removeprefix("base_model.model.") for n, p in pm.named_parameters() if p.requires_grad
@@ -96,7 +81,7 @@ def test_mica_trains_only_a_like_peft():
 
 def test_mica_outputs_merge_and_files_match_peft(tmp_path):
     model, x, gm = _mlp()
-    pm, gm = _both(model, gm, _MICA)
+    pm, gm = peft_and_lora_fx(model, gm, _MICA)
     _set_a(gm, pm)
     with torch.no_grad():
         expected = pm(x)
@@ -141,7 +126,7 @@ def _kasa_pair():
 
 def test_kasa_init_truncates_the_base_weight_like_peft():
     model, x, gm = _mlp()
-    pm, gm = _both(model, gm, _KASA)
+    pm, gm = peft_and_lora_fx(model, gm, _KASA)
     # A, B, lora_diag (same RNG draws in the same order) and the truncated base weight
     assert _assert_tensors_equal_peft(gm, pm, atol=1e-6) == 8
     for site in _TARGETS:
