@@ -63,6 +63,7 @@ class SiteRecord:
     dropout: float
     lora_bias: bool
     use_dora: bool = False
+    rows: tuple[int, ...] = ()  # trainable tokens: the embedding rows the adapter replaces
 
     @classmethod
     def from_config(cls, cfg: LoraConfig, site: str, kind: str) -> SiteRecord:

@@ -20,7 +20,8 @@ Rules:
    `type_as` reads the dtypes at run time, so a later `gm.to(dtype)` keeps the graph right.
 6. DoRA (`use_dora`) rescales the branch output and the base term (`_dora.py`); `target_parameters`
    and MHA sites get `W -> W + delta` instead of a branch after the op (`_param.py`), in training
-   graphs and export copies alike (B, scale and dtype cast as the spec says).
+   graphs and export copies alike (B, scale and dtype cast as the spec says); trainable-token
+   sites get `W -> index_copy(W, rows, delta)` (`_param.py`).
 7. Layouts (`LoraState.layout`, chosen with `set_layout`), each exact up to float rounding:
    "fused" (default): B, scale and add are one `addmm` with the base output as accumulator
        on linear and embedding sites (`fused_ops.add_lora` / `add_low_rank`);
@@ -53,7 +54,7 @@ from lora_fx.math.quant import logical_dtype
 from lora_fx.math.stack import slot_rows
 from lora_fx.passes._dora import dora_output
 from lora_fx.passes._emit import Emitter, chain_end, strip_branches
-from lora_fx.passes._param import insert_param_branch
+from lora_fx.passes._param import insert_param_branch, insert_row_branch
 from lora_fx.sites import Site
 from lora_fx.sites.kinds import kind_of, lora_paths
 from lora_fx.sites.linear import LINEAR_OPS
@@ -96,6 +97,7 @@ class BranchSpec:
         layout: The requested layout (rule 7); a site that cannot take it takes the next one.
         export: Build for an export copy: fused accumulates out of place (torch.export rejects
             in-place writes with dynamic shapes).
+        rows: Trainable tokens: the weight rows `a` replaces.
     """
 
     adapter: str
@@ -109,6 +111,7 @@ class BranchSpec:
     dora: tuple[LoraPaths, SiteRecord] | None = None
     layout: str = "fused"
     export: bool = False
+    rows: tuple[int, ...] = ()
 
 
 def insert_branch(
@@ -138,6 +141,7 @@ def insert_branch(
         row_mask=row_mask,
         dora=(paths, record) if record.use_dora else None,
         layout=layout,
+        rows=record.rows,
     )
     emit_branch(gm.graph, site, spec)
 
@@ -149,6 +153,9 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
         scale = 1.0 if spec.scale is None else spec.scale
         args = {"adapter": spec.adapter, "a": spec.a, "b": spec.b, "scale": scale}
         insert_param_branch(graph, site, **args, row_mask=spec.row_mask)
+        return
+    if kind.can.branch_at == "rows":  # trainable tokens: rows of W replaced where read
+        insert_row_branch(graph, site, adapter=spec.adapter, values=spec.a, rows=spec.rows)
         return
     layout = fitting_layout(
         site,
