@@ -425,8 +425,11 @@ def _output_layer_name(model: nn.Module) -> str | None:
 
 
 def _embedding_record(model: nn.Module) -> dict[str, Any]:
-    """`input_embeddings`: its module path (None without `get_input_embeddings`); `tied_output`:
-    the output layers reading the input embedding's weight when the config ties them."""
+    """The input embedding's path and the output layers tied to it (trainable tokens).
+
+    `input_embeddings` is None without `get_input_embeddings`; `tied_output` lists the output
+    layer when the config says `tie_word_embeddings` and it reads the embedding's weight.
+    """
     get_input = getattr(model, "get_input_embeddings", None)
     try:
         embedding = get_input() if callable(get_input) else None

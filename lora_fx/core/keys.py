@@ -6,7 +6,8 @@
     <site>.lora_embedding_A.<adapter>         <site>.lora_embedding_A
     <site>.lora_magnitude_vector.<adapter>.weight  <site>.lora_magnitude_vector   (DoRA)
     <site>.lora_dropout.<adapter>             (not saved)
-    <emb>.token_adapter.trainable_tokens_delta.<adapter>   <emb>.token_adapter.trainable_tokens_delta
+    <emb>.token_adapter.trainable_tokens_delta.<adapter>
+                                              <emb>.token_adapter.trainable_tokens_delta
     <module>.modules_to_save.<adapter>.<p>    <module>.<p>
 
 Saving is a rename: drop the adapter name and prefix `base_model.model.`.

@@ -34,6 +34,7 @@ __all__ = [
     "lora_tag",
     "require_flat",
     "require_graph_module",
+    "require_no_tokens",
     "require_state",
     "resolve_adapters",
     "state_or_none",
@@ -173,6 +174,16 @@ def require_state(gm: torch.fx.GraphModule) -> LoraState:
         raise AdapterError("this graph has no LoRA adapter; call lora_fx.inject(gm, cfg) first")
     require_flat(gm)
     return state
+
+
+def require_no_tokens(state: LoraState, names: Iterable[str], action: str) -> None:
+    """Refuse `action` on adapters with trainable tokens (their rows are not low-rank factors)."""
+    with_tokens = [n for n in names if state.adapters[n].config.trainable_token_indices]
+    if with_tokens:
+        raise AdapterError(
+            f"{action} does not support adapters with trainable_token_indices: {with_tokens}; "
+            "their embedding rows are replaced, not low-rank factors"
+        )
 
 
 def resolve_adapters(state: LoraState, adapter_names: Iterable[str] | None) -> list[str]:

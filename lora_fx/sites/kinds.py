@@ -23,7 +23,8 @@ from lora_fx.sites.tokens import TOKENS
 
 __all__ = ["KINDS", "MATCHERS", "kind_of", "lora_paths"]
 
-KINDS: dict[str, SiteKind] = {kind.name: kind for kind in (MHA, LINEAR, CONV, EMBEDDING, PARAM, TOKENS)
+KINDS: dict[str, SiteKind] = {
+    kind.name: kind for kind in (MHA, LINEAR, CONV, EMBEDDING, PARAM, TOKENS)
 }
 MATCHERS = tuple(matcher for kind in KINDS.values() for matcher in kind.matchers)
 

@@ -163,8 +163,9 @@ def match_modules_to_save(gm: torch.fx.GraphModule, names: list[str]) -> list[st
 
 
 def _refuse_token_overlap(tokens: list[Site], chosen: list[Site]) -> None:
-    """An embedding is either a LoRA target or a trainable-tokens one (PEFT wraps one in the other)."""
-    both = sorted({t.fqn.removesuffix(_token_sites.SUFFIX) for t in tokens} & {s.fqn for s in chosen})
+    """An embedding is a LoRA target or a trainable-tokens one, not both (PEFT nests them)."""
+    tables = {t.fqn.removesuffix(_token_sites.SUFFIX) for t in tokens}
+    both = sorted(tables & {s.fqn for s in chosen})
     if both:
         raise UnsupportedSiteError(
             f"{both} are both LoRA targets (target_modules) and trainable_token_indices "
