@@ -24,7 +24,7 @@ from torch import nn
 
 import lora_fx
 from lora_fx import LoraConfig
-from lora_fx.errors import ConfigError, NoTargetMatchedError, UnsupportedSiteError
+from lora_fx.errors import AdapterError, ConfigError, NoTargetMatchedError, UnsupportedSiteError
 
 _NO_CACHE = {"use_cache": False}
 _PREFIX = "base_model.model."
@@ -345,3 +345,16 @@ def test_readme_snippet_runs(tmp_path):
     lora_fx.save_adapter(gm, tmp_path)
     keys = set(safetensors.torch.load_file(str(Path(tmp_path) / "adapter_model.safetensors")))
     assert f"{_PREFIX}emb.token_adapter.trainable_tokens_delta" in keys
+
+
+def test_passes_without_token_support_refuse_by_name():
+    gm = _custom_graph()
+    lora_fx.inject(gm, LoraConfig(target_modules=["lin0"], trainable_token_indices={"emb": [1]}))
+    before = _snapshot(gm)
+    with pytest.raises(AdapterError, match="add_weighted_adapter does not support"):
+        lora_fx.add_weighted_adapter(gm, ["default"], [1.0], "mix", combination_type="linear")
+    with pytest.raises(AdapterError, match="prepare_for_hotswap does not support"):
+        lora_fx.prepare_for_hotswap(gm, target_rank=16)
+    with pytest.raises(AdapterError, match="mixed-batch adapters cannot act on it"):
+        lora_fx.set_adapter_batch(gm, ["default", "__base__"])
+    assert _snapshot(gm) == before

@@ -155,7 +155,8 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
         insert_param_branch(graph, site, **args, row_mask=spec.row_mask)
         return
     if kind.can.branch_at == "rows":  # trainable tokens: rows of W replaced where read
-        insert_row_branch(graph, site, adapter=spec.adapter, values=spec.a, rows=spec.rows)
+        args = {"adapter": spec.adapter, "values": spec.a, "rows": spec.rows}
+        insert_row_branch(graph, site, **args, row_mask=spec.row_mask)
         return
     layout = fitting_layout(
         site,

@@ -44,11 +44,7 @@ def insert_param_branch(
     row_mask: tuple[str, int] | None = None,
 ) -> None:
     """Replace every read of the site's weight by `W + delta` for `adapter` (A, B at `a`, `b`)."""
-    if row_mask is not None:
-        raise AdapterError(
-            f"site {site.fqn!r} ({kind_of(site).label}): mixed-batch adapters cannot act on it "
-            "(its delta is added to a weight, which has no batch rows)"
-        )
+    _refuse_row_mask(site, row_mask, "its delta is added to a weight")
     for getter in site.nodes:
         end = chain_end(getter)
         emit = Emitter(graph, end, {"adapter": adapter, "site": site.fqn})
@@ -69,11 +65,7 @@ def insert_row_branch(
     row_mask: tuple[str, int] | None = None,
 ) -> None:
     """Every op of the site reads its weight with `rows` replaced by the tensor at `values`."""
-    if row_mask is not None:
-        raise AdapterError(
-            f"site {site.fqn!r} ({kind_of(site).label}): mixed-batch adapters cannot act on it "
-            "(its rows replace a weight's, which has no batch rows)"
-        )
+    _refuse_row_mask(site, row_mask, "its rows replace a weight's")
     gm = graph.owning_module
     weight = gm.get_parameter(site.weight)
     for node in site.nodes:
@@ -82,6 +74,15 @@ def insert_row_branch(
         delta = emit("weight", "get_attr", values)
         new = emit("add", "call_function", ops.replace_rows, (node.args[index], delta, rows))
         node.update_arg(index, new)
+
+
+def _refuse_row_mask(site: Site, row_mask: tuple[str, int] | None, why: str) -> None:
+    """Mixed batches weight branch outputs per row; a weight rewrite has no rows to weight."""
+    if row_mask is not None:
+        raise AdapterError(
+            f"site {site.fqn!r} ({kind_of(site).label}): mixed-batch adapters cannot act on it "
+            f"({why}, which has no batch rows)"
+        )
 
 
 def param_delta_like(
