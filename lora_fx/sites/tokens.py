@@ -32,6 +32,7 @@ import torch.fx
 
 from lora_fx.core.state import CAPTURE_META, SiteRecord, state_or_none
 from lora_fx.errors import ConfigError, NoTargetMatchedError, UnsupportedSiteError
+from lora_fx.sites.embedding import EMBEDDING
 from lora_fx.sites.kind import Capabilities, SiteKind
 from lora_fx.sites.node_reads import base_weight_read, parameter_path
 from lora_fx.sites.site import Site
@@ -160,10 +161,8 @@ def _input_embeddings(record: dict[str, Any]) -> str:
 
 
 def _is_embedding(site: Site) -> bool:
-    """An embedding module's site (its input is token ids), not a functional lookup elsewhere."""
-    from lora_fx.sites.kinds import kind_of  # the table imports this module
-
-    return site.module and kind_of(site).can.input_is_ids
+    """An embedding module's site, not a functional lookup elsewhere."""
+    return site.module and site.kind == EMBEDDING.name
 
 
 def _check_tied_ids(
