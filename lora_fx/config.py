@@ -24,7 +24,7 @@ from typing import Any
 from lora_fx import patterns
 from lora_fx.errors import ConfigError, ReplicationError
 
-__all__ = ["KasaConfig", "LoftQConfig", "LoraConfig", "read_config_file"]
+__all__ = ["DUMMY_TARGET_MODULES", "KasaConfig", "LoftQConfig", "LoraConfig", "read_config_file"]
 
 _BIAS_MODES = ("none", "all", "lora_only")
 # and "pissa_niter_<K>"
@@ -32,8 +32,17 @@ _INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq", "mic
 _PISSA_NITER = re.compile(r"pissa_niter_[1-9]\d*")
 _LOFTQ_BITS = (4, 8)
 ALL_LINEAR = "all-linear"
-_BOOLS = ("fan_in_fan_out", "use_rslora", "lora_bias", "use_dora", "inference_mode")
-_OPTIONAL_STRS = ("task_type", "base_model_name_or_path", "revision")
+_BOOLS = (
+    "fan_in_fan_out",
+    "use_rslora",
+    "lora_bias",
+    "use_dora",
+    "inference_mode",
+    "ensure_weight_tying",
+)
+_OPTIONAL_STRS = ("task_type", "base_model_name_or_path", "revision", "megatron_core")
+# PEFT's `target_modules` value for an adapter with no LoRA module (trainable tokens alone).
+DUMMY_TARGET_MODULES = "dummy-target-modules"
 
 
 @dataclass
@@ -96,6 +105,16 @@ class LoraConfig:
         kasa_config: `KasaConfig` (or its dict): KaSA on linear sites. Injecting **truncates the
             base weight** to rank `min(in, out) - r` (its r smallest singular directions go)
             and the delta becomes `scale * B @ diag(lora_diag) @ A`.
+        trainable_token_indices: Rows of an embedding that train in full (PEFT's trainable
+            tokens): a list of token ids for the input embedding, or `{embedding name: ids}`.
+            A tied output layer (`tie_word_embeddings`) reads the same new rows.
+        ensure_weight_tying: PEFT's flag: tied layers given different token indices raise
+            instead of being adapted apart; warns when the model has no tied weights.
+        megatron_config: PEFT's Megatron `TransformerConfig` arguments; kept in files, unused
+            (one process: tensor parallelism is left to torch's DTensor).
+        megatron_core: PEFT's Megatron module name; kept in files, unused.
+        runtime_config: PEFT's `LoraRuntimeConfig` (`ephemeral_gpu_offload`); kept in memory,
+            never written to files (PEFT neither writes nor reads it there).
         extra: Every other `adapter_config.json` key, kept as read.
     """
 
@@ -123,6 +142,13 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    ensure_weight_tying: bool = False
+    megatron_config: dict[str, Any] | None = None
+    megatron_core: str | None = "megatron.core"
+    runtime_config: dict[str, Any] = field(
+        default_factory=lambda: {"ephemeral_gpu_offload": False}, repr=False
+    )
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -134,6 +160,7 @@ class LoraConfig:
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
         self._check_types()
+        self._check_peft_extras()
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
         _check_rank("r", self.r)
@@ -209,6 +236,53 @@ class LoraConfig:
                 f"layer_replication={ranges!r} is invalid; expected a list of [start, end) pairs "
                 "of layer indices, e.g. [[0, 4], [2, 5]]"
             )
+
+    def _check_peft_extras(self) -> None:
+        """trainable_token_indices, megatron_config and runtime_config: types and duplicates."""
+        tokens = self.trainable_token_indices
+        if tokens is not None:
+            named = tokens if isinstance(tokens, dict) else {"": tokens}
+            for name, ids in named.items():
+                where = f"trainable_token_indices[{name!r}]" if name else "trainable_token_indices"
+                if not isinstance(name, str) or not (
+                    isinstance(ids, (list, tuple)) and all(_is_int(i) for i in ids)
+                ):
+                    raise ConfigError(
+                        f"trainable_token_indices={tokens!r} is invalid; expected a list of token "
+                        "ids or a dict {embedding name: [ids]}"
+                    )
+                if not ids:
+                    raise ConfigError(f"{where}=[] selects no token; give at least one id")
+                repeated = sorted({i for i in ids if list(ids).count(i) > 1})
+                if repeated:
+                    raise ConfigError(
+                        f"{where} repeats token ids {repeated}; each id may appear once (PEFT "
+                        "accepts repeats, and which value a repeated row takes is then undefined)"
+                    )
+                if min(ids) < 0:
+                    raise ConfigError(
+                        f"{where} has negative token ids {[i for i in ids if i < 0]}; ids count "
+                        "from 0"
+                    )
+            if isinstance(tokens, dict):
+                self.trainable_token_indices = {k: list(v) for k, v in tokens.items()}
+            else:
+                self.trainable_token_indices = list(tokens)
+        if not isinstance(self.megatron_config, (dict, type(None))):
+            raise ConfigError(
+                f"megatron_config={self.megatron_config!r} is invalid; expected a dict or None"
+            )
+        if self.use_dora and self.megatron_config:
+            raise ConfigError("use_dora=True is not supported with megatron_config (as in PEFT)")
+        runtime = self.runtime_config
+        if dataclasses.is_dataclass(runtime) and not isinstance(runtime, type):
+            runtime = dataclasses.asdict(runtime)  # PEFT's LoraRuntimeConfig
+        if not isinstance(runtime, dict):
+            raise ConfigError(
+                f"runtime_config={runtime!r} is invalid; expected a dict such as "
+                "{'ephemeral_gpu_offload': False} or PEFT's LoraRuntimeConfig"
+            )
+        self.runtime_config = {"ephemeral_gpu_offload": False, **runtime}
 
     def _check_patterns(self) -> None:
         """Every regex compiles for `lora_fx.patterns` (no backreferences), named by field."""
@@ -323,7 +397,7 @@ class LoraConfig:
         """The `adapter_config.json` dict PEFT writes (unknown keys read earlier come back)."""
         data = dict(self.extra)
         for f in dataclasses.fields(self):
-            if f.name != "extra":
+            if f.name not in ("extra", "runtime_config"):  # PEFT never writes runtime_config
                 data[f.name] = getattr(self, f.name)
         data["peft_type"] = "LORA"
         return data

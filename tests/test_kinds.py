@@ -13,6 +13,7 @@ from lora_fx import LoraConfig, UnsupportedSiteError
 from lora_fx.sites import all_sites
 from lora_fx.sites.kinds import KINDS, kind_of
 from lora_fx.sites.params import find_param_sites
+from lora_fx.sites.tokens import find_token_sites
 
 
 def _sites_of_every_kind():
@@ -24,6 +25,10 @@ def _sites_of_every_kind():
     gm = lora_fx.capture(moe, (torch.randn(6, 8),))
     sites += find_param_sites(gm, ["gate_up_proj"])
     sites += list(all_sites(lora_fx.capture(TinyMha().eval(), (torch.randn(3, 4, 10),))).values())
+    case = SITE_CASES["embedding"]
+    gm = lora_fx.capture(case.model().eval(), (case.make_input(),))
+    tokens = LoraConfig(trainable_token_indices={"emb": [1, 2]})
+    sites += find_token_sites(gm, tokens, all_sites(gm))
     return sites
 
 
@@ -35,9 +40,10 @@ def test_the_cases_cover_every_kind():
 def test_new_factors_have_the_shapes_and_holders_the_kind_declares(r):
     for site in _sites_of_every_kind():
         kind = kind_of(site)
-        a, b = kind.new_factors(site, r, False, True)
+        factors = kind.new_factors(site, r, False, True)
+        assert len(factors) == len(kind.holders), site.fqn
         shapes = tuple(
-            tuple((t.weight if isinstance(t, torch.nn.Module) else t).shape) for t in (a, b)
+            tuple((t.weight if isinstance(t, torch.nn.Module) else t).shape) for t in factors
         )
         assert shapes == kind.factor_shapes(site, r), site.fqn
         paths = kind.paths(site.fqn, "x")
@@ -49,6 +55,8 @@ def test_delta_of_a_kind_matches_its_fold_view():
     """`fold_factors` (merge's in-place view) and `delta` (merge's value) agree on every kind."""
     for site in _sites_of_every_kind():
         kind = kind_of(site)
+        if kind.can.branch_at == "rows":
+            continue  # trainable tokens replace rows: no additive delta (`_fold` writes them)
         a, b = (torch.randn(s, dtype=torch.float64) for s in kind.factor_shapes(site, 2))
         shape = kind.delta(site, a, b, 1.0, _weight_shape(site)).shape
         weight = torch.zeros(shape, dtype=torch.float64)

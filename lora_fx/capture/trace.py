@@ -161,6 +161,9 @@ def capture_record(model: nn.Module, method: str) -> dict[str, Any]:
         "method": method,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "output_layer": _output_layer_name(model),
+        # trainable tokens: the input embedding PEFT picks for a list of ids, and the modules
+        # tied to it (`tie_word_embeddings`), which read the same new rows in PEFT
+        **_embedding_record(model),
         # registration order: PEFT nests target_parameters wrappers in this order
         "parameters": [name for name, _ in model.named_parameters()],
         # which modules are sites by type (names sites; what all-linear takes)
@@ -417,6 +420,28 @@ def _output_layer_name(model: nn.Module) -> str | None:
         return None
     output = get_output()
     return next((name for name, m in model.named_modules() if m is output), None)
+
+
+def _embedding_record(model: nn.Module) -> dict[str, Any]:
+    """The input embedding's path and the output layers tied to it (trainable tokens).
+
+    `input_embeddings` is None without `get_input_embeddings`; `tied_output` lists the output
+    layer when the config says `tie_word_embeddings` and it reads the embedding's weight.
+    """
+    get_input = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = get_input() if callable(get_input) else None
+    except (AttributeError, NotImplementedError):
+        embedding = None
+    names = {id(m): name for name, m in model.named_modules()}
+    record: dict[str, Any] = {"input_embeddings": names.get(id(embedding)), "tied_output": []}
+    config = getattr(model, "config", None)
+    output = _output_layer_name(model)
+    if embedding is None or output is None or not getattr(config, "tie_word_embeddings", False):
+        return record
+    if getattr(model.get_submodule(output), "weight", None) is getattr(embedding, "weight", 0):
+        record["tied_output"] = [output]
+    return record
 
 
 def _module_path(node: torch.fx.Node) -> str | None:

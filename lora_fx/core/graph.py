@@ -17,6 +17,7 @@ __all__ = [
     "cleanup",
     "deferred_cleanup",
     "delete_attr",
+    "delete_if_empty",
     "get_attr",
     "own_module",
     "replace_with_call",
@@ -77,6 +78,9 @@ def own_module(gm: torch.fx.GraphModule, path: str, state: LoraState) -> nn.Modu
     for i, part in enumerate(parts):
         child = getattr(parent, part, None)
         if child is None:
+            if i and ".".join(parts[:i]) not in state.owned_modules:
+                # a new container under the user's module (fx leaf): own that module first
+                parent = own_module(gm, ".".join(parts[:i]), state)
             child = nn.Module()
             parent.add_module(part, child)
             state.owned_modules.add(".".join(parts[: i + 1]))
@@ -127,6 +131,17 @@ def delete_attr(gm: nn.Module, path: str) -> bool:
         return False
     delattr(owner, name)
     return True
+
+
+def delete_if_empty(gm: nn.Module, path: str) -> bool:
+    """Remove a bare `nn.Module` container with nothing left in it; True if removed."""
+    try:
+        module = get_attr(gm, path)
+    except AttributeError:
+        return False
+    if type(module) is not nn.Module or module._modules or module._parameters or module._buffers:
+        return False
+    return delete_attr(gm, path)
 
 
 def tensor_readers(gm: torch.fx.GraphModule) -> dict[int, list[torch.fx.Node]]:

@@ -6,6 +6,8 @@
     <site>.lora_embedding_A.<adapter>         <site>.lora_embedding_A
     <site>.lora_magnitude_vector.<adapter>.weight  <site>.lora_magnitude_vector   (DoRA)
     <site>.lora_dropout.<adapter>             (not saved)
+    <emb>.token_adapter.trainable_tokens_delta.<adapter>
+                                              <emb>.token_adapter.trainable_tokens_delta
     <module>.modules_to_save.<adapter>.<p>    <module>.<p>
 
 Saving is a rename: drop the adapter name and prefix `base_model.model.`. diffusers' LoRA files
@@ -36,6 +38,7 @@ HOLDERS = (
     "lora_dropout",
     "lora_magnitude_vector",
     "lora_diag",
+    "trainable_tokens_delta",  # trainable tokens (the site is `<embedding>.token_adapter`)
 )
 
 
@@ -48,7 +51,7 @@ class LoraPaths:
     b_bias: str
     dropout: str
     a_key: str
-    b_key: str
+    b_key: str  # "" for a kind with one tensor (trainable tokens)
     b_bias_key: str
     magnitude: str = ""  # DoRA's magnitude vector
     magnitude_key: str = ""

@@ -35,6 +35,7 @@ __all__ = [
     "lora_tag",
     "require_flat",
     "require_graph_module",
+    "require_no_tokens",
     "require_state",
     "resolve_adapters",
     "state_or_none",
@@ -67,6 +68,7 @@ class SiteRecord:
     lora_bias: bool
     use_dora: bool = False
     use_kasa: bool = False  # KaSA: `lora_diag` between A and B, base weight truncated
+    rows: tuple[int, ...] = ()  # trainable tokens: the embedding rows the adapter replaces
 
     @classmethod
     def from_config(cls, cfg: LoraConfig, site: str, kind: str) -> SiteRecord:
@@ -177,6 +179,16 @@ def require_state(gm: torch.fx.GraphModule) -> LoraState:
         raise AdapterError("this graph has no LoRA adapter; call lora_fx.inject(gm, cfg) first")
     require_flat(gm)
     return state
+
+
+def require_no_tokens(state: LoraState, names: Iterable[str], action: str) -> None:
+    """Refuse `action` on adapters with trainable tokens (their rows are not low-rank factors)."""
+    with_tokens = [n for n in names if state.adapters[n].config.trainable_token_indices]
+    if with_tokens:
+        raise AdapterError(
+            f"{action} does not support adapters with trainable_token_indices: {with_tokens}; "
+            "their embedding rows are replaced, not low-rank factors"
+        )
 
 
 def resolve_adapters(state: LoraState, adapter_names: Iterable[str] | None) -> list[str]:

@@ -18,6 +18,7 @@ __all__ = [
     "delta_weight",
     "pad_rank",
     "param_delta",
+    "replace_rows",
     "rounding_error",
 ]
 
@@ -101,6 +102,28 @@ def param_delta(
     a = a.reshape(experts, -1, a.shape[-1])  # [E, r, in]
     b = b.reshape(b.shape[0], -1, experts)  # [out, r, E]
     return torch.einsum("ore,eri->eoi", b, a) * scale
+
+
+def replace_rows(
+    weight: torch.Tensor, values: torch.Tensor, rows: tuple[int, ...] | list[int]
+) -> torch.Tensor:
+    """`weight` with `rows` replaced by `values` (PEFT's trainable tokens, `index_copy`).
+
+    Args:
+        weight: `[num, dim]` (an embedding table, or a tied output layer's weight).
+        values: `[len(rows), dim]`; cast to `weight`'s dtype. Gradients reach `values` only at
+            the rows; `weight` gets none there.
+        rows: Distinct row indices.
+
+    Returns:
+        A new `[num, dim]` tensor; `weight` is not written.
+
+    Example:
+        >>> replace_rows(torch.zeros(3, 2), torch.ones(1, 2), [1])
+        tensor([[0., 0.], [1., 1.], [0., 0.]])
+    """
+    index = torch.tensor(list(rows), dtype=torch.long, device=weight.device)
+    return weight.index_copy(0, index, values.to(weight.dtype))
 
 
 def rounding_error(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor) -> float:

@@ -21,7 +21,8 @@ Rules:
 6. KaSA (`kasa_config`) multiplies the rank-r activations by `lora_diag` (plain layout).
    DoRA (`use_dora`) rescales the branch output and the base term (`_dora.py`); `target_parameters`
    and MHA sites get `W -> W + delta` instead of a branch after the op (`_param.py`), in training
-   graphs and export copies alike (B, scale and dtype cast as the spec says).
+   graphs and export copies alike (B, scale and dtype cast as the spec says); trainable-token
+   sites get `W -> index_copy(W, rows, delta)` (`_param.py`).
 7. Layouts (`LoraState.layout`, chosen with `set_layout`), each exact up to float rounding:
    "fused" (default): B, scale and add are one `addmm` with the base output as accumulator
        on linear and embedding sites (`fused_ops.add_lora` / `add_low_rank`);
@@ -54,7 +55,7 @@ from lora_fx.math.quant import logical_dtype
 from lora_fx.math.stack import slot_rows
 from lora_fx.passes._dora import dora_output
 from lora_fx.passes._emit import Emitter, chain_end, strip_branches
-from lora_fx.passes._param import insert_param_branch
+from lora_fx.passes._param import insert_param_branch, insert_row_branch
 from lora_fx.sites import Site
 from lora_fx.sites.kinds import kind_of, lora_paths
 from lora_fx.sites.linear import LINEAR_OPS
@@ -98,6 +99,7 @@ class BranchSpec:
         layout: The requested layout (rule 7); a site that cannot take it takes the next one.
         export: Build for an export copy: fused accumulates out of place (torch.export rejects
             in-place writes with dynamic shapes).
+        rows: Trainable tokens: the weight rows `a` replaces.
     """
 
     adapter: str
@@ -112,6 +114,7 @@ class BranchSpec:
     diag: str | None = None
     layout: str = "fused"
     export: bool = False
+    rows: tuple[int, ...] = ()
 
 
 def insert_branch(
@@ -142,6 +145,7 @@ def insert_branch(
         dora=(paths, record) if record.use_dora else None,
         diag=paths.diag if record.use_kasa else None,
         layout=layout,
+        rows=record.rows,
     )
     emit_branch(gm.graph, site, spec)
 
@@ -153,6 +157,10 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
         scale = 1.0 if spec.scale is None else spec.scale
         args = {"adapter": spec.adapter, "a": spec.a, "b": spec.b, "scale": scale}
         insert_param_branch(graph, site, **args, row_mask=spec.row_mask)
+        return
+    if kind.can.branch_at == "rows":  # trainable tokens: rows of W replaced where read
+        args = {"adapter": spec.adapter, "values": spec.a, "rows": spec.rows}
+        insert_row_branch(graph, site, **args, row_mask=spec.row_mask)
         return
     layout = fitting_layout(
         site,

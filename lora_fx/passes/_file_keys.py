@@ -43,9 +43,10 @@ def adapter_keys(
         rec = records[site.fqn]
         paths = lora_paths(site.kind, site.fqn, adapter)
         kind = kind_of(site)
-        a_shape, b_shape = kind.factor_shapes(site, rec.r)
-        keys[paths.a_key] = (paths.a, a_shape)
-        keys[paths.b_key] = (paths.b, b_shape)
+        shapes = kind.factor_shapes(site, rec.r)
+        keys[paths.a_key] = (paths.a, shapes[0])
+        if paths.b_key:  # trainable tokens have one tensor
+            keys[paths.b_key] = (paths.b, shapes[1])
         if rec.lora_bias:
             keys[paths.b_bias_key] = (paths.b_bias, (site.out_features,))
         if rec.use_dora:

@@ -5,6 +5,7 @@
     DoRA:        W <- g * (W + delta), g = m / ||W + delta||    unfold:  W <- W / g - delta
     quantized:   the same value from the dequantized W, then re-quantized in place
     lora_bias:   b <- b + scale * b_B                     unfold:  b <- b - scale * b_B
+    tokens:      W[rows] <- delta                         unfold:  W[rows] <- the rows replaced
 
 Rules:
 1. Every fold leaves an entry in `state.merge_undo[(adapter, site)]` (in fold order): DoRA's norm,
@@ -23,6 +24,8 @@ Rules:
    value are computed in float32 (float64 for float64 adapters), then written; a plain fold into
    a weight of the delta's dtype adds in place.
 5. The return value is the rounding loss `||written - wanted|| / ||wanted - before||`.
+6. Trainable-token sites (`branch_at == "rows"`) write their rows exactly (PEFT's `index_copy`);
+   the rows they replace are kept in the undo entry, so unfold restores them bitwise.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ def merged_value(
     gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord
 ) -> torch.Tensor:
     """The float value the weight would take if `adapter` were merged now (nothing is written)."""
+    if kind_of(site).can.branch_at == "rows":
+        values = _graph.get_attr(gm, lora_paths(site.kind, site.fqn, adapter).a).detach()
+        return ops.replace_rows(_current(gm, site), values, rec.rows)
     current, delta = _current(gm, site), site_delta(gm, site, adapter, rec)
     if rec.use_dora:
         return _dora_merge(gm, site, adapter, current.to(delta.dtype), delta)[0]
@@ -68,6 +74,12 @@ def fold(
     gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord, state: LoraState
 ) -> float:
     """Merge one adapter into one site's weight (and bias), in place; returns the rounding loss."""
+    if kind_of(site).can.branch_at == "rows":
+        weight = _graph.get_attr(gm, site.weight)
+        state.merge_undo[(adapter, site.fqn)] = {"rows": weight.detach()[list(rec.rows)].clone()}
+        values = _graph.get_attr(gm, lora_paths(site.kind, site.fqn, adapter).a)
+        _write_rows(weight, rec.rows, values)
+        return 0.0
     factors = _factors(gm, site, adapter, rec)
     if factors is not None:
         state.merge_undo[(adapter, site.fqn)] = None  # nothing to undo but the delta itself
@@ -99,6 +111,9 @@ def unfold(
     later = keys[keys.index(key) + 1 :] if key in keys else []
     undo = state.merge_undo.pop(key, None) or {}
     weight, module = _graph.get_attr(gm, site.weight), _module(gm, site)
+    if "rows" in undo:  # trainable tokens: the replaced rows go back
+        _write_rows(weight, rec.rows, undo["rows"])
+        return 0.0
     _fold_bias(gm, site, adapter, rec, sign=-1.0)
     if "quantized" in undo and not any(fqn == site.fqn for _, fqn in later):
         quant.restore_(weight, undo["quantized"], module)  # the last fold here: bitwise restore
@@ -179,6 +194,13 @@ def _write(
             weight.copy_(wanted.to(weight.dtype))
             written = weight
         return ops.rounding_error(start, written, intended)
+
+
+def _write_rows(weight: torch.Tensor, rows: tuple[int, ...], values: torch.Tensor) -> None:
+    """`W[rows] <- values`, in place (exact: a copy, not an add)."""
+    index = torch.tensor(list(rows), dtype=torch.long, device=weight.device)
+    with torch.no_grad():
+        weight.index_copy_(0, index, values.detach().to(weight.dtype))
 
 
 def bias_delta(gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord) -> torch.Tensor:

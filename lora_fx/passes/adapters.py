@@ -156,6 +156,7 @@ def _delete_parameters(gm: torch.fx.GraphModule, adapter: str, record) -> None:
                 del container[adapter]
             if len(container) == 0:
                 _graph.delete_attr(gm, f"{fqn}.{holder}")
+        _graph.delete_if_empty(gm, fqn)
     for path in record.modules_to_save:
         copies = gm.get_submodule(path).modules_to_save
         del copies[adapter]

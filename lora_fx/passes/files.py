@@ -42,7 +42,7 @@ import torch
 import torch.fx
 
 from lora_fx.capture import as_graph_module
-from lora_fx.config import LoraConfig
+from lora_fx.config import DUMMY_TARGET_MODULES, LoraConfig
 from lora_fx.core import graph as _graph
 from lora_fx.core.files import (
     CONFIG_DIGEST_KEY,
@@ -69,7 +69,7 @@ from lora_fx.passes._inline import inline_targeted_leaves
 from lora_fx.passes._rollback import rollback_on_error
 from lora_fx.passes._sync import sync
 from lora_fx.passes.hotswap import hotswap_adapter
-from lora_fx.passes.inject import inject, site_record
+from lora_fx.passes.inject import inject, site_record, targeted_weights
 from lora_fx.passes.replicate import REPLICATION_META, apply_replication
 from lora_fx.sites import (
     Site,
@@ -143,6 +143,8 @@ def save_adapter(
         config["target_modules"] = sorted(
             fqn for fqn, rec in record.sites.items() if kind_of(rec.kind).matchers
         )
+    if config["target_modules"] is None and not config.get("target_parameters"):
+        config["target_modules"] = DUMMY_TARGET_MODULES  # how PEFT says "no LoRA module"
     config.update(_rank_fields(record.config, record.sites, sites))
     if not config.get("layer_replication") and REPLICATION_META in gm.meta:
         # Replicated by replicate_layers alone: PEFT needs the ranges to rebuild the same stack.
@@ -236,7 +238,7 @@ def load_adapter(
             records, saved_modules = record.sites, record.modules_to_save
         else:
             cfg = convert_moe_config(gm, cfg)  # a v4-style config PEFT would convert too
-            inline_targeted_leaves(gm, cfg.target_parameters)
+            inline_targeted_leaves(gm, targeted_weights(gm, cfg))
             sites = find_sites(gm, cfg)
             records = {site.fqn: site_record(cfg, site) for site in sites}
             saved_modules = (
@@ -289,7 +291,7 @@ def _rank_fields(
     changed = {
         keys[fqn]: rec
         for fqn, rec in records.items()
-        if _rank_alpha(rec) != _rank_alpha(SiteRecord.from_config(cfg, keys[fqn], rec.kind))
+        if _rank_alpha(rec) != _rank_alpha(site_record(cfg, sites[fqn]))
     }
     if not changed:
         return {}

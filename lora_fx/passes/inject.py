@@ -20,6 +20,9 @@ Rules:
    "orthogonal" (`inits.py`; the first three rewrite the base weight), then DoRA's magnitude
    `<site>.lora_magnitude_vector.<adapter>.weight` (`use_dora`). `target_parameters` adds "param"
    sites (`W -> W + delta` where W is read). On a bitsandbytes base the adapter is float32.
+8. `trainable_token_indices` adds "tokens" sites (`sites/tokens.py`): the chosen embedding rows
+   (and a tied output layer's) read `<embedding>.token_adapter.trainable_tokens_delta.<adapter>`,
+   which starts as the rows' values; they train with the adapter's LoRA parameters.
 """
 
 from __future__ import annotations
@@ -56,14 +59,16 @@ from lora_fx.passes._sync import sync
 from lora_fx.passes.replicate import apply_replication
 from lora_fx.sites import (
     Site,
+    all_sites,
     convert_moe_config,
     find_sites,
     match_modules_to_save,
     pattern_key,
 )
 from lora_fx.sites.kinds import kind_of
+from lora_fx.sites.tokens import token_weights
 
-__all__ = ["inject", "site_record"]
+__all__ = ["inject", "site_record", "targeted_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +116,7 @@ def inject(
     # All or nothing from here: a failing init or DoRA magnitude also takes back the replication.
     with rollback_on_error(gm) as undo:
         apply_replication(gm, cfg.layer_replication)  # sites get the new layer indices
-        inline_targeted_leaves(gm, cfg.target_parameters)  # fx leaves hide their weight reads
+        inline_targeted_leaves(gm, targeted_weights(gm, cfg))  # fx leaves hide weight reads
         sites = find_sites(gm, cfg)
         saved_modules = (
             match_modules_to_save(gm, cfg.modules_to_save) if cfg.modules_to_save else []
@@ -132,10 +137,12 @@ def inject(
                 state,
                 autocast_adapter_dtype=autocast_adapter_dtype,
             )
-            if changes_base(cfg.init_lora_weights) or records[site.fqn].use_kasa:
+            if kind_of(site).can.base_inits:  # other kinds refuse these inits (tokens: ignore)
+                if changes_base(cfg.init_lora_weights):
+                    undo.keep(_graph.get_attr(gm, site.weight))
+                init_from_base(gm, site, adapter_name, records[site.fqn], cfg)  # PiSSA, LoftQ
+            if records[site.fqn].use_kasa:  # truncates the base weight: kept for a rollback
                 undo.keep(_graph.get_attr(gm, site.weight))
-            init_from_base(gm, site, adapter_name, records[site.fqn], cfg)  # PiSSA, LoftQ, ...
-            if records[site.fqn].use_kasa:
                 add_kasa(gm, site, adapter_name, records[site.fqn], state)
             if records[site.fqn].use_dora:
                 add_magnitude(gm, site, adapter_name, records[site.fqn], state)
@@ -201,7 +208,19 @@ def _check_request(gm: torch.fx.GraphModule, cfg: LoraConfig, adapter_name: str)
 
 def site_record(cfg: LoraConfig, site: Site) -> SiteRecord:
     """Rank, alpha and scale for one site after rank/alpha patterns (`SiteRecord.from_config`)."""
+    new_record = kind_of(site).new_record
+    if new_record is not None:  # a kind with its own record (trainable tokens: the rows)
+        return new_record(cfg, site)
     return SiteRecord.from_config(cfg, pattern_key(site), site.kind)
+
+
+def targeted_weights(gm: torch.fx.GraphModule, cfg: LoraConfig) -> list[str]:
+    """Parameters whose reads a config rewrites: `target_parameters`, trainable-token tables."""
+    if cfg.trainable_token_indices is None:
+        return list(cfg.target_parameters or ())
+    sites = all_sites(gm)
+    tables = token_weights(gm, cfg, sites, check=False)
+    return [*(cfg.target_parameters or ()), *(sites[fqn].weight for fqn in tables)]
 
 
 def _warn_fan_in_fan_out(cfg: LoraConfig, sites: list[Site]) -> None:
@@ -233,9 +252,10 @@ def _add_lora_modules(
     base_dtype = torch.float32 if quant.is_quantized(base) else base.dtype
     dtype = torch.float32 if autocast_adapter_dtype and base_dtype in _UPCAST else base_dtype
     kind = kind_of(site)
-    for holder_name, factor in zip(
-        kind.holders, kind.new_factors(site, record.r, record.lora_bias, init), strict=True
-    ):
+    factors = kind.new_factors(site, record.r, record.lora_bias, init)
+    if kind.init_factors is not None:  # values read from the base weight (trainable tokens)
+        factors = kind.init_factors(site, record, base)
+    for holder_name, factor in zip(kind.holders, factors, strict=True):
         # PEFT's containers: a ModuleDict of nn.Linear / nn.ConvNd, or a ParameterDict of tensors
         is_module = isinstance(factor, nn.Module)
         if holder_name not in holder._modules:

@@ -59,6 +59,7 @@ def unload(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for fqn in sites:
         for holder in HOLDERS:
             _graph.delete_attr(gm, f"{fqn}.{holder}")
+        _graph.delete_if_empty(gm, fqn)  # a container lora_fx made (`<embedding>.token_adapter`)
     kept = _keep_trained_copies(
         gm, {p for rec in state.adapters.values() for p in rec.modules_to_save}
     )

@@ -19,7 +19,7 @@ from torch import nn
 from lora_fx.math import ops
 from lora_fx.sites.kind import Capabilities, Emit, SiteKind
 from lora_fx.sites.linear import emit_up
-from lora_fx.sites.node_reads import arg, parameter_path, site_name
+from lora_fx.sites.node_reads import arg, base_weight_read, parameter_path, site_name
 from lora_fx.sites.site import Match, Site
 
 __all__ = ["EMBEDDING"]
@@ -63,7 +63,7 @@ def match_aten_embedding(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Match
             return None  # renormalizing or sparse lookups are not a plain table read
     else:
         return None
-    weight = parameter_path(gm, weight)
+    weight = parameter_path(gm, base_weight_read(weight))  # under trainable tokens' rows: W
     if weight is None or gm.get_parameter(weight).dim() != 2:
         return None
     num, dim = gm.get_parameter(weight).shape

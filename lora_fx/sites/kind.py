@@ -23,6 +23,7 @@ import torch.fx
 from torch import nn
 
 from lora_fx.core.keys import FILE_PREFIX, LoraPaths
+from lora_fx.core.state import SiteRecord
 from lora_fx.sites.site import Match, Site
 
 __all__ = ["Capabilities", "Emit", "Matcher", "SiteKind", "init_factor_modules"]
@@ -49,7 +50,9 @@ class Capabilities:
     layouts: tuple[str, ...] = ("plain",)  # branch layouts (`set_layout`)
     fused_branch: bool = False  # "fused": the whole branch is one `add_lora` (A, B, scale, add)
     onnx: bool = True  # `export_onnx` rebuilds its branches
-    branch_at: str = "output"  # "output": y + branch; "weight_read": W -> W + delta where read
+    # "output": y + branch; "weight_read": W -> W + delta where read; "rows": rows of W replaced
+    # by the adapter's tensor where read (trainable tokens; merge writes the rows)
+    branch_at: str = "output"
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class SiteKind:
     name: str
     label: str  # how errors name a site of this kind: "linear site", "target_parameters site"
     matchers: tuple[Matcher, ...]
-    holders: tuple[str, str]  # PEFT's containers of A and B on the module
+    holders: tuple[str, ...]  # PEFT's containers of A and B on the module (A alone: one tensor)
     factor_suffix: str  # ".weight" when A / B are modules (nn.Linear, nn.ConvNd), "" for tensors
     factor_shapes: Callable[[Site, int], tuple[Shape, Shape]]
     # (site, r, lora_bias, init_lora_weights) -> A, B as PEFT makes them: modules or tensors
@@ -82,17 +85,22 @@ class SiteKind:
     # nested in PEFT's wrapper of another goes with it), and whether `"all-linear"` takes it.
     target_name: Callable[[Site], str] = lambda site: site.fqn
     in_all_linear: Callable[[Site], bool] = lambda site: False
+    # (cfg, site) -> the adapter's record on a site of this kind; None: `SiteRecord.from_config`
+    new_record: Callable[[Any, Site], SiteRecord] | None = None
+    # (site, record, base weight) -> initial factor values read from the base weight, or None
+    init_factors: Callable[[Site, SiteRecord, torch.Tensor], tuple[torch.Tensor, ...]] | None = None
 
     def paths(self, site: str, adapter: str) -> LoraPaths:
         """Module-tree paths and PEFT file keys of `adapter`'s tensors on `site`."""
-        a_holder, b_holder = self.holders
+        a_holder, b_holder = (*self.holders, "")[:2]
+        b_key = f"{FILE_PREFIX}{site}.{b_holder}{self.factor_suffix}" if b_holder else ""
         return LoraPaths(
             a=f"{site}.{a_holder}.{adapter}{self.factor_suffix}",
-            b=f"{site}.{b_holder}.{adapter}{self.factor_suffix}",
+            b=f"{site}.{b_holder}.{adapter}{self.factor_suffix}" if b_holder else "",
             b_bias=f"{site}.{b_holder}.{adapter}.bias",
             dropout=f"{site}.lora_dropout.{adapter}",
             a_key=f"{FILE_PREFIX}{site}.{a_holder}{self.factor_suffix}",
-            b_key=f"{FILE_PREFIX}{site}.{b_holder}{self.factor_suffix}",
+            b_key=b_key,
             b_bias_key=f"{FILE_PREFIX}{site}.{b_holder}.bias",
             magnitude=f"{site}.lora_magnitude_vector.{adapter}.weight",
             magnitude_key=f"{FILE_PREFIX}{site}.lora_magnitude_vector",

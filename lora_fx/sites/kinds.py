@@ -1,6 +1,7 @@
 """The table of site kinds: every pass finds a site's kind here (`kind_of`), by its name.
 
-    KINDS = {"mha": MHA, "linear": LINEAR, "conv": CONV, "embedding": EMBEDDING, "param": PARAM}
+    KINDS = {"mha": MHA, "linear": LINEAR, "conv": CONV, "embedding": EMBEDDING, "param": PARAM,
+             "tokens": TOKENS}
 
 Adding a kind: a module beside `linear.py` with its matchers, factor shapes and emitters, one
 `SiteKind` entry, its place in `KINDS`, and its tests. Matchers run in table order; the first
@@ -18,10 +19,13 @@ from lora_fx.sites.linear import LINEAR
 from lora_fx.sites.mha import MHA
 from lora_fx.sites.param import PARAM
 from lora_fx.sites.site import Site
+from lora_fx.sites.tokens import TOKENS
 
 __all__ = ["KINDS", "MATCHERS", "kind_of", "lora_paths"]
 
-KINDS: dict[str, SiteKind] = {kind.name: kind for kind in (MHA, LINEAR, CONV, EMBEDDING, PARAM)}
+KINDS: dict[str, SiteKind] = {
+    kind.name: kind for kind in (MHA, LINEAR, CONV, EMBEDDING, PARAM, TOKENS)
+}
 MATCHERS = tuple(matcher for kind in KINDS.values() for matcher in kind.matchers)
 
 

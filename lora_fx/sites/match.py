@@ -11,7 +11,8 @@ Rules:
    embedding, in table order); the first match wins (a matcher may return several sites for one
    node, or none to claim it). Nodes created by lora_fx are never sites.
 2. A module called twice (the same weight at two nodes with one name) is one site with two nodes.
-3. Parameter sites (`target_parameters`) are found by parameter name (`params.py`).
+3. Parameter sites (`target_parameters`) are found by parameter name (`params.py`), token sites
+   (`trainable_token_indices`) by embedding name (`tokens.py`).
 4. `find_sites` applies PEFT's matching rules, then checks each chosen site against its kind's
    flags (`kind.can`, `kind.refuse`): a config a site cannot carry is refused by name.
 5. Regex patterns are matched by `lora_fx.patterns`, which never backtracks, so a pattern from an
@@ -29,11 +30,12 @@ import torch
 import torch.fx
 
 from lora_fx import patterns
-from lora_fx.config import LoraConfig
+from lora_fx.config import DUMMY_TARGET_MODULES, LoraConfig
 from lora_fx.core.state import CAPTURE_META, SiteRecord, lora_tag
 from lora_fx.errors import NoTargetMatchedError, UnsupportedSiteError
 from lora_fx.math import quant
 from lora_fx.sites import params as _param_sites
+from lora_fx.sites import tokens as _token_sites
 from lora_fx.sites.kinds import MATCHERS, kind_of
 from lora_fx.sites.site import ConvSpec, Match, Site
 
@@ -68,6 +70,7 @@ def _sites_and_conflicts(gm: torch.fx.GraphModule) -> tuple[dict[str, Site], dic
         else:
             conflicts[fqn] = reason
     sites.update(_param_sites.recorded_param_sites(gm))
+    sites.update(_token_sites.recorded_token_sites(gm, sites))
     return sites, conflicts
 
 
@@ -81,7 +84,10 @@ def find_sites(gm: torch.fx.GraphModule, cfg: LoraConfig) -> list[Site]:
     _refuse_conflicts(cfg, conflicts)
     targets = cfg.target_parameters
     params = _param_sites.find_param_sites(gm, targets) if targets else []
-    if cfg.target_modules is None and params:
+    tokens = _token_sites.find_token_sites(gm, cfg, sites)
+    if (cfg.target_modules is None and (params or tokens)) or (
+        cfg.target_modules == DUMMY_TARGET_MODULES  # PEFT's "no LoRA module" (tokens alone)
+    ):
         sites = {}
     elif cfg.target_modules is None:
         raise NoTargetMatchedError(
@@ -111,7 +117,7 @@ def find_sites(gm: torch.fx.GraphModule, cfg: LoraConfig) -> list[Site]:
     chosen += params
     if chosen and isinstance(cfg.target_modules, (list, tuple, set)) and not cfg.is_all_linear:
         _warn_unmatched_entries(cfg.target_modules, sites)
-    if not chosen:
+    if not chosen and not tokens:
         kinds = sorted({s.kind for s in sites.values()})
         raise NoTargetMatchedError(
             f"target_modules={cfg.target_modules!r} matched no site "
@@ -122,7 +128,8 @@ def find_sites(gm: torch.fx.GraphModule, cfg: LoraConfig) -> list[Site]:
     for site in chosen:
         _check_site(site, cfg)
         _check_weight(gm, site, cfg)
-    return chosen
+    _refuse_token_overlap(tokens, chosen)
+    return chosen + tokens
 
 
 def match_modules_to_save(gm: torch.fx.GraphModule, names: list[str]) -> list[str]:
@@ -153,6 +160,17 @@ def match_modules_to_save(gm: torch.fx.GraphModule, names: list[str]) -> list[st
         chosen += [h for h in hits if h not in chosen]
     # A module inside another chosen one travels with it.
     return [p for p in chosen if not any(p.startswith(q + ".") for q in chosen)]
+
+
+def _refuse_token_overlap(tokens: list[Site], chosen: list[Site]) -> None:
+    """An embedding is a LoRA target or a trainable-tokens one, not both (PEFT nests them)."""
+    tables = {t.fqn.removesuffix(_token_sites.SUFFIX) for t in tokens}
+    both = sorted(tables & {s.fqn for s in chosen})
+    if both:
+        raise UnsupportedSiteError(
+            f"{both} are both LoRA targets (target_modules) and trainable_token_indices "
+            "targets; choose one of the two for each embedding"
+        )
 
 
 def _check_site(site: Site, cfg: LoraConfig) -> None:
