@@ -24,7 +24,14 @@ from typing import Any
 from lora_fx import patterns
 from lora_fx.errors import ConfigError, ReplicationError
 
-__all__ = ["DUMMY_TARGET_MODULES", "KasaConfig", "LoftQConfig", "LoraConfig", "read_config_file"]
+__all__ = [
+    "DUMMY_TARGET_MODULES",
+    "BdLoraConfig",
+    "KasaConfig",
+    "LoftQConfig",
+    "LoraConfig",
+    "read_config_file",
+]
 
 _BIAS_MODES = ("none", "all", "lora_only")
 # and "pissa_niter_<K>"
@@ -72,6 +79,26 @@ class KasaConfig:
 
 
 @dataclass
+class BdLoraConfig:
+    """PEFT's `BdLoraConfig`: which linear sites get a block-diagonal A or B (BD-LoRA).
+
+    Args:
+        target_modules_bd_a: Sites whose A is block-diagonal (row-sharded layers: out / down
+            projections). PEFT's rule, kept: a pattern matches when it is a *substring* of the
+            site name (`pattern in name`), not by the dotted-suffix rule of `target_modules`.
+        target_modules_bd_b: Sites whose B is block-diagonal (column-sharded layers: q / k / v,
+            up / gate projections); matched the same way.
+        nblocks: Blocks per block-diagonal factor (the tensor-parallel degree when serving).
+        match_strict: Every targeted site must match one of the two lists.
+    """
+
+    target_modules_bd_a: list[str] | None = None
+    target_modules_bd_b: list[str] | None = None
+    nblocks: int = 1
+    match_strict: bool = True
+
+
+@dataclass
 class LoraConfig:
     r"""LoRA hyper-parameters with PEFT's field names and defaults.
 
@@ -105,6 +132,7 @@ class LoraConfig:
         kasa_config: `KasaConfig` (or its dict): KaSA on linear sites. Injecting **truncates the
             base weight** to rank `min(in, out) - r` (its r smallest singular directions go)
             and the delta becomes `scale * B @ diag(lora_diag) @ A`.
+        use_bdlora: `BdLoraConfig` (or its dict): BD-LoRA, a block-diagonal A or B per site.
         trainable_token_indices: Rows of an embedding that train in full (PEFT's trainable
             tokens): a list of token ids for the input embedding, or `{embedding name: ids}`.
             A tied output layer (`tie_word_embeddings`) reads the same new rows.
@@ -138,6 +166,7 @@ class LoraConfig:
     target_parameters: list[str] | None = None
     loftq_config: dict[str, Any] = field(default_factory=dict)
     kasa_config: dict[str, float] | None = None
+    use_bdlora: dict[str, Any] | None = None
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     revision: str | None = None
@@ -330,6 +359,7 @@ class LoraConfig:
             )
             self.loftq_config = {}
         self._check_kasa()
+        self._check_bdlora()
         if self.lora_bias and init not in (True, False):
             raise ConfigError(
                 f"lora_bias=True needs init_lora_weights=True or False, got {init!r} (as in PEFT)"
@@ -372,6 +402,60 @@ class LoraConfig:
                 f"kasa_config needs init_lora_weights=True, False or 'gaussian', got {init!r}: "
                 "KaSA truncates the base weight itself"
             )
+
+    def _check_bdlora(self) -> None:
+        """use_bdlora: PEFT's BdLoraConfig fields, lists that do not overlap; one variant."""
+        bd = self.use_bdlora
+        if bd is None:
+            return
+        if isinstance(bd, BdLoraConfig):
+            bd = dataclasses.asdict(bd)
+        if not isinstance(bd, dict):
+            raise ConfigError(
+                f"use_bdlora={bd!r} is invalid; expected a BdLoraConfig, a dict or None"
+            )
+        bd = {k: bd.get(k, v) for k, v in dataclasses.asdict(BdLoraConfig()).items()}
+        for name in ("target_modules_bd_a", "target_modules_bd_b"):
+            names = bd[name]
+            if names is not None and (
+                not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+            ):
+                raise ConfigError(
+                    f"use_bdlora {name}={names!r} is invalid; expected a list of names or None"
+                )
+        blocks = bd["nblocks"]
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+            raise ConfigError(f"use_bdlora nblocks={blocks!r} is invalid; expected an integer >= 1")
+        if not isinstance(bd["match_strict"], bool):
+            raise ConfigError(f"use_bdlora match_strict={bd['match_strict']!r} is not a bool")
+        both = sorted(set(bd["target_modules_bd_a"] or ()) & set(bd["target_modules_bd_b"] or ()))
+        if both:
+            raise ConfigError(
+                f"use_bdlora target_modules_bd_a and target_modules_bd_b overlap in {both}; "
+                "a site has a block-diagonal A or B, not both"
+            )
+        self.use_bdlora = bd
+        other = {"use_dora": self.use_dora, "kasa_config": self.kasa_config is not None}
+        other["lora_bias"] = self.lora_bias  # PEFT's block-diagonal B has no bias
+        for name, used in other.items():
+            if used:
+                raise ConfigError(f"use_bdlora is not supported with {name} (one variant each)")
+        init = self.init_lora_weights
+        if isinstance(init, str) and init != "gaussian":
+            raise ConfigError(
+                f"use_bdlora needs init_lora_weights=True, False or 'gaussian', got {init!r}"
+            )
+
+    def bdlora_side(self, site: str) -> str:
+        """'a' / 'b': the factor `use_bdlora` makes block-diagonal on `site`; '' for neither.
+
+        PEFT's rule: a pattern matches when it is a substring of the site name.
+        """
+        if self.use_bdlora is None:
+            return ""
+        a = any(p in site for p in self.use_bdlora["target_modules_bd_a"] or ())
+        b = any(p in site for p in self.use_bdlora["target_modules_bd_b"] or ())
+        return "ab" if a and b else "a" if a else "b" if b else ""
 
     @property
     def is_all_linear(self) -> bool:

@@ -68,6 +68,8 @@ class SiteRecord:
     lora_bias: bool
     use_dora: bool = False
     use_kasa: bool = False  # KaSA: `lora_diag` between A and B, base weight truncated
+    block_diagonal: str = ""  # BD-LoRA: "a" or "b", the factor stored as `nblocks` blocks
+    nblocks: int = 1
     rows: tuple[int, ...] = ()  # trainable tokens: the embedding rows the adapter replaces
 
     @classmethod
@@ -82,6 +84,8 @@ class SiteRecord:
             bool(cfg.lora_bias),
             bool(cfg.use_dora),
             cfg.kasa_config is not None,
+            cfg.bdlora_side(site),
+            cfg.use_bdlora["nblocks"] if cfg.use_bdlora else 1,
         )
 
 

@@ -280,8 +280,9 @@ def _from_graph(gm: torch.fx.GraphModule, adapter_name: str) -> dict[str, torch.
 def _from_peft_folder(folder: Path) -> dict[str, torch.Tensor]:
     """A PEFT folder's A and scale * B under the "inputs" names (the file keys without prefix)."""
     cfg, file_tensors = read_adapter_folder(folder)
-    if cfg.use_dora or cfg.kasa_config is not None:
-        variant = "DoRA" if cfg.use_dora else "KaSA"
+    variants = {"DoRA": cfg.use_dora, "KaSA": cfg.kasa_config, "BD-LoRA": cfg.use_bdlora}
+    variant = next((name for name, used in variants.items() if used), None)
+    if variant is not None:
         raise AdapterError(
             f"adapter in {str(folder)!r} uses {variant}; ONNX Runtime adapters are LoRA"
         )

@@ -15,6 +15,8 @@ __all__ = [
     "MERGE_CHUNK_BYTES",
     "add_low_rank_",
     "alpha_for_scale",
+    "block_diag_linear",
+    "block_diag_matrix",
     "delta_weight",
     "pad_rank",
     "param_delta",
@@ -28,6 +30,28 @@ _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 # never more than W's own bytes). On the benchmark CPU (1 MiB L2, 32 MiB L3) 2-4 MiB time alike;
 # 512 KiB is ~1.4x and 256 KiB ~2x slower (more, smaller addmm_ calls).
 MERGE_CHUNK_BYTES = 4 << 20
+
+
+def block_diag_linear(x: torch.Tensor, weight: torch.Tensor, nblocks: int) -> torch.Tensor:
+    """`x @ block_diag(W_1..W_n).T` without the zeros (BD-LoRA's factor; PEFT's einsum).
+
+    Args:
+        x: `[.., nblocks * m]`; block i reads features `i*m:(i+1)*m`.
+        weight: `[nblocks * n, m]`: the blocks stacked by rows (PEFT's `BlockDiagonalLinear`).
+        nblocks: The number of blocks.
+
+    Returns:
+        `[.., nblocks * n]`; block i of the output is `x_i @ W_i.T`.
+    """
+    # x: [.., nb, m];  W: [nb, n, m]  ->  [.., nb, n]
+    blocks = x.reshape(*x.shape[:-1], nblocks, x.shape[-1] // nblocks)
+    w = weight.reshape(nblocks, weight.shape[0] // nblocks, weight.shape[1])
+    return torch.einsum("...im,inm->...in", blocks, w).flatten(-2)
+
+
+def block_diag_matrix(weight: torch.Tensor, nblocks: int) -> torch.Tensor:
+    """The full `[nblocks * n, nblocks * m]` matrix of stacked blocks `[nblocks * n, m]`."""
+    return torch.block_diag(*weight.chunk(nblocks, dim=0))
 
 
 def delta_weight(

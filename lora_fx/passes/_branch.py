@@ -19,6 +19,7 @@ Rules:
    so a result can differ from PEFT's in its last bit.
    `type_as` reads the dtypes at run time, so a later `gm.to(dtype)` keeps the graph right.
 6. KaSA (`kasa_config`) multiplies the rank-r activations by `lora_diag` (plain layout).
+   BD-LoRA (`use_bdlora`) computes its block-diagonal A or B as `ops.block_diag_linear` (plain).
    DoRA (`use_dora`) rescales the branch output and the base term (`_dora.py`); `target_parameters`
    and MHA sites get `W -> W + delta` instead of a branch after the op (`_param.py`), in training
    graphs and export copies alike (B, scale and dtype cast as the spec says); trainable-token
@@ -51,6 +52,7 @@ from lora_fx.math.fused_ops import (
     add_low_rank_out_of_place,
     low_rank_weight,
 )
+from lora_fx.math.ops import block_diag_linear
 from lora_fx.math.quant import logical_dtype
 from lora_fx.math.stack import slot_rows
 from lora_fx.passes._dora import dora_output
@@ -96,6 +98,7 @@ class BranchSpec:
         row_mask: `(index buffer path, k)` for mixed batches: only rows whose slot is k.
         dora: DoRA's paths and record (None: plain LoRA).
         diag: Path of KaSA's `lora_diag` (None: no KaSA): `B(diag * A(x))`.
+        blocks: BD-LoRA's `("a" or "b", nblocks)`: that factor is block-diagonal (`_bdlora.py`).
         layout: The requested layout (rule 7); a site that cannot take it takes the next one.
         export: Build for an export copy: fused accumulates out of place (torch.export rejects
             in-place writes with dynamic shapes).
@@ -112,6 +115,7 @@ class BranchSpec:
     row_mask: tuple[str, int] | None = None
     dora: tuple[LoraPaths, SiteRecord] | None = None
     diag: str | None = None
+    blocks: tuple[str, int] | None = None
     layout: str = "fused"
     export: bool = False
     rows: tuple[int, ...] = ()
@@ -144,6 +148,7 @@ def insert_branch(
         row_mask=row_mask,
         dora=(paths, record) if record.use_dora else None,
         diag=paths.diag if record.use_kasa else None,
+        blocks=(record.block_diagonal, record.nblocks) if record.block_diagonal else None,
         layout=layout,
         rows=record.rows,
     )
@@ -168,6 +173,7 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
         needs_plain=spec.b_bias is not None
         or spec.dora is not None
         or spec.diag is not None
+        or spec.blocks is not None
         or spec.cast,
         can_weight=spec.row_mask is None and spec.dropout is None,
     )
@@ -193,7 +199,10 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
         if fused and kind.can.fused_branch and spec.row_mask is None and not spec.export:
             emit.attach(end, emit("add", "call_function", add_lora, (end, x, a, b, factor)))
             continue
-        low = kind.emit_down(emit, site, x, a)
+        if spec.blocks is not None and spec.blocks[0] == "a":  # BD-LoRA: [.., r] from x's blocks
+            low = emit("lora_a", "call_function", block_diag_linear, (x, a, spec.blocks[1]))
+        else:
+            low = kind.emit_down(emit, site, x, a)
         if spec.diag is not None:  # KaSA: [.., r] * lora_diag[r]
             diag = emit("weight", "get_attr", spec.diag)
             low = emit("lora_a", "call_function", _aten.mul.Tensor, (low, diag))
@@ -208,7 +217,10 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
             scale = 1.0 if mask_low else factor  # a row mask already carries the scale
             emit.attach(end, emit("add", "call_function", accumulate, (end, low, b, scale)))
             continue
-        scaled = kind.emit_up(emit, site, low, b, b_bias)
+        if spec.blocks is not None and spec.blocks[0] == "b":  # BD-LoRA: [.., out] from blocks
+            scaled = emit("lora_b", "call_function", block_diag_linear, (low, b, spec.blocks[1]))
+        else:
+            scaled = kind.emit_up(emit, site, low, b, b_bias)
         if not mask_low and spec.scale is not None:
             scaled = emit("scale", "call_function", _aten.mul.Tensor, (scaled, spec.scale))
         if spec.dora is not None:

@@ -19,6 +19,7 @@ from lora_fx.core.keys import (
 )
 from lora_fx.core.state import SiteRecord
 from lora_fx.errors import AdapterError
+from lora_fx.passes._bdlora import block_shapes
 from lora_fx.sites import Site
 from lora_fx.sites.kinds import kind_of, lora_paths
 
@@ -43,7 +44,7 @@ def adapter_keys(
         rec = records[site.fqn]
         paths = lora_paths(site.kind, site.fqn, adapter)
         kind = kind_of(site)
-        shapes = kind.factor_shapes(site, rec.r)
+        shapes = block_shapes(kind.factor_shapes(site, rec.r), rec)
         keys[paths.a_key] = (paths.a, shapes[0])
         if paths.b_key:  # trainable tokens have one tensor
             keys[paths.b_key] = (paths.b, shapes[1])

@@ -2,6 +2,7 @@
 
     plain LoRA:  W <- W + scale * left @ right            unfold:  W <- W - scale * left @ right
     KaSA:        the same with B diag(lora_diag) for B
+    BD-LoRA:     the same with block_diag(blocks) for the block-diagonal A or B
     DoRA:        W <- g * (W + delta), g = m / ||W + delta||    unfold:  W <- W / g - delta
     quantized:   the same value from the dequantized W, then re-quantized in place
     lora_bias:   b <- b + scale * b_B                     unfold:  b <- b - scale * b_B
@@ -157,6 +158,10 @@ def _a_b(
     a, b = _graph.get_attr(gm, paths.a).detach(), _graph.get_attr(gm, paths.b).detach()
     if rec.use_kasa:  # (out, r) * (r,): PEFT's `(B * diag) @ A`
         b = b * _graph.get_attr(gm, paths.diag).detach()
+    if rec.block_diagonal == "a":  # BD-LoRA: the stacked blocks as the full block-diagonal matrix
+        a = ops.block_diag_matrix(a, rec.nblocks)
+    elif rec.block_diagonal == "b":
+        b = ops.block_diag_matrix(b, rec.nblocks)
     return a, b
 
 

@@ -51,6 +51,7 @@ from lora_fx.errors import AdapterError, ConfigError
 from lora_fx.math import quant
 from lora_fx.math.inits import changes_base
 from lora_fx.passes._base_init import init_from_base
+from lora_fx.passes._bdlora import add_block_diagonal
 from lora_fx.passes._dora import add_magnitude
 from lora_fx.passes._inline import inline_targeted_leaves
 from lora_fx.passes._kasa import add_kasa
@@ -144,6 +145,8 @@ def inject(
             if records[site.fqn].use_kasa:  # truncates the base weight: kept for a rollback
                 undo.keep(_graph.get_attr(gm, site.weight))
                 add_kasa(gm, site, adapter_name, records[site.fqn], state)
+            if records[site.fqn].block_diagonal:  # BD-LoRA: A or B as blocks
+                add_block_diagonal(gm, site, adapter_name, records[site.fqn])
             if records[site.fqn].use_dora:
                 add_magnitude(gm, site, adapter_name, records[site.fqn], state)
         for path in saved_modules:

@@ -297,12 +297,14 @@ def _check_arguments(
         raise AdapterError(
             f"adapters {merged} are merged; call lora_fx.unmerge(gm) before add_weighted_adapter"
         )
-    kasa = [n for n in adapters if n in state.adapters and state.adapters[n].config.kasa_config]
-    if kasa:
-        raise AdapterError(
-            f"adapters {kasa} use KaSA (a diagonal between A and B), which add_weighted_adapter "
-            "does not combine"
-        )
+    for field, what in (("kasa_config", "KaSA"), ("use_bdlora", "BD-LoRA")):
+        configs = {n: state.adapters[n].config for n in adapters if n in state.adapters}
+        used = [n for n, config in configs.items() if getattr(config, field)]
+        if used:
+            raise AdapterError(
+                f"adapters {used} use {what} (not a plain A and B), which add_weighted_adapter "
+                "does not combine"
+            )
 
 
 def _check_options(

@@ -44,6 +44,7 @@ class Capabilities:
     dropout: bool = True  # a dropout on the branch input
     base_inits: bool = False  # PiSSA / OLoRA / LoftQ / orthogonal (they decompose a linear weight)
     kasa: bool = False  # KaSA: a `[r]` diagonal between A and B, the base weight truncated
+    bdlora: bool = False  # BD-LoRA: a block-diagonal A or B (`use_bdlora`)
     quantized: bool = False  # a bitsandbytes base weight
     mixed_batch: bool = True  # branches weighted per batch row
     input_is_ids: bool = False  # the branch input is token ids: no dtype cast, no dropout

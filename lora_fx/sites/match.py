@@ -185,6 +185,7 @@ def _check_site(site: Site, cfg: LoraConfig) -> None:
         "lora_bias=True": cfg.lora_bias and not kind.can.lora_bias,
         f"lora_dropout={cfg.lora_dropout}": cfg.lora_dropout > 0 and not kind.can.dropout,
         "kasa_config": cfg.kasa_config is not None and not kind.can.kasa,
+        "use_bdlora": cfg.use_bdlora is not None and not kind.can.bdlora,
     }
     for what, refused in asked.items():
         if refused:
@@ -208,6 +209,8 @@ def _check_site(site: Site, cfg: LoraConfig) -> None:
         )
     if cfg.kasa_config is not None:
         _check_kasa_site(site, r)
+    if cfg.use_bdlora is not None:
+        _check_bdlora_site(site, record, strict=cfg.use_bdlora["match_strict"])
     if init == "orthogonal" and r % 2:
         raise UnsupportedSiteError(
             f"init_lora_weights='orthogonal' needs an even rank; site {site.fqn!r} has r={r}"
@@ -235,6 +238,27 @@ def _check_kasa_site(site: Site, r: int) -> None:
             f"kasa_config needs r < min(in_features, out_features) so the truncated base weight "
             f"keeps a direction; site {site.fqn!r} ({site.out_features}x{site.in_features}) has "
             f"r={r}; use r <= {smallest - 1}"
+        )
+
+
+def _check_bdlora_site(site: Site, record: SiteRecord, *, strict: bool) -> None:
+    """One block-diagonal factor per site (PEFT's substring rule), its sizes split in blocks."""
+    side, blocks = record.block_diagonal, record.nblocks
+    if side == "ab":
+        raise UnsupportedSiteError(
+            f"use_bdlora: site {site.fqn!r} matches both target_modules_bd_a and "
+            "target_modules_bd_b (patterns match as substrings of the site name, as in PEFT)"
+        )
+    if not side and strict:
+        raise UnsupportedSiteError(
+            f"use_bdlora: site {site.fqn!r} matches neither target_modules_bd_a nor "
+            "target_modules_bd_b; add it to one, or set match_strict=False to give it plain LoRA"
+        )
+    sizes = {"a": (site.in_features, record.r), "b": (record.r, site.out_features)}.get(side, ())
+    if any(size % blocks for size in sizes):
+        raise UnsupportedSiteError(
+            f"use_bdlora nblocks={blocks} does not divide the block-diagonal {side.upper()} of "
+            f"site {site.fqn!r} (in={sizes[0]}, out={sizes[1]}); choose r and nblocks to fit"
         )
 
 
