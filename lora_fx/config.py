@@ -377,17 +377,9 @@ class LoraConfig:
 
     def _check_kasa(self) -> None:
         """kasa_config: a dict / KasaConfig of non-negative numbers; not with DoRA or base inits."""
-        kasa = self.kasa_config
+        kasa = _sub_config("kasa_config", self.kasa_config, KasaConfig)
         if kasa is None:
             return
-        if isinstance(kasa, KasaConfig):
-            kasa = dataclasses.asdict(kasa)
-        if not isinstance(kasa, dict):
-            raise ConfigError(
-                f"kasa_config={kasa!r} is invalid; expected a KasaConfig, a dict or None"
-            )
-        # PEFT drops unknown keys of a sub-config read from a file
-        kasa = {k: kasa.get(k, v) for k, v in dataclasses.asdict(KasaConfig()).items()}
         for name, value in kasa.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ConfigError(
@@ -405,16 +397,9 @@ class LoraConfig:
 
     def _check_bdlora(self) -> None:
         """use_bdlora: PEFT's BdLoraConfig fields, lists that do not overlap; one variant."""
-        bd = self.use_bdlora
+        bd = _sub_config("use_bdlora", self.use_bdlora, BdLoraConfig)
         if bd is None:
             return
-        if isinstance(bd, BdLoraConfig):
-            bd = dataclasses.asdict(bd)
-        if not isinstance(bd, dict):
-            raise ConfigError(
-                f"use_bdlora={bd!r} is invalid; expected a BdLoraConfig, a dict or None"
-            )
-        bd = {k: bd.get(k, v) for k, v in dataclasses.asdict(BdLoraConfig()).items()}
         for name in ("target_modules_bd_a", "target_modules_bd_b"):
             names = bd[name]
             if names is not None and (
@@ -532,6 +517,20 @@ def read_config_file(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, Any
         return LoraConfig.from_dict(data), data
     except ConfigError as e:
         raise type(e)(f"{e} (in {str(path)!r})") from e
+
+
+def _sub_config(name: str, value: Any, cls: type) -> dict[str, Any] | None:
+    """A sub-config (dataclass `cls`, its dict, or None) as a dict of `cls`'s fields.
+
+    PEFT drops unknown keys of a sub-config read from a file; missing ones take the defaults.
+    """
+    if value is None:
+        return None
+    if isinstance(value, cls):
+        value = dataclasses.asdict(value)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}={value!r} is invalid; expected a {cls.__name__}, a dict or None")
+    return {k: value.get(k, v) for k, v in dataclasses.asdict(cls()).items()}
 
 
 def _check_rank(name: str, value: Any) -> None:
