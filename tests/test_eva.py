@@ -252,3 +252,15 @@ def test_distribute_ranks_by_hand():
     # "c" reads "a"'s input: it counts a's ratios too, and "a" keeps the larger share
     ratios = {"a": torch.tensor([0.5, 0.45]), "b": torch.tensor([0.01, 0.0])}
     assert distribute_ranks(ratios, {"c": "a"}, 4) == {"a": 2, "b": 0, "c": 2}
+
+
+def test_measures_the_base_model_beside_another_adapter():
+    """As PEFT's `disable_adapter()`: an active adapter does not change what EVA measures."""
+    gm, batches = _fresh_mlp()
+    alone = lora_fx.initialize_eva(copy.deepcopy(gm), _cfg(), batches)
+    lora_fx.inject(gm, LoraConfig(target_modules=["lin0"], init_lora_weights=False), "other")
+    gm = lora_fx.initialize_eva(gm, _cfg(), batches, "eva")
+    assert lora_fx.active_adapters(gm) == ["other"]  # a later adapter starts inactive (PEFT)
+    for site in ("lin0", "lin1"):
+        a = gm.get_submodule(site).lora_A["eva"].weight
+        assert torch.equal(a, alone.get_submodule(site).lora_A["default"].weight)
