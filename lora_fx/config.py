@@ -27,6 +27,7 @@ from lora_fx.errors import ConfigError, ReplicationError
 __all__ = [
     "DUMMY_TARGET_MODULES",
     "BdLoraConfig",
+    "EvaConfig",
     "KasaConfig",
     "LoftQConfig",
     "LoraConfig",
@@ -35,7 +36,7 @@ __all__ = [
 
 _BIAS_MODES = ("none", "all", "lora_only")
 # and "pissa_niter_<K>"
-_INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq", "mica")
+_INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq", "mica", "eva")
 _PISSA_NITER = re.compile(r"pissa_niter_[1-9]\d*")
 _LOFTQ_BITS = (4, 8)
 ALL_LINEAR = "all-linear"
@@ -63,6 +64,28 @@ class LoftQConfig:
 
     loftq_bits: int = 4
     loftq_iter: int = 1
+
+
+@dataclass
+class EvaConfig:
+    """PEFT's `EvaConfig`: how `lora_fx.initialize_eva` measures inputs and shares ranks.
+
+    Args:
+        rho: Each site may get up to `round(r * rho)` ranks (>= 1; 1: no redistribution).
+        tau: A component has converged when its cosine similarity to the previous batch's is
+            at least `tau` (in [0, 1]).
+        use_label_mask: Leave out tokens whose `labels` equal `label_mask_value`.
+        label_mask_value: The label of ignored tokens.
+        whiten: Divide each component by the square root of its singular value.
+        adjust_scaling_factors: Scale a site's alpha by `new_rank / r`, so its scale stays.
+    """
+
+    rho: float = 2.0
+    tau: float = 0.99
+    use_label_mask: bool = True
+    label_mask_value: int = -100
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
 
 
 @dataclass
@@ -133,6 +156,8 @@ class LoraConfig:
             base weight** to rank `min(in, out) - r` (its r smallest singular directions go)
             and the delta becomes `scale * B @ diag(lora_diag) @ A`.
         use_bdlora: `BdLoraConfig` (or its dict): BD-LoRA, a block-diagonal A or B per site.
+        eva_config: `EvaConfig` (or its dict) for `init_lora_weights="eva"`
+            (`lora_fx.initialize_eva`).
         trainable_token_indices: Rows of an embedding that train in full (PEFT's trainable
             tokens): a list of token ids for the input embedding, or `{embedding name: ids}`.
             A tied output layer (`tie_word_embeddings`) reads the same new rows.
@@ -167,6 +192,7 @@ class LoraConfig:
     loftq_config: dict[str, Any] = field(default_factory=dict)
     kasa_config: dict[str, float] | None = None
     use_bdlora: dict[str, Any] | None = None
+    eva_config: dict[str, Any] | None = None
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     revision: str | None = None
@@ -360,6 +386,7 @@ class LoraConfig:
             self.loftq_config = {}
         self._check_kasa()
         self._check_bdlora()
+        self._check_eva()
         if self.lora_bias and init not in (True, False):
             raise ConfigError(
                 f"lora_bias=True needs init_lora_weights=True or False, got {init!r} (as in PEFT)"
@@ -374,6 +401,46 @@ class LoraConfig:
                 f"target_parameters={self.target_parameters!r} is invalid; "
                 "expected a list of parameter names such as ['experts.gate_up_proj']"
             )
+
+    def _check_eva(self) -> None:
+        """eva_config: PEFT's defaults filled in, rho >= 1, tau in [0, 1]; used only with 'eva'."""
+        eva = self.eva_config
+        if self.init_lora_weights != "eva":
+            if eva is not None:
+                warnings.warn(
+                    "eva_config is ignored unless init_lora_weights='eva' (as in PEFT)",
+                    stacklevel=4,
+                )
+            return
+        if eva is None:
+            warnings.warn(
+                "init_lora_weights='eva' without eva_config: using EvaConfig() (as PEFT)",
+                stacklevel=4,
+            )
+        if isinstance(eva, EvaConfig):
+            eva = dataclasses.asdict(eva)
+        if not isinstance(eva, (dict, type(None))):
+            raise ConfigError(
+                f"eva_config={eva!r} is invalid; expected an EvaConfig, a dict or None"
+            )
+        # PEFT drops unknown keys of a sub-config read from a file
+        eva = {k: (eva or {}).get(k, v) for k, v in dataclasses.asdict(EvaConfig()).items()}
+        for name in ("rho", "tau"):
+            if isinstance(eva[name], bool) or not isinstance(eva[name], (int, float)):
+                raise ConfigError(f"eva_config {name}={eva[name]!r} is invalid; expected a number")
+        if not eva["rho"] >= 1.0:
+            raise ConfigError(f"eva_config rho={eva['rho']!r} is invalid; expected rho >= 1.0")
+        if not 0.0 <= eva["tau"] <= 1.0:
+            raise ConfigError(f"eva_config tau={eva['tau']!r} is invalid; expected 0 <= tau <= 1")
+        for name in ("use_label_mask", "whiten", "adjust_scaling_factors"):
+            if not isinstance(eva[name], bool):
+                raise ConfigError(f"eva_config {name}={eva[name]!r} is invalid; expected a bool")
+        if not _is_int(eva["label_mask_value"]):
+            raise ConfigError(
+                f"eva_config label_mask_value={eva['label_mask_value']!r} is invalid; expected "
+                "an int"
+            )
+        self.eva_config = eva
 
     def _check_kasa(self) -> None:
         """kasa_config: a dict / KasaConfig of non-negative numbers; not with DoRA or base inits."""

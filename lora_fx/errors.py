@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "AdapterError",
+    "CalibrationError",
     "CaptureError",
     "ConfigError",
     "GenerationError",
@@ -27,6 +28,10 @@ class LoraFxError(Exception):
 
 class ConfigError(LoraFxError, ValueError):
     """A `LoraConfig` field has a value that is not allowed."""
+
+
+class CalibrationError(LoraFxError, ValueError):
+    """EVA's calibration batches are missing, empty, or do not fit the graph's inputs."""
 
 
 class CaptureError(LoraFxError, RuntimeError):

@@ -10,6 +10,7 @@ from lora_fx.passes.adapters import (
     trainable_parameters,
 )
 from lora_fx.passes.checkpoint import checkpoint_blocks, checkpointed_blocks, uncheckpoint_blocks
+from lora_fx.passes.eva import initialize_eva
 from lora_fx.passes.files import load_adapter, save_adapter
 from lora_fx.passes.hotswap import hotswap_adapter, prepare_for_hotswap
 from lora_fx.passes.inject import inject
@@ -37,6 +38,7 @@ __all__ = [
     "disable_adapters",
     "get_layout",
     "hotswap_adapter",
+    "initialize_eva",
     "inject",
     "load_adapter",
     "merge",

@@ -252,9 +252,10 @@ def load_adapter(
         if not existing:
             # The file holds the adapter's weights: an init that rewrites the base (PiSSA, OLoRA,
             # LoftQ) must not run again on what is already its residual; the config is kept as read.
-            inject(
-                gm, dataclasses.replace(cfg, init_lora_weights=True, loftq_config={}), adapter_name
+            plain = dataclasses.replace(
+                cfg, init_lora_weights=True, loftq_config={}, eva_config=None
             )
+            inject(gm, plain, adapter_name)
             state_or_none(gm).adapters[adapter_name].config = cfg
             if cfg.init_lora_weights in FROZEN_B_INITS:
                 sync(gm)  # MiCA's config freezes B, as PEFT's variant does on load

@@ -69,7 +69,7 @@ from lora_fx.sites import (
 from lora_fx.sites.kinds import kind_of
 from lora_fx.sites.tokens import token_weights
 
-__all__ = ["inject", "site_record", "targeted_weights"]
+__all__ = ["check_request", "inject", "site_record", "targeted_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,13 @@ def inject(
     # plan
     if not isinstance(cfg, LoraConfig):
         raise TypeError(f"cfg must be a lora_fx.LoraConfig, got {type(cfg).__name__}")
+    if cfg.init_lora_weights == "eva":
+        raise ConfigError(
+            "init_lora_weights='eva' initialises A from calibration batches: call "
+            "lora_fx.initialize_eva(gm, cfg, batches) instead of inject"
+        )
     gm = as_graph_module(gm)
-    _check_request(gm, cfg, adapter_name)
+    check_request(gm, cfg, adapter_name)
     cfg = convert_moe_config(gm, cfg)  # PEFT's targets on transformers-5 MoE models
     # All or nothing from here: a failing init or DoRA magnitude also takes back the replication.
     with rollback_on_error(gm) as undo:
@@ -169,7 +174,7 @@ def inject(
     return gm
 
 
-def _check_request(gm: torch.fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> None:
+def check_request(gm: torch.fx.GraphModule, cfg: LoraConfig, adapter_name: str) -> None:
     """Reject names and config features that cannot be honoured, before anything changes."""
     require_flat(gm)
     if not isinstance(adapter_name, str) or not adapter_name.isidentifier():

@@ -215,7 +215,7 @@ def _check_site(site: Site, cfg: LoraConfig) -> None:
         raise UnsupportedSiteError(
             f"init_lora_weights='orthogonal' needs an even rank; site {site.fqn!r} has r={r}"
         )
-    if isinstance(init, str) and init not in ("gaussian", "orthogonal"):
+    if isinstance(init, str) and init not in ("gaussian", "orthogonal", "eva"):
         smallest = min(site.in_features, site.out_features)
         if r > smallest:
             raise UnsupportedSiteError(
