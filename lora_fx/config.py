@@ -35,6 +35,16 @@ __all__ = [
 ]
 
 _BIAS_MODES = ("none", "all", "lora_only")
+# PEFT 0.21 fields not implemented yet: set, they change what an adapter computes (or how it
+# trains), so a config or file using them is refused rather than read as plain LoRA.
+_NOT_YET = {
+    "alora_invocation_tokens": "aLoRA (the adapter acts from its invocation tokens on)",
+    "use_qalora": "QALoRA (LoRA on GPTQ / AWQ quantized linears)",
+    "arrow_config": "Arrow (per-token routing among a library of LoRA experts)",
+    "velora_config": "VeLoRA (compressed input activations in the backward)",
+    "monteclora_config": "MonteCLoRA (Monte Carlo sampled LoRA)",
+    "lora_ga_config": "LoRA-GA (the gradient-aligned init)",
+}
 # and "pissa_niter_<K>"
 _INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq", "mica", "eva")
 _PISSA_NITER = re.compile(r"pissa_niter_[1-9]\d*")
@@ -216,6 +226,7 @@ class LoraConfig:
             self.modules_to_save = list(self.modules_to_save)
         self._check_types()
         self._check_peft_extras()
+        self._refuse_not_yet()
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
         _check_rank("r", self.r)
@@ -291,6 +302,17 @@ class LoraConfig:
                 f"layer_replication={ranges!r} is invalid; expected a list of [start, end) pairs "
                 "of layer indices, e.g. [[0, 4], [2, 5]]"
             )
+
+    def _refuse_not_yet(self) -> None:
+        """A PEFT field lora_fx does not implement yet, set: refused, never silently dropped."""
+        for name, feature in _NOT_YET.items():
+            value = self.extra.get(name)
+            if value not in (None, False, [], {}):
+                raise ConfigError(
+                    f"{name}={value!r}: {feature} is not supported by lora_fx yet; an adapter "
+                    "made with it would compute something else here, so it is refused (see "
+                    "README, 'Not yet')"
+                )
 
     def _check_peft_extras(self) -> None:
         """trainable_token_indices, megatron_config and runtime_config: types and duplicates."""

@@ -143,3 +143,40 @@ def test_catastrophic_patterns_are_matched_without_backtracking():
     name = "model.layers.10.self_attention.query_key_value_proj"
     assert cfg.rank_for(name) == 8 and cfg.alpha_for(name) == 8
     assert cfg.rank_for("model.layers.0.q_proj") == 2
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("alora_invocation_tokens", [5, 6]),
+        ("use_qalora", True),
+        ("arrow_config", {"top_k": 2}),
+        ("velora_config", {"rank": 4}),
+        ("monteclora_config", {"num_samples": 2}),
+        ("lora_ga_config", {"bsz": 2}),
+    ],
+)
+def test_peft_features_not_implemented_yet_are_refused_not_dropped(field, value, tmp_path):
+    import peft
+    import torch
+    from models import TinyMLP
+
+    import lora_fx
+
+    data = {**peft.LoraConfig(target_modules=["lin0"]).to_dict(), field: value}
+    data = json.loads(json.dumps(data, default=list))  # as PEFT's adapter_config.json reads back
+    with pytest.raises(ConfigError, match=rf"{field}=.*not supported by lora_fx yet"):
+        LoraConfig.from_dict(data)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    gm = lora_fx.capture(TinyMLP().eval(), (torch.randn(2, 10),))
+    code = gm.code
+    with pytest.raises(ConfigError, match=field):
+        lora_fx.load_adapter(gm, tmp_path)
+    assert gm.code == code
+
+
+def test_a_default_peft_config_with_every_field_is_accepted():
+    import peft
+
+    data = json.loads(json.dumps(peft.LoraConfig(target_modules=["q"]).to_dict(), default=list))
+    assert LoraConfig.from_dict(data).target_modules == ["q"]
