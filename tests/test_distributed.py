@@ -1,8 +1,10 @@
-"""Injected graphs train under torch.distributed DDP and FSDP2 (2 CPU processes, gloo).
+"""Injected graphs train under torch.distributed DDP, FSDP2 and DTensor tensor parallelism.
 
-Each test spawns 2 ranks that train the same captured, injected tiny Llama on their halves of a
-batch, then checks in the parent: the LoRA parameters are identical on both ranks, equal a
-single-process run on the whole batch, and rank 0 alone wrote the full adapter.
+Each test spawns 2 ranks (CPU processes, gloo). DDP / FSDP2: the ranks train the same captured,
+injected tiny Llama on their halves of a batch, then the parent checks that the LoRA parameters
+are identical on both ranks, equal a single-process run on the whole batch, and rank 0 alone wrote
+the full adapter. Tensor parallel: the README recipe shards the graph's parameters as DTensors
+(Megatron column / row split); outputs, LoRA gradients and the saved file equal one process's.
 """
 
 from __future__ import annotations
@@ -138,3 +140,104 @@ def test_two_ranks_match_one_process_on_the_whole_batch(mode, reference, tmp_pat
     loaded = lora_fx.load_adapter(_setup()[0], tmp_path / "adapter0")
     for name, value in _lora_state(loaded).items():
         assert torch.equal(value, ranks[0][name]), name
+
+
+# Tensor parallel (README "Tensor parallel"): column-parallel sites split the output dim (W, b
+# and lora_B: Shard(0); lora_A replicated), row-parallel sites the input dim (W and lora_A:
+# Shard(1); b and lora_B replicated). Everything else is left as plain tensors.
+_TP_PLAN = {
+    **dict.fromkeys(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), "colwise"),
+    **dict.fromkeys(("o_proj", "down_proj"), "rowwise"),
+}
+_TP_SHARD_DIM = {  # (style, tensor) -> Shard dim; absent: Replicate
+    ("colwise", "weight"): 0,
+    ("colwise", "bias"): 0,
+    ("colwise", "lora_B"): 0,
+    ("rowwise", "weight"): 1,
+    ("rowwise", "lora_A"): 1,
+}
+
+
+def _tensor_parallel(gm, mesh) -> None:
+    """The README recipe: export's metadata asserts out, plan sites' parameters as DTensors."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    for node in gm.graph.find_nodes(
+        op="call_function", target=torch.ops.aten._assert_tensor_metadata.default
+    ):
+        gm.graph.erase_node(node)  # no DTensor sharding rule; a check only
+    gm.recompile()
+    for name, param in list(gm.named_parameters()):
+        parts = name.split(".")  # <site>.weight or <site>.lora_A.<adapter>.weight
+        split = parts.index("lora_A") if "lora_A" in parts else None
+        split = parts.index("lora_B") if "lora_B" in parts else split
+        site = parts[: len(parts) - 1 if split is None else split]
+        style = _TP_PLAN.get(site[-1])
+        if style is None:
+            continue
+        dim = _TP_SHARD_DIM.get((style, parts[-1] if split is None else parts[split]))
+        placement = Replicate() if dim is None else Shard(dim)
+        dparam = distribute_tensor(param.detach(), mesh, [placement])
+        owner = gm.get_submodule(".".join(parts[:-1]))
+        setattr(owner, parts[-1], torch.nn.Parameter(dparam, param.requires_grad))
+
+
+def _tp_step(gm, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and LoRA gradients of one forward / backward (math SDPA: see the README)."""
+    from torch.distributed.tensor.experimental import implicit_replication
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with implicit_replication(), sdpa_kernel([SDPBackend.MATH]):
+        logits = gm(ids).logits
+        if hasattr(logits, "full_tensor"):
+            logits = logits.full_tensor()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+    grads = {}
+    for name, param in lora_fx.trainable_parameters(gm).items():
+        grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+        grads[name] = grad.clone()
+    return logits.detach(), grads
+
+
+def _tp_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        gm, ids = _setup(rows=BATCH)
+        _tensor_parallel(gm, init_device_mesh("cpu", (WORLD,)))
+        local = gm.get_submodule("model.layers.0.mlp.up_proj").weight.to_local()
+        assert (
+            local.shape[0]
+            == gm.get_submodule("model.layers.0.mlp.down_proj").weight.shape[1] // WORLD
+        )
+        logits, grads = _tp_step(gm, ids)
+        torch.save({"logits": logits, "grads": grads}, Path(out_dir) / f"tp{rank}.pt")
+        lora_fx.save_adapter(gm, Path(out_dir) / f"adapter{rank}", is_main_process=rank == 0)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_dtensor_graph_matches_one_process(tmp_path):
+    mp.spawn(_tp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    gm, ids = _setup(rows=BATCH)
+    logits, grads = _tp_step(gm, ids)
+    lora_fx.save_adapter(gm, tmp_path / "reference")
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"tp{rank}.pt", weights_only=True)
+        # Sharded GEMMs (and the row-parallel all-reduce) sum in another order: ~5e-7.
+        assert_close(got["logits"], logits)
+        assert got["grads"].keys() == grads.keys()
+        for name, grad in grads.items():
+            assert grad.abs().max() > 0, f"{name} got no gradient"
+            assert_close(got["grads"][name], grad)
+    # save_adapter gathers the shards; rank 0 alone wrote the same bytes as one process.
+    assert not (tmp_path / "adapter1").exists()
+    name = "adapter_model.safetensors"
+    assert (tmp_path / "adapter0" / name).read_bytes() == (
+        tmp_path / "reference" / name
+    ).read_bytes()
