@@ -27,6 +27,7 @@ from lora_fx.errors import ConfigError, ReplicationError
 __all__ = [
     "DUMMY_TARGET_MODULES",
     "BdLoraConfig",
+    "CordaConfig",
     "EvaConfig",
     "KasaConfig",
     "LoftQConfig",
@@ -46,7 +47,7 @@ _NOT_YET = {
     "lora_ga_config": "LoRA-GA (the gradient-aligned init)",
 }
 # and "pissa_niter_<K>"
-_INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq", "mica", "eva")
+_INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq", "mica", "eva", "corda")
 _PISSA_NITER = re.compile(r"pissa_niter_[1-9]\d*")
 _LOFTQ_BITS = (4, 8)
 ALL_LINEAR = "all-linear"
@@ -96,6 +97,30 @@ class EvaConfig:
     label_mask_value: int = -100
     whiten: bool = False
     adjust_scaling_factors: bool = True
+
+
+@dataclass
+class CordaConfig:
+    """PEFT's `CordaConfig`: how `lora_fx.initialize_corda` builds A and B from input covariances.
+
+    Args:
+        cache_file: PEFT's SVD cache file (kept for PEFT's files; `initialize_corda` refuses it).
+        covariance_file: PEFT's covariance file (kept for PEFT's files; refused likewise).
+        corda_method: `"ipm"` (instruction-previewed: the adapter takes the r *largest*
+            covariance-oriented singular directions) or `"kpm"` (knowledge-preserved: the r
+            *smallest*; the largest stay in the base weight).
+        verbose: PEFT's progress bar (unused).
+        use_float16_for_covariance: Keep the inputs' own dtype for the covariance (PEFT's name:
+            no float32 up-cast).
+        prune_temporary_fields: PEFT's clean-up flag (unused: lora_fx keeps no fields).
+    """
+
+    cache_file: str | None = None
+    covariance_file: str | None = None
+    corda_method: str = "ipm"
+    verbose: bool = False
+    use_float16_for_covariance: bool = False
+    prune_temporary_fields: bool = True
 
 
 @dataclass
@@ -168,6 +193,8 @@ class LoraConfig:
         use_bdlora: `BdLoraConfig` (or its dict): BD-LoRA, a block-diagonal A or B per site.
         eva_config: `EvaConfig` (or its dict) for `init_lora_weights="eva"`
             (`lora_fx.initialize_eva`).
+        corda_config: `CordaConfig` (or its dict) for `init_lora_weights="corda"`
+            (`lora_fx.initialize_corda`, which **changes the base weight**).
         trainable_token_indices: Rows of an embedding that train in full (PEFT's trainable
             tokens): a list of token ids for the input embedding, or `{embedding name: ids}`.
             A tied output layer (`tie_word_embeddings`) reads the same new rows.
@@ -203,6 +230,7 @@ class LoraConfig:
     kasa_config: dict[str, float] | None = None
     use_bdlora: dict[str, Any] | None = None
     eva_config: dict[str, Any] | None = None
+    corda_config: dict[str, Any] | None = None
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     revision: str | None = None
@@ -409,6 +437,7 @@ class LoraConfig:
         self._check_kasa()
         self._check_bdlora()
         self._check_eva()
+        self._check_corda()
         if self.lora_bias and init not in (True, False):
             raise ConfigError(
                 f"lora_bias=True needs init_lora_weights=True or False, got {init!r} (as in PEFT)"
@@ -463,6 +492,38 @@ class LoraConfig:
                 "an int"
             )
         self.eva_config = eva
+
+    def _check_corda(self) -> None:
+        """corda_config: PEFT's defaults filled in, a known method; used only with 'corda'."""
+        if self.init_lora_weights != "corda":
+            if self.corda_config is not None:
+                warnings.warn(
+                    "corda_config is ignored unless init_lora_weights='corda' (as in PEFT)",
+                    stacklevel=4,
+                )
+            return
+        if self.corda_config is None:
+            warnings.warn(
+                "init_lora_weights='corda' without corda_config: using CordaConfig() (as PEFT)",
+                stacklevel=4,
+            )
+        corda = _sub_config("corda_config", self.corda_config or {}, CordaConfig)
+        if corda["corda_method"] not in ("ipm", "kpm"):
+            raise ConfigError(
+                f"corda_config corda_method={corda['corda_method']!r} is invalid; expected "
+                "'ipm' or 'kpm'"
+            )
+        for name in ("verbose", "use_float16_for_covariance", "prune_temporary_fields"):
+            if not isinstance(corda[name], bool):
+                raise ConfigError(
+                    f"corda_config {name}={corda[name]!r} is invalid; expected a bool"
+                )
+        for name in ("cache_file", "covariance_file"):
+            if not isinstance(corda[name], (str, type(None))):
+                raise ConfigError(
+                    f"corda_config {name}={corda[name]!r} is invalid; expected a path or None"
+                )
+        self.corda_config = corda
 
     def _check_kasa(self) -> None:
         """kasa_config: a dict / KasaConfig of non-negative numbers; not with DoRA or base inits."""

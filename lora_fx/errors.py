@@ -31,7 +31,7 @@ class ConfigError(LoraFxError, ValueError):
 
 
 class CalibrationError(LoraFxError, ValueError):
-    """EVA's calibration batches are missing, empty, or do not fit the graph's inputs."""
+    """Calibration batches (EVA, CorDA) are missing, empty, or do not fit the graph's inputs."""
 
 
 class CaptureError(LoraFxError, RuntimeError):

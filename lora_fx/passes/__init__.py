@@ -10,6 +10,7 @@ from lora_fx.passes.adapters import (
     trainable_parameters,
 )
 from lora_fx.passes.checkpoint import checkpoint_blocks, checkpointed_blocks, uncheckpoint_blocks
+from lora_fx.passes.corda import initialize_corda
 from lora_fx.passes.eva import initialize_eva
 from lora_fx.passes.files import load_adapter, save_adapter
 from lora_fx.passes.hotswap import hotswap_adapter, prepare_for_hotswap
@@ -38,6 +39,7 @@ __all__ = [
     "disable_adapters",
     "get_layout",
     "hotswap_adapter",
+    "initialize_corda",
     "initialize_eva",
     "inject",
     "load_adapter",

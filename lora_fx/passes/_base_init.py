@@ -23,7 +23,7 @@ from lora_fx.math.inits import loftq, mica, olora, orthogonal, pissa
 from lora_fx.sites import Site
 from lora_fx.sites.kinds import lora_paths
 
-__all__ = ["init_from_base"]
+__all__ = ["init_from_base", "write_init"]
 
 
 def init_from_base(
@@ -66,11 +66,28 @@ def init_from_base(
         else:
             niter = int(init.split("_niter_")[1]) if "_niter_" in init else None
             new_w, a, b = pissa(w, record.r, record.scale, niter=niter)
+    write_init(gm, site, adapter, a, b, new_w)
+    return True
+
+
+def write_init(
+    gm: torch.fx.GraphModule,
+    site: Site,
+    adapter: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    new_w: torch.Tensor,
+) -> None:
+    """Write A `[r, in]`, B `[out, r]` and the new base weight `[out, in]` of one site, in place."""
+    paths = lora_paths(site.kind, site.fqn, adapter)
+    lora_a, lora_b = _graph.get_attr(gm, paths.a), _graph.get_attr(gm, paths.b)
+    weight = _graph.get_attr(gm, site.weight)
+    module = gm.get_submodule(site.nodes[0].target) if site.nodes[0].op == "call_module" else None
+    new_w = new_w.T if site.transposed else new_w
+    with torch.no_grad():
         lora_a.copy_(a.to(lora_a.dtype))
         lora_b.copy_(b.to(lora_b.dtype))
-        new_w = new_w.T if site.transposed else new_w
         if quant.is_quantized(weight):
             quant.requantize_(weight, new_w, module)
         else:
             weight.copy_(new_w.to(weight.dtype))
-    return True

@@ -6,10 +6,10 @@
 Rules:
 1. Plan: the config, the batches and the sites are checked before anything runs; the graph is
    changed only by the final `inject` (rolled back whole if anything after it fails).
-2. Observers are graph nodes: one `call_function` after each distinct site input records the
-   tensor into a collector; they are erased and the graph recompiled before this pass returns or
-   raises. Sites that read the same node (q/k/v, gate/up) share one PCA (PEFT finds them by
-   hashing the first batch's inputs; lora_fx sees the shared node).
+2. Observers are graph nodes (`_calibrate.observing`, shared with CorDA): one `call_function`
+   after each distinct site input records the tensor; they are erased and the graph recompiled
+   before this pass returns or raises. Sites that read the same node (q/k/v, gate/up) share one
+   PCA (PEFT finds them by hashing the first batch's inputs; lora_fx sees the shared node).
 3. As PEFT: the batches cycle until every site's needed components have converged (cosine
    similarity to the previous batch >= `tau`); a converged site is no longer observed; a batch
    with fewer tokens than a site's components is skipped for that site. After `max_steps`
@@ -30,7 +30,6 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import itertools
 import logging
 from collections.abc import Iterable
@@ -45,8 +44,8 @@ from lora_fx.core import graph as _graph
 from lora_fx.core.state import state_or_none
 from lora_fx.errors import CalibrationError, ConfigError, UnsupportedSiteError
 from lora_fx.math.eva import Pca, distribute_ranks, pca_step, similarity
+from lora_fx.passes._calibrate import Observed, check_batches, graph_inputs, observing, run_batch
 from lora_fx.passes._rollback import rollback_on_error
-from lora_fx.passes.adapters import disable_adapters
 from lora_fx.passes.inject import check_request, inject, site_record
 from lora_fx.sites import Site, find_sites
 from lora_fx.sites.kinds import lora_paths
@@ -54,8 +53,6 @@ from lora_fx.sites.kinds import lora_paths
 __all__ = ["initialize_eva"]
 
 log = logging.getLogger(__name__)
-
-_MASK_KEYS = ("attention_mask", "labels")  # read for the token mask; passed only if graph inputs
 
 
 def initialize_eva(
@@ -108,13 +105,8 @@ def initialize_eva(
         )
     gm = as_graph_module(gm)
     check_request(gm, cfg, adapter_name)
-    batches = _check_batches(gm, batches)
-    state = state_or_none(gm)
-    if state is not None and state.active:  # PEFT measures the base model (`disable_adapter`)
-        with disable_adapters(gm):
-            components = _measure(gm, cfg, batches, max_steps)
-    else:
-        components = _measure(gm, cfg, batches, max_steps)
+    batches = check_batches(gm, batches, "eva")
+    components = _measure(gm, cfg, batches, max_steps)
     final = _eva_config(gm, cfg, components)
 
     # apply: the branches PEFT's config describes, then A from the PCA (B stays zero)
@@ -137,52 +129,6 @@ def initialize_eva(
         {fqn: len(a) for fqn, a in components.items()},
     )
     return gm
-
-
-def _check_batches(gm: torch.fx.GraphModule, batches: Any) -> list[Any]:
-    """The batches as a list, each of a form the graph can take (checked by key, not by running)."""
-    if batches is None:
-        raise CalibrationError(
-            "init_lora_weights='eva' needs calibration batches; pass an iterable of model inputs "
-            "(dicts of keyword inputs, tuples of positional inputs, or tensors)"
-        )
-    if isinstance(batches, (torch.Tensor, dict)) or not isinstance(batches, Iterable):
-        raise CalibrationError(
-            f"batches must be an iterable of batches (e.g. a list or a DataLoader), got "
-            f"{type(batches).__name__}; wrap a single batch in a list"
-        )
-    batches = list(batches)
-    if not batches:
-        raise CalibrationError("batches is empty; EVA needs at least one calibration batch")
-    takes = _graph_inputs(gm)
-    for i, batch in enumerate(batches):
-        if isinstance(batch, dict):
-            unknown = sorted(set(batch) - set(takes) - set(_MASK_KEYS))
-            if unknown:
-                raise CalibrationError(
-                    f"batch {i} has keys {unknown} that are not inputs of the graph; it takes "
-                    f"{takes} (plus {list(_MASK_KEYS)} for the token mask)"
-                )
-            if not any(k in takes for k in batch):
-                raise CalibrationError(
-                    f"batch {i} (keys {sorted(batch)}) gives none of the graph's inputs {takes}"
-                )
-        elif isinstance(batch, (tuple, list)):
-            if len(batch) > len(takes):
-                raise CalibrationError(
-                    f"batch {i} has {len(batch)} positional inputs; the graph takes {takes}"
-                )
-        elif not isinstance(batch, torch.Tensor):
-            raise CalibrationError(
-                f"batch {i} is a {type(batch).__name__}; expected a dict of keyword inputs, a "
-                f"tuple of positional inputs or a tensor (the graph takes {takes})"
-            )
-    return batches
-
-
-def _graph_inputs(gm: torch.fx.GraphModule) -> list[str]:
-    """The names the graph's `forward` takes."""
-    return list(inspect.signature(gm.forward).parameters)
 
 
 def _measure(
@@ -216,17 +162,8 @@ def _measure(
         most.update({s.fqn: top for s in group})
 
     plan = _Plan(measured, most, shared, sum(rank.values()), eva)
-    observed = _Observed()
-    nodes = _add_observers(gm, [n for inputs in measured.values() for n in inputs], observed)
-    training = gm.training
-    try:
-        gm.eval()
+    with observing(gm, [n for inputs in measured.values() for n in inputs]) as observed:
         pcas = _converge(gm, batches, plan, observed, max_steps)
-    finally:
-        for node in nodes:
-            gm.graph.erase_node(node)
-        gm.recompile()
-        gm.train(training)
     ranks = distribute_ranks(
         {fqn: pcas[fqn].explained_variance_ratio[: most[fqn]] for fqn in measured},
         shared,
@@ -253,36 +190,11 @@ class _Plan:
     eva: dict[str, Any]  # the config's eva_config
 
 
-@dataclasses.dataclass
-class _Observed:
-    """What the observer nodes recorded during one forward pass, for the watched inputs."""
-
-    watching: set[str] = dataclasses.field(default_factory=set)
-    seen: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-
-    def record(self, name: str, x: torch.Tensor) -> None:
-        """The observer node's target: keep `x` if its node is watched."""
-        if name in self.watching:
-            self.seen[name] = x.detach()
-
-
-def _add_observers(
-    gm: torch.fx.GraphModule, inputs: list[torch.fx.Node], observed: _Observed
-) -> list[torch.fx.Node]:
-    """One `observed.record(name, x)` node after each distinct input node; recompiles."""
-    nodes = []
-    for node in dict.fromkeys(inputs):
-        with gm.graph.inserting_after(node):
-            nodes.append(gm.graph.call_function(observed.record, (node.name, node)))
-    gm.recompile()
-    return nodes
-
-
 def _converge(
     gm: torch.fx.GraphModule,
     batches: list[Any],
     plan: _Plan,
-    observed: _Observed,
+    observed: Observed,
     max_steps: int,
 ) -> dict[str, Pca]:
     """PEFT's loop: cycle the batches until every measured site's needed components converged."""
@@ -291,7 +203,7 @@ def _converge(
     converged = {fqn: torch.zeros(most[fqn], dtype=torch.bool) for fqn in measured}
     done = dict.fromkeys(measured, False)
     needed = dict(most)  # PEFT's rank_dist: the max ranks until every site has a PCA
-    takes = _graph_inputs(gm)
+    takes = graph_inputs(gm)
     for step, (i, batch) in enumerate(itertools.cycle(enumerate(batches))):
         for fqn in measured:
             done[fqn] = bool(torch.all(converged[fqn][: needed[fqn]]))
@@ -306,7 +218,8 @@ def _converge(
             )
         observed.watching = {n.name for fqn in measured if not done[fqn] for n in measured[fqn]}
         observed.seen = {}
-        mask = _run(gm, batch, i, takes, plan.eva)
+        run_batch(gm, batch, i, takes)
+        mask = _token_mask(batch, plan.eva) if isinstance(batch, dict) else None
         for fqn, inputs in measured.items():
             if done[fqn]:
                 continue
@@ -322,27 +235,6 @@ def _converge(
             ratios = {fqn: pcas[fqn].explained_variance_ratio[: most[fqn]] for fqn in measured}
             needed = distribute_ranks(ratios, plan.shared, plan.budget)
     raise AssertionError("unreachable: itertools.cycle of a non-empty list")
-
-
-def _run(
-    gm: torch.fx.GraphModule, batch: Any, i: int, takes: list[str], eva: dict[str, Any]
-) -> torch.Tensor | None:
-    """One forward pass of batch `i`; returns its token mask (None: every row counts)."""
-    mask = None
-    try:
-        with torch.no_grad():
-            if isinstance(batch, dict):
-                gm(**{k: v for k, v in batch.items() if k in takes})
-                mask = _token_mask(batch, eva)
-            elif isinstance(batch, (tuple, list)):
-                gm(*batch)
-            else:
-                gm(batch)
-    except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as e:
-        raise CalibrationError(
-            f"batch {i} does not fit the graph's inputs {takes}: {type(e).__name__}: {e}"
-        ) from e
-    return mask
 
 
 def _token_mask(batch: dict[str, Any], eva: dict[str, Any]) -> torch.Tensor | None:

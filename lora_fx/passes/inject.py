@@ -116,6 +116,11 @@ def inject(
             "init_lora_weights='eva' initialises A from calibration batches: call "
             "lora_fx.initialize_eva(gm, cfg, batches) instead of inject"
         )
+    if cfg.init_lora_weights == "corda":
+        raise ConfigError(
+            "init_lora_weights='corda' builds A and B from the covariance of calibration "
+            "batches: call lora_fx.initialize_corda(gm, cfg, batches) instead of inject"
+        )
     gm = as_graph_module(gm)
     check_request(gm, cfg, adapter_name)
     cfg = convert_moe_config(gm, cfg)  # PEFT's targets on transformers-5 MoE models

@@ -274,7 +274,7 @@ def _check_weight(gm: torch.fx.GraphModule, site: Site, cfg: LoraConfig) -> None
             f"kasa_config needs the full-precision weight of site {site.fqn!r}, which is {kind}; "
             "inject before lora_fx.quantize"
         )
-    if kind is not None and isinstance(init, str) and init.startswith(("pissa", "loftq")):
+    if kind is not None and isinstance(init, str) and init.startswith(("pissa", "loftq", "corda")):
         raise UnsupportedSiteError(
             f"init_lora_weights={init!r} needs the full-precision weight of site {site.fqn!r}, "
             f"which is {kind}; inject before lora_fx.quantize (as PEFT asks)"
