@@ -9,7 +9,15 @@ The public API: `capture`, the config, the errors, and every pass (`lora_fx.pass
 
 from lora_fx import errors, passes
 from lora_fx.capture import capture, capture_for_generation
-from lora_fx.config import BdLoraConfig, CordaConfig, EvaConfig, KasaConfig, LoftQConfig, LoraConfig
+from lora_fx.config import (
+    BdLoraConfig,
+    CordaConfig,
+    EvaConfig,
+    KasaConfig,
+    LoftQConfig,
+    LoraConfig,
+    LoraGAConfig,
+)
 from lora_fx.errors import *  # noqa: F403  (every error, listed in lora_fx.errors.__all__)
 from lora_fx.generation import generate
 from lora_fx.passes import *  # noqa: F403  (the passes, listed once in lora_fx.passes.__all__)
@@ -23,6 +31,7 @@ __all__ = [
     "KasaConfig",
     "LoftQConfig",
     "LoraConfig",
+    "LoraGAConfig",
     "capture",
     "capture_for_generation",
     "generate",

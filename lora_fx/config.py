@@ -32,6 +32,7 @@ __all__ = [
     "KasaConfig",
     "LoftQConfig",
     "LoraConfig",
+    "LoraGAConfig",
     "read_config_file",
 ]
 
@@ -44,13 +45,17 @@ _NOT_YET = {
     "arrow_config": "Arrow (per-token routing among a library of LoRA experts)",
     "velora_config": "VeLoRA (compressed input activations in the backward)",
     "monteclora_config": "MonteCLoRA (Monte Carlo sampled LoRA)",
-    "lora_ga_config": "LoRA-GA (the gradient-aligned init)",
 }
 # and "pissa_niter_<K>"
-_INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq", "mica", "eva", "corda")
+_INITS = (
+    *(True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq", "mica", "eva", "corda"),
+    "lora_ga",
+)
 _PISSA_NITER = re.compile(r"pissa_niter_[1-9]\d*")
 _LOFTQ_BITS = (4, 8)
 ALL_LINEAR = "all-linear"
+LORA_GA_DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
+LORA_GA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
 _BOOLS = (
     "fan_in_fan_out",
     "use_rslora",
@@ -121,6 +126,25 @@ class CordaConfig:
     verbose: bool = False
     use_float16_for_covariance: bool = False
     prune_temporary_fields: bool = True
+
+
+@dataclass
+class LoraGAConfig:
+    """PEFT's `LoraGAConfig`: how `lora_fx.initialize_lora_ga` builds A and B from gradients.
+
+    Args:
+        direction: Which of the gradient's top 2r singular directions go to A and B: `"ArB2r"`
+            (A the first r, B the next r), `"A2rBr"` (the reverse), `"ArBr"` (alternating) or
+            `"random"` (r of the 2r, drawn with `torch.randperm`).
+        scale: `"stable"` (B times `out ** 0.25 / sqrt(stable_gamma)`), `"weight_svd"` (B
+            scaled to the weight's top singular value), `"gd_scale"` (A and B divided by the
+            branch's scale) or `"unit"`.
+        stable_gamma: The gamma of `"stable"`.
+    """
+
+    direction: str = "ArB2r"
+    scale: str = "stable"
+    stable_gamma: int = 16
 
 
 @dataclass
@@ -195,6 +219,8 @@ class LoraConfig:
             (`lora_fx.initialize_eva`).
         corda_config: `CordaConfig` (or its dict) for `init_lora_weights="corda"`
             (`lora_fx.initialize_corda`, which **changes the base weight**).
+        lora_ga_config: `LoraGAConfig` (or its dict) for `init_lora_weights="lora_ga"`
+            (`lora_fx.initialize_lora_ga`, which **changes the base weight**).
         trainable_token_indices: Rows of an embedding that train in full (PEFT's trainable
             tokens): a list of token ids for the input embedding, or `{embedding name: ids}`.
             A tied output layer (`tie_word_embeddings`) reads the same new rows.
@@ -231,6 +257,7 @@ class LoraConfig:
     use_bdlora: dict[str, Any] | None = None
     eva_config: dict[str, Any] | None = None
     corda_config: dict[str, Any] | None = None
+    lora_ga_config: dict[str, Any] | None = None
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     revision: str | None = None
@@ -438,6 +465,7 @@ class LoraConfig:
         self._check_bdlora()
         self._check_eva()
         self._check_corda()
+        self._check_lora_ga()
         if self.lora_bias and init not in (True, False):
             raise ConfigError(
                 f"lora_bias=True needs init_lora_weights=True or False, got {init!r} (as in PEFT)"
@@ -495,19 +523,9 @@ class LoraConfig:
 
     def _check_corda(self) -> None:
         """corda_config: PEFT's defaults filled in, a known method; used only with 'corda'."""
-        if self.init_lora_weights != "corda":
-            if self.corda_config is not None:
-                warnings.warn(
-                    "corda_config is ignored unless init_lora_weights='corda' (as in PEFT)",
-                    stacklevel=4,
-                )
+        corda = self._init_sub_config("corda", "corda_config", CordaConfig)
+        if corda is None:
             return
-        if self.corda_config is None:
-            warnings.warn(
-                "init_lora_weights='corda' without corda_config: using CordaConfig() (as PEFT)",
-                stacklevel=4,
-            )
-        corda = _sub_config("corda_config", self.corda_config or {}, CordaConfig)
         if corda["corda_method"] not in ("ipm", "kpm"):
             raise ConfigError(
                 f"corda_config corda_method={corda['corda_method']!r} is invalid; expected "
@@ -524,6 +542,41 @@ class LoraConfig:
                     f"corda_config {name}={corda[name]!r} is invalid; expected a path or None"
                 )
         self.corda_config = corda
+
+    def _check_lora_ga(self) -> None:
+        """lora_ga_config: PEFT's defaults filled in, known options; used only with 'lora_ga'."""
+        ga = self._init_sub_config("lora_ga", "lora_ga_config", LoraGAConfig)
+        if ga is None:
+            return
+        known = {"direction": LORA_GA_DIRECTIONS, "scale": LORA_GA_SCALES}
+        for name, values in known.items():
+            if ga[name] not in values:
+                raise ConfigError(
+                    f"lora_ga_config {name}={ga[name]!r} is invalid; expected one of {list(values)}"
+                )
+        if not _is_int(ga["stable_gamma"]) or ga["stable_gamma"] <= 0:
+            raise ConfigError(
+                f"lora_ga_config stable_gamma={ga['stable_gamma']!r} is invalid; expected a "
+                "positive int"
+            )
+        self.lora_ga_config = ga
+
+    def _init_sub_config(self, init: str, name: str, cls: type) -> dict[str, Any] | None:
+        """The sub-config `name` of a data-driven init as a dict, or None without that init."""
+        value = getattr(self, name)
+        if self.init_lora_weights != init:
+            if value is not None:
+                warnings.warn(
+                    f"{name} is ignored unless init_lora_weights={init!r} (as in PEFT)",
+                    stacklevel=5,
+                )
+            return None
+        if value is None:
+            warnings.warn(
+                f"init_lora_weights={init!r} without {name}: using {cls.__name__}() (as PEFT)",
+                stacklevel=5,
+            )
+        return _sub_config(name, value or {}, cls)
 
     def _check_kasa(self) -> None:
         """kasa_config: a dict / KasaConfig of non-negative numbers; not with DoRA or base inits."""

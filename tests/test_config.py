@@ -153,7 +153,6 @@ def test_catastrophic_patterns_are_matched_without_backtracking():
         ("arrow_config", {"top_k": 2}),
         ("velora_config", {"rank": 4}),
         ("monteclora_config", {"num_samples": 2}),
-        ("lora_ga_config", {"bsz": 2}),
     ],
 )
 def test_peft_features_not_implemented_yet_are_refused_not_dropped(field, value, tmp_path):

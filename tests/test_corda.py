@@ -204,7 +204,7 @@ def test_failure_after_inject_rolls_back_weights(monkeypatch):
     gm = lora_fx.capture(TinyMLP().eval(), (torch.randn(16, 10),))
     code = gm.code
     weights = {k: v.clone() for k, v in gm.state_dict().items()}
-    import lora_fx.passes.corda as pass_module
+    import lora_fx.passes._calibrate as pass_module
 
     calls = []
 

@@ -43,7 +43,7 @@ __all__ = [
     "pissa",
 ]
 
-BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda")  # and "pissa_niter_<K>"
+BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")  # and "pissa_niter_<K>"
 FROZEN_B_INITS = ("mica",)  # B is fixed by the init; only A trains
 
 

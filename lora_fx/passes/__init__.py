@@ -17,6 +17,7 @@ from lora_fx.passes.hotswap import hotswap_adapter, prepare_for_hotswap
 from lora_fx.passes.inject import inject
 from lora_fx.passes.kbit import prepare_for_kbit_training
 from lora_fx.passes.layout import LAYOUTS, get_layout, set_layout
+from lora_fx.passes.lora_ga import initialize_lora_ga
 from lora_fx.passes.merge import merge, merge_report, unmerge
 from lora_fx.passes.mixed_batch import BASE, adapter_batch, set_adapter_batch
 from lora_fx.passes.quantize import dequantize, quantize
@@ -41,6 +42,7 @@ __all__ = [
     "hotswap_adapter",
     "initialize_corda",
     "initialize_eva",
+    "initialize_lora_ga",
     "inject",
     "load_adapter",
     "merge",

@@ -1,4 +1,4 @@
-"""Run calibration batches through a graph with observer nodes on chosen inputs (EVA, CorDA).
+"""Run calibration batches through a graph, with observers on chosen inputs (EVA, CorDA, LoRA-GA).
 
     x = <site input>   ->   x = <site input>;  observed.record("x", x)   (only inside `observing`)
 
@@ -8,6 +8,8 @@ Rules:
 2. `observing` adds one `call_function` node after each distinct watched node, runs the graph in
    eval with active adapters disabled (PEFT measures the base model), and on exit, also when
    raising, erases the observers, recompiles, and restores the training flag and the adapters.
+3. `inject_with_inits` is the apply step of an init that rewrites the base weight (CorDA,
+   LoRA-GA): plain branches, then A, B and the residual, rolled back whole on failure.
 """
 
 from __future__ import annotations
@@ -21,11 +23,25 @@ from typing import Any
 import torch
 import torch.fx
 
+from lora_fx.config import LoraConfig
+from lora_fx.core import graph as _graph
 from lora_fx.core.state import state_or_none
 from lora_fx.errors import CalibrationError
+from lora_fx.passes._base_init import write_init
+from lora_fx.passes._rollback import rollback_on_error
 from lora_fx.passes.adapters import disable_adapters
+from lora_fx.passes.inject import inject
+from lora_fx.sites import find_sites
 
-__all__ = ["MASK_KEYS", "Observed", "check_batches", "graph_inputs", "observing", "run_batch"]
+__all__ = [
+    "MASK_KEYS",
+    "Observed",
+    "check_batches",
+    "graph_inputs",
+    "inject_with_inits",
+    "observing",
+    "run_batch",
+]
 
 MASK_KEYS = ("attention_mask", "labels")  # accepted in dict batches; passed only if graph inputs
 
@@ -115,17 +131,43 @@ def observing(gm: torch.fx.GraphModule, nodes: Iterable[torch.fx.Node]) -> Itera
             gm.train(training)
 
 
-def run_batch(gm: torch.fx.GraphModule, batch: Any, i: int, takes: list[str]) -> None:
-    """One forward pass of batch `i` without gradients; a batch that does not fit raises."""
+def run_batch(
+    gm: torch.fx.GraphModule, batch: Any, i: int, takes: list[str], *, grad: bool = False
+) -> Any:
+    """The output of one forward pass of batch `i` (without gradients unless `grad`).
+
+    A batch that does not fit raises.
+    """
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             if isinstance(batch, dict):
-                gm(**{k: v for k, v in batch.items() if k in takes})
-            elif isinstance(batch, (tuple, list)):
-                gm(*batch)
-            else:
-                gm(batch)
+                return gm(**{k: v for k, v in batch.items() if k in takes})
+            if isinstance(batch, (tuple, list)):
+                return gm(*batch)
+            return gm(batch)
     except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as e:
         raise CalibrationError(
             f"batch {i} does not fit the graph's inputs {takes}: {type(e).__name__}: {e}"
         ) from e
+
+
+def inject_with_inits(
+    gm: torch.fx.GraphModule,
+    cfg: LoraConfig,
+    plain: LoraConfig,
+    adapter_name: str,
+    inits: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    *,
+    autocast_adapter_dtype: bool,
+) -> None:
+    """Inject `plain` branches, record `cfg`, and write each site's `(residual, A, B)`.
+
+    All or nothing: a failure takes back the branches and every rewritten base weight.
+    """
+    with rollback_on_error(gm) as undo:
+        inject(gm, plain, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        state_or_none(gm).adapters[adapter_name].config = cfg
+        for site in find_sites(gm, plain):
+            undo.keep(_graph.get_attr(gm, site.weight))
+            new_w, a, b = inits[site.fqn]
+            write_init(gm, site, adapter_name, a, b, new_w)

@@ -35,13 +35,16 @@ import torch.fx
 from lora_fx.capture import as_graph_module
 from lora_fx.config import LoraConfig
 from lora_fx.core import graph as _graph
-from lora_fx.core.state import state_or_none
 from lora_fx.errors import CalibrationError, ConfigError
 from lora_fx.math.corda import corda, input_covariance
-from lora_fx.passes._base_init import write_init
-from lora_fx.passes._calibrate import check_batches, graph_inputs, observing, run_batch
-from lora_fx.passes._rollback import rollback_on_error
-from lora_fx.passes.inject import check_request, inject, site_record
+from lora_fx.passes._calibrate import (
+    check_batches,
+    graph_inputs,
+    inject_with_inits,
+    observing,
+    run_batch,
+)
+from lora_fx.passes.inject import check_request, site_record
 from lora_fx.sites import Site, find_sites
 
 __all__ = ["initialize_corda"]
@@ -126,14 +129,10 @@ def initialize_corda(
             raise CalibrationError(f"CorDA on site {site.fqn!r}: {e}") from e
 
     # apply: plain branches, then A, B and the residual base weight
-    with rollback_on_error(gm) as undo:
-        plain = dataclasses.replace(cfg, init_lora_weights=True, corda_config=None)
-        inject(gm, plain, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        state_or_none(gm).adapters[adapter_name].config = cfg
-        for site in find_sites(gm, plain):
-            undo.keep(_graph.get_attr(gm, site.weight))
-            new_w, a, b = inits[site.fqn]
-            write_init(gm, site, adapter_name, a, b, new_w)
+    plain = dataclasses.replace(cfg, init_lora_weights=True, corda_config=None)
+    inject_with_inits(
+        gm, cfg, plain, adapter_name, inits, autocast_adapter_dtype=autocast_adapter_dtype
+    )
     log.info(
         "initialize_corda: adapter %r -> %d sites (%s, %d batches)",
         adapter_name,

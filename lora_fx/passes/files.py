@@ -253,7 +253,12 @@ def load_adapter(
             # The file holds the adapter's weights: an init that rewrites the base (PiSSA, OLoRA,
             # LoftQ) must not run again on what is already its residual; the config is kept as read.
             plain = dataclasses.replace(
-                cfg, init_lora_weights=True, loftq_config={}, eva_config=None, corda_config=None
+                cfg,
+                init_lora_weights=True,
+                loftq_config={},
+                eva_config=None,
+                corda_config=None,
+                lora_ga_config=None,
             )
             inject(gm, plain, adapter_name)
             state_or_none(gm).adapters[adapter_name].config = cfg

@@ -121,6 +121,11 @@ def inject(
             "init_lora_weights='corda' builds A and B from the covariance of calibration "
             "batches: call lora_fx.initialize_corda(gm, cfg, batches) instead of inject"
         )
+    if cfg.init_lora_weights == "lora_ga":
+        raise ConfigError(
+            "init_lora_weights='lora_ga' builds A and B from the gradients of calibration "
+            "batches: call lora_fx.initialize_lora_ga(gm, cfg, batches, loss_fn) instead of inject"
+        )
     gm = as_graph_module(gm)
     check_request(gm, cfg, adapter_name)
     cfg = convert_moe_config(gm, cfg)  # PEFT's targets on transformers-5 MoE models

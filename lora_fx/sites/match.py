@@ -262,6 +262,9 @@ def _check_bdlora_site(site: Site, record: SiteRecord, *, strict: bool) -> None:
         )
 
 
+_FULL_PRECISION_INITS = ("pissa", "loftq", "corda", "lora_ga")  # they read the dense weight
+
+
 def _check_weight(gm: torch.fx.GraphModule, site: Site, cfg: LoraConfig) -> None:
     """A non-float base weight must be a bitsandbytes type lora_fx can read, on a linear site."""
     weight = gm.get_parameter(site.weight)
@@ -274,7 +277,7 @@ def _check_weight(gm: torch.fx.GraphModule, site: Site, cfg: LoraConfig) -> None
             f"kasa_config needs the full-precision weight of site {site.fqn!r}, which is {kind}; "
             "inject before lora_fx.quantize"
         )
-    if kind is not None and isinstance(init, str) and init.startswith(("pissa", "loftq", "corda")):
+    if kind is not None and isinstance(init, str) and init.startswith(_FULL_PRECISION_INITS):
         raise UnsupportedSiteError(
             f"init_lora_weights={init!r} needs the full-precision weight of site {site.fqn!r}, "
             f"which is {kind}; inject before lora_fx.quantize (as PEFT asks)"
