@@ -17,6 +17,7 @@ from lora_fx.config import (
     LoftQConfig,
     LoraConfig,
     LoraGAConfig,
+    VeloraConfig,
 )
 from lora_fx.errors import *  # noqa: F403  (every error, listed in lora_fx.errors.__all__)
 from lora_fx.generation import generate
@@ -32,6 +33,7 @@ __all__ = [
     "LoftQConfig",
     "LoraConfig",
     "LoraGAConfig",
+    "VeloraConfig",
     "capture",
     "capture_for_generation",
     "generate",

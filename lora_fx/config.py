@@ -33,6 +33,7 @@ __all__ = [
     "LoftQConfig",
     "LoraConfig",
     "LoraGAConfig",
+    "VeloraConfig",
     "read_config_file",
 ]
 
@@ -43,9 +44,9 @@ _NOT_YET = {
     "alora_invocation_tokens": "aLoRA (the adapter acts from its invocation tokens on)",
     "use_qalora": "QALoRA (LoRA on GPTQ / AWQ quantized linears)",
     "arrow_config": "Arrow (per-token routing among a library of LoRA experts)",
-    "velora_config": "VeLoRA (compressed input activations in the backward)",
     "monteclora_config": "MonteCLoRA (Monte Carlo sampled LoRA)",
 }
+_VELORA_INITS = ("batch_average", "batch_average_once", "random")
 # and "pissa_niter_<K>"
 _INITS = (
     *(True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq", "mica", "eva", "corda"),
@@ -161,6 +162,23 @@ class KasaConfig:
 
 
 @dataclass
+class VeloraConfig:
+    """PEFT's `VeloraConfig`: VeLoRA's compressed input activations for A's gradient.
+
+    Args:
+        num_groups: Groups the input features are split into; each token keeps one number per
+            group (more groups: a closer gradient, more memory), a positive int.
+        scale: Factor on the rebuilt activations in the backward, > 0.
+        init_type: How the projection is set: "batch_average" (every training forward),
+            "batch_average_once" (the first) or "random" (once, at inject).
+    """
+
+    num_groups: int = 64
+    scale: float = 1.0
+    init_type: str = "batch_average"
+
+
+@dataclass
 class BdLoraConfig:
     """PEFT's `BdLoraConfig`: which linear sites get a block-diagonal A or B (BD-LoRA).
 
@@ -214,6 +232,8 @@ class LoraConfig:
         kasa_config: `KasaConfig` (or its dict): KaSA on linear sites. Injecting **truncates the
             base weight** to rank `min(in, out) - r` (its r smallest singular directions go)
             and the delta becomes `scale * B @ diag(lora_diag) @ A`.
+        velora_config: `VeloraConfig` (or its dict): VeLoRA on linear sites. Outputs are plain
+            LoRA's; in training A's gradient is rebuilt from a per-site projection buffer.
         use_bdlora: `BdLoraConfig` (or its dict): BD-LoRA, a block-diagonal A or B per site.
         eva_config: `EvaConfig` (or its dict) for `init_lora_weights="eva"`
             (`lora_fx.initialize_eva`).
@@ -255,6 +275,7 @@ class LoraConfig:
     loftq_config: dict[str, Any] = field(default_factory=dict)
     kasa_config: dict[str, float] | None = None
     use_bdlora: dict[str, Any] | None = None
+    velora_config: dict[str, Any] | None = None
     eva_config: dict[str, Any] | None = None
     corda_config: dict[str, Any] | None = None
     lora_ga_config: dict[str, Any] | None = None
@@ -463,6 +484,7 @@ class LoraConfig:
             self.loftq_config = {}
         self._check_kasa()
         self._check_bdlora()
+        self._check_velora()
         self._check_eva()
         self._check_corda()
         self._check_lora_ga()
@@ -597,6 +619,30 @@ class LoraConfig:
                 f"kasa_config needs init_lora_weights=True, False or 'gaussian', got {init!r}: "
                 "KaSA truncates the base weight itself"
             )
+
+    def _check_velora(self) -> None:
+        """velora_config: PEFT's VeloraConfig checks; not with another variant."""
+        velora = _sub_config("velora_config", self.velora_config, VeloraConfig)
+        if velora is None:
+            return
+        groups, scale, init_type = velora["num_groups"], velora["scale"], velora["init_type"]
+        if not _is_int(groups) or groups <= 0:
+            raise ConfigError(
+                f"velora_config num_groups={groups!r} is invalid; expected a positive integer"
+            )
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ConfigError(f"velora_config scale={scale!r} is invalid; expected a number > 0")
+        if init_type not in _VELORA_INITS:
+            raise ConfigError(
+                f"velora_config init_type={init_type!r} is invalid; expected one of "
+                f"{list(_VELORA_INITS)}"
+            )
+        self.velora_config = velora
+        other = {"use_dora": self.use_dora, "kasa_config": self.kasa_config is not None}
+        other["use_bdlora"] = self.use_bdlora is not None
+        for name, used in other.items():
+            if used:
+                raise ConfigError(f"velora_config is not supported with {name} (one variant each)")
 
     def _check_bdlora(self) -> None:
         """use_bdlora: PEFT's BdLoraConfig fields, lists that do not overlap; one variant."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "BUFFER_HOLDERS",
     "FILE_PREFIX",
     "HOLDERS",
     "LoraPaths",
@@ -29,6 +30,8 @@ __all__ = [
 ]
 
 FILE_PREFIX = "base_model.model."
+# Holders of buffers, not parameters: the trainability sync leaves them alone.
+BUFFER_HOLDERS = ("lora_velora_embed",)
 # Child modules lora_fx adds to a site, by kind.
 HOLDERS = (
     "lora_A",
@@ -38,6 +41,7 @@ HOLDERS = (
     "lora_dropout",
     "lora_magnitude_vector",
     "lora_diag",
+    "lora_velora_embed",  # VeLoRA's projection buffers (never trainable: BUFFER_HOLDERS)
     "trainable_tokens_delta",  # trainable tokens (the site is `<embedding>.token_adapter`)
 )
 
@@ -57,6 +61,8 @@ class LoraPaths:
     magnitude_key: str = ""
     diag: str = ""  # KaSA's learnable diagonal `lora_diag` [r]
     diag_key: str = ""
+    velora: str = ""  # VeLoRA's projection buffer `lora_velora_embed` [ceil(in / num_groups)]
+    velora_key: str = ""
 
 
 def modules_to_save_path(module: str, adapter: str) -> str:

@@ -70,6 +70,8 @@ class SiteRecord:
     use_kasa: bool = False  # KaSA: `lora_diag` between A and B, base weight truncated
     block_diagonal: str = ""  # BD-LoRA: "a" or "b", the factor stored as `nblocks` blocks
     nblocks: int = 1
+    # VeLoRA: (num_groups, scale, init_type); None: A's gradient is exact
+    velora: tuple[int, float, str] | None = None
     rows: tuple[int, ...] = ()  # trainable tokens: the embedding rows the adapter replaces
 
     @classmethod
@@ -86,7 +88,15 @@ class SiteRecord:
             cfg.kasa_config is not None,
             cfg.bdlora_side(site),
             cfg.use_bdlora["nblocks"] if cfg.use_bdlora else 1,
+            velora=_velora_triple(cfg.velora_config),
         )
+
+
+def _velora_triple(velora: dict | None) -> tuple[int, float, str] | None:
+    """`velora_config` as the record keeps it: (num_groups, scale, init_type)."""
+    if velora is None:
+        return None
+    return velora["num_groups"], float(velora["scale"]), velora["init_type"]
 
 
 @dataclass

@@ -19,6 +19,8 @@ Rules:
    so a result can differ from PEFT's in its last bit.
    `type_as` reads the dtypes at run time, so a later `gm.to(dtype)` keeps the graph right.
 6. KaSA (`kasa_config`) multiplies the rank-r activations by `lora_diag` (plain layout).
+   VeLoRA (`velora_config`) computes A as `velora_linear`, reading the projection the site's
+   `lora_velora_embed` holder returns (None outside training: plain; `_velora.py`) (plain).
    BD-LoRA (`use_bdlora`) computes its block-diagonal A or B as `ops.block_diag_linear` (plain).
    DoRA (`use_dora`) rescales the branch output and the base term (`_dora.py`); `target_parameters`
    and MHA sites get `W -> W + delta` instead of a branch after the op (`_param.py`), in training
@@ -55,6 +57,7 @@ from lora_fx.math.fused_ops import (
 from lora_fx.math.ops import block_diag_linear
 from lora_fx.math.quant import logical_dtype
 from lora_fx.math.stack import slot_rows
+from lora_fx.math.velora import velora_linear
 from lora_fx.passes._dora import dora_output
 from lora_fx.passes._emit import Emitter, chain_end, strip_branches
 from lora_fx.passes._param import insert_param_branch, insert_row_branch
@@ -98,6 +101,8 @@ class BranchSpec:
         row_mask: `(index buffer path, k)` for mixed batches: only rows whose slot is k.
         dora: DoRA's paths and record (None: plain LoRA).
         diag: Path of KaSA's `lora_diag` (None: no KaSA): `B(diag * A(x))`.
+        velora: VeLoRA's `(holder path, num_groups, scale)`: A is `velora_linear` reading the
+            holder's projection for `adapter` (`_velora.py`; None: a plain A).
         blocks: BD-LoRA's `("a" or "b", nblocks)`: that factor is block-diagonal (`_bdlora.py`).
         layout: The requested layout (rule 7); a site that cannot take it takes the next one.
         export: Build for an export copy: fused accumulates out of place (torch.export rejects
@@ -115,6 +120,7 @@ class BranchSpec:
     row_mask: tuple[str, int] | None = None
     dora: tuple[LoraPaths, SiteRecord] | None = None
     diag: str | None = None
+    velora: tuple[str, int, float] | None = None
     blocks: tuple[str, int] | None = None
     layout: str = "fused"
     export: bool = False
@@ -148,6 +154,7 @@ def insert_branch(
         row_mask=row_mask,
         dora=(paths, record) if record.use_dora else None,
         diag=paths.diag if record.use_kasa else None,
+        velora=(f"{site.fqn}.lora_velora_embed", *record.velora[:2]) if record.velora else None,
         blocks=(record.block_diagonal, record.nblocks) if record.block_diagonal else None,
         layout=layout,
         rows=record.rows,
@@ -173,6 +180,7 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
         needs_plain=spec.b_bias is not None
         or spec.dora is not None
         or spec.diag is not None
+        or spec.velora is not None
         or spec.blocks is not None
         or spec.cast,
         can_weight=spec.row_mask is None and spec.dropout is None,
@@ -201,6 +209,10 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
             continue
         if spec.blocks is not None and spec.blocks[0] == "a":  # BD-LoRA: [.., r] from x's blocks
             low = emit("lora_a", "call_function", block_diag_linear, (x, a, spec.blocks[1]))
+        elif spec.velora is not None:  # VeLoRA: the holder updates and hands over its projection
+            holder, groups, v_scale = spec.velora
+            embed = emit("lora_a", "call_module", holder, (x, spec.adapter))
+            low = emit("lora_a", "call_function", velora_linear, (x, a, embed, groups, v_scale))
         else:
             low = kind.emit_down(emit, site, x, a)
         if spec.diag is not None:  # KaSA: [.., r] * lora_diag[r]

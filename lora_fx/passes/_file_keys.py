@@ -19,6 +19,7 @@ from lora_fx.core.keys import (
 )
 from lora_fx.core.state import SiteRecord
 from lora_fx.errors import AdapterError
+from lora_fx.math.velora import group_dim
 from lora_fx.passes._bdlora import block_shapes
 from lora_fx.sites import Site
 from lora_fx.sites.kinds import kind_of, lora_paths
@@ -54,6 +55,8 @@ def adapter_keys(
             keys[paths.magnitude_key] = (paths.magnitude, kind.magnitude_shape(site))
         if rec.use_kasa:
             keys[paths.diag_key] = (paths.diag, (rec.r,))
+        if rec.velora is not None:  # VeLoRA's projection buffer
+            keys[paths.velora_key] = (paths.velora, (group_dim(site.in_features, rec.velora[0]),))
     for module in saved_modules:
         copy_path = modules_to_save_path(module, adapter)
         for name, param in gm.get_submodule(module).named_parameters():

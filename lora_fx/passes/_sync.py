@@ -15,8 +15,9 @@ Rules:
 4. Graph references to a `modules_to_save` module point at the copy of the first active adapter
    that has one, else at the original module (also for a copy whose adapter is being deleted).
 5. `_set_trainable` is the one trainability rule: an adapter's tensors (A, B, B's bias, DoRA's
-   magnitude) and its `modules_to_save` copies require grad exactly when it is active (PEFT's
-   `set_adapter`, and its disabled adapters); base parameters are left as they are.
+   magnitude; not VeLoRA's projection buffers) and its `modules_to_save` copies require grad
+   exactly when it is active (PEFT's `set_adapter`, and its disabled adapters); base parameters
+   are left as they are.
 6. `sync` = branches and module copies (rules 1-4), trainability (rule 5), then dead code
    elimination, lint and recompile. Sites are matched once per sync.
 """
@@ -27,7 +28,7 @@ import torch
 import torch.fx
 
 from lora_fx.core import graph as _graph
-from lora_fx.core.keys import HOLDERS, modules_to_save_path
+from lora_fx.core.keys import BUFFER_HOLDERS, HOLDERS, modules_to_save_path
 from lora_fx.core.state import LORA_META, LoraState, get_state
 from lora_fx.math.inits import FROZEN_B_INITS
 from lora_fx.passes._branch import insert_branch, remove_branches
@@ -87,6 +88,8 @@ def _set_trainable(gm: torch.fx.GraphModule, state: LoraState) -> None:
         for fqn in record.sites:
             children = gm.get_submodule(fqn)._modules
             for holder in HOLDERS:  # A, B (and B's bias), DoRA's magnitude: whatever this site has
+                if holder in BUFFER_HOLDERS:  # VeLoRA's projection is a buffer: never trained
+                    continue
                 container = children.get(holder)
                 if container is not None and name in container:
                     container[name].requires_grad_(on and holder not in frozen)

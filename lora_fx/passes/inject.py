@@ -57,6 +57,7 @@ from lora_fx.passes._inline import inline_targeted_leaves
 from lora_fx.passes._kasa import add_kasa
 from lora_fx.passes._rollback import rollback_on_error
 from lora_fx.passes._sync import sync
+from lora_fx.passes._velora import add_velora
 from lora_fx.passes.replicate import apply_replication
 from lora_fx.sites import (
     Site,
@@ -160,6 +161,8 @@ def inject(
             if records[site.fqn].use_kasa:  # truncates the base weight: kept for a rollback
                 undo.keep(_graph.get_attr(gm, site.weight))
                 add_kasa(gm, site, adapter_name, records[site.fqn], state)
+            if records[site.fqn].velora is not None:  # VeLoRA: the projection buffer
+                add_velora(gm, site, adapter_name, records[site.fqn], state)
             if records[site.fqn].block_diagonal:  # BD-LoRA: A or B as blocks
                 add_block_diagonal(gm, site, adapter_name, records[site.fqn])
             if records[site.fqn].use_dora:

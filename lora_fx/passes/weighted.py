@@ -297,7 +297,11 @@ def _check_arguments(
         raise AdapterError(
             f"adapters {merged} are merged; call lora_fx.unmerge(gm) before add_weighted_adapter"
         )
-    for field, what in (("kasa_config", "KaSA"), ("use_bdlora", "BD-LoRA")):
+    for field, what in (
+        ("kasa_config", "KaSA"),
+        ("use_bdlora", "BD-LoRA"),
+        ("velora_config", "VeLoRA"),
+    ):
         configs = {n: state.adapters[n].config for n in adapters if n in state.adapters}
         used = [n for n, config in configs.items() if getattr(config, field)]
         if used:

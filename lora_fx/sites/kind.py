@@ -44,6 +44,7 @@ class Capabilities:
     dropout: bool = True  # a dropout on the branch input
     base_inits: bool = False  # PiSSA / OLoRA / LoftQ / orthogonal (they decompose a linear weight)
     kasa: bool = False  # KaSA: a `[r]` diagonal between A and B, the base weight truncated
+    velora: bool = False  # VeLoRA: A's gradient from compressed inputs (`velora_config`)
     bdlora: bool = False  # BD-LoRA: a block-diagonal A or B (`use_bdlora`)
     quantized: bool = False  # a bitsandbytes base weight
     mixed_batch: bool = True  # branches weighted per batch row
@@ -107,6 +108,8 @@ class SiteKind:
             magnitude_key=f"{FILE_PREFIX}{site}.lora_magnitude_vector",
             diag=f"{site}.lora_diag.{adapter}",
             diag_key=f"{FILE_PREFIX}{site}.lora_diag",
+            velora=f"{site}.lora_velora_embed.{adapter}",
+            velora_key=f"{FILE_PREFIX}{site}.lora_velora_embed",
         )
 
 

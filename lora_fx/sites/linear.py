@@ -167,6 +167,7 @@ LINEAR = SiteKind(
     can=Capabilities(
         base_inits=True,
         kasa=True,
+        velora=True,
         bdlora=True,
         quantized=True,
         layouts=("fused", "plain", "weight"),

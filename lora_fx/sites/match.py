@@ -185,6 +185,7 @@ def _check_site(site: Site, cfg: LoraConfig) -> None:
         "lora_bias=True": cfg.lora_bias and not kind.can.lora_bias,
         f"lora_dropout={cfg.lora_dropout}": cfg.lora_dropout > 0 and not kind.can.dropout,
         "kasa_config": cfg.kasa_config is not None and not kind.can.kasa,
+        "velora_config": cfg.velora_config is not None and not kind.can.velora,
         "use_bdlora": cfg.use_bdlora is not None and not kind.can.bdlora,
     }
     for what, refused in asked.items():
@@ -276,6 +277,11 @@ def _check_weight(gm: torch.fx.GraphModule, site: Site, cfg: LoraConfig) -> None
         raise UnsupportedSiteError(
             f"kasa_config needs the full-precision weight of site {site.fqn!r}, which is {kind}; "
             "inject before lora_fx.quantize"
+        )
+    if kind is not None and cfg.velora_config is not None:
+        raise UnsupportedSiteError(
+            f"velora_config is not supported on site {site.fqn!r}, whose weight is {kind} "
+            "(PEFT's quantized layers refuse VeLoRA too)"
         )
     if kind is not None and isinstance(init, str) and init.startswith(_FULL_PRECISION_INITS):
         raise UnsupportedSiteError(
