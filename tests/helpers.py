@@ -29,6 +29,25 @@ def peft_and_lora_fx(model, gm, cfg: dict):
     return pm, gm
 
 
+def assert_init_matches_peft(gm: torch.fx.GraphModule, pm, init: str) -> None:
+    """A, B and every base weight equal PEFT's to float32 rounding (the residual included).
+
+    For the data-driven inits that rewrite base weights (CorDA, LoRA-GA).
+    """
+    from conftest import assert_close
+
+    theirs, ours = pm.state_dict(), gm.state_dict()
+    lora = [k for k in ours if ".lora_" in k]
+    assert len(lora) == len([k for k in theirs if ".lora_" in k]) > 0
+    for name in lora:
+        assert ours[name].dtype == torch.float32
+        assert_close(ours[name], theirs["base_model.model." + name])
+    for name in [k for k in ours if k.endswith(".weight") and ".lora_" not in k]:
+        key = f"base_model.model.{name.removesuffix('.weight')}.base_layer.weight"
+        assert_close(ours[name], theirs.get(key, theirs.get(f"base_model.model.{name}")))
+    assert gm.meta["lora_fx"].adapters["default"].config.init_lora_weights == init
+
+
 def peft_param_name(name: str) -> str:
     """PEFT's in-memory name of a graph parameter (adapted base weights sit under base_layer)."""
     if ".lora_" not in name and name.endswith(".weight"):

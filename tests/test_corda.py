@@ -14,6 +14,7 @@ import peft
 import pytest
 import torch
 from conftest import assert_close, assert_differs
+from helpers import assert_init_matches_peft
 from models import TinyConv, TinyMLP, tiny_llama
 from peft.tuners.lora.config import CordaConfig as PeftCordaConfig
 from peft.tuners.lora.corda import preprocess_corda
@@ -44,23 +45,6 @@ def _peft(model, cfg: dict, method: str, run):
         return peft.get_peft_model(model, config).eval()
 
 
-def _assert_same_as_peft(gm, pm) -> None:
-    """A, B and every base weight equal PEFT's to float32 rounding (the residual included)."""
-    theirs = pm.state_dict()
-    ours = gm.state_dict()
-    lora = [k for k in ours if ".lora_" in k]
-    assert len(lora) == len([k for k in theirs if ".lora_" in k]) > 0
-    for name in lora:
-        assert ours[name].dtype == torch.float32
-        assert_close(ours[name], theirs["base_model.model." + name])
-    weights = [k for k in ours if k.endswith(".weight") and ".lora_" not in k]
-    for name in weights:
-        site = name.removesuffix(".weight")
-        key = f"base_model.model.{site}.base_layer.weight"
-        assert_close(ours[name], theirs.get(key, theirs.get(f"base_model.model.{name}")))
-    assert gm.meta["lora_fx"].adapters["default"].config.init_lora_weights == "corda"
-
-
 @pytest.mark.parametrize("method", ["fx", "export"])
 @pytest.mark.parametrize("corda_method", _METHODS)
 def test_mlp_matches_peft(method, corda_method):
@@ -70,7 +54,7 @@ def test_mlp_matches_peft(method, corda_method):
     cfg = LoraConfig(**_MLP, corda_config=CordaConfig(corda_method=corda_method))
     gm = lora_fx.initialize_corda(gm, cfg, batches)
     gm.graph.lint()
-    _assert_same_as_peft(gm, pm)
+    assert_init_matches_peft(gm, pm, "corda")
     x = torch.randn(16, 10)
     with torch.no_grad():
         assert_close(gm(x), pm(x))
@@ -114,7 +98,7 @@ def llama(request):
 def test_llama_matches_peft(llama):
     model, batches, pm, gm, _ = llama
     gm.graph.lint()
-    _assert_same_as_peft(gm, pm)
+    assert_init_matches_peft(gm, pm, "corda")
     ids = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
         assert_close(gm(ids).logits, pm(input_ids=ids).logits)

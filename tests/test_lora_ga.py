@@ -15,6 +15,7 @@ import peft
 import pytest
 import torch
 from conftest import assert_close, assert_differs
+from helpers import assert_init_matches_peft
 from models import TinyConv, TinyMLP, tiny_llama
 from peft.tuners.lora.config import LoraGAConfig as PeftLoraGAConfig
 from peft.tuners.lora.loraga import preprocess_loraga
@@ -77,19 +78,6 @@ def _cfg(base: dict, options: tuple[str, str] = _OPTIONS[0], **kw) -> LoraConfig
     return LoraConfig(**{**base, **kw}, lora_ga_config=ga)
 
 
-def _assert_same_as_peft(gm, pm) -> None:
-    """A, B and every base weight equal PEFT's to float32 rounding (the residual included)."""
-    theirs, ours = pm.state_dict(), gm.state_dict()
-    lora = [k for k in ours if ".lora_" in k]
-    assert len(lora) == len([k for k in theirs if ".lora_" in k]) > 0
-    for name in lora:
-        assert_close(ours[name], theirs["base_model.model." + name])
-    for name in [k for k in ours if k.endswith(".weight") and ".lora_" not in k]:
-        key = f"base_model.model.{name.removesuffix('.weight')}.base_layer.weight"
-        assert_close(ours[name], theirs.get(key, theirs.get(f"base_model.model.{name}")))
-    assert gm.meta["lora_fx"].adapters["default"].config.init_lora_weights == "lora_ga"
-
-
 @pytest.mark.parametrize("method", ["fx", "export"])
 @pytest.mark.parametrize("options", _OPTIONS, ids=["-".join(o) for o in _OPTIONS])
 def test_mlp_matches_peft(method, options):
@@ -98,7 +86,7 @@ def test_mlp_matches_peft(method, options):
     gm = lora_fx.capture(copy.deepcopy(model), (batches[0],), method=method)
     gm = lora_fx.initialize_lora_ga(gm, _cfg(_MLP, options), batches, _mlp_loss)
     gm.graph.lint()
-    _assert_same_as_peft(gm, pm)
+    assert_init_matches_peft(gm, pm, "lora_ga")
     assert not gm.training  # the training flag is restored
     assert all(p.grad is None for p in gm.parameters())  # no gradients left behind
     assert [k for k, p in gm.named_parameters() if p.requires_grad] == [
@@ -151,7 +139,7 @@ def llama():
 def test_llama_matches_peft(llama):
     model, _, pm, gm, _ = llama
     gm.graph.lint()
-    _assert_same_as_peft(gm, pm)
+    assert_init_matches_peft(gm, pm, "lora_ga")
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         assert_close(gm(ids, labels=ids).logits, pm(input_ids=ids).logits)
