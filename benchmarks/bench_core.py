@@ -224,7 +224,7 @@ def lora_sites(gm: torch.fx.GraphModule) -> int:
     return sum(1 for name, _ in gm.named_parameters() if name.endswith(".lora_A.default.weight"))
 
 
-def extra_flops(base: nn.Module, pm: nn.Module) -> dict[str, float]:
+def extra_flops(base: nn.Module, pm: nn.Module, *, seq: int = SEQ) -> dict[str, float]:
     """Per-token multiply-add FLOPs of the branches vs the adapted sites and vs the whole model."""
     branch = site = 0
     for layer in peft_layers(pm):
@@ -235,7 +235,7 @@ def extra_flops(base: nn.Module, pm: nn.Module) -> dict[str, float]:
         2 * m.in_features * m.out_features for m in base.modules() if isinstance(m, nn.Linear)
     )
     # Attention per token per layer: scores q.k over SEQ keys + weighted sum of values (full SDPA).
-    attention = base.config.num_hidden_layers * 2 * 2 * SEQ * base.config.hidden_size
+    attention = base.config.num_hidden_layers * 2 * 2 * seq * base.config.hidden_size
     return {
         "branch_flops_per_token": branch,
         "site_flops_per_token": site,

@@ -4,14 +4,16 @@
     python benchmarks/bench_speed.py --quick       # smoke mode: 2 layers, short runs, no inductor
     python benchmarks/bench_speed.py --no-compile  # skip the inductor part
 
-Figures (LlamaForCausalLM from config as in bench_core: hidden 256, intermediate 512, 4 x 64 tokens,
-target_modules="all-linear", r=8, 1 thread, no_grad, eval):
-1. eager: lora_fx graph in layouts plain / fused (default) / weight, over the captured base graph;
+Figures (LlamaForCausalLM from config as in bench_core: hidden 256, intermediate 512,
+target_modules="all-linear", r=8, 1 thread, no_grad, eval; 4 x 64, 1 x 128 and 8 x 128 tokens,
+`--shapes`):
+1. eager: lora_fx graph in layouts plain / fused / weight / auto (default), over the captured
+   base graph;
    PEFT unmerged over the eager HF model.
 2. compiled (torch.compile, inductor): the same ratios on compiled modules.
 3. ONNX Runtime (CPU EP, 1 thread): export_onnx(merged=False) per layout over the base export.
 4. The FLOP ratio: 1 + branch FLOPs / model FLOPs per token (bench_core.extra_flops).
-5. A torch.profiler table of one fused unmerged eager forward (where the time goes).
+5. A torch.profiler table of one default (auto) unmerged eager forward (where the time goes).
 
 Method: every timing section runs `--runs` times (default 2); each run is interleaved rounds, one
 call per variant in shuffled order, and a ratio is the median over rounds of that round's ratio.
@@ -42,7 +44,7 @@ from bench_core import BATCH, MODEL, SEQ, VOCAB, extra_flops, peft_config
 import lora_fx
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_speed.json"
-LAYOUTS = ("plain", "fused", "weight")
+LAYOUTS = ("plain", "fused", "weight", "auto")
 # (label, numerator, denominator)
 _RATIOS = (
     *((f"fx {lay} / base", f"fx_{lay}", "graph") for lay in LAYOUTS),
@@ -64,12 +66,12 @@ def timing_runs(variants, pairs, args) -> list[dict[str, Any]]:
     return runs
 
 
-def build(layers: int):
+def build(layers: int, batch: int, seq: int):
     """Base HF model, PEFT model, captured base graph and one lora_fx graph per layout."""
     from peft import get_peft_model
 
-    base = llama(layers, seq=SEQ, **MODEL)
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    base = llama(layers, seq=seq, **MODEL)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
     gm0 = lora_fx.capture(copy.deepcopy(base), (ids,), {"use_cache": False}).eval()
     torch.manual_seed(2)
     pm = get_peft_model(copy.deepcopy(base), peft_config(init_lora_weights=False)).eval()
@@ -104,7 +106,7 @@ def eager_section(base, pm, gm0, graphs, ids, args) -> dict[str, Any]:
 def compiled_section(base, pm, gm0, graphs, ids, args) -> dict[str, Any]:
     torch._dynamo.reset()
     modules = {"hf": base, "graph": gm0, "peft": pm}
-    modules.update({f"fx_{lay}": graphs[lay] for lay in ("fused", "weight")})
+    modules.update({f"fx_{lay}": graphs[lay] for lay in ("fused", "weight", "auto")})
     compiled, compile_s = {}, {}
     with torch.no_grad():
         for name, module in modules.items():
@@ -140,7 +142,7 @@ def ort_section(gm0, graphs, ids, args) -> dict[str, Any]:
         check = {f"{k}_vs_torch": (v - reference).abs().max().item() for k, v in outs.items()}
         check["graph_vs_torch_unadapted (must be >0)"] = check.pop("graph_vs_torch")
         variants = {k: (lambda s=s, k=k: s.run(None, feeds[k])) for k, s in sessions.items()}
-        runs = timing_runs(variants, _RATIOS[:3], args)
+        runs = timing_runs(variants, _RATIOS[: len(LAYOUTS)], args)
     return {"checks": check, "runs": runs}
 
 
@@ -178,20 +180,30 @@ def report(result: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     start = time.perf_counter()
-    base, pm, gm0, graphs, ids = build(args.layers)
+    result: dict[str, Any] = {"shapes": {}}
+    for shape in args.shapes:
+        batch, seq = (int(n) for n in shape.split("x"))
+        print(f"== {batch} x {seq} tokens", flush=True)
+        result["shapes"][shape] = run_shape(args, batch, seq)
+    result["meta"] = run_meta(quick=args.quick, start=start)
+    return result
+
+
+def run_shape(args: argparse.Namespace, batch: int, seq: int) -> dict[str, Any]:
+    base, pm, gm0, graphs, ids = build(args.layers, batch, seq)
     result: dict[str, Any] = {
-        "config": {"layers": args.layers, "runs": args.runs},
-        "flops": extra_flops(base, pm),
+        "config": {"layers": args.layers, "runs": args.runs, "batch": batch, "seq": seq},
+        "flops": extra_flops(base, pm, seq=seq),
     }
     print("eager ...", flush=True)
     result["eager"] = eager_section(base, pm, gm0, graphs, ids, args)
-    result["profile_fused_eager"] = profile_table(graphs["fused"], ids)
+    result["profile_auto_eager"] = profile_table(graphs["auto"], ids)
     if not args.no_compile:
         print("compiled (inductor) ...", flush=True)
         result["compiled"] = compiled_section(base, pm, gm0, graphs, ids, args)
-    print("onnx runtime ...", flush=True)
-    result["ort"] = ort_section(gm0, graphs, ids, args)
-    result["meta"] = run_meta(quick=args.quick, start=start)
+    if not args.no_ort:
+        print("onnx runtime ...", flush=True)
+        result["ort"] = ort_section(gm0, graphs, ids, args)
     return result
 
 
@@ -199,6 +211,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-ort", action="store_true")
+    parser.add_argument(
+        "--shapes",
+        type=lambda text: text.split(","),
+        default=[f"{BATCH}x{SEQ}", "1x128", "8x128"],
+        help="BATCHxSEQ token shapes, comma-separated",
+    )
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=25.0, help="per timing run")
@@ -213,8 +232,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     result = run(args)
-    print(result["profile_fused_eager"])
-    print(report(result))
+    for shape, shaped in result["shapes"].items():
+        print(f"== {shape} tokens")
+        print(shaped["profile_auto_eager"])
+        print(report(shaped))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")

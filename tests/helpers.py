@@ -93,6 +93,21 @@ def lora_roles(gm: torch.fx.GraphModule, adapter: str | None = None) -> Counter:
     return roles
 
 
+def lora_adds(gm: torch.fx.GraphModule, adapter: str | None = None) -> int:
+    """Branches joining a base output or weight, one per site call: role "add" nodes, counting
+    the "auto" layout's pair (`weight_for_tokens` + `add_lora_for_tokens`) once."""
+    from lora_fx.math.fused_ops import weight_for_tokens
+
+    return sum(
+        1
+        for node in gm.graph.nodes
+        if (tag := node.meta.get("lora_fx"))
+        and tag["role"] == "add"
+        and (adapter is None or tag["adapter"] == adapter)
+        and node.target is not weight_for_tokens
+    )
+
+
 def assert_no_lora(gm: torch.fx.GraphModule) -> None:
     """No lora_fx node, parameter, module or state left."""
     gm.graph.lint()

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 from conftest import assert_close, assert_differs
-from helpers import lora_roles
+from helpers import lora_adds, lora_roles
 from models import TinyMLP, tiny_llama
 from peft import LoraConfig as PeftConfig
 from peft import get_peft_model
@@ -82,7 +82,7 @@ def test_inactive_adapter_costs_nothing_and_is_frozen(tmp_path):
     assert lora_roles(gm, "cat") and not lora_roles(gm, "dog")
     assert gm.lin0.lora_A.cat.weight.requires_grad and not gm.lin1.lora_A.dog.weight.requires_grad
     lora_fx.set_adapter(gm, "dog")
-    assert not lora_roles(gm, "cat") and lora_roles(gm, "dog")["add"] == 2
+    assert not lora_roles(gm, "cat") and lora_adds(gm, "dog") == 2
     assert not gm.lin0.lora_A.cat.weight.requires_grad and gm.lin1.lora_A.dog.weight.requires_grad
 
 

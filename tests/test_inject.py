@@ -1,7 +1,7 @@
 import pytest
 import torch
 from conftest import assert_close, assert_differs
-from helpers import capture_case, lora_roles
+from helpers import capture_case, lora_adds, lora_roles
 from models import METHODS, SITE_CASES, TinyBlockStack, TinyMLP
 
 import lora_fx
@@ -106,7 +106,7 @@ def test_second_adapter_is_added_inactive_and_frozen_as_peft():
     lora_fx.inject(
         gm, LoraConfig(r=2, target_modules=["lin0", "lin1"], init_lora_weights=False), "b"
     )
-    assert lora_roles(gm, "a")["add"] == 1 and not lora_roles(gm, "b")
+    assert lora_adds(gm, "a") == 1 and not lora_roles(gm, "b")
     assert lora_fx.active_adapters(gm) == ["a"]
     assert not gm.lin1.lora_A.b.weight.requires_grad
     assert_close(gm(x), only_a)

@@ -1,5 +1,6 @@
-"""Branch layouts (`set_layout`): "fused" (default), "plain", "weight" compute the same outputs and
-gradients, save the same adapter, survive adapter switching / merging, compile and export to ONNX.
+"""Branch layouts (`set_layout`): "auto" (default), "fused", "plain", "weight" compute the same
+outputs and gradients, save the same adapter, survive adapter switching / merging, compile and
+export to ONNX. "auto" takes the fused branch or the merged weight per call (`weight_pays`).
 PEFT is the oracle for the default layout on a direct linear -> linear chain."""
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from torch import nn
 import lora_fx
 from lora_fx import AdapterError, LoraConfig
 from lora_fx.exporters import export_onnx
-from lora_fx.math.fused_ops import add_lora, add_low_rank, low_rank_weight
+from lora_fx.math import fused_ops
+from lora_fx.math.fused_ops import (
+    add_lora,
+    add_lora_for_tokens,
+    add_low_rank,
+    low_rank_weight,
+    weight_for_tokens,
+    weight_pays,
+)
 
 HF_KW = {"use_cache": False}
 
@@ -84,7 +93,7 @@ def _graphs(case):
     gm0, x, base = _captured(case)
     plain = lora_fx.set_layout(lora_fx.inject(copy.deepcopy(gm0), _cfg(targets)), "plain")
     graphs = {"plain": plain}
-    for layout in ("fused", "weight"):
+    for layout in ("auto", "fused", "weight"):
         gm = lora_fx.inject(copy.deepcopy(gm0), _cfg(targets))
         gm.load_state_dict(plain.state_dict())
         graphs[layout] = lora_fx.set_layout(gm, layout)
@@ -102,7 +111,7 @@ def test_layouts_give_equal_outputs_and_gradients(case):
         outs[layout] = out.detach()
         grads[layout] = {n: p.grad.clone() for n, p in lora_fx.trainable_parameters(gm).items()}
     assert_differs(outs["plain"], base)
-    for layout in ("fused", "weight"):
+    for layout in ("auto", "fused", "weight"):
         assert_close(outs[layout], outs["plain"])
         assert grads[layout].keys() == grads["plain"].keys()
         for name, grad in grads["plain"].items():
@@ -110,19 +119,71 @@ def test_layouts_give_equal_outputs_and_gradients(case):
             torch.testing.assert_close(grads[layout][name], grad, atol=1e-5, rtol=1e-4)
 
 
-def test_default_layout_is_fused_and_sites_have_no_separate_scale_or_add():
+def test_default_layout_is_auto_and_sites_have_no_separate_scale_or_add():
     graphs, _, _ = _graphs("llama")
-    gm = graphs["fused"]
-    assert lora_fx.get_layout(gm) == "fused"
-    roles = lora_roles(gm)
+    roles = lora_roles(graphs["fused"])
     assert roles["scale"] == roles["lora_a"] == roles["lora_b"] == 0
     assert roles["add"] == 14  # 2 layers x 7 linears, one fused node each
     assert lora_roles(graphs["plain"])["scale"] == 14
     # "weight": each site op reads W + scale * B @ A
     weight_nodes = [n for n in graphs["weight"].graph.nodes if n.target is low_rank_weight]
     assert len(weight_nodes) == 14
+    # "auto": each site op reads weight_for_tokens, its output goes through add_lora_for_tokens
+    auto = graphs["auto"].graph.nodes
+    assert sum(n.target is weight_for_tokens for n in auto) == 14
+    assert sum(n.target is add_lora_for_tokens for n in auto) == 14
+    assert lora_roles(graphs["auto"])["add"] == 28
     fresh = lora_fx.inject(lora_fx.capture(TinyMLP().eval(), (torch.randn(2, 10),)), _cfg(["lin0"]))
-    assert lora_fx.get_layout(fresh) == "fused"
+    assert lora_fx.get_layout(fresh) == "auto"
+
+
+@pytest.mark.parametrize("case", ["mlp-export", "gpt2", "llama"])
+def test_auto_layout_takes_either_path_per_call_with_the_same_outputs(case, monkeypatch):
+    """Forced to each side of the threshold, "auto" runs that path and gives the same logits."""
+    graphs, x, _ = _graphs(case)
+    gm, plain = graphs["auto"].eval(), graphs["plain"].eval()
+    calls = {"weight": 0}
+    real_low_rank_weight = fused_ops.low_rank_weight
+
+    def counting(*args):
+        calls["weight"] += 1
+        return real_low_rank_weight(*args)
+
+    monkeypatch.setattr(fused_ops, "low_rank_weight", counting)
+    with torch.no_grad():
+        expected = _logits(plain(x))
+        for factor, weight_calls in ((0.0, len(_auto_weight_nodes(gm))), (float("inf"), 0)):
+            monkeypatch.setattr(fused_ops, "WEIGHT_PAYS_FACTOR", factor)
+            calls["weight"] = 0
+            assert_close(_logits(gm(x)), expected)
+            assert calls["weight"] == weight_calls, factor
+    # Training calls never take the weight, whatever the tokens.
+    monkeypatch.setattr(fused_ops, "WEIGHT_PAYS_FACTOR", 0.0)
+    calls["weight"] = 0
+    out = _logits(gm(x))
+    out.float().pow(2).mean().backward()
+    assert calls["weight"] == 0
+    assert all(p.grad is not None for p in lora_fx.trainable_parameters(gm).values())
+    assert_close(out.detach(), expected)
+
+
+def _auto_weight_nodes(gm):
+    return [n for n in gm.graph.nodes if n.target is weight_for_tokens]
+
+
+def test_weight_pays_by_tokens_and_never_under_autograd():
+    a, b = torch.randn(8, 256), torch.randn(256, 8)
+    factor = fused_ops.WEIGHT_PAYS_FACTOR
+    crossover = factor * 256 * 256 / (256 + 256)  # tokens from which the merged weight pays
+    with torch.no_grad():
+        assert not weight_pays(torch.randn(1, 1, 256), a, b)  # a decode step
+        assert not weight_pays(torch.randn(1, int(crossover) - 1, 256), a, b)
+        assert weight_pays(torch.randn(2, int(crossover), 256), a, b)
+    big = torch.randn(4, 4 * int(crossover), 256)
+    assert weight_pays(big, a, b)  # nothing requires grad: inference
+    assert not weight_pays(big, a.requires_grad_(), b)
+    with torch.no_grad():
+        assert weight_pays(big, a, b)
 
 
 def test_saved_adapter_is_the_same_in_every_layout(tmp_path):
@@ -131,7 +192,7 @@ def test_saved_adapter_is_the_same_in_every_layout(tmp_path):
     for layout, gm in graphs.items():
         lora_fx.save_adapter(gm, tmp_path / layout)
         files[layout] = load_file(tmp_path / layout / "adapter_model.safetensors")
-    for layout in ("fused", "weight"):
+    for layout in ("auto", "fused", "weight"):
         assert files[layout].keys() == files["plain"].keys()
         for key, tensor in files["plain"].items():
             assert torch.equal(files[layout][key], tensor), key
@@ -219,7 +280,7 @@ def test_direct_linear_chain_matches_peft_with_two_adapters():
         assert_close(gm(x), expected)
 
 
-@pytest.mark.parametrize("layout", ["fused", "weight"])
+@pytest.mark.parametrize("layout", ["auto", "fused", "weight"])
 def test_compiled_fullgraph_matches_eager(layout):
     graphs, x, _ = _graphs("llama")
     gm = graphs[layout]
@@ -235,9 +296,25 @@ def test_compiled_fullgraph_matches_eager(layout):
     assert_close(out, eager)
     for name, p in lora_fx.trainable_parameters(gm).items():
         torch.testing.assert_close(p.grad, eager_grads[name], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # inference: "auto" takes the merged weight at this many tokens
+        assert_close(_logits(compiled(x)), eager.detach())
 
 
-@pytest.mark.parametrize("layout", ["fused", "weight"])
+def test_compiled_auto_layout_takes_the_weight_for_long_inputs(monkeypatch):
+    graphs, x, _ = _graphs("llama")
+    gm = graphs["auto"].eval()
+    monkeypatch.setattr(fused_ops, "WEIGHT_PAYS_FACTOR", 0.0)  # every inference call pays
+    seen = []
+    real = fused_ops.low_rank_weight
+    monkeypatch.setattr(fused_ops, "low_rank_weight", lambda *a: seen.append(1) or real(*a))
+    compiled = torch.compile(gm, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        expected = _logits(graphs["plain"].eval()(x))
+        assert_close(_logits(compiled(x)), expected)
+    assert seen  # traced through the weight path
+
+
+@pytest.mark.parametrize("layout", ["auto", "fused", "weight"])
 def test_onnx_export_carries_the_layout(layout, tmp_path):
     graphs, x, _ = _graphs("llama")
     gm = graphs[layout].eval()
@@ -340,10 +417,10 @@ def test_bad_layout_is_refused_and_graph_unchanged():
     code = gm.code
     with pytest.raises(
         ValueError,
-        match=r"layout='fast' is invalid; expected one of \['fused', 'plain', 'weight'\]",
+        match=r"layout='fast' is invalid; expected one of \['auto', 'fused', 'plain', 'weight'\]",
     ):
         lora_fx.set_layout(gm, "fast")
-    assert gm.code == code and lora_fx.get_layout(gm) == "fused"
+    assert gm.code == code and lora_fx.get_layout(gm) == "auto"
     bare = lora_fx.capture(TinyMLP().eval(), (torch.randn(2, 10),))
     with pytest.raises(AdapterError, match="no LoRA adapter"):
         lora_fx.set_layout(bare, "plain")

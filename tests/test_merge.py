@@ -5,7 +5,7 @@ import peft
 import pytest
 import torch
 from conftest import assert_close, assert_differs
-from helpers import capture_case, lora_roles
+from helpers import capture_case, lora_adds, lora_roles
 from models import METHODS, SITE_CASES, TinyMLP, tiny_gpt2
 
 import lora_fx
@@ -33,7 +33,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(case, method):
     lora_fx.unmerge(gm)
     for name, before in weights.items():
         assert_close(dict(gm.named_parameters())[name], before)
-    assert lora_roles(gm)["add"] == len(SITE_CASES[case].targets)
+    assert lora_adds(gm) == len(SITE_CASES[case].targets)
     assert_close(gm(x), adapted)
 
 

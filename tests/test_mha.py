@@ -14,7 +14,7 @@ import peft
 import pytest
 import torch
 from conftest import assert_close, assert_differs
-from helpers import lora_roles
+from helpers import lora_adds, lora_roles
 from models import TinyMha
 from torch import nn
 
@@ -72,7 +72,7 @@ def test_peft_adapter_loads_and_matches_peft(method, batch_first, targets, tmp_p
         lora_fx.capture(copy.deepcopy(model), (x,), method=method), tmp_path / "peft"
     )
     gm.graph.lint()
-    assert lora_roles(gm)["add"] == len(targets) + 1  # in- and out-projection, lin0
+    assert lora_adds(gm) == len(targets) + 1  # in- and out-projection, lin0
     with torch.no_grad():
         assert_close(gm(x), want)
     assert lora_fx.count_parameters(gm) == pm.get_nb_trainable_parameters()

@@ -17,7 +17,7 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import assert_close, assert_differs
-from helpers import lora_roles
+from helpers import lora_adds, lora_roles
 from models import TinyBlockStack, TinyMLP, tiny_gpt2
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
@@ -427,7 +427,7 @@ def test_inject_replicates_and_each_copy_gets_its_own_lora():
     new_ptrs, new_bytes = storage(gm)
     assert new_bytes == nbytes + lora  # base: no extra byte; LoRA: one A/B per copy
     assert ptrs <= new_ptrs
-    assert lora_roles(gm)["add"] == 3 * len(source)
+    assert lora_adds(gm) == 3 * len(source)
 
 
 def test_a_rejected_inject_leaves_the_graph_unreplicated():

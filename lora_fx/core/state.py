@@ -128,8 +128,9 @@ class LoraState:
     # What each fold needs to undo itself, by (adapter, site), in fold order (a DoRA weight norm,
     # a quantized weight before the merge; None for a plain fold). Unmerge walks it backwards.
     merge_undo: dict[tuple[str, str], Any] = field(default_factory=dict)
-    # How branches are laid out: "fused" | "plain" | "weight" (`set_layout`, `_branch.py` rule 7).
-    layout: str = "fused"
+    # How branches are laid out: "auto" | "fused" | "plain" | "weight" (`set_layout`,
+    # `_branch.py` rule 7).
+    layout: str = "auto"
 
 
 def require_graph_module(gm: Any) -> None:

@@ -3,6 +3,8 @@
     add_lora:         y + scale * (x @ A.T) @ B.T   rank-r activations, then one addmm into `y`
     add_low_rank:     y + scale * low @ B.T     as one addmm with `y` as the accumulator
     low_rank_weight:  W + scale * B @ A         the weight a site would have if merged, per call
+    weight_for_tokens / add_lora_for_tokens:     the "auto" layout's pair: per call, the delta goes
+                      into W when `weight_pays`, else into the output (exactly one of the two acts)
 
 All are plain tensor ops with no data-dependent control flow, so torch.compile, torch.export and
 the ONNX exporter trace them into ordinary ATen ops (`addmm`, `view`); eager fx calls them as
@@ -13,7 +15,23 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["add_lora", "add_low_rank", "add_low_rank_out_of_place", "low_rank_weight"]
+__all__ = [
+    "WEIGHT_PAYS_FACTOR",
+    "add_lora",
+    "add_lora_for_tokens",
+    "add_low_rank",
+    "add_low_rank_out_of_place",
+    "low_rank_weight",
+    "weight_for_tokens",
+    "weight_pays",
+]
+
+# `weight_pays` threshold: W + scale * B @ A per call beats the branch once
+# tokens * (in + out) >= WEIGHT_PAYS_FACTOR * in * out. At factor 1 the two cost the same FLOPs;
+# measured per site on CPU (1 thread, r=8; 256x256 .. 1024x1024 sites, 16..512 tokens) the
+# branch's small GEMMs win up to about 1.5x that point (the merged weight is written and read
+# once more per call), the weight from there on.
+WEIGHT_PAYS_FACTOR = 1.5
 
 
 def add_lora(
@@ -28,7 +46,53 @@ def add_lora(
     the gradients of A and x (see `_accumulate` for B's side).
     """
     low_t = torch.mm(lora_a, x.reshape(-1, x.shape[-1]).t())
+    if not torch.is_grad_enabled() and low_t.dtype == lora_b.dtype == y.dtype:
+        # Inference, one dtype: `_accumulate`'s checks and casts cost more dispatcher calls
+        # than the rank-r GEMMs themselves at a hundred tokens.
+        y.view(-1, y.shape[-1]).addmm_(low_t.t(), lora_b.t(), alpha=scale)
+        return y
     return _accumulate(y, low_t.t(), lora_b, scale)
+
+
+def weight_pays(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
+    """True when this call should read `W + scale * B @ A` rather than run the branch.
+
+    Only for calls autograd does not record (inference): in training the weight form would make
+    autograd build the full-size gradient of `W + delta`. Otherwise by token count: the weight
+    costs `2 r in out` per call whatever the tokens, the branch `2 r tokens (in + out)`.
+    Under torch.compile the comparison is a guard on the token count, so a graph is specialised
+    for one side of the threshold (no data-dependent control flow).
+    """
+    if torch.is_grad_enabled() and (
+        x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+    ):
+        return False
+    features_in, features_out = lora_a.shape[-1], lora_b.shape[0]
+    tokens = x.numel() // features_in
+    return tokens * (features_in + features_out) >= WEIGHT_PAYS_FACTOR * features_in * features_out
+
+
+def weight_for_tokens(
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    transposed: bool,
+) -> torch.Tensor:
+    """The weight a site reads in the "auto" layout: `W + scale * B @ A` if `weight_pays`, or W."""
+    if weight_pays(x, lora_a, lora_b):
+        return low_rank_weight(weight, lora_a, lora_b, scale, transposed)
+    return weight
+
+
+def add_lora_for_tokens(
+    y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The "auto" layout's branch: `add_lora` unless `weight_for_tokens` put the delta in W."""
+    if weight_pays(x, lora_a, lora_b):
+        return y
+    return add_lora(y, x, lora_a, lora_b, scale)
 
 
 def add_low_rank(

@@ -32,8 +32,13 @@ Rules:
    "plain": `add(y, mul(linear(low, B), scale))`, PEFT's order of operations;
    "weight": the base op reads `W + scale * B @ A` (`fused_ops.low_rank_weight`, role "add"),
        computed once per call: cheapest for many tokens; ATen linear / addmm / mm sites only.
+   "auto" (the default): both, and each call takes one (`fused_ops.weight_pays`): the base op
+       reads `weight_for_tokens(W, x, ...)` and its output goes through
+       `add_lora_for_tokens(y, x, ...)` (both role "add"); training calls and calls with few
+       tokens run the fused branch, inference calls with many tokens the merged weight.
    A site that cannot take the requested layout (DoRA, lora_bias, dtype casts, conv; for
-   "weight" also dropout > 0, mixed batches, module calls) takes the next one that fits.
+   "weight" and "auto" also dropout > 0, mixed batches, module calls) takes the next one that
+   fits; an export copy takes "fused" for "auto" (one traced path, no guard on the tokens).
 """
 
 from __future__ import annotations
@@ -50,9 +55,11 @@ from lora_fx.core.keys import LoraPaths
 from lora_fx.core.state import SiteRecord
 from lora_fx.math.fused_ops import (
     add_lora,
+    add_lora_for_tokens,
     add_low_rank,
     add_low_rank_out_of_place,
     low_rank_weight,
+    weight_for_tokens,
 )
 from lora_fx.math.ops import block_diag_linear
 from lora_fx.math.quant import logical_dtype
@@ -77,7 +84,7 @@ __all__ = [
 ]
 
 _aten = torch.ops.aten
-LAYOUTS = ("fused", "plain", "weight")
+LAYOUTS = ("auto", "fused", "plain", "weight")
 # Where a site op reads its weight: linear(x, W[out, in]); addmm(b, x, W'[in, out]); mm(x, W');
 # matmul(x, W') (ATen and Python-level forms, `sites/linear.py`).
 _WEIGHT_ARG = {
@@ -185,10 +192,16 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
         or spec.cast,
         can_weight=spec.row_mask is None and spec.dropout is None,
     )
+    if layout == "auto" and spec.export:
+        layout = "fused"
     factor = 1.0 if spec.scale is None else spec.scale
     if layout == "weight":  # each site node reads W + scale * B @ A (adapters chain on W)
         for base in site.nodes:
             weight_update_node(Emitter(graph, base.prev, tag), base, spec.a, spec.b, factor)
+        return
+    if layout == "auto":
+        for base, x in zip(site.nodes, site.inputs, strict=True):
+            _auto_branch(graph, tag, base, chain_end(x), spec, factor)
         return
     for base, x in zip(site.nodes, site.inputs, strict=True):
         end = chain_end(base)
@@ -245,6 +258,31 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
         emit.attach(end, emit("add", "call_function", _aten.add.Tensor, (end, scaled)))
 
 
+def _auto_branch(
+    graph: torch.fx.Graph,
+    tag: dict[str, str],
+    base: torch.fx.Node,
+    x: torch.fx.Node,
+    spec: BranchSpec,
+    factor: float,
+) -> None:
+    """Rule 7's "auto" on one site call: the weight half before `base`, the branch half after.
+
+    `base` reads `weight_for_tokens(W, x, ..)`, its output goes through
+    `add_lora_for_tokens(y, x, ..)`; both read the same A and B nodes, so they agree per call.
+    """
+    emit = Emitter(graph, base.prev, tag)
+    a = emit("weight", "get_attr", spec.a)
+    b = emit("weight", "get_attr", spec.b)
+    index = weight_arg_index(base)
+    transposed = base.target not in LINEAR_OPS  # as `weight_update_node`
+    args = (base.args[index], x, a, b, factor, transposed)
+    base.update_arg(index, emit("add", "call_function", weight_for_tokens, args))
+    end = chain_end(base)
+    after = Emitter(graph, end, tag)
+    after.attach(end, after("add", "call_function", add_lora_for_tokens, (end, x, a, b, factor)))
+
+
 def _weighted_rows(
     emit: Callable[..., torch.fx.Node], row_mask: tuple[str, int], out: torch.fx.Node, scale: float
 ) -> torch.fx.Node:
@@ -271,7 +309,7 @@ def fitting_layout(site: Site, layout: str, *, needs_plain: bool, can_weight: bo
     layouts = kind_of(site).can.layouts
     if needs_plain or "fused" not in layouts:
         return "plain"
-    if layout == "weight" and not (
+    if layout in ("weight", "auto") and not (
         can_weight
         and "weight" in layouts
         and all(weight_arg_index(n) is not None for n in site.nodes)

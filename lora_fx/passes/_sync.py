@@ -11,7 +11,7 @@ Rules:
    adapter from per-site stacks (`_gather.py`). The graph is rebuilt only when its layout key
    changes; otherwise sync writes the stack buffers' values and leaves the code as it is, so a
    compiled graph is reused (adapters loaded into or deleted from slots: no recompile).
-3. Branches take `state.layout` ("fused" unless `set_layout` chose another; `_branch.py` rule 7).
+3. Branches take `state.layout` ("auto" unless `set_layout` chose another; `_branch.py` rule 7).
 4. Graph references to a `modules_to_save` module point at the copy of the first active adapter
    that has one, else at the original module (also for a copy whose adapter is being deleted).
 5. `_set_trainable` is the one trainability rule: an adapter's tensors (A, B, B's bias, DoRA's

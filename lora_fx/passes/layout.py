@@ -1,6 +1,8 @@
 """Choose how the graph lays out its LoRA branches (outputs and gradients stay the same).
 
-    "fused"  (default)  y' = addmm(y, A(x), B.T, alpha=scale)       one op after A, no temporaries
+    "auto"   (default)  per call: "fused" in training and for few tokens, "weight" for
+                        inference calls with many tokens (`fused_ops.weight_pays`)
+    "fused"             y' = addmm(y, A(x), B.T, alpha=scale)       one op after A, no temporaries
     "plain"             y' = y + linear(A(x), B) * scale             PEFT's three ops
     "weight"            y' = site(x, W + scale * B @ A)              the delta added to W per call
 
@@ -11,8 +13,11 @@ Rules:
    merge do not depend on it. Results differ only by float rounding.
 3. "weight" does `2 * r * in * out` extra FLOPs per call instead of `2 * r * tokens * (in + out)`:
    faster for inference on many tokens, but in training autograd then forms the full-size
-   gradient of `W + delta` (one more matmul per site), so train with "fused". Sites it cannot
-   serve keep "fused" (`_branch.py` rule 7).
+   gradient of `W + delta` (one more matmul per site), so train with "fused" or "auto". Sites it
+   cannot serve keep "fused" (`_branch.py` rule 7).
+4. "auto" decides per call from the token count and whether autograd records, so one graph
+   serves a training step, a prefill and a decode step at their best; under torch.compile the
+   token test is a shape guard (a graph compiled for decode is not reused for a long prefill).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ log = logging.getLogger(__name__)
 
 @transactional
 def set_layout(gm: torch.fx.GraphModule, layout: str) -> torch.fx.GraphModule:
-    """Rebuild the LoRA branches of `gm` in `layout`, in place ("fused", "plain" or "weight").
+    """Rebuild the LoRA branches of `gm` in `layout`, in place ("auto", "fused", "plain", "weight").
 
     Raises:
         ValueError: `layout` is not one of LAYOUTS.
@@ -51,5 +56,5 @@ def set_layout(gm: torch.fx.GraphModule, layout: str) -> torch.fx.GraphModule:
 
 
 def get_layout(gm: torch.fx.GraphModule) -> str:
-    """The branch layout of `gm` ("fused" unless `set_layout` chose another)."""
+    """The branch layout of `gm` ("auto" unless `set_layout` chose another)."""
     return require_state(gm).layout
