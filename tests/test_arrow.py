@@ -28,6 +28,7 @@ from lora_fx import (
     MergeError,
     UnsupportedSiteError,
 )
+from lora_fx.exporters import export_onnx
 from lora_fx.math.arrow import arrow_coefficients, arrow_delta, top_right_singular_vector
 
 _TARGETS = ["up", "down"]
@@ -229,6 +230,32 @@ def test_router_over_loaded_adapters_equals_create_arrow_model(tmp_path):
         assert_close(gm(x), reference(x))
 
 
+def test_peft_saved_arrow_model_loads(tmp_path):
+    """PEFT's saved Arrow model (experts and router in subfolders) loads folder by folder."""
+    torch.manual_seed(0)
+    model, x = _Mlp().eval(), torch.randn(2, 5, 10)
+    task, _ = _library(model, tmp_path, ranks=(3, 3, 3), general=0)
+    pm = peft.create_arrow_model(copy.deepcopy(model), task, peft.ArrowConfig(top_k=2, rng_seed=1))
+    with torch.no_grad():
+        expected = pm.eval()(x)
+    pm.save_pretrained(tmp_path / "peft")
+    gm = lora_fx.capture(copy.deepcopy(model), (x,))
+    before = _snapshot(gm)
+    with pytest.raises(AdapterError, match=r"unknown adapter\(s\) \['task_0', 'task_1'"):
+        lora_fx.load_adapter(gm, tmp_path / "peft" / "arrow_router", "arrow_router")
+    _assert_unchanged(gm, before)
+    for i in range(3):
+        lora_fx.load_adapter(gm, tmp_path / "peft" / f"task_{i}", f"task_{i}")
+    lora_fx.load_adapter(gm, tmp_path / "peft" / "arrow_router", "arrow_router")
+    lora_fx.set_adapter(gm, "arrow_router")
+    with torch.no_grad():
+        assert_close(gm.eval()(x), expected)
+    lora_fx.save_adapter(gm, tmp_path / "ours", "arrow_router")
+    saved = LoraConfig.from_json(tmp_path / "ours" / "adapter_config.json")
+    assert saved.arrow_config["task_adapter_names"] == ["task_0", "task_1", "task_2"]
+    assert saved.arrow_config["top_k"] == 2
+
+
 # --- merge, unload and the passes that need one B @ A ---
 
 
@@ -249,6 +276,9 @@ def test_merge_refused_unload_restores_base(tmp_path):
         lora_fx.add_weighted_adapter(gm, ["arrow_router"], [1.0], "mix")
     with pytest.raises(AdapterError, match="expert of the Arrow router"):
         lora_fx.delete_adapter(gm, "task_1")
+    for merged in (True, False):
+        with pytest.raises(UnsupportedSiteError, match="an Arrow router at 'up'"):
+            export_onnx(gm, (x,), tmp_path / "m.onnx", merged=merged)
     _assert_unchanged(gm, before)
     lora_fx.unload(gm)
     with torch.no_grad():
