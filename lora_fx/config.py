@@ -665,11 +665,7 @@ class LoraConfig:
                 f"{list(_VELORA_INITS)}"
             )
         self.velora_config = velora
-        other = {"use_dora": self.use_dora, "kasa_config": self.kasa_config is not None}
-        other["use_bdlora"] = self.use_bdlora is not None
-        for name, used in other.items():
-            if used:
-                raise ConfigError(f"velora_config is not supported with {name} (one variant each)")
+        self._one_variant("velora_config", ("use_dora", "kasa_config", "use_bdlora"))
 
     def _check_arrow(self) -> None:
         """arrow_config: PEFT's ArrowConfig checks, name lists; a plain-LoRA router."""
@@ -700,12 +696,14 @@ class LoraConfig:
                     f"arrow_config {name}={names!r} is invalid; expected a list of adapter names"
                 )
         self.arrow_config = arrow
-        other = {"use_dora": self.use_dora, "kasa_config": self.kasa_config is not None}
-        other.update(use_bdlora=self.use_bdlora is not None, lora_bias=self.lora_bias)
-        other["velora_config"] = self.velora_config is not None
-        for name, used in other.items():
-            if used:
-                raise ConfigError(f"arrow_config is not supported with {name} (one variant each)")
+        others = ("use_dora", "kasa_config", "use_bdlora", "velora_config", "lora_bias")
+        self._one_variant("arrow_config", others)
+
+    def _one_variant(self, name: str, others: tuple[str, ...]) -> None:
+        """Refuse `name` together with any of `others` set (one variant per adapter)."""
+        for other in others:
+            if getattr(self, other) not in (None, False):
+                raise ConfigError(f"{name} is not supported with {other} (one variant each)")
 
     def _check_bdlora(self) -> None:
         """use_bdlora: PEFT's BdLoraConfig fields, lists that do not overlap; one variant."""
