@@ -397,3 +397,59 @@ def test_arrow_config_round_trips_and_refuses_variants():
     assert LoraConfig.from_dict(cfg.to_dict()).arrow_config == cfg.arrow_config
     with pytest.raises(ConfigError, match="use_dora"):
         LoraConfig(target_modules=_TARGETS, arrow_config={}, use_dora=True)
+
+
+def test_router_dropout_in_training_matches_peft(tmp_path):
+    """A router injected by hand with lora_dropout: PEFT drops out the routed delta, so do we."""
+    torch.manual_seed(0)
+    model, x = _Mlp().eval(), torch.randn(2, 5, 10)
+    task, _ = _library(model, tmp_path, ranks=(3, 3, 3), general=0)
+    names = ["task_0", "task_1", "task_2"]
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), task[0], adapter_name=names[0])
+    gm = lora_fx.capture(copy.deepcopy(model), (x,))
+    for name, path in zip(names, task, strict=True):
+        if name != names[0]:
+            pm.load_adapter(path, adapter_name=name)
+        lora_fx.load_adapter(gm, path, name)
+    theirs = peft.ArrowConfig(top_k=2, rng_seed=2)
+    theirs.task_adapter_names, theirs.gks_adapter_names = names, []
+    cfg = {"r": 3, "target_modules": _TARGETS, "lora_dropout": 0.5}
+    pm.add_adapter("arrow_router", peft.LoraConfig(**cfg, arrow_config=theirs))
+    pm.set_adapter("arrow_router")
+    lora_fx.inject(gm, LoraConfig(**cfg, arrow_config=ArrowConfig(top_k=2, rng_seed=2)), "r")
+    lora_fx.set_adapter(gm, "r")
+    pm.train(), gm.train()
+    torch.manual_seed(5)
+    expected = pm(x)
+    torch.manual_seed(5)
+    ours = gm(x)
+    assert_close(ours, expected)
+    assert lora_roles(gm, "r")["dropout"] == 2
+    with torch.no_grad():
+        assert_close(gm.eval()(x), pm.eval()(x))
+        assert_differs(gm(x), ours)
+
+
+@pytest.mark.parametrize(
+    ("second", "error", "match"),
+    [
+        ({"target_modules": ["up"]}, ConfigError, r"'t1' targets \['up'\].*same sites"),
+        ({"use_dora": True}, ConfigError, r"'t1' uses \['use_dora'\]"),
+        ({"merged": True}, AdapterError, "while adapters are merged"),
+    ],
+)
+def test_experts_that_cannot_be_mixed_are_refused(second, error, match):
+    torch.manual_seed(0)
+    model, x = _Mlp().eval(), torch.randn(2, 5, 10)
+    gm = lora_fx.capture(model, (x,))
+    plain = {"r": 2, "target_modules": _TARGETS, "init_lora_weights": False}
+    lora_fx.inject(gm, LoraConfig(**plain), "t0")
+    merged = second.pop("merged", False)
+    lora_fx.inject(gm, LoraConfig(**{**plain, **second}), "t1")
+    if merged:
+        lora_fx.merge(gm, ["t1"])
+    before = _snapshot(gm)
+    router = LoraConfig(r=2, target_modules=["up"], arrow_config=ArrowConfig(top_k=1))
+    with pytest.raises(error, match=match):
+        lora_fx.inject(gm, router, "router")
+    _assert_unchanged(gm, before)

@@ -7,9 +7,10 @@ Rules:
 1. A router is an adapter whose config has `arrow_config` (PEFT's `arrow_router`). Its experts
    are other adapters on the graph: `task_adapter_names`, or (None) every adapter that is not a
    router nor a general one, PEFT's `task_*` / `gks_*` naming. Planning refuses, before any
-   change: unknown or merged experts, `top_k` above the number of experts, GenKnowSub without
-   general adapters, experts with a variant (DoRA, KaSA, ...), experts whose sites or ranks
-   differ (PEFT's `check_loaded_lora_compatibility_arrow`), and non-linear sites.
+   change: unknown experts, `top_k` above the number of experts, GenKnowSub without general
+   adapters, experts with a variant (DoRA, KaSA, ...), experts whose sites or ranks differ
+   (PEFT's `check_loaded_lora_compatibility_arrow`), and non-linear sites. (Merged experts:
+   inject refuses while any adapter is merged.)
 2. Like PEFT's lazy first forward, but once at inject: GenKnowSub subtracts the general
    adapters' mean A and mean B from every expert's A and B (in place; a failed inject puts
    them back), then each expert's prototype (the top right singular vector of B @ A, PEFT's
@@ -69,7 +70,7 @@ def plan_arrow(gm: torch.fx.GraphModule, cfg: LoraConfig, sites: list[Site]) -> 
     """Check a router config against the adapters on the graph (rule 1); change nothing.
 
     Raises:
-        AdapterError: An unknown or merged expert.
+        AdapterError: An unknown expert.
         ConfigError: No expert, top_k too large, GenKnowSub without general adapters, an expert
             with a variant, or experts whose sites or ranks differ.
         UnsupportedSiteError: A router or expert site that is not linear.
@@ -137,12 +138,10 @@ def _general_names(arrow: dict, adapters: dict) -> list[str]:
 
 
 def _check_experts(state: LoraState, names: list[str]) -> None:
-    """Experts (and general adapters): plain LoRA, unmerged, linear, same sites and ranks."""
+    """Experts (and general adapters): plain LoRA, linear, the same sites and ranks."""
     first = names[0]
     for name in names:
-        record = state.adapters[name]
-        if record.merged:
-            raise AdapterError(f"Arrow expert {name!r} is merged; unmerge it first")
+        record = state.adapters[name]  # none is merged: inject refuses while any is
         used = [v for v in _VARIANTS if getattr(record.config, v)]
         if record.config.arrow_config is not None or record.config.trainable_token_indices:
             used.append("arrow_config or trainable_token_indices")
