@@ -207,6 +207,12 @@ def test_compile_matches_eager(tmp_path):
     with torch.no_grad():
         assert_close(compiled(x), gm(x))
         assert_close(compiled(x * 2), gm(x * 2))
+    # torch.export sees the routing as plain ATen ops
+    program = torch.export.export(gm, (x,))
+    targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    assert {torch.ops.aten.topk.default, torch.ops.aten.abs.default} <= targets
+    with torch.no_grad():
+        assert_close(program.module()(x), gm(x))
 
 
 def test_router_over_loaded_adapters_equals_create_arrow_model(tmp_path):
