@@ -338,6 +338,24 @@ def test_mixed_ranks_refused(tmp_path):
     _assert_unchanged(gm, before)
 
 
+def test_names_in_use_and_sites_without_experts_refused(tmp_path):
+    gm, task, _ = _loaded(tmp_path, ranks=(3, 3), general=0)
+    lora_fx.load_adapter(gm, task[0], "task_1")
+    before = _snapshot(gm)
+    with pytest.raises(AdapterError, match=r"\['task_1'\] already exist"):
+        lora_fx.create_arrow_model(gm, task, ArrowConfig(top_k=1))
+    _assert_unchanged(gm, before)
+    plain = {"r": 2, "target_modules": ["up"], "init_lora_weights": False}
+    lora_fx.inject(gm, LoraConfig(**plain), "e0")
+    lora_fx.inject(gm, LoraConfig(**plain), "e1")
+    before = _snapshot(gm)
+    arrow = ArrowConfig(top_k=1, task_adapter_names=["e0", "e1"])
+    router = LoraConfig(r=2, target_modules=_TARGETS, arrow_config=arrow)
+    with pytest.raises(ConfigError, match=r"targets \['down'\], where the experts have no"):
+        lora_fx.inject(gm, router, "router")
+    _assert_unchanged(gm, before)
+
+
 def test_unknown_expert_refused(tmp_path):
     gm, task, _ = _loaded(tmp_path, ranks=(3, 3), general=0)
     lora_fx.load_adapter(gm, task[0], "a")

@@ -72,20 +72,14 @@ def plan_arrow(gm: torch.fx.GraphModule, cfg: LoraConfig, sites: list[Site]) -> 
     Raises:
         AdapterError: An unknown expert.
         ConfigError: No expert, top_k too large, GenKnowSub without general adapters, an expert
-            with a variant, or experts whose sites or ranks differ.
+            with a variant, experts whose sites or ranks differ, or router sites they lack.
         UnsupportedSiteError: A router or expert site that is not linear.
     """
     arrow = cfg.arrow_config
     state = state_or_none(gm)
     adapters = state.adapters if state is not None else {}
     general = _general_names(arrow, adapters)
-    experts = arrow["task_adapter_names"]
-    if experts is None:
-        experts = [
-            n
-            for n, rec in adapters.items()
-            if rec.config.arrow_config is None and n not in general and not _GENERAL.fullmatch(n)
-        ]
+    experts = _expert_names(arrow, adapters, general)
     unknown = [n for n in [*experts, *general] if n not in adapters]
     if unknown:
         raise AdapterError(
@@ -103,23 +97,35 @@ def plan_arrow(gm: torch.fx.GraphModule, cfg: LoraConfig, sites: list[Site]) -> 
             f"({len(experts)}: {experts}); use top_k <= {len(experts)}"
         )
     _check_experts(state, [*experts, *general])
-    routes = {}
     for site in sites:
         if site.kind != "linear":
             raise UnsupportedSiteError(
                 f"arrow_config on {site.kind} site {site.fqn!r}: Arrow routes linear sites only"
             )
-        scales = tuple(adapters[e].sites[site.fqn].scale for e in experts)
-        routes[site.fqn] = ArrowRoute(
-            tuple(experts), scales, arrow["top_k"], float(arrow["router_temperature"])
-        )
     missing = [s.fqn for s in sites if s.fqn not in adapters[experts[0]].sites]
     if missing:
         raise ConfigError(
             f"the Arrow router targets {missing}, where the experts have no adapter; target "
             f"the experts' sites: {sorted(adapters[experts[0]].sites)}"
         )
+    routes = {}
+    for site in sites:
+        scales = tuple(adapters[e].sites[site.fqn].scale for e in experts)
+        routes[site.fqn] = ArrowRoute(
+            tuple(experts), scales, arrow["top_k"], float(arrow["router_temperature"])
+        )
     return ArrowPlan(tuple(experts), tuple(general), arrow["rng_seed"], routes)
+
+
+def _expert_names(arrow: dict, adapters: dict, general: list[str]) -> list[str]:
+    """The task experts: the named ones, else every adapter but routers and general ones."""
+    if arrow["task_adapter_names"] is not None:
+        return list(arrow["task_adapter_names"])
+    return [
+        n
+        for n, rec in adapters.items()
+        if rec.config.arrow_config is None and n not in general and not _GENERAL.fullmatch(n)
+    ]
 
 
 def _general_names(arrow: dict, adapters: dict) -> list[str]:

@@ -119,7 +119,7 @@ def delete_adapter(gm: torch.fx.GraphModule, adapter_name: str) -> torch.fx.Grap
     """Remove an adapter's branches, parameters and module copies, in place.
 
     Raises:
-        AdapterError: An unknown or merged adapter.
+        AdapterError: An unknown or merged adapter, or an expert an Arrow router routes to.
 
     Example:
         >>> lora_fx.delete_adapter(gm, "old")

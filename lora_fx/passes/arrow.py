@@ -25,8 +25,8 @@ import torch.fx
 
 from lora_fx.capture import as_graph_module
 from lora_fx.config import ArrowConfig, LoraConfig
-from lora_fx.core.state import require_state
-from lora_fx.errors import ConfigError
+from lora_fx.core.state import require_state, state_or_none
+from lora_fx.errors import AdapterError, ConfigError
 from lora_fx.passes._rollback import rollback_on_error
 from lora_fx.passes.adapters import set_adapter
 from lora_fx.passes.files import load_adapter
@@ -64,7 +64,8 @@ def create_arrow_model(
     Raises:
         ConfigError: No expert path, `use_gks` without general paths, top_k above the number of
             experts, or experts whose sites or ranks differ.
-        AdapterError: A folder that is not a LoRA adapter for this graph, or a name in use.
+        AdapterError: A folder that is not a LoRA adapter for this graph, or a name in use
+            (`task_<i>`, `gks_<i>`, `adapter_name`).
         UnsupportedSiteError: An expert on a non-linear site.
 
     Example:
@@ -90,6 +91,14 @@ def create_arrow_model(
     gm = as_graph_module(gm)
     experts = [f"{TASK_ADAPTER_PREFIX}{i}" for i in range(len(task_specific_adapter_paths))]
     generals = [f"{GKS_ADAPTER_PREFIX}{i}" for i in range(len(general))]
+    state = state_or_none(gm)
+    taken = [n for n in [*experts, *generals, adapter_name] if state and n in state.adapters]
+    if taken:
+        raise AdapterError(
+            f"create_arrow_model names its adapters {[*experts, *generals, adapter_name]}, but "
+            f"{taken} already exist on this graph; delete them, or load the experts yourself "
+            "and inject a router with arrow_config=ArrowConfig(task_adapter_names=[...])"
+        )
 
     # apply (rule 3: all or nothing)
     with rollback_on_error(gm):
