@@ -280,6 +280,8 @@ def test_merge_refused_unload_restores_base(tmp_path):
         lora_fx.set_adapter_batch(gm, ["arrow_router", "task_0"])
     with pytest.raises(AdapterError, match="Arrow router"):
         lora_fx.add_weighted_adapter(gm, ["arrow_router"], [1.0], "mix")
+    with pytest.raises(AdapterError, match="prepare_for_hotswap does not support Arrow"):
+        lora_fx.prepare_for_hotswap(gm, target_rank=4)
     with pytest.raises(AdapterError, match="expert of the Arrow router"):
         lora_fx.delete_adapter(gm, "task_1")
     for merged in (True, False):
