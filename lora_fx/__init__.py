@@ -10,6 +10,7 @@ The public API: `capture`, the config, the errors, and every pass (`lora_fx.pass
 from lora_fx import errors, passes
 from lora_fx.capture import capture, capture_for_generation
 from lora_fx.config import (
+    ArrowConfig,
     BdLoraConfig,
     CordaConfig,
     EvaConfig,
@@ -26,6 +27,7 @@ from lora_fx.passes import *  # noqa: F403  (the passes, listed once in lora_fx.
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArrowConfig",
     "BdLoraConfig",
     "CordaConfig",
     "EvaConfig",

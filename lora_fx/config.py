@@ -26,6 +26,7 @@ from lora_fx.errors import ConfigError, ReplicationError
 
 __all__ = [
     "DUMMY_TARGET_MODULES",
+    "ArrowConfig",
     "BdLoraConfig",
     "CordaConfig",
     "EvaConfig",
@@ -43,7 +44,6 @@ _BIAS_MODES = ("none", "all", "lora_only")
 _NOT_YET = {
     "alora_invocation_tokens": "aLoRA (the adapter acts from its invocation tokens on)",
     "use_qalora": "QALoRA (LoRA on GPTQ / AWQ quantized linears)",
-    "arrow_config": "Arrow (per-token routing among a library of LoRA experts)",
     "monteclora_config": "MonteCLoRA (Monte Carlo sampled LoRA)",
 }
 _VELORA_INITS = ("batch_average", "batch_average_once", "random")
@@ -179,6 +179,29 @@ class VeloraConfig:
 
 
 @dataclass
+class ArrowConfig:
+    """PEFT's `ArrowConfig`: per-token routing among LoRA experts (Arrow), optionally GenKnowSub.
+
+    Args:
+        top_k: Experts mixed per token (at most the number of task experts).
+        router_temperature: Softmax temperature of the routing coefficients, > 0.
+        use_gks: GenKnowSub: subtract the mean of the general adapters' A and B from every
+            task expert's A and B before routing.
+        task_adapter_names: The experts; None: every adapter but the router and the general
+            ones (PEFT sets them in `create_arrow_model`: `task_0`, `task_1`, ...).
+        gks_adapter_names: The general adapters; None: those named `gks_<i>` (PEFT's names).
+        rng_seed: Seed of the power iteration's start vector (None: the global generator).
+    """
+
+    top_k: int = 3
+    router_temperature: float = 1.0
+    use_gks: bool = False
+    task_adapter_names: list[str] | None = None
+    gks_adapter_names: list[str] | None = None
+    rng_seed: int | None = None
+
+
+@dataclass
 class BdLoraConfig:
     """PEFT's `BdLoraConfig`: which linear sites get a block-diagonal A or B (BD-LoRA).
 
@@ -234,6 +257,8 @@ class LoraConfig:
             and the delta becomes `scale * B @ diag(lora_diag) @ A`.
         velora_config: `VeloraConfig` (or its dict): VeLoRA on linear sites. Outputs are plain
             LoRA's; in training A's gradient is rebuilt from a per-site projection buffer.
+        arrow_config: `ArrowConfig` (or its dict): the config of an Arrow router adapter, which
+            routes each token among the task experts (`lora_fx.create_arrow_model`).
         use_bdlora: `BdLoraConfig` (or its dict): BD-LoRA, a block-diagonal A or B per site.
         eva_config: `EvaConfig` (or its dict) for `init_lora_weights="eva"`
             (`lora_fx.initialize_eva`).
@@ -276,6 +301,7 @@ class LoraConfig:
     kasa_config: dict[str, float] | None = None
     use_bdlora: dict[str, Any] | None = None
     velora_config: dict[str, Any] | None = None
+    arrow_config: dict[str, Any] | None = None
     eva_config: dict[str, Any] | None = None
     corda_config: dict[str, Any] | None = None
     lora_ga_config: dict[str, Any] | None = None
@@ -485,6 +511,7 @@ class LoraConfig:
         self._check_kasa()
         self._check_bdlora()
         self._check_velora()
+        self._check_arrow()
         self._check_eva()
         self._check_corda()
         self._check_lora_ga()
@@ -638,11 +665,45 @@ class LoraConfig:
                 f"{list(_VELORA_INITS)}"
             )
         self.velora_config = velora
-        other = {"use_dora": self.use_dora, "kasa_config": self.kasa_config is not None}
-        other["use_bdlora"] = self.use_bdlora is not None
-        for name, used in other.items():
-            if used:
-                raise ConfigError(f"velora_config is not supported with {name} (one variant each)")
+        self._one_variant("velora_config", ("use_dora", "kasa_config", "use_bdlora"))
+
+    def _check_arrow(self) -> None:
+        """arrow_config: PEFT's ArrowConfig checks, name lists; a plain-LoRA router."""
+        arrow = _sub_config("arrow_config", self.arrow_config, ArrowConfig)
+        if arrow is None:
+            return
+        top_k, temperature, seed = arrow["top_k"], arrow["router_temperature"], arrow["rng_seed"]
+        if not _is_int(top_k) or top_k <= 0:
+            raise ConfigError(f"arrow_config top_k={top_k!r} is invalid; expected an integer >= 1")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            temperature = None
+        if temperature is None or not temperature > 0:
+            raise ConfigError(
+                f"arrow_config router_temperature={arrow['router_temperature']!r} is invalid; "
+                "expected a number > 0"
+            )
+        if not isinstance(arrow["use_gks"], bool) or not (seed is None or _is_int(seed)):
+            raise ConfigError(
+                f"arrow_config use_gks={arrow['use_gks']!r}, rng_seed={seed!r}: expected a bool "
+                "and an integer or None"
+            )
+        for name in ("task_adapter_names", "gks_adapter_names"):
+            names = arrow[name]
+            if names is not None and not (
+                isinstance(names, list) and all(isinstance(n, str) for n in names)
+            ):
+                raise ConfigError(
+                    f"arrow_config {name}={names!r} is invalid; expected a list of adapter names"
+                )
+        self.arrow_config = arrow
+        others = ("use_dora", "kasa_config", "use_bdlora", "velora_config", "lora_bias")
+        self._one_variant("arrow_config", others)
+
+    def _one_variant(self, name: str, others: tuple[str, ...]) -> None:
+        """Refuse `name` together with any of `others` set (one variant per adapter)."""
+        for other in others:
+            if getattr(self, other) not in (None, False):
+                raise ConfigError(f"{name} is not supported with {other} (one variant each)")
 
     def _check_bdlora(self) -> None:
         """use_bdlora: PEFT's BdLoraConfig fields, lists that do not overlap; one variant."""

@@ -31,7 +31,7 @@ __all__ = [
 
 FILE_PREFIX = "base_model.model."
 # Holders of buffers, not parameters: the trainability sync leaves them alone.
-BUFFER_HOLDERS = ("lora_velora_embed",)
+BUFFER_HOLDERS = ("lora_velora_embed", "lora_arrow")
 # Child modules lora_fx adds to a site, by kind.
 HOLDERS = (
     "lora_A",
@@ -42,6 +42,7 @@ HOLDERS = (
     "lora_magnitude_vector",
     "lora_diag",
     "lora_velora_embed",  # VeLoRA's projection buffers (never trainable: BUFFER_HOLDERS)
+    "lora_arrow",  # Arrow routers' prototypes (buffers, not saved: PEFT's are non-persistent)
     "trainable_tokens_delta",  # trainable tokens (the site is `<embedding>.token_adapter`)
 )
 

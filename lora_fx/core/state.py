@@ -29,12 +29,14 @@ __all__ = [
     "ROLES",
     "STATE_META",
     "AdapterRecord",
+    "ArrowRoute",
     "LoraState",
     "SiteRecord",
     "get_state",
     "lora_tag",
     "require_flat",
     "require_graph_module",
+    "require_no_arrow",
     "require_no_tokens",
     "require_state",
     "resolve_adapters",
@@ -53,7 +55,18 @@ INPUT_GRAD_META = "lora_fx_input_requires_grad"
 # Roles of nodes in a branch: y' = add(y, scale * lora_b(lora_a(dropout(x))))
 # "cast": dtype casts around a float32 adapter on a half-precision site (autocast_adapter_dtype).
 # "dora": DoRA's weight norm and magnitude rescaling (use_dora=True).
-ROLES = ("dropout", "lora_a", "lora_b", "scale", "add", "weight", "mask", "cast", "dora")
+# "route": an Arrow router's per-token expert coefficients (arrow_config).
+ROLES = ("dropout", "lora_a", "lora_b", "scale", "add", "weight", "mask", "cast", "dora", "route")
+
+
+@dataclass(frozen=True)
+class ArrowRoute:
+    """What an Arrow router routes among on one site: its experts, their scales, top_k, T."""
+
+    experts: tuple[str, ...]
+    scales: tuple[float, ...]
+    top_k: int
+    temperature: float
 
 
 @dataclass
@@ -73,6 +86,7 @@ class SiteRecord:
     # VeLoRA: (num_groups, scale, init_type); None: A's gradient is exact
     velora: tuple[int, float, str] | None = None
     rows: tuple[int, ...] = ()  # trainable tokens: the embedding rows the adapter replaces
+    arrow: ArrowRoute | None = None  # an Arrow router: its branch mixes the experts per token
 
     @classmethod
     def from_config(cls, cfg: LoraConfig, site: str, kind: str) -> SiteRecord:
@@ -203,6 +217,18 @@ def require_no_tokens(state: LoraState, names: Iterable[str], action: str) -> No
         raise AdapterError(
             f"{action} does not support adapters with trainable_token_indices: {with_tokens}; "
             "their embedding rows are replaced, not low-rank factors"
+        )
+
+
+def require_no_arrow(
+    state: LoraState, names: Iterable[str], action: str, error: type[Exception] = AdapterError
+) -> None:
+    """Refuse `action` on Arrow routers: per-token routing has no single low-rank delta (PEFT)."""
+    routers = [n for n in names if state.adapters[n].config.arrow_config is not None]
+    if routers:
+        raise error(
+            f"{action} does not support Arrow router adapters {routers}: each token mixes its "
+            "own top-k experts, so there is no single B @ A; delete or deactivate the router first"
         )
 
 

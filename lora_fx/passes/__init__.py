@@ -9,6 +9,7 @@ from lora_fx.passes.adapters import (
     set_adapter,
     trainable_parameters,
 )
+from lora_fx.passes.arrow import create_arrow_model
 from lora_fx.passes.checkpoint import checkpoint_blocks, checkpointed_blocks, uncheckpoint_blocks
 from lora_fx.passes.corda import initialize_corda
 from lora_fx.passes.eva import initialize_eva
@@ -35,6 +36,7 @@ __all__ = [
     "checkpoint_blocks",
     "checkpointed_blocks",
     "count_parameters",
+    "create_arrow_model",
     "delete_adapter",
     "dequantize",
     "disable_adapters",

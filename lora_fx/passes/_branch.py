@@ -21,6 +21,7 @@ Rules:
 6. KaSA (`kasa_config`) multiplies the rank-r activations by `lora_diag` (plain layout).
    VeLoRA (`velora_config`) computes A as `velora_linear`, reading the projection the site's
    `lora_velora_embed` holder returns (None outside training: plain; `_velora.py`) (plain).
+   Arrow routers (`arrow_config`) mix their experts per token instead (`_arrow.py`).
    BD-LoRA (`use_bdlora`) computes its block-diagonal A or B as `ops.block_diag_linear` (plain).
    DoRA (`use_dora`) rescales the branch output and the base term (`_dora.py`); `target_parameters`
    and MHA sites get `W -> W + delta` instead of a branch after the op (`_param.py`), in training
@@ -65,6 +66,7 @@ from lora_fx.math.ops import block_diag_linear
 from lora_fx.math.quant import logical_dtype
 from lora_fx.math.stack import slot_rows
 from lora_fx.math.velora import velora_linear
+from lora_fx.passes._arrow import emit_arrow
 from lora_fx.passes._dora import dora_output
 from lora_fx.passes._emit import Emitter, chain_end, strip_branches
 from lora_fx.passes._param import insert_param_branch, insert_row_branch
@@ -150,6 +152,9 @@ def insert_branch(
     """
     paths = lora_paths(site.kind, site.fqn, adapter)
     cast = _graph.get_attr(gm, paths.a).dtype != logical_dtype(_graph.get_attr(gm, site.weight))
+    if record.arrow is not None:  # an Arrow router: routed among its experts (`_arrow.py`)
+        emit_arrow(gm.graph, site, adapter, record, cast=cast)
+        return
     spec = BranchSpec(
         adapter,
         paths.a,

@@ -119,7 +119,7 @@ def delete_adapter(gm: torch.fx.GraphModule, adapter_name: str) -> torch.fx.Grap
     """Remove an adapter's branches, parameters and module copies, in place.
 
     Raises:
-        AdapterError: An unknown or merged adapter.
+        AdapterError: An unknown or merged adapter, or an expert an Arrow router routes to.
 
     Example:
         >>> lora_fx.delete_adapter(gm, "old")
@@ -129,6 +129,16 @@ def delete_adapter(gm: torch.fx.GraphModule, adapter_name: str) -> torch.fx.Grap
     record = state.adapters[adapter_name]
     if record.merged:
         raise AdapterError(f"adapter {adapter_name!r} is merged; unmerge it before deleting it")
+    routers = [
+        name
+        for name, rec in state.adapters.items()
+        if any(adapter_name in (s.arrow.experts if s.arrow else ()) for s in rec.sites.values())
+    ]
+    if routers:
+        raise AdapterError(
+            f"adapter {adapter_name!r} is an expert of the Arrow router(s) {routers}; delete "
+            "the router(s) first"
+        )
     del state.adapters[adapter_name]  # in a mixed batch its slot is freed (no new graph)
     if adapter_name in state.active:
         state.active.remove(adapter_name)

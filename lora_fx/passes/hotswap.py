@@ -28,7 +28,13 @@ from torch import nn
 from lora_fx.core import graph as _graph
 from lora_fx.core.files import read_adapter
 from lora_fx.core.keys import FILE_PREFIX, is_adapter_parameter, modules_to_save_path
-from lora_fx.core.state import LoraState, require_no_tokens, require_state, resolve_adapters
+from lora_fx.core.state import (
+    LoraState,
+    require_no_arrow,
+    require_no_tokens,
+    require_state,
+    resolve_adapters,
+)
 from lora_fx.errors import AdapterError
 from lora_fx.math import ops
 from lora_fx.passes._gather import refresh_adapter
@@ -69,6 +75,7 @@ def prepare_for_hotswap(
         list(state.adapters) if adapter_names is None else resolve_adapters(state, adapter_names)
     )
     require_no_tokens(state, names, "prepare_for_hotswap")
+    require_no_arrow(state, names, "prepare_for_hotswap")
     for name in names:
         record = state.adapters[name]
         if record.merged:
@@ -119,6 +126,7 @@ def hotswap_adapter(
     state = require_state(gm)
     resolve_adapters(state, [adapter_name])
     require_no_tokens(state, [adapter_name], "hotswap_adapter")
+    require_no_arrow(state, [adapter_name], "hotswap_adapter")
     record = state.adapters[adapter_name]
     if record.merged:
         raise AdapterError(f"adapter {adapter_name!r} is merged; unmerge it before hot-swapping")

@@ -18,7 +18,8 @@ Rules:
    inactive and frozen (no nodes, no cost) until `set_adapter` activates them.
 7. Variants, per site, after A and B exist: `init_lora_weights` "pissa" / "olora" / "loftq" /
    "orthogonal" (`inits.py`; the first three rewrite the base weight), then DoRA's magnitude
-   `<site>.lora_magnitude_vector.<adapter>.weight` (`use_dora`). `target_parameters` adds "param"
+   `<site>.lora_magnitude_vector.<adapter>.weight` (`use_dora`), an Arrow router's GenKnowSub
+   and prototypes (`arrow_config`, `_arrow.py`). `target_parameters` adds "param"
    sites (`W -> W + delta` where W is read). On a bitsandbytes base the adapter is float32.
 8. `trainable_token_indices` adds "tokens" sites (`sites/tokens.py`): the chosen embedding rows
    (and a tied output layer's) read `<embedding>.token_adapter.trainable_tokens_delta.<adapter>`,
@@ -28,6 +29,7 @@ Rules:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import warnings
 from collections import Counter
@@ -50,6 +52,7 @@ from lora_fx.core.state import (
 from lora_fx.errors import AdapterError, ConfigError
 from lora_fx.math import quant
 from lora_fx.math.inits import changes_base
+from lora_fx.passes._arrow import add_arrow, plan_arrow
 from lora_fx.passes._base_init import init_from_base
 from lora_fx.passes._bdlora import add_block_diagonal
 from lora_fx.passes._dora import add_magnitude
@@ -140,6 +143,9 @@ def inject(
         )
         _warn_fan_in_fan_out(cfg, sites)
         records = {site.fqn: site_record(cfg, site) for site in sites}
+        arrow = plan_arrow(gm, cfg, sites) if cfg.arrow_config is not None else None
+        if arrow is not None:  # an Arrow router: its branches route among the experts
+            records = {f: dataclasses.replace(r, arrow=arrow.routes[f]) for f, r in records.items()}
 
         # apply
         state = get_state(gm)
@@ -167,6 +173,8 @@ def inject(
                 add_block_diagonal(gm, site, adapter_name, records[site.fqn])
             if records[site.fqn].use_dora:
                 add_magnitude(gm, site, adapter_name, records[site.fqn], state)
+            if arrow is not None:  # GenKnowSub on the experts, the router's prototypes
+                add_arrow(gm, site, adapter_name, arrow, state, undo)
         for path in saved_modules:
             _add_module_copy(gm, path, adapter_name, state)
         state.adapters[adapter_name] = AdapterRecord(cfg, records, saved_modules)

@@ -45,6 +45,7 @@ from lora_fx.core.state import (
     LoraState,
     SiteRecord,
     lora_tag,
+    require_no_arrow,
     require_state,
     resolve_adapters,
 )
@@ -97,6 +98,7 @@ def merge(
     for name in already:
         warnings.warn(f"adapter {name!r} is already merged; nothing to do for it", stacklevel=2)
     names = [n for n in names if not state.adapters[n].merged]
+    require_no_arrow(state, names, "merge", MergeError)  # PEFT refuses to merge a router too
     sites = all_sites(gm)
     plan = [
         (name, sites[fqn], rec) for name in names for fqn, rec in state.adapters[name].sites.items()

@@ -61,7 +61,13 @@ import torch.fx
 
 from lora_fx.config import LoraConfig
 from lora_fx.core import graph as _graph
-from lora_fx.core.state import LoraState, require_no_tokens, require_state, resolve_adapters
+from lora_fx.core.state import (
+    LoraState,
+    require_no_arrow,
+    require_no_tokens,
+    require_state,
+    resolve_adapters,
+)
 from lora_fx.errors import AdapterError
 from lora_fx.math import combine, ops
 from lora_fx.passes._rollback import transactional
@@ -268,6 +274,7 @@ def _check_arguments(
         )
     resolve_adapters(state, list(adapters))  # unknown names -> AdapterError listing the known ones
     require_no_tokens(state, adapters, "add_weighted_adapter")
+    require_no_arrow(state, adapters, "add_weighted_adapter")
     if isinstance(weights, str) or not isinstance(weights, Sequence):
         raise AdapterError(f"weights={weights!r} is invalid; expected a list of numbers")
     if len(weights) != len(adapters):
