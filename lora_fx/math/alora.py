@@ -48,11 +48,11 @@ def alora_mask(offsets: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     if offsets.numel() == 0:
         return out.new_zeros(shape)
     rows = out.shape[:-1].numel()
-    torch._check(
+    torch._check(  # no tensor in the message's closure: torch.compile keeps one graph
         rows % offsets.shape[0] == 0,
         lambda: (
-            f"aLoRA: {offsets.shape[0]} offsets do not fit an output of shape "
-            f"{tuple(out.shape)}; call lora_fx.set_alora_offsets(gm, input_ids) for this batch"
+            "aLoRA: the offsets were set for another batch size; call "
+            "lora_fx.set_alora_offsets(gm, input_ids) for this batch"
         ),
     )
     seq = rows // offsets.shape[0]
