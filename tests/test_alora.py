@@ -130,6 +130,17 @@ def test_offsets_given_as_peft_list_and_cleared():
         assert torch.equal(gm(ids), model(ids))
 
 
+@pytest.mark.parametrize("layout", lora_fx.LAYOUTS)
+def test_every_layout_equals_peft(layout):
+    model, pm, gm, ids = _mlp_pair("export")
+    lora_fx.set_layout(gm, layout)  # "weight" cannot carry a per-row mask: it takes "fused"
+    lora_fx.set_alora_offsets(gm, ids)
+    with torch.no_grad():
+        ours = gm(ids)
+        assert_close(ours, pm(ids, alora_offsets=_peft_offsets(pm, ids)))
+        assert torch.equal(ours[2], model(ids)[2])
+
+
 def test_lora_bias_is_masked_too():
     model, pm, gm, ids = _mlp_pair("export", lora_bias=True)
     for site in ("up", "down"):
@@ -142,6 +153,22 @@ def test_lora_bias_is_masked_too():
         ours = gm(ids)
         assert_close(ours, pm(ids, alora_offsets=_peft_offsets(pm, ids)))
         assert torch.equal(ours[2], model(ids)[2])
+
+
+def test_switching_and_deleting_adapters():
+    model, _, gm, ids = _mlp_pair("fx")
+    lora_fx.inject(gm, LoraConfig(**_cfg(alora_invocation_tokens=None)), "plain")
+    lora_fx.set_alora_offsets(gm, ids)  # the inactive-or-not aLoRA adapter's offsets only
+    with torch.no_grad():
+        alora = gm(ids)
+        lora_fx.set_adapter(gm, "plain")
+        assert not torch.equal(gm(ids)[2], model(ids)[2])  # plain LoRA: every row
+        lora_fx.set_adapter(gm, ["default", "plain"])
+        lora_fx.delete_adapter(gm, "plain")
+        assert torch.equal(gm(ids), alora)
+        lora_fx.delete_adapter(gm, "default")
+    assert not any("alora" in n for n, _ in gm.named_buffers())
+    gm.graph.lint()
 
 
 def test_delete_and_unload_drop_the_offsets():

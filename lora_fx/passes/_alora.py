@@ -129,7 +129,9 @@ def prompt_offsets(gm: torch.fx.GraphModule, input_ids: torch.Tensor) -> Iterato
 
 def _buffers(gm: torch.fx.GraphModule) -> dict[str, tuple[list[int], list[AloraOffsets]]]:
     """Every aLoRA adapter's invocation tokens and offset holders (one per site), by name."""
-    state = require_state(gm)
+    state = state_or_none(gm)  # a checkpointed graph too: only buffer values change
+    if state is None:
+        require_state(gm)  # raises, naming what to call
     found = {
         name: (
             rec.config.alora_invocation_tokens,
