@@ -70,7 +70,7 @@ def set_alora_offsets(
     gm: Any,
     input_ids: torch.Tensor | None = None,
     *,
-    alora_offsets: Sequence[int | None] | None = None,
+    alora_offsets: Sequence[int | None] | torch.Tensor | None = None,
 ) -> Any:
     """Set where each row's aLoRA adapters start acting, in place (buffer values only).
 
@@ -103,7 +103,8 @@ def set_alora_offsets(
         for holder in holders:
             value = values.get(adapter, values.get(None))
             _graph.write_buffer(holder, adapter, value.to(holder._buffers[adapter].device))
-    log.debug("set_alora_offsets: %s", {a: v.tolist() for a, v in values.items()})
+    if log.isEnabledFor(logging.DEBUG):  # `tolist` would wait for the device on every batch
+        log.debug("set_alora_offsets: %s", {a: v.tolist() for a, v in values.items()})
     return gm
 
 
@@ -151,13 +152,13 @@ def _buffers(gm: torch.fx.GraphModule) -> dict[str, tuple[list[int], list[AloraO
 def _requested(
     targets: dict[str, tuple[list[int], list[AloraOffsets]]],
     input_ids: torch.Tensor | None,
-    offsets: Sequence[int | None] | None,
+    offsets: Sequence[int | None] | torch.Tensor | None,
 ) -> dict[str | None, torch.Tensor]:
     """The `[batch]` offsets to write, by adapter (key None: the same for all), checked first."""
     if input_ids is not None and offsets is not None:
         raise ValueError("pass input_ids or alora_offsets to set_alora_offsets, not both")
     if offsets is not None:
-        rows = list(offsets)
+        rows = offsets.tolist() if isinstance(offsets, torch.Tensor) else list(offsets)
         if not all(o is None or (isinstance(o, int) and not isinstance(o, bool)) for o in rows):
             raise ValueError(f"alora_offsets={rows!r} is invalid; expected ints or None per row")
         if any(o is not None and o < 0 for o in rows):
@@ -165,9 +166,10 @@ def _requested(
         return {None: torch.tensor([o or 0 for o in rows], dtype=torch.long)}
     if input_ids is None:
         return {None: torch.zeros(0, dtype=torch.long)}
-    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point():
+    dtype = getattr(input_ids, "dtype", None)
+    if not isinstance(input_ids, torch.Tensor) or dtype.is_floating_point or dtype.is_complex:
         raise ValueError(
             "input_ids must be an integer tensor of token ids, got "
-            f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}"
+            f"{dtype or type(input_ids).__name__}"
         )
     return {name: _offsets_from_ids(input_ids, tokens) for name, (tokens, _) in targets.items()}
