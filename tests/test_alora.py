@@ -72,6 +72,15 @@ def _peft_offsets(pm, ids):
     return calculate_alora_offsets(pm.peft_config, "default", ids)
 
 
+def _assert_equals_peft(model, pm, gm, ids) -> None:
+    """Offsets from `ids`, then PEFT's outputs; row 2 (no invocation) is the base model's."""
+    lora_fx.set_alora_offsets(gm, ids)
+    with torch.no_grad():
+        ours = gm(ids)
+        assert_close(ours, pm(ids, alora_offsets=_peft_offsets(pm, ids)))
+        assert torch.equal(ours[2], model(ids)[2])
+
+
 # ---- math ------------------------------------------------------------------------------------
 
 
@@ -134,11 +143,7 @@ def test_offsets_given_as_peft_list_and_cleared():
 def test_every_layout_equals_peft(layout):
     model, pm, gm, ids = _mlp_pair("export")
     lora_fx.set_layout(gm, layout)  # "weight" cannot carry a per-row mask: it takes "fused"
-    lora_fx.set_alora_offsets(gm, ids)
-    with torch.no_grad():
-        ours = gm(ids)
-        assert_close(ours, pm(ids, alora_offsets=_peft_offsets(pm, ids)))
-        assert torch.equal(ours[2], model(ids)[2])
+    _assert_equals_peft(model, pm, gm, ids)
 
 
 def test_lora_bias_is_masked_too():
@@ -148,11 +153,7 @@ def test_lora_bias_is_masked_too():
         with torch.no_grad():
             gm.get_submodule(site).lora_B["default"].bias.copy_(bias)
             pm.base_model.model.get_submodule(site).lora_B["default"].bias.copy_(bias)
-    lora_fx.set_alora_offsets(gm, ids)
-    with torch.no_grad():
-        ours = gm(ids)
-        assert_close(ours, pm(ids, alora_offsets=_peft_offsets(pm, ids)))
-        assert torch.equal(ours[2], model(ids)[2])
+    _assert_equals_peft(model, pm, gm, ids)
 
 
 def test_switching_and_deleting_adapters():
