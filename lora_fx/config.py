@@ -42,7 +42,6 @@ _BIAS_MODES = ("none", "all", "lora_only")
 # PEFT 0.21 fields not implemented yet: set, they change what an adapter computes (or how it
 # trains), so a config or file using them is refused rather than read as plain LoRA.
 _NOT_YET = {
-    "alora_invocation_tokens": "aLoRA (the adapter acts from its invocation tokens on)",
     "use_qalora": "QALoRA (LoRA on GPTQ / AWQ quantized linears)",
     "monteclora_config": "MonteCLoRA (Monte Carlo sampled LoRA)",
 }
@@ -260,6 +259,11 @@ class LoraConfig:
         arrow_config: `ArrowConfig` (or its dict): the config of an Arrow router adapter, which
             routes each token among the task experts (`lora_fx.create_arrow_model`).
         use_bdlora: `BdLoraConfig` (or its dict): BD-LoRA, a block-diagonal A or B per site.
+        alora_invocation_tokens: aLoRA (PEFT's Activated LoRA): the token ids that invoke the
+            adapter. A row is adapted only from the start of the last occurrence of these ids
+            on (`lora_fx.set_alora_offsets`); earlier positions, and rows without them, compute
+            exactly the base model, so the base model's KV cache for the prefix can be reused.
+            Linear sites only; no merge.
         eva_config: `EvaConfig` (or its dict) for `init_lora_weights="eva"`
             (`lora_fx.initialize_eva`).
         corda_config: `CordaConfig` (or its dict) for `init_lora_weights="corda"`
@@ -302,6 +306,7 @@ class LoraConfig:
     use_bdlora: dict[str, Any] | None = None
     velora_config: dict[str, Any] | None = None
     arrow_config: dict[str, Any] | None = None
+    alora_invocation_tokens: list[int] | None = None
     eva_config: dict[str, Any] | None = None
     corda_config: dict[str, Any] | None = None
     lora_ga_config: dict[str, Any] | None = None
@@ -512,6 +517,7 @@ class LoraConfig:
         self._check_bdlora()
         self._check_velora()
         self._check_arrow()
+        self._check_alora()
         self._check_eva()
         self._check_corda()
         self._check_lora_ga()
@@ -704,6 +710,31 @@ class LoraConfig:
         for other in others:
             if getattr(self, other) not in (None, False):
                 raise ConfigError(f"{name} is not supported with {other} (one variant each)")
+
+    def _check_alora(self) -> None:
+        """alora_invocation_tokens: a non-empty list of token ids; not with another variant."""
+        tokens = self.alora_invocation_tokens
+        if tokens is None:
+            return
+        if (
+            not isinstance(tokens, (list, tuple))
+            or not tokens
+            or not all(_is_int(t) and t >= 0 for t in tokens)
+        ):
+            raise ConfigError(
+                f"alora_invocation_tokens={tokens!r} is invalid; expected a non-empty list of "
+                "token ids (ints >= 0), e.g. tokenizer.encode(invocation_string)"
+            )
+        self.alora_invocation_tokens = [int(t) for t in tokens]
+        other = {"use_dora": self.use_dora, "kasa_config": self.kasa_config is not None}
+        other["use_bdlora"] = self.use_bdlora is not None
+        other["velora_config"] = self.velora_config is not None
+        other["target_parameters"] = bool(self.target_parameters)  # PEFT: not on ParamWrapper
+        for name, used in other.items():
+            if used:
+                raise ConfigError(
+                    f"alora_invocation_tokens is not supported with {name} (one variant each)"
+                )
 
     def _check_bdlora(self) -> None:
         """use_bdlora: PEFT's BdLoraConfig fields, lists that do not overlap; one variant."""

@@ -148,7 +148,6 @@ def test_catastrophic_patterns_are_matched_without_backtracking():
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("alora_invocation_tokens", [5, 6]),
         ("use_qalora", True),
         ("monteclora_config", {"num_samples": 2}),
     ],

@@ -23,6 +23,7 @@ __all__ = [
     "replace_with_call",
     "set_module",
     "tensor_readers",
+    "write_buffer",
 ]
 
 
@@ -112,6 +113,23 @@ def replace_with_call(
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     return new
+
+
+def write_buffer(module: nn.Module, name: str, values: torch.Tensor) -> None:
+    """`values` into the non-persistent buffer `name`, in place when shape, dtype and device fit.
+
+    In place keeps the same tensor, so a compiled graph reading it is reused; else a new buffer.
+    """
+    current = module._buffers.get(name)
+    if (
+        current is not None
+        and current.shape == values.shape
+        and current.dtype == values.dtype
+        and current.device == values.device
+    ):
+        current.copy_(values)
+    else:
+        module.register_buffer(name, values, persistent=False)
 
 
 def set_module(gm: nn.Module, path: str, module: nn.Module) -> None:

@@ -31,7 +31,7 @@ __all__ = [
 
 FILE_PREFIX = "base_model.model."
 # Holders of buffers, not parameters: the trainability sync leaves them alone.
-BUFFER_HOLDERS = ("lora_velora_embed", "lora_arrow")
+BUFFER_HOLDERS = ("lora_velora_embed", "lora_arrow", "lora_alora_offsets")
 # Child modules lora_fx adds to a site, by kind.
 HOLDERS = (
     "lora_A",
@@ -43,6 +43,7 @@ HOLDERS = (
     "lora_diag",
     "lora_velora_embed",  # VeLoRA's projection buffers (never trainable: BUFFER_HOLDERS)
     "lora_arrow",  # Arrow routers' prototypes (buffers, not saved: PEFT's are non-persistent)
+    "lora_alora_offsets",  # aLoRA's per-row offsets (buffers, never in files: BUFFER_HOLDERS)
     "trainable_tokens_delta",  # trainable tokens (the site is `<embedding>.token_adapter`)
 )
 
@@ -64,6 +65,7 @@ class LoraPaths:
     diag_key: str = ""
     velora: str = ""  # VeLoRA's projection buffer `lora_velora_embed` [ceil(in / num_groups)]
     velora_key: str = ""
+    alora: str = ""  # aLoRA's per-row offsets buffer `lora_alora_offsets` [batch] (not in files)
 
 
 def modules_to_save_path(module: str, adapter: str) -> str:

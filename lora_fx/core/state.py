@@ -85,6 +85,7 @@ class SiteRecord:
     nblocks: int = 1
     # VeLoRA: (num_groups, scale, init_type); None: A's gradient is exact
     velora: tuple[int, float, str] | None = None
+    alora: bool = False  # aLoRA: the branch acts from the invocation tokens on (`_alora.py`)
     rows: tuple[int, ...] = ()  # trainable tokens: the embedding rows the adapter replaces
     arrow: ArrowRoute | None = None  # an Arrow router: its branch mixes the experts per token
 
@@ -103,7 +104,21 @@ class SiteRecord:
             cfg.bdlora_side(site),
             cfg.use_bdlora["nblocks"] if cfg.use_bdlora else 1,
             velora=_velora_triple(cfg.velora_config),
+            alora=cfg.alora_invocation_tokens is not None,
         )
+
+    @property
+    def variant(self) -> str | None:
+        """The LoRA variant's name for messages (None: plain LoRA)."""
+        names = {
+            "DoRA": self.use_dora,
+            "KaSA": self.use_kasa,
+            "BD-LoRA": bool(self.block_diagonal),
+            "VeLoRA": self.velora is not None,
+            "aLoRA": self.alora,
+            "an Arrow router": self.arrow is not None,
+        }
+        return next((name for name, used in names.items() if used), None)
 
 
 def _velora_triple(velora: dict | None) -> tuple[int, float, str] | None:

@@ -14,13 +14,15 @@ Rules (each as transformers' `generate` does it, so greedy tokens equal `PeftMod
    decode compiles once, whatever the prompt length or step.
 6. A streamer (transformers' `TextStreamer` or anything with `put` / `end`) gets the prompt, then
    each step's tokens, then `end()`.
-7. Everything is checked before any work: a batch or a length over what the graph was captured
+7. aLoRA adapters (`alora_invocation_tokens`) act from the prompt's invocation tokens on: the
+   offsets are computed once from the prompt and kept for every decode step (PEFT's `generate`),
+   then the graph's previous offsets come back.
+8. Everything is checked before any work: a batch or a length over what the graph was captured
    for raises `GenerationError` with the numbers and what to pass instead.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +33,7 @@ import torch.fx
 from lora_fx.capture.generation import GenerationSpec, generation_spec
 from lora_fx.errors import GenerationError
 from lora_fx.generation.sampling import check_sampling, next_tokens
+from lora_fx.passes._alora import prompt_offsets
 from lora_fx.passes.mixed_batch import adapter_batch
 
 __all__ = ["generate"]
@@ -79,6 +82,7 @@ def generate(
     Raises:
         GenerationError: The graph has no KV cache, or the batch / prompt + max_new_tokens is over
             what it was captured for.
+        AdapterError: `adapter_names` names an aLoRA adapter (mixed batches do not take them).
         ValueError: A bad mask shape or sampling setting.
 
     Example:
@@ -99,7 +103,7 @@ def generate(
             f"{input_ids.shape[0]} rows; pass one name per row"
         )
     rows = (
-        contextlib.nullcontext()
+        prompt_offsets(graph, input_ids)  # rule 7 (no-op without an active aLoRA adapter)
         if adapter_names is None
         else adapter_batch(graph, list(adapter_names))
     )

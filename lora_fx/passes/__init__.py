@@ -1,5 +1,6 @@
 """The passes, in pipeline order: inject -> (train) -> merge / unmerge -> unload."""
 
+from lora_fx.passes._alora import set_alora_offsets
 from lora_fx.passes.adapters import (
     active_adapters,
     count_parameters,
@@ -58,6 +59,7 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "set_adapter_batch",
+    "set_alora_offsets",
     "set_layout",
     "trainable_parameters",
     "uncheckpoint_blocks",

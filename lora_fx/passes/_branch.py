@@ -23,6 +23,8 @@ Rules:
    `lora_velora_embed` holder returns (None outside training: plain; `_velora.py`) (plain).
    Arrow routers (`arrow_config`) mix their experts per token instead (`_arrow.py`).
    BD-LoRA (`use_bdlora`) computes its block-diagonal A or B as `ops.block_diag_linear` (plain).
+   aLoRA (`alora_invocation_tokens`) multiplies the rank-r activations (the output with a B
+   bias) by `alora_mask` of the site's offsets buffer: 0 before each row's invocation (`_alora.py`).
    DoRA (`use_dora`) rescales the branch output and the base term (`_dora.py`); `target_parameters`
    and MHA sites get `W -> W + delta` instead of a branch after the op (`_param.py`), in training
    graphs and export copies alike (B, scale and dtype cast as the spec says); trainable-token
@@ -54,6 +56,7 @@ import torch.fx
 from lora_fx.core import graph as _graph
 from lora_fx.core.keys import LoraPaths
 from lora_fx.core.state import SiteRecord
+from lora_fx.math.alora import alora_mask
 from lora_fx.math.fused_ops import (
     add_lora,
     add_lora_for_tokens,
@@ -113,6 +116,8 @@ class BranchSpec:
         velora: VeLoRA's `(holder path, num_groups, scale)`: A is `velora_linear` reading the
             holder's projection for `adapter` (`_velora.py`; None: a plain A).
         blocks: BD-LoRA's `("a" or "b", nblocks)`: that factor is block-diagonal (`_bdlora.py`).
+        alora: Path of aLoRA's `[batch]` offsets buffer (None: no aLoRA): the branch is masked
+            by position (`_alora.py`).
         layout: The requested layout (rule 7); a site that cannot take it takes the next one.
         export: Build for an export copy: fused accumulates out of place (torch.export rejects
             in-place writes with dynamic shapes).
@@ -131,6 +136,7 @@ class BranchSpec:
     diag: str | None = None
     velora: tuple[str, int, float] | None = None
     blocks: tuple[str, int] | None = None
+    alora: str | None = None
     layout: str = "fused"
     export: bool = False
     rows: tuple[int, ...] = ()
@@ -168,6 +174,7 @@ def insert_branch(
         diag=paths.diag if record.use_kasa else None,
         velora=(f"{site.fqn}.lora_velora_embed", *record.velora[:2]) if record.velora else None,
         blocks=(record.block_diagonal, record.nblocks) if record.block_diagonal else None,
+        alora=paths.alora if record.alora else None,
         layout=layout,
         rows=record.rows,
     )
@@ -195,7 +202,7 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
         or spec.velora is not None
         or spec.blocks is not None
         or spec.cast,
-        can_weight=spec.row_mask is None and spec.dropout is None,
+        can_weight=spec.row_mask is None and spec.dropout is None and spec.alora is None,
     )
     if layout == "auto" and spec.export:
         layout = "fused"
@@ -222,7 +229,8 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
         if spec.dropout is not None and not kind.can.input_is_ids:
             x = emit("dropout", "call_module", spec.dropout, (x,))
         fused = layout == "fused"
-        if fused and kind.can.fused_branch and spec.row_mask is None and not spec.export:
+        whole = spec.row_mask is None and spec.alora is None and not spec.export
+        if fused and kind.can.fused_branch and whole:
             emit.attach(end, emit("add", "call_function", add_lora, (end, x, a, b, factor)))
             continue
         if spec.blocks is not None and spec.blocks[0] == "a":  # BD-LoRA: [.., r] from x's blocks
@@ -242,6 +250,8 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
         mask_low = spec.row_mask is not None and spec.b_bias is None and spec.dora is None
         if mask_low:
             low = _weighted_rows(emit, spec.row_mask, low, factor)
+        if spec.alora is not None and spec.b_bias is None:  # aLoRA: [.., r] zero before invocation
+            low = _alora_masked(emit, spec.alora, low)
         if fused:
             accumulate = add_low_rank_out_of_place if spec.export else add_low_rank
             scale = 1.0 if mask_low else factor  # a row mask already carries the scale
@@ -258,6 +268,8 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
             scaled = dora_output(emit, site, paths, record, base=base, x=x, a=a, b=b, lora=scaled)
         if spec.row_mask is not None and not mask_low:
             scaled = _weighted_rows(emit, spec.row_mask, scaled, 1.0)
+        if spec.alora is not None and spec.b_bias is not None:  # B's bias is masked too (PEFT)
+            scaled = _alora_masked(emit, spec.alora, scaled)
         if spec.cast:
             scaled = emit("cast", "call_function", _aten.type_as.default, (scaled, end))
         emit.attach(end, emit("add", "call_function", _aten.add.Tensor, (end, scaled)))
@@ -295,6 +307,15 @@ def _weighted_rows(
     index = emit("mask", "get_attr", row_mask[0])
     rows = emit("mask", "call_function", slot_rows, (index, row_mask[1], out, scale))
     return emit("mask", "call_function", _aten.mul.Tensor, (out, rows))
+
+
+def _alora_masked(
+    emit: Callable[..., torch.fx.Node], offsets_path: str, out: torch.fx.Node
+) -> torch.fx.Node:
+    """`out` times aLoRA's position mask [batch, T, 1] read from the offsets buffer."""
+    offsets = emit("mask", "get_attr", offsets_path)
+    mask = emit("mask", "call_function", alora_mask, (offsets, out))
+    return emit("mask", "call_function", _aten.mul.Tensor, (out, mask))
 
 
 def weight_arg_index(node: torch.fx.Node) -> int | None:

@@ -183,10 +183,9 @@ def _plan_writes(
                 (paths.b_bias, torch.zeros(b_slot.shape[0]) if bias is None else bias * ratio)
             )
             used.add(paths.b_bias_key)
-        if rec.use_kasa or rec.block_diagonal or rec.velora is not None:
-            what = "KaSA" if rec.use_kasa else "BD-LoRA" if rec.block_diagonal else "VeLoRA"
+        if rec.variant not in (None, "DoRA"):
             raise AdapterError(
-                f"cannot hot-swap into slot {adapter!r}: {what} adapters are not supported"
+                f"cannot hot-swap into slot {adapter!r}: {rec.variant} adapters are not supported"
             )
         if rec.use_dora:  # DoRA's magnitude does not depend on the rank or the scale
             writes.append((paths.magnitude, _tensor(tensors, paths.magnitude_key, folder)))

@@ -52,6 +52,7 @@ from lora_fx.core.state import (
 from lora_fx.errors import AdapterError, ConfigError
 from lora_fx.math import quant
 from lora_fx.math.inits import changes_base
+from lora_fx.passes._alora import add_alora
 from lora_fx.passes._arrow import add_arrow, plan_arrow
 from lora_fx.passes._base_init import init_from_base
 from lora_fx.passes._bdlora import add_block_diagonal
@@ -169,6 +170,8 @@ def inject(
                 add_kasa(gm, site, adapter_name, records[site.fqn], state)
             if records[site.fqn].velora is not None:  # VeLoRA: the projection buffer
                 add_velora(gm, site, adapter_name, records[site.fqn], state)
+            if records[site.fqn].alora:  # aLoRA: the per-row offsets buffer
+                add_alora(gm, site, adapter_name, state)
             if records[site.fqn].block_diagonal:  # BD-LoRA: A or B as blocks
                 add_block_diagonal(gm, site, adapter_name, records[site.fqn])
             if records[site.fqn].use_dora:

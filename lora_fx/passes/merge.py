@@ -244,6 +244,12 @@ def _check_mergeable(gm: torch.fx.GraphModule, site: Site, rec: SiteRecord) -> N
         raise MergeError(reason)
     if rec.lora_bias and site.bias is None:
         raise MergeError(f"site {site.fqn!r} has lora_bias=True but no base bias to fold it into")
+    if rec.alora:
+        raise MergeError(
+            f"site {site.fqn!r} has an aLoRA adapter (alora_invocation_tokens), which acts only "
+            "from each row's invocation tokens on, so it is no weight change: it cannot be merged "
+            "(PEFT: 'aLoRA does not support merging'); keep it unmerged or unload it"
+        )
 
 
 def _check_dora_once(state: LoraState, plan: list[tuple[str, Site, SiteRecord]]) -> None:

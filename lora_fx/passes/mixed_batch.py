@@ -166,6 +166,13 @@ def _check(state: LoraState, names: list[str], capacity: int | None, rank: int |
     if merged:
         raise AdapterError(f"adapters {merged} are merged; unmerge them before a mixed batch")
     require_no_arrow(state, [n for n in names if n != BASE], "set_adapter_batch")
+    alora = [n for n in dict.fromkeys(names) if n != BASE]
+    alora = [n for n in alora if state.adapters[n].config.alora_invocation_tokens]
+    if alora:
+        raise AdapterError(
+            f"adapters {alora} are aLoRA adapters (alora_invocation_tokens), which mixed batches "
+            "do not support yet; run their rows as a batch of their own with set_adapter"
+        )
     for label, value in (("capacity", capacity), ("rank", rank)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise AdapterError(f"{label}={value!r} is invalid; pass a positive int or None")
@@ -196,11 +203,7 @@ def _write_index(gm: torch.fx.GraphModule, state: LoraState, names: list[str]) -
     index = [base if n == BASE else slots.index(n) for n in names]
     device = next(gm.parameters()).device
     values = torch.tensor(index, dtype=torch.long, device=device)
-    current = getattr(gm, INDEX_BUFFER, None)
-    if current is not None and current.shape == values.shape:
-        current.copy_(values)  # same tensor, new values: compiled graphs are reused
-    else:
-        gm.register_buffer(INDEX_BUFFER, values, persistent=False)
+    _graph.write_buffer(gm, INDEX_BUFFER, values)  # same batch size: compiled graphs are reused
 
 
 @contextlib.contextmanager

@@ -308,6 +308,7 @@ def _check_arguments(
         ("kasa_config", "KaSA"),
         ("use_bdlora", "BD-LoRA"),
         ("velora_config", "VeLoRA"),
+        ("alora_invocation_tokens", "aLoRA"),
     ):
         configs = {n: state.adapters[n].config for n in adapters if n in state.adapters}
         used = [n for n, config in configs.items() if getattr(config, field)]

@@ -46,6 +46,7 @@ class Capabilities:
     kasa: bool = False  # KaSA: a `[r]` diagonal between A and B, the base weight truncated
     velora: bool = False  # VeLoRA: A's gradient from compressed inputs (`velora_config`)
     bdlora: bool = False  # BD-LoRA: a block-diagonal A or B (`use_bdlora`)
+    alora: bool = False  # aLoRA: the branch masked by position (`alora_invocation_tokens`)
     quantized: bool = False  # a bitsandbytes base weight
     mixed_batch: bool = True  # branches weighted per batch row
     input_is_ids: bool = False  # the branch input is token ids: no dtype cast, no dropout
@@ -110,6 +111,7 @@ class SiteKind:
             diag_key=f"{FILE_PREFIX}{site}.lora_diag",
             velora=f"{site}.lora_velora_embed.{adapter}",
             velora_key=f"{FILE_PREFIX}{site}.lora_velora_embed",
+            alora=f"{site}.lora_alora_offsets.{adapter}",
         )
 
 

@@ -187,6 +187,9 @@ def _check_site(site: Site, cfg: LoraConfig) -> None:
         "kasa_config": cfg.kasa_config is not None and not kind.can.kasa,
         "velora_config": cfg.velora_config is not None and not kind.can.velora,
         "use_bdlora": cfg.use_bdlora is not None and not kind.can.bdlora,
+        "alora_invocation_tokens (aLoRA, linear sites only as in PEFT)": (
+            cfg.alora_invocation_tokens is not None and not kind.can.alora
+        ),
     }
     for what, refused in asked.items():
         if refused:
