@@ -42,7 +42,6 @@ _BIAS_MODES = ("none", "all", "lora_only")
 # trains), so a config or file using them is refused rather than read as plain LoRA.
 _NOT_YET = {
     "alora_invocation_tokens": "aLoRA (the adapter acts from its invocation tokens on)",
-    "use_qalora": "QALoRA (LoRA on GPTQ / AWQ quantized linears)",
     "arrow_config": "Arrow (per-token routing among a library of LoRA experts)",
     "monteclora_config": "MonteCLoRA (Monte Carlo sampled LoRA)",
 }
@@ -235,6 +234,9 @@ class LoraConfig:
         velora_config: `VeloraConfig` (or its dict): VeLoRA on linear sites. Outputs are plain
             LoRA's; in training A's gradient is rebuilt from a per-site projection buffer.
         use_bdlora: `BdLoraConfig` (or its dict): BD-LoRA, a block-diagonal A or B per site.
+        use_qalora: QALoRA on linear sites (dense or bitsandbytes; PEFT: GPTQ only): A reads the
+            input averaged over groups of `qalora_group_size` features, times `in / group_size`.
+        qalora_group_size: Input features per QALoRA group; must divide each site's in_features.
         eva_config: `EvaConfig` (or its dict) for `init_lora_weights="eva"`
             (`lora_fx.initialize_eva`).
         corda_config: `CordaConfig` (or its dict) for `init_lora_weights="corda"`
@@ -276,6 +278,8 @@ class LoraConfig:
     kasa_config: dict[str, float] | None = None
     use_bdlora: dict[str, Any] | None = None
     velora_config: dict[str, Any] | None = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
     eva_config: dict[str, Any] | None = None
     corda_config: dict[str, Any] | None = None
     lora_ga_config: dict[str, Any] | None = None
@@ -485,6 +489,7 @@ class LoraConfig:
         self._check_kasa()
         self._check_bdlora()
         self._check_velora()
+        self._check_qalora()
         self._check_eva()
         self._check_corda()
         self._check_lora_ga()
@@ -643,6 +648,27 @@ class LoraConfig:
         for name, used in other.items():
             if used:
                 raise ConfigError(f"velora_config is not supported with {name} (one variant each)")
+
+    def _check_qalora(self) -> None:
+        """use_qalora / qalora_group_size: a bool and a positive int; not with another variant."""
+        if not isinstance(self.use_qalora, bool):
+            raise ConfigError(f"use_qalora={self.use_qalora!r} is invalid; expected True or False")
+        size = self.qalora_group_size
+        if not _is_int(size) or size <= 0:
+            raise ConfigError(f"qalora_group_size={size!r} is invalid; expected a positive integer")
+        if not self.use_qalora:
+            return
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ConfigError(
+                f"use_qalora=True needs init_lora_weights True, False or 'gaussian', got "
+                f"{self.init_lora_weights!r}: QALoRA's A reads pooled inputs, not the base weight"
+            )
+        other = {"use_dora": self.use_dora, "kasa_config": self.kasa_config is not None}
+        other["velora_config"] = self.velora_config is not None
+        other["use_bdlora"] = self.use_bdlora is not None
+        for name, used in other.items():
+            if used:
+                raise ConfigError(f"use_qalora is not supported with {name} (one variant each)")
 
     def _check_bdlora(self) -> None:
         """use_bdlora: PEFT's BdLoraConfig fields, lists that do not overlap; one variant."""

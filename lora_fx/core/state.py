@@ -72,6 +72,7 @@ class SiteRecord:
     nblocks: int = 1
     # VeLoRA: (num_groups, scale, init_type); None: A's gradient is exact
     velora: tuple[int, float, str] | None = None
+    qalora_group_size: int = 0  # QALoRA: A reads x averaged over groups this wide; 0: off
     rows: tuple[int, ...] = ()  # trainable tokens: the embedding rows the adapter replaces
 
     @classmethod
@@ -89,6 +90,7 @@ class SiteRecord:
             cfg.bdlora_side(site),
             cfg.use_bdlora["nblocks"] if cfg.use_bdlora else 1,
             velora=_velora_triple(cfg.velora_config),
+            qalora_group_size=cfg.qalora_group_size if cfg.use_qalora else 0,
         )
 
 

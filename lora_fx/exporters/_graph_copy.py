@@ -134,6 +134,7 @@ def _check_supported(state: LoraState | None, names: list[str]) -> None:
         for fqn, rec in state.adapters[name].sites.items():
             variant = "DoRA" if rec.use_dora else "KaSA" if rec.use_kasa else None
             variant = "BD-LoRA" if rec.block_diagonal else variant
+            variant = "QALoRA" if rec.qalora_group_size else variant
             if variant is not None or not kind_of(rec.kind).can.onnx:
                 what = variant or f"a {rec.kind!r} site"
                 raise UnsupportedSiteError(

@@ -22,6 +22,8 @@ Rules:
    VeLoRA (`velora_config`) computes A as `velora_linear`, reading the projection the site's
    `lora_velora_embed` holder returns (None outside training: plain; `_velora.py`) (plain).
    BD-LoRA (`use_bdlora`) computes its block-diagonal A or B as `ops.block_diag_linear` (plain).
+   QALoRA (`use_qalora`) feeds A the group-averaged input `qalora_pool(x, g)` (`_qalora.py`;
+   not the "weight" layout).
    DoRA (`use_dora`) rescales the branch output and the base term (`_dora.py`); `target_parameters`
    and MHA sites get `W -> W + delta` instead of a branch after the op (`_param.py`), in training
    graphs and export copies alike (B, scale and dtype cast as the spec says); trainable-token
@@ -55,6 +57,7 @@ from lora_fx.math.fused_ops import (
     low_rank_weight,
 )
 from lora_fx.math.ops import block_diag_linear
+from lora_fx.math.qalora import qalora_pool
 from lora_fx.math.quant import logical_dtype
 from lora_fx.math.stack import slot_rows
 from lora_fx.math.velora import velora_linear
@@ -104,6 +107,7 @@ class BranchSpec:
         velora: VeLoRA's `(holder path, num_groups, scale)`: A is `velora_linear` reading the
             holder's projection for `adapter` (`_velora.py`; None: a plain A).
         blocks: BD-LoRA's `("a" or "b", nblocks)`: that factor is block-diagonal (`_bdlora.py`).
+        qalora: QALoRA's group size: A reads `qalora_pool(x, qalora)` (0: x itself).
         layout: The requested layout (rule 7); a site that cannot take it takes the next one.
         export: Build for an export copy: fused accumulates out of place (torch.export rejects
             in-place writes with dynamic shapes).
@@ -122,6 +126,7 @@ class BranchSpec:
     diag: str | None = None
     velora: tuple[str, int, float] | None = None
     blocks: tuple[str, int] | None = None
+    qalora: int = 0
     layout: str = "fused"
     export: bool = False
     rows: tuple[int, ...] = ()
@@ -156,6 +161,7 @@ def insert_branch(
         diag=paths.diag if record.use_kasa else None,
         velora=(f"{site.fqn}.lora_velora_embed", *record.velora[:2]) if record.velora else None,
         blocks=(record.block_diagonal, record.nblocks) if record.block_diagonal else None,
+        qalora=record.qalora_group_size,
         layout=layout,
         rows=record.rows,
     )
@@ -183,7 +189,7 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
         or spec.velora is not None
         or spec.blocks is not None
         or spec.cast,
-        can_weight=spec.row_mask is None and spec.dropout is None,
+        can_weight=spec.row_mask is None and spec.dropout is None and not spec.qalora,
     )
     factor = 1.0 if spec.scale is None else spec.scale
     if layout == "weight":  # each site node reads W + scale * B @ A (adapters chain on W)
@@ -203,6 +209,8 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
             x = emit("cast", "call_function", _aten.type_as.default, (x, a))
         if spec.dropout is not None and not kind.can.input_is_ids:
             x = emit("dropout", "call_module", spec.dropout, (x,))
+        if spec.qalora:  # QALoRA: [.., in] -> [.., in / g], PEFT's scaled group means
+            x = emit("lora_a", "call_function", qalora_pool, (x, spec.qalora))
         fused = layout == "fused"
         if fused and kind.can.fused_branch and spec.row_mask is None and not spec.export:
             emit.attach(end, emit("add", "call_function", add_lora, (end, x, a, b, factor)))

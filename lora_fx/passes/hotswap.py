@@ -175,8 +175,9 @@ def _plan_writes(
                 (paths.b_bias, torch.zeros(b_slot.shape[0]) if bias is None else bias * ratio)
             )
             used.add(paths.b_bias_key)
-        if rec.use_kasa or rec.block_diagonal or rec.velora is not None:
+        if rec.use_kasa or rec.block_diagonal or rec.velora is not None or rec.qalora_group_size:
             what = "KaSA" if rec.use_kasa else "BD-LoRA" if rec.block_diagonal else "VeLoRA"
+            what = "QALoRA" if rec.qalora_group_size else what
             raise AdapterError(
                 f"cannot hot-swap into slot {adapter!r}: {what} adapters are not supported"
             )

@@ -301,6 +301,7 @@ def _check_arguments(
         ("kasa_config", "KaSA"),
         ("use_bdlora", "BD-LoRA"),
         ("velora_config", "VeLoRA"),
+        ("use_qalora", "QALoRA"),
     ):
         configs = {n: state.adapters[n].config for n in adapters if n in state.adapters}
         used = [n for n, config in configs.items() if getattr(config, field)]

@@ -46,6 +46,7 @@ class Capabilities:
     kasa: bool = False  # KaSA: a `[r]` diagonal between A and B, the base weight truncated
     velora: bool = False  # VeLoRA: A's gradient from compressed inputs (`velora_config`)
     bdlora: bool = False  # BD-LoRA: a block-diagonal A or B (`use_bdlora`)
+    qalora: bool = False  # QALoRA: A reads the input averaged over feature groups (`use_qalora`)
     quantized: bool = False  # a bitsandbytes base weight
     mixed_batch: bool = True  # branches weighted per batch row
     input_is_ids: bool = False  # the branch input is token ids: no dtype cast, no dropout

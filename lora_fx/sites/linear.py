@@ -169,6 +169,7 @@ LINEAR = SiteKind(
         kasa=True,
         velora=True,
         bdlora=True,
+        qalora=True,
         quantized=True,
         layouts=("fused", "plain", "weight"),
         fused_branch=True,

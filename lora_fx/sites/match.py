@@ -187,6 +187,7 @@ def _check_site(site: Site, cfg: LoraConfig) -> None:
         "kasa_config": cfg.kasa_config is not None and not kind.can.kasa,
         "velora_config": cfg.velora_config is not None and not kind.can.velora,
         "use_bdlora": cfg.use_bdlora is not None and not kind.can.bdlora,
+        "use_qalora=True": cfg.use_qalora and not kind.can.qalora,
     }
     for what, refused in asked.items():
         if refused:
@@ -212,6 +213,12 @@ def _check_site(site: Site, cfg: LoraConfig) -> None:
         _check_kasa_site(site, r)
     if cfg.use_bdlora is not None:
         _check_bdlora_site(site, record, strict=cfg.use_bdlora["match_strict"])
+    if cfg.use_qalora and site.in_features % cfg.qalora_group_size:
+        raise UnsupportedSiteError(
+            f"use_qalora=True needs in_features divisible by qalora_group_size; site "
+            f"{site.fqn!r} has in_features={site.in_features}, qalora_group_size="
+            f"{cfg.qalora_group_size}; choose a group size that divides it, or exclude the site"
+        )
     if init == "orthogonal" and r % 2:
         raise UnsupportedSiteError(
             f"init_lora_weights='orthogonal' needs an even rank; site {site.fqn!r} has r={r}"
