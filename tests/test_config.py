@@ -149,7 +149,6 @@ def test_catastrophic_patterns_are_matched_without_backtracking():
     ("field", "value"),
     [
         ("alora_invocation_tokens", [5, 6]),
-        ("use_qalora", True),
         ("arrow_config", {"top_k": 2}),
         ("monteclora_config", {"num_samples": 2}),
     ],
