@@ -33,6 +33,7 @@ __all__ = [
     "LoftQConfig",
     "LoraConfig",
     "LoraGAConfig",
+    "MontecloraConfig",
     "VeloraConfig",
     "read_config_file",
 ]
@@ -43,7 +44,6 @@ _BIAS_MODES = ("none", "all", "lora_only")
 _NOT_YET = {
     "alora_invocation_tokens": "aLoRA (the adapter acts from its invocation tokens on)",
     "arrow_config": "Arrow (per-token routing among a library of LoRA experts)",
-    "monteclora_config": "MonteCLoRA (Monte Carlo sampled LoRA)",
 }
 _VELORA_INITS = ("batch_average", "batch_average_once", "random")
 # and "pissa_niter_<K>"
@@ -161,6 +161,27 @@ class KasaConfig:
 
 
 @dataclass
+class MontecloraConfig:
+    """PEFT's `MontecloraConfig`: MonteCLoRA's Monte Carlo averaged A in training.
+
+    Args:
+        num_samples: Perturbed copies of A averaged per training forward, a positive int.
+        use_entropy: Add the sample weights' squared sum to the variational loss.
+        dirichlet_prior: Concentration of the Dirichlet prior on the sample weights, > 0.
+        sample_scaler: Factor on the sampled perturbations.
+        kl_loss_weight: Factor on the KL terms of the variational loss.
+        buffer_size: Draws taken from the global RNG at once (PEFT's buffer), a positive int.
+    """
+
+    num_samples: int = 8
+    use_entropy: bool = False
+    dirichlet_prior: float = 0.1
+    sample_scaler: float = 1e-4
+    kl_loss_weight: float = 1e-5
+    buffer_size: int = 150
+
+
+@dataclass
 class VeloraConfig:
     """PEFT's `VeloraConfig`: VeLoRA's compressed input activations for A's gradient.
 
@@ -237,6 +258,8 @@ class LoraConfig:
         use_qalora: QALoRA on linear sites (dense or bitsandbytes; PEFT: GPTQ only): A reads the
             input averaged over groups of `qalora_group_size` features, times `in / group_size`.
         qalora_group_size: Input features per QALoRA group; must divide each site's in_features.
+        monteclora_config: `MontecloraConfig` (or its dict): MonteCLoRA on linear sites. In
+            training A is averaged over sampled perturbations; eval and merges are plain LoRA's.
         eva_config: `EvaConfig` (or its dict) for `init_lora_weights="eva"`
             (`lora_fx.initialize_eva`).
         corda_config: `CordaConfig` (or its dict) for `init_lora_weights="corda"`
@@ -280,6 +303,7 @@ class LoraConfig:
     velora_config: dict[str, Any] | None = None
     use_qalora: bool = False
     qalora_group_size: int = 16
+    monteclora_config: dict[str, Any] | None = None
     eva_config: dict[str, Any] | None = None
     corda_config: dict[str, Any] | None = None
     lora_ga_config: dict[str, Any] | None = None
@@ -490,6 +514,7 @@ class LoraConfig:
         self._check_bdlora()
         self._check_velora()
         self._check_qalora()
+        self._check_monteclora()
         self._check_eva()
         self._check_corda()
         self._check_lora_ga()
@@ -648,6 +673,43 @@ class LoraConfig:
         for name, used in other.items():
             if used:
                 raise ConfigError(f"velora_config is not supported with {name} (one variant each)")
+
+    def _check_monteclora(self) -> None:
+        """monteclora_config: PEFT's MontecloraConfig fields; not with another variant."""
+        monte = _sub_config("monteclora_config", self.monteclora_config, MontecloraConfig)
+        if monte is None:
+            return
+        for name in ("num_samples", "buffer_size"):
+            if not _is_int(monte[name]) or monte[name] <= 0:
+                raise ConfigError(
+                    f"monteclora_config {name}={monte[name]!r} is invalid; expected a positive int"
+                )
+        for name in ("dirichlet_prior", "sample_scaler", "kl_loss_weight"):
+            value = monte[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(
+                    f"monteclora_config {name}={value!r} is invalid; expected a number"
+                )
+        if not monte["dirichlet_prior"] > 0:
+            raise ConfigError(
+                f"monteclora_config dirichlet_prior={monte['dirichlet_prior']!r} is invalid; "
+                "expected a number > 0"
+            )
+        if not isinstance(monte["use_entropy"], bool):
+            raise ConfigError(
+                f"monteclora_config use_entropy={monte['use_entropy']!r} is invalid; "
+                "expected True or False"
+            )
+        self.monteclora_config = monte
+        other = {"use_dora": self.use_dora, "kasa_config": self.kasa_config is not None}
+        other["velora_config"] = self.velora_config is not None
+        other["use_bdlora"] = self.use_bdlora is not None
+        other["use_qalora"] = self.use_qalora
+        for name, used in other.items():
+            if used:
+                raise ConfigError(
+                    f"monteclora_config is not supported with {name} (one variant each)"
+                )
 
     def _check_qalora(self) -> None:
         """use_qalora / qalora_group_size: a bool and a positive int; not with another variant."""

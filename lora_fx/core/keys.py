@@ -42,6 +42,7 @@ HOLDERS = (
     "lora_magnitude_vector",
     "lora_diag",
     "lora_velora_embed",  # VeLoRA's projection buffers (never trainable: BUFFER_HOLDERS)
+    "lora_monteclora_sampler",  # MonteCLoRA's samplers (variational parameters and buffers)
     "trainable_tokens_delta",  # trainable tokens (the site is `<embedding>.token_adapter`)
 )
 

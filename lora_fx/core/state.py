@@ -73,6 +73,7 @@ class SiteRecord:
     # VeLoRA: (num_groups, scale, init_type); None: A's gradient is exact
     velora: tuple[int, float, str] | None = None
     qalora_group_size: int = 0  # QALoRA: A reads x averaged over groups this wide; 0: off
+    monteclora: int = 0  # MonteCLoRA: the number of samples averaged into A; 0: off
     rows: tuple[int, ...] = ()  # trainable tokens: the embedding rows the adapter replaces
 
     @classmethod
@@ -91,6 +92,7 @@ class SiteRecord:
             cfg.use_bdlora["nblocks"] if cfg.use_bdlora else 1,
             velora=_velora_triple(cfg.velora_config),
             qalora_group_size=cfg.qalora_group_size if cfg.use_qalora else 0,
+            monteclora=cfg.monteclora_config["num_samples"] if cfg.monteclora_config else 0,
         )
 
 

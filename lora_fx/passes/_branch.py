@@ -24,6 +24,8 @@ Rules:
    BD-LoRA (`use_bdlora`) computes its block-diagonal A or B as `ops.block_diag_linear` (plain).
    QALoRA (`use_qalora`) feeds A the group-averaged input `qalora_pool(x, g)` (`_qalora.py`;
    not the "weight" layout).
+   MonteCLoRA (`monteclora_config`) reads A as `perturbed_a(A, s)`, `s` what the site's sampler
+   returns after dropout (None outside training: A itself; `_monteclora.py`; not "weight").
    DoRA (`use_dora`) rescales the branch output and the base term (`_dora.py`); `target_parameters`
    and MHA sites get `W -> W + delta` instead of a branch after the op (`_param.py`), in training
    graphs and export copies alike (B, scale and dtype cast as the spec says); trainable-token
@@ -56,6 +58,7 @@ from lora_fx.math.fused_ops import (
     add_low_rank_out_of_place,
     low_rank_weight,
 )
+from lora_fx.math.monteclora import perturbed_a
 from lora_fx.math.ops import block_diag_linear
 from lora_fx.math.qalora import qalora_pool
 from lora_fx.math.quant import logical_dtype
@@ -108,6 +111,7 @@ class BranchSpec:
             holder's projection for `adapter` (`_velora.py`; None: a plain A).
         blocks: BD-LoRA's `("a" or "b", nblocks)`: that factor is block-diagonal (`_bdlora.py`).
         qalora: QALoRA's group size: A reads `qalora_pool(x, qalora)` (0: x itself).
+        monteclora: Path of MonteCLoRA's sampler for `adapter`: A is `perturbed_a(A, sampler())`.
         layout: The requested layout (rule 7); a site that cannot take it takes the next one.
         export: Build for an export copy: fused accumulates out of place (torch.export rejects
             in-place writes with dynamic shapes).
@@ -127,6 +131,7 @@ class BranchSpec:
     velora: tuple[str, int, float] | None = None
     blocks: tuple[str, int] | None = None
     qalora: int = 0
+    monteclora: str | None = None
     layout: str = "fused"
     export: bool = False
     rows: tuple[int, ...] = ()
@@ -162,6 +167,7 @@ def insert_branch(
         velora=(f"{site.fqn}.lora_velora_embed", *record.velora[:2]) if record.velora else None,
         blocks=(record.block_diagonal, record.nblocks) if record.block_diagonal else None,
         qalora=record.qalora_group_size,
+        monteclora=f"{site.fqn}.lora_monteclora_sampler.{adapter}" if record.monteclora else None,
         layout=layout,
         rows=record.rows,
     )
@@ -189,7 +195,10 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
         or spec.velora is not None
         or spec.blocks is not None
         or spec.cast,
-        can_weight=spec.row_mask is None and spec.dropout is None and not spec.qalora,
+        can_weight=spec.row_mask is None
+        and spec.dropout is None
+        and not spec.qalora
+        and spec.monteclora is None,
     )
     factor = 1.0 if spec.scale is None else spec.scale
     if layout == "weight":  # each site node reads W + scale * B @ A (adapters chain on W)
@@ -211,6 +220,9 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
             x = emit("dropout", "call_module", spec.dropout, (x,))
         if spec.qalora:  # QALoRA: [.., in] -> [.., in / g], PEFT's scaled group means
             x = emit("lora_a", "call_function", qalora_pool, (x, spec.qalora))
+        if spec.monteclora is not None:  # MonteCLoRA: sampled after dropout, as in PEFT
+            sample = emit("lora_a", "call_module", spec.monteclora, ())
+            a = emit("lora_a", "call_function", perturbed_a, (a, sample))
         fused = layout == "fused"
         if fused and kind.can.fused_branch and spec.row_mask is None and not spec.export:
             emit.attach(end, emit("add", "call_function", add_lora, (end, x, a, b, factor)))

@@ -175,9 +175,11 @@ def _plan_writes(
                 (paths.b_bias, torch.zeros(b_slot.shape[0]) if bias is None else bias * ratio)
             )
             used.add(paths.b_bias_key)
-        if rec.use_kasa or rec.block_diagonal or rec.velora is not None or rec.qalora_group_size:
-            what = "KaSA" if rec.use_kasa else "BD-LoRA" if rec.block_diagonal else "VeLoRA"
-            what = "QALoRA" if rec.qalora_group_size else what
+        variants = {"KaSA": rec.use_kasa, "BD-LoRA": rec.block_diagonal}
+        variants.update({"VeLoRA": rec.velora is not None, "QALoRA": rec.qalora_group_size})
+        variants["MonteCLoRA"] = rec.monteclora
+        what = next((name for name, used in variants.items() if used), None)
+        if what is not None:
             raise AdapterError(
                 f"cannot hot-swap into slot {adapter!r}: {what} adapters are not supported"
             )

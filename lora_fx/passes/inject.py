@@ -55,6 +55,7 @@ from lora_fx.passes._bdlora import add_block_diagonal
 from lora_fx.passes._dora import add_magnitude
 from lora_fx.passes._inline import inline_targeted_leaves
 from lora_fx.passes._kasa import add_kasa
+from lora_fx.passes._monteclora import add_monteclora
 from lora_fx.passes._qalora import add_qalora
 from lora_fx.passes._rollback import rollback_on_error
 from lora_fx.passes._sync import sync
@@ -164,6 +165,9 @@ def inject(
                 add_kasa(gm, site, adapter_name, records[site.fqn], state)
             if records[site.fqn].velora is not None:  # VeLoRA: the projection buffer
                 add_velora(gm, site, adapter_name, records[site.fqn], state)
+            if records[site.fqn].monteclora:  # MonteCLoRA: the sampler and its first draws
+                rec = records[site.fqn]
+                add_monteclora(gm, site, adapter_name, rec.r, cfg.monteclora_config, state)
             if records[site.fqn].qalora_group_size:  # QALoRA: A reads pooled inputs
                 add_qalora(gm, site, adapter_name, records[site.fqn])
             if records[site.fqn].block_diagonal:  # BD-LoRA: A or B as blocks

@@ -170,6 +170,7 @@ LINEAR = SiteKind(
         velora=True,
         bdlora=True,
         qalora=True,
+        monteclora=True,
         quantized=True,
         layouts=("fused", "plain", "weight"),
         fused_branch=True,

@@ -188,6 +188,7 @@ def _check_site(site: Site, cfg: LoraConfig) -> None:
         "velora_config": cfg.velora_config is not None and not kind.can.velora,
         "use_bdlora": cfg.use_bdlora is not None and not kind.can.bdlora,
         "use_qalora=True": cfg.use_qalora and not kind.can.qalora,
+        "monteclora_config": cfg.monteclora_config is not None and not kind.can.monteclora,
     }
     for what, refused in asked.items():
         if refused:
@@ -284,6 +285,11 @@ def _check_weight(gm: torch.fx.GraphModule, site: Site, cfg: LoraConfig) -> None
         raise UnsupportedSiteError(
             f"kasa_config needs the full-precision weight of site {site.fqn!r}, which is {kind}; "
             "inject before lora_fx.quantize"
+        )
+    if kind is not None and cfg.monteclora_config is not None:
+        raise UnsupportedSiteError(
+            f"monteclora_config is not supported on site {site.fqn!r}, whose weight is {kind} "
+            "(PEFT's quantized layers have no MonteCLoRA)"
         )
     if kind is not None and cfg.velora_config is not None:
         raise UnsupportedSiteError(
