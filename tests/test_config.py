@@ -150,7 +150,6 @@ def test_catastrophic_patterns_are_matched_without_backtracking():
     [
         ("alora_invocation_tokens", [5, 6]),
         ("arrow_config", {"top_k": 2}),
-        ("monteclora_config", {"num_samples": 2}),
     ],
 )
 def test_peft_features_not_implemented_yet_are_refused_not_dropped(field, value, tmp_path):
