@@ -725,6 +725,11 @@ class LoraConfig:
                 f"use_qalora=True needs init_lora_weights True, False or 'gaussian', got "
                 f"{self.init_lora_weights!r}: QALoRA's A reads pooled inputs, not the base weight"
             )
+        if self.lora_bias:
+            raise ConfigError(
+                "use_qalora=True is not supported with lora_bias=True (PEFT's QALoRA forward "
+                "drops lora_B's bias)"
+            )
         other = {"use_dora": self.use_dora, "kasa_config": self.kasa_config is not None}
         other["velora_config"] = self.velora_config is not None
         other["use_bdlora"] = self.use_bdlora is not None

@@ -267,3 +267,17 @@ def test_refused_sites_and_operations_leave_the_graph_unchanged(tmp_path):
     assert lora_fx.get_monteclora_loss(gm.train()) == 0.0  # no MonteCLoRA sampler counts
     lora_fx.delete_adapter(gm, "default")
     assert not hasattr(gm.lin0, "lora_monteclora_sampler")
+
+
+@pytest.mark.parametrize("merged", [True, False])
+def test_onnx_export_is_eval_lora(merged, tmp_path):
+    import onnxruntime
+
+    from lora_fx.exporters import export_onnx
+
+    _, x, gm, pm = _pair()
+    export_onnx(gm, (x,), tmp_path / "m.onnx", merged=merged)
+    session = onnxruntime.InferenceSession(tmp_path / "m.onnx")
+    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert_close(torch.from_numpy(y), pm(x))

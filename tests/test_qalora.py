@@ -271,6 +271,7 @@ def test_group_size_must_divide_in_features_graph_unchanged():
         ({"use_dora": True}, "use_qalora is not supported with use_dora"),
         ({"use_bdlora": {"nblocks": 2}}, "use_qalora is not supported with use_bdlora"),
         ({"init_lora_weights": "pissa"}, "init_lora_weights True, False or 'gaussian'"),
+        ({"lora_bias": True}, "drops lora_B's bias"),
     ],
 )
 def test_bad_qalora_config_is_refused(fields, match):
