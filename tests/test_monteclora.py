@@ -15,7 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import assert_close, assert_differs
-from helpers import assert_no_lora, lora_roles
+from helpers import assert_hotswap_refused, assert_mixed_batch_rows, assert_no_lora, lora_roles
 from models import TinyMLP, tiny_llama
 
 import lora_fx
@@ -281,3 +281,12 @@ def test_onnx_export_is_eval_lora(merged, tmp_path):
     (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         assert_close(torch.from_numpy(y), pm(x))
+
+
+def test_hotswap_is_refused(tmp_path):
+    assert_hotswap_refused(_pair()[2], tmp_path, "MonteCLoRA")
+
+
+def test_mixed_batch_rows_take_their_adapter():
+    _, x, gm, _ = _pair()
+    assert_mixed_batch_rows(gm, x)

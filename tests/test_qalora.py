@@ -16,7 +16,7 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import assert_close, assert_differs
-from helpers import lora_roles
+from helpers import assert_hotswap_refused, assert_mixed_batch_rows, lora_roles
 from models import TinyMLP, bnb_copy, tiny_llama
 from peft.tuners.lora.gptq import GPTQLoraLinear
 from peft.tuners.lora.variants import QALoraLinearVariant
@@ -285,3 +285,12 @@ def test_unsupported_operations_are_refused(tmp_path):
         lora_fx.add_weighted_adapter(gm, ["default"], [1.0], "mix")
     with pytest.raises(ValueError, match="QALoRA"):
         export_onnx(gm, (x,), tmp_path / "m.onnx")
+
+
+def test_hotswap_is_refused(tmp_path):
+    assert_hotswap_refused(_pair()[2], tmp_path, "QALoRA")
+
+
+def test_mixed_batch_rows_take_their_adapter():
+    _, x, gm, _ = _pair()
+    assert_mixed_batch_rows(gm, x)
