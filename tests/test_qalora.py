@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 from conftest import assert_close, assert_differs
 from helpers import assert_hotswap_refused, assert_mixed_batch_rows, lora_roles
-from models import TinyMLP, bnb_copy, tiny_llama
+from models import TinyMLP, bnb_copy, tiny_gpt2, tiny_llama
 from peft.tuners.lora.gptq import GPTQLoraLinear
 from peft.tuners.lora.variants import QALoraLinearVariant
 from torch import nn
@@ -172,9 +172,13 @@ def test_files_both_ways(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:MatMul8bitLt. inputs will be cast:UserWarning")
+@pytest.mark.parametrize("capture", ["bnb_modules", "quantize_pass"])
 @pytest.mark.parametrize("quant_type", ["nf4", "int8"])
-def test_bnb_base_matches_peft_gptq_layer_on_it(quant_type):
-    """On a bitsandbytes base: lora_fx's branch equals PEFT's QALoRA layer around it."""
+def test_bnb_base_matches_peft_gptq_layer_on_it(quant_type, capture):
+    """On a bitsandbytes base: lora_fx's branch equals PEFT's QALoRA layer around it.
+
+    The base is either the bitsandbytes modules captured as fx leaves, or `lora_fx.quantize`.
+    """
     torch.manual_seed(0)
     dense, x = TinyMLP(features=(64, 64, 32)).eval(), torch.randn(4, 64)
     cfg = {**_CFG, "qalora_group_size": 16}
@@ -182,7 +186,10 @@ def test_bnb_base_matches_peft_gptq_layer_on_it(quant_type):
     for module in quantized.modules():  # bitsandbytes' float32 CPU path, as lora_fx computes
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    gm = lora_fx.capture(copy.deepcopy(quantized), (x,), method="fx")
+    if capture == "bnb_modules":
+        gm = lora_fx.capture(copy.deepcopy(quantized), (x,), method="fx")
+    else:
+        gm = lora_fx.quantize(lora_fx.capture(copy.deepcopy(dense), (x,)), quant_type)
     import bitsandbytes as bnb
 
     torch.manual_seed(1)
@@ -224,6 +231,28 @@ def test_llama_export_matches_peft():
     for name, param in gm.named_parameters():
         if ".lora_" in name:
             assert_close(param.grad, theirs[f"base_model.model.{name}"].grad)
+
+
+def test_gpt2_conv1d_sites_match_peft_merge_and_weight_layout():
+    """Conv1D sites (`addmm` on a weight stored [in, out]): PEFT's GPTQ layer around Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model, ids = tiny_gpt2().eval(), torch.randint(0, 100, (2, 8))
+    cfg = {**_CFG, "target_modules": ["c_attn", "c_fc"], "qalora_group_size": 16}
+    gm = lora_fx.capture(copy.deepcopy(model), (ids,), {"use_cache": False})
+    torch.manual_seed(1)
+    pm = _peft_model(copy.deepcopy(model), {**cfg, "fan_in_fan_out": True}, Conv1D).eval()
+    torch.manual_seed(1)
+    gm = lora_fx.inject(gm, LoraConfig(**cfg))
+    with torch.no_grad():
+        expected = pm(ids, use_cache=False).logits
+        assert_differs(expected, model(ids, use_cache=False).logits)
+        assert_close(gm(ids).logits, expected)
+        lora_fx.set_layout(gm, "weight")  # QALoRA's sites keep the fused layout
+        assert_close(gm(ids).logits, expected)
+        lora_fx.merge(gm)
+        assert_close(gm(ids).logits, expected)
 
 
 @pytest.mark.parametrize("method", ["fx", "export"])
