@@ -84,6 +84,26 @@ def injected_graph(flavour: str) -> tuple[torch.fx.GraphModule, torch.Tensor]:
     return lora_fx.inject(gm, cfg), ids
 
 
+def lm_pair(model, ids: torch.Tensor, cfg: dict, peft_model: Callable):
+    """lora_fx and PEFT (`peft_model(copy)`) on a transformers LM, each seeded the same way.
+
+    Checks the eval logits against PEFT's (and that the adapter changes them); returns
+    `(gm, pm, expected logits)`.
+    """
+    from conftest import assert_close, assert_differs
+
+    gm = lora_fx.capture(copy.deepcopy(model), (ids,), {"use_cache": False})
+    torch.manual_seed(1)
+    pm = peft_model(copy.deepcopy(model)).eval()
+    torch.manual_seed(1)
+    gm = lora_fx.inject(gm, LoraConfig(**cfg))
+    with torch.no_grad():
+        expected = pm(ids, use_cache=False).logits
+        assert_differs(expected, model(ids, use_cache=False).logits)
+        assert_close(gm(ids).logits, expected)
+    return gm, pm, expected
+
+
 def assert_hotswap_refused(gm: torch.fx.GraphModule, folder, variant: str) -> None:
     """Hot-swapping a saved `variant` adapter into its own slot raises and changes nothing."""
     lora_fx.save_adapter(gm, folder)

@@ -15,7 +15,13 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import assert_close, assert_differs
-from helpers import assert_hotswap_refused, assert_mixed_batch_rows, assert_no_lora, lora_roles
+from helpers import (
+    assert_hotswap_refused,
+    assert_mixed_batch_rows,
+    assert_no_lora,
+    lm_pair,
+    lora_roles,
+)
 from models import TinyMLP, tiny_llama
 
 import lora_fx
@@ -171,15 +177,7 @@ def test_llama_export_matches_peft():
     torch.manual_seed(0)
     model, ids = tiny_llama(layers=2, hidden=64).eval(), torch.randint(0, 256, (2, 12))
     cfg = {**_CFG, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
-    gm = lora_fx.capture(copy.deepcopy(model), (ids,), {"use_cache": False})
-    torch.manual_seed(1)
-    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**cfg)).eval()
-    torch.manual_seed(1)
-    gm = lora_fx.inject(gm, LoraConfig(**cfg))
-    with torch.no_grad():
-        expected = pm(ids, use_cache=False).logits
-        assert_differs(expected, model(ids, use_cache=False).logits)
-        assert_close(gm(ids).logits, expected)
+    gm, pm, _ = lm_pair(model, ids, cfg, lambda m: peft.get_peft_model(m, peft.LoraConfig(**cfg)))
     gm.train(), pm.train()
     for step in range(3):
         gm.zero_grad(), pm.zero_grad()

@@ -16,7 +16,7 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import assert_close, assert_differs
-from helpers import assert_hotswap_refused, assert_mixed_batch_rows, lora_roles
+from helpers import assert_hotswap_refused, assert_mixed_batch_rows, lm_pair, lora_roles
 from models import TinyMLP, bnb_copy, tiny_gpt2, tiny_llama
 from peft.tuners.lora.gptq import GPTQLoraLinear
 from peft.tuners.lora.variants import QALoraLinearVariant
@@ -212,17 +212,9 @@ def test_llama_export_matches_peft():
     torch.manual_seed(0)
     model, ids = tiny_llama(layers=2, hidden=64).eval(), torch.randint(0, 256, (2, 12))
     cfg = {**_CFG, "target_modules": ["q_proj", "v_proj", "down_proj"], "qalora_group_size": 16}
-    gm = lora_fx.capture(copy.deepcopy(model), (ids,), {"use_cache": False})
-    torch.manual_seed(1)
-    pm = _peft_model(copy.deepcopy(model), cfg).eval()
-    torch.manual_seed(1)
-    gm = lora_fx.inject(gm, LoraConfig(**cfg))
+    gm, pm, _ = lm_pair(model, ids, cfg, lambda m: _peft_model(m, cfg))
     down = gm.get_submodule("model.layers.0.mlp.down_proj").lora_A["default"].weight
     assert down.shape == (4, 128 // 16)
-    with torch.no_grad():
-        expected = pm(ids, use_cache=False).logits
-        assert_differs(expected, model(ids, use_cache=False).logits)
-        assert_close(gm(ids).logits, expected)
     gm.train(), pm.train()
     gm.zero_grad()
     gm(ids).logits.square().mean().backward()
@@ -240,15 +232,9 @@ def test_gpt2_conv1d_sites_match_peft_merge_and_weight_layout():
     torch.manual_seed(0)
     model, ids = tiny_gpt2().eval(), torch.randint(0, 100, (2, 8))
     cfg = {**_CFG, "target_modules": ["c_attn", "c_fc"], "qalora_group_size": 16}
-    gm = lora_fx.capture(copy.deepcopy(model), (ids,), {"use_cache": False})
-    torch.manual_seed(1)
-    pm = _peft_model(copy.deepcopy(model), {**cfg, "fan_in_fan_out": True}, Conv1D).eval()
-    torch.manual_seed(1)
-    gm = lora_fx.inject(gm, LoraConfig(**cfg))
+    peft_cfg = {**cfg, "fan_in_fan_out": True}
+    gm, _, expected = lm_pair(model, ids, cfg, lambda m: _peft_model(m, peft_cfg, Conv1D))
     with torch.no_grad():
-        expected = pm(ids, use_cache=False).logits
-        assert_differs(expected, model(ids, use_cache=False).logits)
-        assert_close(gm(ids).logits, expected)
         lora_fx.set_layout(gm, "weight")  # QALoRA's sites keep the fused layout
         assert_close(gm(ids).logits, expected)
         lora_fx.merge(gm)
