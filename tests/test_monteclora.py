@@ -281,6 +281,17 @@ def test_onnx_export_is_eval_lora(merged, tmp_path):
         assert_close(torch.from_numpy(y), pm(x))
 
 
+def test_checkpoint_blocks_is_refused():
+    torch.manual_seed(0)
+    model, ids = tiny_llama(layers=2, hidden=64).eval(), torch.randint(0, 256, (1, 8))
+    gm = lora_fx.capture(model, (ids,), {"use_cache": False})
+    lora_fx.inject(gm, LoraConfig(**{**_CFG, "target_modules": ["q_proj"]}))
+    code = gm.code
+    with pytest.raises(ValueError, match=r"adapters \['default'\] use monteclora_config"):
+        lora_fx.checkpoint_blocks(gm)
+    assert gm.code == code and not lora_fx.checkpointed_blocks(gm)
+
+
 def test_hotswap_is_refused(tmp_path):
     assert_hotswap_refused(_pair()[2], tmp_path, "MonteCLoRA")
 

@@ -55,7 +55,7 @@ class MontecloraSampler(nn.Module):
         self._next = 0
         self._refill()
 
-    @torch._dynamo.disable
+    @torch.compiler.disable
     def _refill(self) -> None:
         """`buffer_size` draws from the global RNG, in PEFT's `_refill_buffer` order."""
         size, n, device = self.config["buffer_size"], self.num_samples, self.std_prior.device
@@ -68,7 +68,7 @@ class MontecloraSampler(nn.Module):
         self._draws = list(zip(z_mvn, z_wishart, z_dirichlet, strict=True))
         self._next = 0
 
-    @torch._dynamo.disable
+    @torch.compiler.disable
     def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The next `(z_mvn [n, in, r], z_wishart [r, r], z_dirichlet [n])`, refilling first."""
         if self._next >= len(self._draws):
