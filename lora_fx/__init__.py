@@ -18,6 +18,7 @@ from lora_fx.config import (
     LoftQConfig,
     LoraConfig,
     LoraGAConfig,
+    MontecloraConfig,
     VeloraConfig,
 )
 from lora_fx.errors import *  # noqa: F403  (every error, listed in lora_fx.errors.__all__)
@@ -35,6 +36,7 @@ __all__ = [
     "LoftQConfig",
     "LoraConfig",
     "LoraGAConfig",
+    "MontecloraConfig",
     "VeloraConfig",
     "capture",
     "capture_for_generation",

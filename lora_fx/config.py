@@ -34,17 +34,12 @@ __all__ = [
     "LoftQConfig",
     "LoraConfig",
     "LoraGAConfig",
+    "MontecloraConfig",
     "VeloraConfig",
     "read_config_file",
 ]
 
 _BIAS_MODES = ("none", "all", "lora_only")
-# PEFT 0.21 fields not implemented yet: set, they change what an adapter computes (or how it
-# trains), so a config or file using them is refused rather than read as plain LoRA.
-_NOT_YET = {
-    "use_qalora": "QALoRA (LoRA on GPTQ / AWQ quantized linears)",
-    "monteclora_config": "MonteCLoRA (Monte Carlo sampled LoRA)",
-}
 _VELORA_INITS = ("batch_average", "batch_average_once", "random")
 # and "pissa_niter_<K>"
 _INITS = (
@@ -161,6 +156,27 @@ class KasaConfig:
 
 
 @dataclass
+class MontecloraConfig:
+    """PEFT's `MontecloraConfig`: MonteCLoRA's Monte Carlo averaged A in training.
+
+    Args:
+        num_samples: Perturbed copies of A averaged per training forward, a positive int.
+        use_entropy: Add the sample weights' squared sum to the variational loss.
+        dirichlet_prior: Concentration of the Dirichlet prior on the sample weights, > 0.
+        sample_scaler: Factor on the sampled perturbations.
+        kl_loss_weight: Factor on the KL terms of the variational loss.
+        buffer_size: Draws taken from the global RNG at once (PEFT's buffer), a positive int.
+    """
+
+    num_samples: int = 8
+    use_entropy: bool = False
+    dirichlet_prior: float = 0.1
+    sample_scaler: float = 1e-4
+    kl_loss_weight: float = 1e-5
+    buffer_size: int = 150
+
+
+@dataclass
 class VeloraConfig:
     """PEFT's `VeloraConfig`: VeLoRA's compressed input activations for A's gradient.
 
@@ -264,6 +280,11 @@ class LoraConfig:
             on (`lora_fx.set_alora_offsets`); earlier positions, and rows without them, compute
             exactly the base model, so the base model's KV cache for the prefix can be reused.
             Linear sites only; no merge.
+        use_qalora: QALoRA on linear sites (dense or bitsandbytes; PEFT: GPTQ only): A reads the
+            input averaged over groups of `qalora_group_size` features, times `in / group_size`.
+        qalora_group_size: Input features per QALoRA group; must divide each site's in_features.
+        monteclora_config: `MontecloraConfig` (or its dict): MonteCLoRA on linear sites. In
+            training A is averaged over sampled perturbations; eval and merges are plain LoRA's.
         eva_config: `EvaConfig` (or its dict) for `init_lora_weights="eva"`
             (`lora_fx.initialize_eva`).
         corda_config: `CordaConfig` (or its dict) for `init_lora_weights="corda"`
@@ -307,6 +328,9 @@ class LoraConfig:
     velora_config: dict[str, Any] | None = None
     arrow_config: dict[str, Any] | None = None
     alora_invocation_tokens: list[int] | None = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: dict[str, Any] | None = None
     eva_config: dict[str, Any] | None = None
     corda_config: dict[str, Any] | None = None
     lora_ga_config: dict[str, Any] | None = None
@@ -333,7 +357,6 @@ class LoraConfig:
             self.modules_to_save = list(self.modules_to_save)
         self._check_types()
         self._check_peft_extras()
-        self._refuse_not_yet()
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
         _check_rank("r", self.r)
@@ -409,17 +432,6 @@ class LoraConfig:
                 f"layer_replication={ranges!r} is invalid; expected a list of [start, end) pairs "
                 "of layer indices, e.g. [[0, 4], [2, 5]]"
             )
-
-    def _refuse_not_yet(self) -> None:
-        """A PEFT field lora_fx does not implement yet, set: refused, never silently dropped."""
-        for name, feature in _NOT_YET.items():
-            value = self.extra.get(name)
-            if value not in (None, False, [], {}):
-                raise ConfigError(
-                    f"{name}={value!r}: {feature} is not supported by lora_fx yet; an adapter "
-                    "made with it would compute something else here, so it is refused (see "
-                    "README, 'Not yet')"
-                )
 
     def _check_peft_extras(self) -> None:
         """trainable_token_indices, megatron_config and runtime_config: types and duplicates."""
@@ -518,6 +530,8 @@ class LoraConfig:
         self._check_velora()
         self._check_arrow()
         self._check_alora()
+        self._check_qalora()
+        self._check_monteclora()
         self._check_eva()
         self._check_corda()
         self._check_lora_ga()
@@ -735,6 +749,69 @@ class LoraConfig:
                 raise ConfigError(
                     f"alora_invocation_tokens is not supported with {name} (one variant each)"
                 )
+
+    def _check_monteclora(self) -> None:
+        """monteclora_config: PEFT's MontecloraConfig fields; not with another variant."""
+        monte = _sub_config("monteclora_config", self.monteclora_config, MontecloraConfig)
+        if monte is None:
+            return
+        for name in ("num_samples", "buffer_size"):
+            if not _is_int(monte[name]) or monte[name] <= 0:
+                raise ConfigError(
+                    f"monteclora_config {name}={monte[name]!r} is invalid; expected a positive int"
+                )
+        for name in ("dirichlet_prior", "sample_scaler", "kl_loss_weight"):
+            value = monte[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(
+                    f"monteclora_config {name}={value!r} is invalid; expected a number"
+                )
+        if not monte["dirichlet_prior"] > 0:
+            raise ConfigError(
+                f"monteclora_config dirichlet_prior={monte['dirichlet_prior']!r} is invalid; "
+                "expected a number > 0"
+            )
+        if not isinstance(monte["use_entropy"], bool):
+            raise ConfigError(
+                f"monteclora_config use_entropy={monte['use_entropy']!r} is invalid; "
+                "expected True or False"
+            )
+        self.monteclora_config = monte
+        other = {"use_dora": self.use_dora, "kasa_config": self.kasa_config is not None}
+        other["velora_config"] = self.velora_config is not None
+        other["use_bdlora"] = self.use_bdlora is not None
+        other["use_qalora"] = self.use_qalora
+        for name, used in other.items():
+            if used:
+                raise ConfigError(
+                    f"monteclora_config is not supported with {name} (one variant each)"
+                )
+
+    def _check_qalora(self) -> None:
+        """use_qalora / qalora_group_size: a bool and a positive int; not with another variant."""
+        if not isinstance(self.use_qalora, bool):
+            raise ConfigError(f"use_qalora={self.use_qalora!r} is invalid; expected True or False")
+        size = self.qalora_group_size
+        if not _is_int(size) or size <= 0:
+            raise ConfigError(f"qalora_group_size={size!r} is invalid; expected a positive integer")
+        if not self.use_qalora:
+            return
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ConfigError(
+                f"use_qalora=True needs init_lora_weights True, False or 'gaussian', got "
+                f"{self.init_lora_weights!r}: QALoRA's A reads pooled inputs, not the base weight"
+            )
+        if self.lora_bias:
+            raise ConfigError(
+                "use_qalora=True is not supported with lora_bias=True (PEFT's QALoRA forward "
+                "drops lora_B's bias)"
+            )
+        other = {"use_dora": self.use_dora, "kasa_config": self.kasa_config is not None}
+        other["velora_config"] = self.velora_config is not None
+        other["use_bdlora"] = self.use_bdlora is not None
+        for name, used in other.items():
+            if used:
+                raise ConfigError(f"use_qalora is not supported with {name} (one variant each)")
 
     def _check_bdlora(self) -> None:
         """use_bdlora: PEFT's BdLoraConfig fields, lists that do not overlap; one variant."""

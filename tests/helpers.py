@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import peft
+import pytest
 import torch
 from models import SITE_CASES, TinyBlockStack, tiny_llama
 
@@ -81,6 +82,49 @@ def injected_graph(flavour: str) -> tuple[torch.fx.GraphModule, torch.Tensor]:
         init_lora_weights=False,
     )
     return lora_fx.inject(gm, cfg), ids
+
+
+def lm_pair(model, ids: torch.Tensor, cfg: dict, peft_model: Callable):
+    """lora_fx and PEFT (`peft_model(copy)`) on a transformers LM, each seeded the same way.
+
+    Checks the eval logits against PEFT's (and that the adapter changes them); returns
+    `(gm, pm, expected logits)`.
+    """
+    from conftest import assert_close, assert_differs
+
+    gm = lora_fx.capture(copy.deepcopy(model), (ids,), {"use_cache": False})
+    torch.manual_seed(1)
+    pm = peft_model(copy.deepcopy(model)).eval()
+    torch.manual_seed(1)
+    gm = lora_fx.inject(gm, LoraConfig(**cfg))
+    with torch.no_grad():
+        expected = pm(ids, use_cache=False).logits
+        assert_differs(expected, model(ids, use_cache=False).logits)
+        assert_close(gm(ids).logits, expected)
+    return gm, pm, expected
+
+
+def assert_hotswap_refused(gm: torch.fx.GraphModule, folder, variant: str) -> None:
+    """Hot-swapping a saved `variant` adapter into its own slot raises and changes nothing."""
+    lora_fx.save_adapter(gm, folder)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    with pytest.raises(lora_fx.AdapterError, match=f"{variant} adapters are not supported"):
+        lora_fx.load_adapter(gm, folder, hotswap=True)
+    assert all(torch.equal(v, before[k]) for k, v in gm.state_dict().items())
+
+
+def assert_mixed_batch_rows(gm: torch.fx.GraphModule, x: torch.Tensor) -> None:
+    """With rows (default, base, default), each row equals its adapter's (or the base) output."""
+    from conftest import assert_close
+
+    with torch.no_grad():
+        adapted = gm(x)
+        with lora_fx.disable_adapters(gm):
+            base = gm(x)
+        with lora_fx.adapter_batch(gm, ["default", lora_fx.BASE, "default"]):
+            mixed = gm(x)
+    assert_close(mixed[0::2], adapted[0::2])
+    assert_close(mixed[1], base[1])
 
 
 def lora_roles(gm: torch.fx.GraphModule, adapter: str | None = None) -> Counter:

@@ -44,6 +44,7 @@ HOLDERS = (
     "lora_velora_embed",  # VeLoRA's projection buffers (never trainable: BUFFER_HOLDERS)
     "lora_arrow",  # Arrow routers' prototypes (buffers, not saved: PEFT's are non-persistent)
     "lora_alora_offsets",  # aLoRA's per-row offsets (buffers, never in files: BUFFER_HOLDERS)
+    "lora_monteclora_sampler",  # MonteCLoRA's samplers (variational parameters and buffers)
     "trainable_tokens_delta",  # trainable tokens (the site is `<embedding>.token_adapter`)
 )
 

@@ -86,6 +86,8 @@ class SiteRecord:
     # VeLoRA: (num_groups, scale, init_type); None: A's gradient is exact
     velora: tuple[int, float, str] | None = None
     alora: bool = False  # aLoRA: the branch acts from the invocation tokens on (`_alora.py`)
+    qalora_group_size: int = 0  # QALoRA: A reads x averaged over groups this wide; 0: off
+    monteclora: int = 0  # MonteCLoRA: the number of samples averaged into A; 0: off
     rows: tuple[int, ...] = ()  # trainable tokens: the embedding rows the adapter replaces
     arrow: ArrowRoute | None = None  # an Arrow router: its branch mixes the experts per token
 
@@ -105,6 +107,8 @@ class SiteRecord:
             cfg.use_bdlora["nblocks"] if cfg.use_bdlora else 1,
             velora=_velora_triple(cfg.velora_config),
             alora=cfg.alora_invocation_tokens is not None,
+            qalora_group_size=cfg.qalora_group_size if cfg.use_qalora else 0,
+            monteclora=cfg.monteclora_config["num_samples"] if cfg.monteclora_config else 0,
         )
 
     @property
@@ -117,6 +121,8 @@ class SiteRecord:
             "VeLoRA": self.velora is not None,
             "aLoRA": self.alora,
             "an Arrow router": self.arrow is not None,
+            "QALoRA": bool(self.qalora_group_size),
+            "MonteCLoRA": bool(self.monteclora),
         }
         return next((name for name, used in names.items() if used), None)
 

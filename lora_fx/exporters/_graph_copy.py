@@ -132,8 +132,8 @@ def _check_supported(state: LoraState | None, names: list[str]) -> None:
     """Refuse adapter kinds the export does not rebuild (rule 6)."""
     for name in names:
         for fqn, rec in state.adapters[name].sites.items():
-            # VeLoRA exports as plain LoRA (its difference is A's gradient only)
-            variant = None if rec.variant == "VeLoRA" else rec.variant
+            # VeLoRA and MonteCLoRA export as plain LoRA (they differ in training only)
+            variant = None if rec.variant in ("VeLoRA", "MonteCLoRA") else rec.variant
             if variant is not None or not kind_of(rec.kind).can.onnx:
                 what = variant or f"a {rec.kind!r} site"
                 raise UnsupportedSiteError(

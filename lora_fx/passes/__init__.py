@@ -22,6 +22,7 @@ from lora_fx.passes.layout import LAYOUTS, get_layout, set_layout
 from lora_fx.passes.lora_ga import initialize_lora_ga
 from lora_fx.passes.merge import merge, merge_report, unmerge
 from lora_fx.passes.mixed_batch import BASE, adapter_batch, set_adapter_batch
+from lora_fx.passes.monteclora import get_monteclora_loss
 from lora_fx.passes.quantize import dequantize, quantize
 from lora_fx.passes.replicate import replicate_layers
 from lora_fx.passes.unload import merge_and_unload, unload
@@ -42,6 +43,7 @@ __all__ = [
     "dequantize",
     "disable_adapters",
     "get_layout",
+    "get_monteclora_loss",
     "hotswap_adapter",
     "initialize_corda",
     "initialize_eva",

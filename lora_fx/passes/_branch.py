@@ -25,6 +25,10 @@ Rules:
    BD-LoRA (`use_bdlora`) computes its block-diagonal A or B as `ops.block_diag_linear` (plain).
    aLoRA (`alora_invocation_tokens`) multiplies the rank-r activations (the output with a B
    bias) by `alora_mask` of the site's offsets buffer: 0 before each row's invocation (`_alora.py`).
+   QALoRA (`use_qalora`) feeds A the group-averaged input `qalora_pool(x, g)` (`_qalora.py`;
+   not the "weight" layout).
+   MonteCLoRA (`monteclora_config`) reads A as `perturbed_a(A, s)`, `s` what the site's sampler
+   returns after dropout (None outside training: A itself; `_monteclora.py`; not "weight").
    DoRA (`use_dora`) rescales the branch output and the base term (`_dora.py`); `target_parameters`
    and MHA sites get `W -> W + delta` instead of a branch after the op (`_param.py`), in training
    graphs and export copies alike (B, scale and dtype cast as the spec says); trainable-token
@@ -65,7 +69,9 @@ from lora_fx.math.fused_ops import (
     low_rank_weight,
     weight_for_tokens,
 )
+from lora_fx.math.monteclora import perturbed_a
 from lora_fx.math.ops import block_diag_linear
+from lora_fx.math.qalora import qalora_pool
 from lora_fx.math.quant import logical_dtype
 from lora_fx.math.stack import slot_rows
 from lora_fx.math.velora import velora_linear
@@ -118,6 +124,8 @@ class BranchSpec:
         blocks: BD-LoRA's `("a" or "b", nblocks)`: that factor is block-diagonal (`_bdlora.py`).
         alora: Path of aLoRA's `[batch]` offsets buffer (None: no aLoRA): the branch is masked
             by position (`_alora.py`).
+        qalora: QALoRA's group size: A reads `qalora_pool(x, qalora)` (0: x itself).
+        monteclora: Path of MonteCLoRA's sampler for `adapter`: A is `perturbed_a(A, sampler())`.
         layout: The requested layout (rule 7); a site that cannot take it takes the next one.
         export: Build for an export copy: fused accumulates out of place (torch.export rejects
             in-place writes with dynamic shapes).
@@ -137,6 +145,8 @@ class BranchSpec:
     velora: tuple[str, int, float] | None = None
     blocks: tuple[str, int] | None = None
     alora: str | None = None
+    qalora: int = 0
+    monteclora: str | None = None
     layout: str = "fused"
     export: bool = False
     rows: tuple[int, ...] = ()
@@ -175,6 +185,8 @@ def insert_branch(
         velora=(f"{site.fqn}.lora_velora_embed", *record.velora[:2]) if record.velora else None,
         blocks=(record.block_diagonal, record.nblocks) if record.block_diagonal else None,
         alora=paths.alora if record.alora else None,
+        qalora=record.qalora_group_size,
+        monteclora=f"{site.fqn}.lora_monteclora_sampler.{adapter}" if record.monteclora else None,
         layout=layout,
         rows=record.rows,
     )
@@ -202,7 +214,11 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
         or spec.velora is not None
         or spec.blocks is not None
         or spec.cast,
-        can_weight=spec.row_mask is None and spec.dropout is None and spec.alora is None,
+        can_weight=spec.row_mask is None
+        and spec.dropout is None
+        and spec.alora is None
+        and not spec.qalora
+        and spec.monteclora is None,
     )
     if layout == "auto" and spec.export:
         layout = "fused"
@@ -228,6 +244,11 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
             x = emit("cast", "call_function", _aten.type_as.default, (x, a))
         if spec.dropout is not None and not kind.can.input_is_ids:
             x = emit("dropout", "call_module", spec.dropout, (x,))
+        if spec.qalora:  # QALoRA: [.., in] -> [.., in / g], PEFT's scaled group means
+            x = emit("lora_a", "call_function", qalora_pool, (x, spec.qalora))
+        if spec.monteclora is not None:  # MonteCLoRA: sampled after dropout, as in PEFT
+            sample = emit("lora_a", "call_module", spec.monteclora, ())
+            a = emit("lora_a", "call_function", perturbed_a, (a, sample))
         fused = layout == "fused"
         whole = spec.row_mask is None and spec.alora is None and not spec.export
         if fused and kind.can.fused_branch and whole:

@@ -21,6 +21,8 @@ from lora_fx.core.state import SiteRecord
 from lora_fx.errors import AdapterError
 from lora_fx.math.velora import group_dim
 from lora_fx.passes._bdlora import block_shapes
+from lora_fx.passes._monteclora import monteclora_keys
+from lora_fx.passes._qalora import qalora_shapes
 from lora_fx.sites import Site
 from lora_fx.sites.kinds import kind_of, lora_paths
 
@@ -45,7 +47,7 @@ def adapter_keys(
         rec = records[site.fqn]
         paths = lora_paths(site.kind, site.fqn, adapter)
         kind = kind_of(site)
-        shapes = block_shapes(kind.factor_shapes(site, rec.r), rec)
+        shapes = qalora_shapes(block_shapes(kind.factor_shapes(site, rec.r), rec), rec)
         keys[paths.a_key] = (paths.a, shapes[0])
         if paths.b_key:  # trainable tokens have one tensor
             keys[paths.b_key] = (paths.b, shapes[1])
@@ -55,6 +57,8 @@ def adapter_keys(
             keys[paths.magnitude_key] = (paths.magnitude, kind.magnitude_shape(site))
         if rec.use_kasa:
             keys[paths.diag_key] = (paths.diag, (rec.r,))
+        if rec.monteclora:  # MonteCLoRA's sampler: two parameters, two buffers
+            keys.update(monteclora_keys(site.fqn, adapter, rec.r, rec.monteclora))
         if rec.velora is not None:  # VeLoRA's projection buffer
             keys[paths.velora_key] = (paths.velora, (group_dim(site.in_features, rec.velora[0]),))
     for module in saved_modules:

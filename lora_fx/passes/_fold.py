@@ -3,6 +3,7 @@
     plain LoRA:  W <- W + scale * left @ right            unfold:  W <- W - scale * left @ right
     KaSA:        the same with B diag(lora_diag) for B
     BD-LoRA:     the same with block_diag(blocks) for the block-diagonal A or B
+    QALoRA:      the same with expand_a(A, g) for A (PEFT cannot merge QALoRA)
     DoRA:        W <- g * (W + delta), g = m / ||W + delta||    unfold:  W <- W / g - delta
     quantized:   the same value from the dequantized W, then re-quantized in place
     lora_bias:   b <- b + scale * b_B                     unfold:  b <- b - scale * b_B
@@ -40,6 +41,7 @@ from lora_fx.core import graph as _graph
 from lora_fx.core.state import LoraState, SiteRecord
 from lora_fx.errors import MergeError
 from lora_fx.math import dora, ops, quant
+from lora_fx.math.qalora import expand_a
 from lora_fx.sites import Site
 from lora_fx.sites.kinds import kind_of, lora_paths
 
@@ -162,6 +164,8 @@ def _a_b(
         a = ops.block_diag_matrix(a, rec.nblocks)
     elif rec.block_diagonal == "b":
         b = ops.block_diag_matrix(b, rec.nblocks)
+    if rec.qalora_group_size:  # QALoRA: the pooling folded into a dense A [r, in]
+        a = expand_a(a, rec.qalora_group_size)
     return a, b
 
 

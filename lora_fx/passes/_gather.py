@@ -87,6 +87,8 @@ def _can_gather(gm: torch.fx.GraphModule, state: LoraState, site: Site, fqn: str
             rec.use_dora
             or rec.use_kasa
             or rec.velora is not None
+            or rec.qalora_group_size
+            or rec.monteclora
             or rec.block_diagonal
             or rec.lora_bias
             or (state.batch_training and rec.dropout > 0)

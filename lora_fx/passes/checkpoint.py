@@ -26,6 +26,8 @@ Rules:
    regions become `tag_activation_checkpoint` regions that AOTAutograd recomputes in backward.
 6. The LoRA passes (inject, merge, set_adapter, save_adapter, unload, ...) read sites from the flat
    graph: run them before `checkpoint_blocks` or after `uncheckpoint_blocks`.
+7. MonteCLoRA adapters are refused: recomputing a block would take the sampler's next draws, so
+   the backward would not match the forward.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lora_fx.core import graph as _graph
-from lora_fx.core.state import CHECKPOINT_META, lora_tag
+from lora_fx.core.state import CHECKPOINT_META, lora_tag, state_or_none
 from lora_fx.passes._rollback import transactional
 
 __all__ = ["checkpoint_blocks", "checkpointed_blocks", "uncheckpoint_blocks"]
@@ -109,7 +111,8 @@ def checkpoint_blocks(
 
     Raises:
         ValueError: The graph is already checkpointed, a named block is not in the graph, no
-            repeated block was found, or two blocks' nodes interleave.
+            repeated block was found, two blocks' nodes interleave, or an adapter uses
+            MonteCLoRA (rule 7).
 
     Example:
         >>> gm = lora_fx.inject(lora_fx.capture(model, (ids,)), cfg)
@@ -121,6 +124,13 @@ def checkpoint_blocks(
         raise ValueError(
             f"the graph is already checkpointed ({len(checkpointed_blocks(gm))} blocks); "
             "call lora_fx.uncheckpoint_blocks(gm) first"
+        )
+    state = state_or_none(gm)
+    monte = [n for n, r in (state.adapters if state else {}).items() if r.config.monteclora_config]
+    if monte:
+        raise ValueError(
+            f"adapters {monte} use monteclora_config, whose sampler would draw new samples when "
+            "a block is recomputed in backward; train them without checkpoint_blocks"
         )
     owner = _block_owners(gm, blocks)
     regions = _regions(gm, owner)

@@ -59,6 +59,8 @@ from lora_fx.passes._bdlora import add_block_diagonal
 from lora_fx.passes._dora import add_magnitude
 from lora_fx.passes._inline import inline_targeted_leaves
 from lora_fx.passes._kasa import add_kasa
+from lora_fx.passes._monteclora import add_monteclora
+from lora_fx.passes._qalora import add_qalora
 from lora_fx.passes._rollback import rollback_on_error
 from lora_fx.passes._sync import sync
 from lora_fx.passes._velora import add_velora
@@ -172,6 +174,11 @@ def inject(
                 add_velora(gm, site, adapter_name, records[site.fqn], state)
             if records[site.fqn].alora:  # aLoRA: the per-row offsets buffer
                 add_alora(gm, site, adapter_name, state)
+            if records[site.fqn].monteclora:  # MonteCLoRA: the sampler and its first draws
+                rec = records[site.fqn]
+                add_monteclora(gm, site, adapter_name, rec.r, cfg.monteclora_config, state)
+            if records[site.fqn].qalora_group_size:  # QALoRA: A reads pooled inputs
+                add_qalora(gm, site, adapter_name, records[site.fqn])
             if records[site.fqn].block_diagonal:  # BD-LoRA: A or B as blocks
                 add_block_diagonal(gm, site, adapter_name, records[site.fqn])
             if records[site.fqn].use_dora:

@@ -309,6 +309,8 @@ def _check_arguments(
         ("use_bdlora", "BD-LoRA"),
         ("velora_config", "VeLoRA"),
         ("alora_invocation_tokens", "aLoRA"),
+        ("use_qalora", "QALoRA"),
+        ("monteclora_config", "MonteCLoRA"),
     ):
         configs = {n: state.adapters[n].config for n in adapters if n in state.adapters}
         used = [n for n, config in configs.items() if getattr(config, field)]

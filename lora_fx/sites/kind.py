@@ -47,6 +47,8 @@ class Capabilities:
     velora: bool = False  # VeLoRA: A's gradient from compressed inputs (`velora_config`)
     bdlora: bool = False  # BD-LoRA: a block-diagonal A or B (`use_bdlora`)
     alora: bool = False  # aLoRA: the branch masked by position (`alora_invocation_tokens`)
+    qalora: bool = False  # QALoRA: A reads the input averaged over feature groups (`use_qalora`)
+    monteclora: bool = False  # MonteCLoRA: A averaged over sampled perturbations in training
     quantized: bool = False  # a bitsandbytes base weight
     mixed_batch: bool = True  # branches weighted per batch row
     input_is_ids: bool = False  # the branch input is token ids: no dtype cast, no dropout

@@ -190,6 +190,8 @@ def _check_site(site: Site, cfg: LoraConfig) -> None:
         "alora_invocation_tokens (aLoRA, linear sites only as in PEFT)": (
             cfg.alora_invocation_tokens is not None and not kind.can.alora
         ),
+        "use_qalora=True": cfg.use_qalora and not kind.can.qalora,
+        "monteclora_config": cfg.monteclora_config is not None and not kind.can.monteclora,
     }
     for what, refused in asked.items():
         if refused:
@@ -215,6 +217,12 @@ def _check_site(site: Site, cfg: LoraConfig) -> None:
         _check_kasa_site(site, r)
     if cfg.use_bdlora is not None:
         _check_bdlora_site(site, record, strict=cfg.use_bdlora["match_strict"])
+    if cfg.use_qalora and site.in_features % cfg.qalora_group_size:
+        raise UnsupportedSiteError(
+            f"use_qalora=True needs in_features divisible by qalora_group_size; site "
+            f"{site.fqn!r} has in_features={site.in_features}, qalora_group_size="
+            f"{cfg.qalora_group_size}; choose a group size that divides it, or exclude the site"
+        )
     if init == "orthogonal" and r % 2:
         raise UnsupportedSiteError(
             f"init_lora_weights='orthogonal' needs an even rank; site {site.fqn!r} has r={r}"
@@ -280,6 +288,11 @@ def _check_weight(gm: torch.fx.GraphModule, site: Site, cfg: LoraConfig) -> None
         raise UnsupportedSiteError(
             f"kasa_config needs the full-precision weight of site {site.fqn!r}, which is {kind}; "
             "inject before lora_fx.quantize"
+        )
+    if kind is not None and cfg.monteclora_config is not None:
+        raise UnsupportedSiteError(
+            f"monteclora_config is not supported on site {site.fqn!r}, whose weight is {kind} "
+            "(PEFT's quantized layers have no MonteCLoRA)"
         )
     if kind is not None and cfg.velora_config is not None:
         raise UnsupportedSiteError(
