@@ -94,6 +94,15 @@ def peft_run(tmp_path_factory):
     return {"out": out, "merged": merged, "folder": folder}
 
 
+def _assert_matches_peft(gm, ids, expected):
+    """The default "auto" layout runs these tiny linear sites with W + s·B@A at this many
+    tokens: merged-weight rounding (1.3e-5 on one of 160 values). The branch layout is held to
+    the table's tolerance."""
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids), expected, atol=3e-5, rtol=1e-4)
+        assert_close(lora_fx.set_layout(copy.deepcopy(gm), "fused")(ids), expected)
+
+
 @pytest.mark.parametrize("net", ["modules", "functional"])
 @pytest.mark.parametrize("method", ["fx", "export"])
 def test_every_site_kind_matches_peft_in_both_flavours(net, method, peft_run, tmp_path):
@@ -102,8 +111,7 @@ def test_every_site_kind_matches_peft_in_both_flavours(net, method, peft_run, tm
     gm = lora_fx.capture(model, (ids,), method=method)
     assert set(all_sites(gm)) >= set(_TARGETS)
     loaded = lora_fx.load_adapter(copy.deepcopy(gm), peft_run["folder"])
-    with torch.no_grad():
-        assert_close(loaded(ids), peft_run["out"])
+    _assert_matches_peft(loaded, ids, peft_run["out"])
     assert lora_roles(loaded)  # branches in the graph
     # lora_fx -> PEFT: the same keys, readable by PeftModel on the module net
     ours = lora_fx.inject(
@@ -115,7 +123,7 @@ def test_every_site_kind_matches_peft_in_both_flavours(net, method, peft_run, tm
     assert set(safetensors.torch.load_file(file)) == set(safetensors.torch.load_file(theirs))
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(_nets()[0]), tmp_path).eval()
     with torch.no_grad():
-        assert_close(ours(ids), pm(ids))
+        _assert_matches_peft(ours, ids, pm(ids))
         merged = lora_fx.merge_and_unload(loaded)
         assert_close(merged(ids), peft_run["merged"])
 
