@@ -4,6 +4,8 @@
         ->  A [slots, r, in]   B [slots, out, r]      slot k: A_k and s_k * B_k, rank zero-padded
     gathered_linear(y, x, index, a_t, b_t)
         ->  y[i] + x[i] @ a_t[index[i]] @ b_t[index[i]]      a_t [slots, in, r], b_t [slots, r, out]
+    gathered_embedding(y, ids, index, a_t, b_t)
+        ->  y[i] + a_t[index[i], ids[i]] @ b_t[index[i]]     a_t [slots, num, r], b_t [slots, r, d]
 
 Both the torch graph's mixed batches (`passes/_gather.py`) and the ONNX "stacked" layout
 (`exporters/_branches.py`) build their stacks with `stack_adapters`: one function, one layout.
@@ -16,10 +18,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from lora_fx.math import ops
 
-__all__ = ["gathered_linear", "slot_rows", "stack_adapters"]
+__all__ = [
+    "gathered_embedding",
+    "gathered_linear",
+    "slot_lookup",
+    "slot_rows",
+    "stack_adapters",
+]
 
 
 def stack_adapters(
@@ -105,6 +114,61 @@ def gathered_linear(
     batch = index.shape[0]
     rows = x.reshape(batch, -1, x.shape[-1])  # [batch, m, in]
     low = torch.bmm(rows, a_t.index_select(0, index).to(x.dtype))  # [batch, m, r]
+    return _add_up(y, low, index, b_t)
+
+
+def gathered_embedding(
+    y: torch.Tensor,
+    ids: torch.Tensor,
+    index: torch.Tensor,
+    a_t: torch.Tensor,
+    b_t: torch.Tensor,
+    padding_idx: int | None = None,
+) -> torch.Tensor:
+    """`y + delta` at an embedding site; row i: `a_t[index[i], ids[i]] @ b_t[index[i]]`.
+
+    PEFT's per-adapter branch is `F.embedding(ids, A.T) @ (scale * B).T`; here every row looks up
+    its ids in its own slot of the stacked `A^T` (`slot_lookup`: one `embedding` over the
+    flattened stack, ids offset by `slot * num`), then one batched GEMM with the gathered
+    `[r, dim]` factors. Shape-static: a new composition changes `index`'s values only. The
+    padding row's lookup gets no gradient (as `F.embedding(..., padding_idx)`); its value is read.
+
+    Args:
+        y: The site output `[batch, ..., dim]`.
+        ids: The token ids `[batch, ...]` (long).
+        index: `[batch]` slot per batch row (long).
+        a_t: `[slots, num, r]` (A transposed; a view is fine).
+        b_t: `[slots, r, dim]` (scale * B transposed).
+        padding_idx: The site's padding index, or None.
+
+    Returns:
+        `y` plus the per-row delta, shaped like `y`.
+    """
+    num, rank = a_t.shape[1], a_t.shape[2]
+    low = slot_lookup(ids, index, a_t.reshape(-1, rank), num)  # [batch, ..., r]
+    if padding_idx is not None and low.requires_grad:
+        low = torch.where((ids == padding_idx).unsqueeze(-1), low.detach(), low)
+    return _add_up(y, low.reshape(index.shape[0], -1, rank).to(y.dtype), index, b_t)
+
+
+def slot_lookup(
+    ids: torch.Tensor, index: torch.Tensor, table: torch.Tensor, num: int
+) -> torch.Tensor:
+    """Row i's ids looked up in slot `index[i]` of `table` `[slots * num, r]`: `[batch, ..., r]`.
+
+    Shared by the torch graph's gathered embedding sites and the ONNX "stacked" layout.
+    """
+    offset = (index * num).reshape(index.shape[0], *([1] * (ids.dim() - 1)))
+    return F.embedding(ids + offset, table)
+
+
+def _add_up(y: torch.Tensor, low: torch.Tensor, index: torch.Tensor, b_t: torch.Tensor):
+    """`y + low @ b_t[index]` per batch row; low `[batch, m, r]`, b_t `[slots, r, out]`.
+
+    In place when autograd does not record (the site output is fresh and read by nothing
+    else), else out of place.
+    """
+    batch = index.shape[0]
     up = b_t.index_select(0, index).to(y.dtype)  # [batch, r, out]
     out = y.view(batch, -1, y.shape[-1])
     if torch.is_grad_enabled() and (y.requires_grad or low.requires_grad or up.requires_grad):
