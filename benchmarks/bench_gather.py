@@ -1,6 +1,7 @@
 """One site's mixed-batch delta: gathered per-row factors vs rows grouped per adapter vs masked.
 
-    python benchmarks/bench_gather.py         # writes benchmarks/results/bench_gather.json
+    python benchmarks/bench_gather.py                   # results/bench_gather.json
+    python benchmarks/bench_gather.py --site embedding  # results/bench_gather_embedding.json
 
 The measurement behind `lora_fx/passes/_gather.py`'s choice (issue 19): a linear site (in 256,
 out 512, r 16) under a batch of 32 x 32 tokens and of 8 x 1 token (decode), 4 / 16 / 64 adapters,
@@ -10,10 +11,17 @@ each row drawing its adapter at random, 1 thread, no_grad; median ms of 30 calls
 - gathered_peft_layout: the same with PEFT's `[slots, r, in]` / `[slots, out, r]` orientation;
 - grouped: rows sorted per adapter, one GEMM pair and an `index_add_` per adapter (segment GEMMs);
 - masked: every adapter's branch on every row, weighted by a one-hot row mask (the old layout).
+
+`--site embedding`: an embedding site (8192 rows, dim 512, r 16), same batches and adapters:
+- base: the lookup alone;
+- gathered: `gathered_embedding` over `[slots, num, r]` / `[slots, r, dim]` stacks (lora_fx now);
+- masked: every adapter's lookup in its `A^T` and GEMM with its `B^T`, weighted by the row mask
+  (what embedding sites ran before they gathered).
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -26,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import table, write_json
 
-from lora_fx.math.stack import gathered_linear
+from lora_fx.math.stack import gathered_embedding, gathered_linear
 
-OUT = Path(__file__).parent / "results" / "bench_gather.json"
+RESULTS = Path(__file__).parent / "results"
 IN, OUT_F, RANK = 256, 512, 16
+NUM, DIM = 8192, 512  # the embedding site
 
 
 def _ms(fn, n: int = 30) -> float:
@@ -78,19 +87,47 @@ def _variants(batch: int, m: int, n: int) -> dict:
     }
 
 
+def _embedding_variants(batch: int, m: int, n: int) -> dict:
+    ids, w = torch.randint(0, NUM, (batch, m)), torch.randn(NUM, DIM)
+    a, b = torch.randn(n + 1, RANK, NUM), torch.randn(n + 1, DIM, RANK)  # PEFT's A, scale * B
+    a_t, b_t = a.transpose(1, 2).contiguous(), b.transpose(1, 2).contiguous()
+    index = torch.randint(0, n, (batch,))
+
+    def masked():
+        y = F.embedding(ids, w)
+        mask = F.one_hot(index, n + 1).T.float()
+        for k in range(n):
+            y = y + F.linear(F.embedding(ids, a_t[k]) * mask[k].view(batch, 1, 1), b[k])
+        return y
+
+    return {
+        "base": lambda: F.embedding(ids, w),
+        "gathered": lambda: gathered_embedding(F.embedding(ids, w), ids, index, a_t, b_t),
+        "masked": masked,
+    }
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--site", choices=("linear", "embedding"), default="linear")
+    site = parser.parse_args().site
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    variants = _variants if site == "linear" else _embedding_variants
     rows, record = [], []
     with torch.no_grad():
         for batch, m in ((32, 32), (8, 1)):
             for n in (4, 16, 64):
-                ms = {name: _ms(fn) for name, fn in _variants(batch, m, n).items()}
+                ms = {name: _ms(fn) for name, fn in variants(batch, m, n).items()}
                 record.append({"batch": batch, "tokens": m, "adapters": n, "median_ms": ms})
                 rows.append([f"{batch}x{m}", str(n), *(f"{v:.3f}" for v in ms.values())])
     print(table(["batch", "adapters", *record[0]["median_ms"]], rows))
-    write_json({"in": IN, "out": OUT_F, "rank": RANK, "threads": 1, "rows": record}, OUT)
-    print(f"wrote {OUT}")
+    if site == "linear":
+        shape, out = {"in": IN, "out": OUT_F}, RESULTS / "bench_gather.json"
+    else:
+        shape, out = {"num": NUM, "dim": DIM}, RESULTS / "bench_gather_embedding.json"
+    write_json({"site": site, **shape, "rank": RANK, "threads": 1, "rows": record}, out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

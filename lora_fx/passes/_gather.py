@@ -25,7 +25,9 @@ Rules:
    `lora_bias`; in training also no dropout). Other sites (conv, and the rest) keep one masked
    branch per slot, weighted by `index == k` (`math.stack.slot_rows`). An embedding's stacks
    hold a `[num, r]` table per slot (`slots * num * r` numbers), and its gathered lookup reads
-   one row per token (`benchmarks/bench_gather.py --site embedding`).
+   one row per token (`benchmarks/bench_gather.py --site embedding`; 8192 rows, dim 512, r 16,
+   1 thread: batch 32 x 32 tokens +0.30 ms over the lookup for 4 / 16 / 64 adapters, masked
+   +2.9 / +6.9 / +28 ms; decode 8 x 1 +0.03 ms, masked +0.07 / +0.25 / +1.05 ms).
 2. Inference (`gm.eval()` when the batch is set): the stacks are buffers
    `lora_fx_stacks.<site>.a_t` / `.b_t`, written from the slots' adapters by `stack_adapters`;
    a new composition, or an adapter loaded into / deleted from a slot, writes buffer values only:
