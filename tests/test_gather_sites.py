@@ -1,49 +1,91 @@
-"""Gathered mixed batches on embedding sites: PEFT parity, training gradients, no recompiles."""
+"""Gathered mixed batches on embedding and conv sites: PEFT parity, gradients, no recompiles."""
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import assert_close, assert_differs
 from helpers import (
     assert_batch_grads_equal_alone,
     assert_slot_changes_do_not_recompile,
     peft_with_adapters,
 )
-from models import TinyEmbedding, tiny_llama
+from models import TinyConv, TinyConv1d, TinyEmbedding, tiny_llama
 
 import lora_fx
-from lora_fx.math.stack import gathered_embedding, gathered_linear, slot_rows
+from lora_fx.math.stack import gathered_conv, gathered_embedding, gathered_linear, slot_rows
 from lora_fx.passes._gather import stack_slots
 
-# Ranks 4 and 8 mixed; "owl" adapts the embedding alone.
-ADAPTERS = {"cat": (4, 8, None), "dog": (8, 4, None), "owl": (4, 16, ["emb"])}
 ROWS = ["dog", "cat", "__base__", "owl", "cat", "dog"]
 
 
-def _setup(tmp_path, method="export", padding_idx=None, adapters=ADAPTERS):
-    model = TinyEmbedding().eval()
-    model.emb.padding_idx = padding_idx
-    pm = peft_with_adapters(model, adapters, ["emb", "lin0"], tmp_path)
+class Case(NamedTuple):
+    """A tiny model with non-linear sites, its input, its targets and its gathered nodes."""
+
+    model: Callable[[], torch.nn.Module]
+    make_input: Callable[[], torch.Tensor]
+    targets: list[str]
+    gathered: dict  # gather function -> nodes expected
+
+
+def _ids():
     ids = torch.randint(0, 100, (len(ROWS), 5))
     ids[:, 0] = 3  # every row reads token 3 (the padding row when padding_idx=3)
-    gm = lora_fx.capture(model, (ids,), method=method)
+    return ids
+
+
+CASES = {
+    "embedding": Case(
+        TinyEmbedding, _ids, ["emb", "lin0"], {gathered_embedding: 1, gathered_linear: 1}
+    ),
+    "conv2d": Case(
+        TinyConv,
+        lambda: torch.randn(len(ROWS), 3, 6, 6),
+        ["conv0", "conv1", "lin0"],
+        {gathered_conv: 2, gathered_linear: 1},
+    ),
+    "conv1d": Case(
+        TinyConv1d,
+        lambda: torch.randn(len(ROWS), 3, 12),
+        ["conv0", "conv1", "lin0"],
+        {gathered_conv: 2, gathered_linear: 1},
+    ),
+}
+
+
+def _adapters(case):
+    """Ranks 4 and 8 mixed; "owl" adapts the first (embedding or conv) site alone."""
+    return {"cat": (4, 8), "dog": (8, 4), "owl": (4, 16, CASES[case].targets[:1])}
+
+
+def _setup(tmp_path, method="export", padding_idx=None, case="embedding"):
+    model = CASES[case].model().eval()
+    if case == "embedding":
+        model.emb.padding_idx = padding_idx
+    adapters = _adapters(case)
+    pm = peft_with_adapters(model, adapters, CASES[case].targets, tmp_path)
+    x = CASES[case].make_input()
+    gm = lora_fx.capture(model, (x,), method=method)
     for name in adapters:
         lora_fx.load_adapter(gm, tmp_path / name, name)
-    return pm, gm, ids
+    return pm, gm, x
 
 
 def _targets(gm):
     return [n.target for n in gm.graph.nodes if n.op == "call_function"]
 
 
-def _check_gathered(gm, embeddings, linears):
+def _check_gathered(gm, gathered):
     """Structure: one gathered node per site, no masked branch, no per-adapter node."""
     gm.graph.lint()
     targets = _targets(gm)
-    assert targets.count(gathered_embedding) == embeddings
-    assert targets.count(gathered_linear) == linears
+    assert {fn: targets.count(fn) for fn in gathered} == gathered
     assert slot_rows not in targets
     tags = {n.meta.get("lora_fx", {}).get("adapter") for n in gm.graph.nodes}
-    assert not set(ADAPTERS) & tags
+    assert not {"cat", "dog", "owl"} & tags
     roles = {
         n.meta["lora_fx"]["role"]
         for n in gm.graph.nodes
@@ -52,19 +94,25 @@ def _check_gathered(gm, embeddings, linears):
     assert roles <= {"mask", "weight", "add"}
 
 
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("method", ["fx", "export"])
-def test_embedding_site_gathers_and_equals_peft(tmp_path, method):
-    pm, gm, ids = _setup(tmp_path, method)
+def test_site_gathers_and_equals_peft(tmp_path, method, case):
+    pm, gm, x = _setup(tmp_path, method, case=case)
     with torch.no_grad():
-        expected = pm(ids, adapter_names=ROWS)
+        expected = pm(x, adapter_names=ROWS)
         with lora_fx.adapter_batch(gm, ROWS):
-            _check_gathered(gm, embeddings=1, linears=1)
-            stacks = gm.lora_fx_stacks.get_submodule("emb")
-            assert stacks.a_t.shape == (4, 100, 8) and stacks.b_t.shape == (4, 8, 16)
-            mixed = gm(ids)
+            _check_gathered(gm, CASES[case].gathered)
+            stacks = gm.lora_fx_stacks.get_submodule(CASES[case].targets[0])
+            a_shape, b_shape = {  # 3 slots + the zero slot, padded to rank 8
+                "embedding": ((4, 100, 8), (4, 8, 16)),
+                "conv2d": ((4, 3, 8, 3, 3), (4, 8, 8, 1, 1)),
+                "conv1d": ((4, 3, 8, 3), (4, 8, 8, 1)),
+            }[case]
+            assert stacks.a_t.shape == a_shape and stacks.b_t.shape == b_shape
+            mixed = gm(x)
         assert_close(mixed, expected)
         with lora_fx.disable_adapters(gm):
-            base = gm(ids)
+            base = gm(x)
         for row in (0, 1, 3):
             assert_differs(mixed[row], base[row])
         assert_close(mixed[2], base[2])
@@ -73,7 +121,7 @@ def test_embedding_site_gathers_and_equals_peft(tmp_path, method):
 
 def test_llama_embed_tokens_gathers_and_equals_peft(tmp_path):
     model = tiny_llama().eval()
-    adapters = {"cat": (4, 8, None), "dog": (8, 4, None), "owl": (4, 16, ["embed_tokens"])}
+    adapters = {"cat": (4, 8), "dog": (8, 4), "owl": (4, 16, ["embed_tokens"])}
     pm = peft_with_adapters(model, adapters, ["embed_tokens", "q_proj", "v_proj"], tmp_path)
     ids = torch.randint(0, 256, (len(ROWS), 5))
     gm = lora_fx.capture(model, (ids,), {"use_cache": False})
@@ -82,7 +130,8 @@ def test_llama_embed_tokens_gathers_and_equals_peft(tmp_path):
     with torch.no_grad():
         expected = pm(input_ids=ids, adapter_names=ROWS, use_cache=False).logits
         with lora_fx.adapter_batch(gm, ROWS):
-            _check_gathered(gm, embeddings=1, linears=4)  # 2 layers x (q_proj, v_proj)
+            # 2 layers x (q_proj, v_proj)
+            _check_gathered(gm, {gathered_embedding: 1, gathered_linear: 4})
             mixed = gm(ids).logits
         assert_close(mixed, expected)
         with lora_fx.disable_adapters(gm):
@@ -91,40 +140,43 @@ def test_llama_embed_tokens_gathers_and_equals_peft(tmp_path):
             assert_differs(mixed[row], base[row])
 
 
-@pytest.mark.parametrize("padding_idx", [None, 3])
+@pytest.mark.parametrize(
+    ("case", "padding_idx"), [("embedding", None), ("embedding", 3), ("conv2d", None)]
+)
 @pytest.mark.parametrize("method", ["fx", "export"])
-def test_embedding_training_gradients_equal_training_alone(tmp_path, method, padding_idx):
-    _, gm, ids = _setup(tmp_path, method, padding_idx)
+def test_training_gradients_equal_training_alone(tmp_path, method, case, padding_idx):
+    _, gm, x = _setup(tmp_path, method, padding_idx, case)
     gm.train()
     lora_fx.set_adapter_batch(gm, ROWS)
-    _check_gathered(gm, embeddings=1, linears=1)
+    _check_gathered(gm, CASES[case].gathered)
     assert stack_slots in _targets(gm)  # rule 3: the stacks are built in the graph
-    assert_batch_grads_equal_alone(gm, ids, ROWS)
+    assert_batch_grads_equal_alone(gm, x, ROWS)
     if padding_idx is not None:  # the padding row gets no gradient, as in F.embedding
         gm.zero_grad(set_to_none=True)
         lora_fx.set_adapter_batch(gm, ROWS)
-        gm(ids).pow(2).sum().backward()
-        for name in ADAPTERS:
+        gm(x).pow(2).sum().backward()
+        for name in ("cat", "dog", "owl"):
             column = gm.get_parameter(f"emb.lora_embedding_A.{name}").grad[:, padding_idx]
             assert column.abs().sum() == 0
 
 
-def test_new_compositions_and_slot_occupants_do_not_recompile(tmp_path):
-    pm, gm, ids = _setup(tmp_path)
+@pytest.mark.parametrize("case", ["embedding", "conv2d"])
+def test_new_compositions_and_slot_occupants_do_not_recompile(tmp_path, case):
+    pm, gm, x = _setup(tmp_path, case=case)
     rows2 = ["owl", "owl", "dog", "cat", "__base__", "cat"]
     with torch.no_grad():
-        expected = {tuple(r): pm(ids, adapter_names=r) for r in (ROWS, rows2)}
+        expected = {tuple(r): pm(x, adapter_names=r) for r in (ROWS, rows2)}
     lora_fx.delete_adapter(gm, "owl")
     lora_fx.set_adapter_batch(gm, ["cat"] * 6, capacity=4)  # 2 adapters, 2 free slots
-    _check_gathered(gm, embeddings=1, linears=1)
+    _check_gathered(gm, CASES[case].gathered)
     assert_slot_changes_do_not_recompile(
         gm,
-        ids,
+        x,
         load=("owl", tmp_path / "owl"),
         delete=("cat", ["owl", "dog", "__base__", "owl", "dog", "dog"]),
         expected=expected,
     )
-    _check_gathered(gm, embeddings=1, linears=1)
+    _check_gathered(gm, CASES[case].gathered)
 
 
 def test_gathered_embedding_by_hand():
@@ -136,3 +188,23 @@ def test_gathered_embedding_by_hand():
     out = gathered_embedding(y, ids, torch.tensor([1, 0]), a_t, b_t)
     expected = torch.tensor([[[0.0, 10.0], [0.0, 30.0]], [[2.0, 0.0], [2.0, 0.0]]])
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("padding", [[1, 2], "valid"])
+def test_gathered_conv_equals_each_rows_own_conv(padding):
+    # Strided, dilated Conv2d geometry (PEFT's own conv branch drops dilation; the math does not).
+    stride, dilation = [2, 1], [2, 1]
+    x, index = torch.randn(3, 4, 9, 8), torch.tensor([2, 0, 2])
+    a, b = (
+        torch.randn(3, 5, 4, 3, 3),
+        torch.randn(3, 6, 5, 1, 1),
+    )  # [slots, r, in, *k], [.., out, r]
+    conv = functools.partial(F.conv2d, stride=stride, padding=padding, dilation=dilation)
+    y = conv(x, torch.randn(6, 4, 3, 3))
+    expected = torch.stack(
+        [y[i] + F.conv2d(conv(x[i : i + 1], a[k]), b[k])[0] for i, k in enumerate(index.tolist())]
+    )
+    out = gathered_conv(
+        y.clone(), x, index, a.transpose(1, 2), b.transpose(1, 2), stride, padding, dilation
+    )
+    assert_close(out, expected)

@@ -6,6 +6,9 @@
         ->  y[i] + x[i] @ a_t[index[i]] @ b_t[index[i]]      a_t [slots, in, r], b_t [slots, r, out]
     gathered_embedding(y, ids, index, a_t, b_t)
         ->  y[i] + a_t[index[i], ids[i]] @ b_t[index[i]]     a_t [slots, num, r], b_t [slots, r, d]
+    gathered_conv(y, x, index, a_t, b_t, stride, padding, dilation)
+        ->  y[i] + conv1x1(conv(x[i], A[index[i]]), B[index[i]])
+            a_t [slots, in, r, *k], b_t [slots, r, out, *1]   (A, B with in / out and r swapped)
 
 Both the torch graph's mixed batches (`passes/_gather.py`) and the ONNX "stacked" layout
 (`exporters/_branches.py`) build their stacks with `stack_adapters`: one function, one layout.
@@ -23,12 +26,15 @@ import torch.nn.functional as F
 from lora_fx.math import ops
 
 __all__ = [
+    "gathered_conv",
     "gathered_embedding",
     "gathered_linear",
     "slot_lookup",
     "slot_rows",
     "stack_adapters",
 ]
+
+_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def stack_adapters(
@@ -162,18 +168,65 @@ def slot_lookup(
     return F.embedding(ids + offset, table)
 
 
+def gathered_conv(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    a_t: torch.Tensor,
+    b_t: torch.Tensor,
+    stride: list[int],
+    padding: list[int] | str,
+    dilation: list[int],
+) -> torch.Tensor:
+    """`y + delta` at a conv site (groups 1); row i convolves with its slot's A, then its 1x1 B.
+
+    The per-row A convolution is one grouped conv over the batch: rows become channel groups
+    (`x` viewed as `[1, batch * in, *spatial]`, the gathered kernels as `[batch * r, in, *k]`,
+    `groups=batch`); then `B` is a batched GEMM over the flattened positions. Unfold + bmm gives
+    the same result but measured 3-10x slower on CPU (1 thread; batch 8-32, 64-128 channels,
+    3x3, r 16): it materialises a `k * k` times larger copy of the input (im2col), where the
+    grouped conv runs the direct conv kernel on the input as it is.
+
+    Args:
+        y: The site output `[batch, out, *spatial]`.
+        x: The site input `[batch, in, *spatial_in]`.
+        index: `[batch]` slot per batch row (long).
+        a_t: `[slots, in, r, *k]` (stack_adapters' A with in and r swapped).
+        b_t: `[slots, r, out, *1]` (scale * B, likewise).
+        stride: The site's stride.
+        padding: The site's padding (ints or "same" / "valid").
+        dilation: The site's dilation.
+
+    Returns:
+        `y` plus the per-row delta, shaped like `y`.
+    """
+    batch, rank, dims = index.shape[0], a_t.shape[2], x.dim() - 2
+    kernels = a_t.index_select(0, index).transpose(1, 2)  # [batch, r, in, *k]
+    kernels = kernels.reshape(batch * rank, *kernels.shape[2:])
+    rows = x.reshape(1, -1, *x.shape[2:])  # [1, batch * in, *spatial]
+    conv = _CONV_FNS[dims]
+    low = conv(rows, kernels.to(x.dtype), None, stride, padding, dilation, batch)
+    low = low.view(batch, rank, -1).to(y.dtype)  # [batch, r, positions]
+    up = b_t.index_select(0, index).flatten(2).transpose(1, 2).to(y.dtype)  # [batch, out, r]
+    return _accumulate(y, y.view(batch, y.shape[1], -1), up, low)
+
+
 def _add_up(y: torch.Tensor, low: torch.Tensor, index: torch.Tensor, b_t: torch.Tensor):
-    """`y + low @ b_t[index]` per batch row; low `[batch, m, r]`, b_t `[slots, r, out]`.
+    """`y + low @ b_t[index]` per batch row; low `[batch, m, r]`, b_t `[slots, r, out]`."""
+    batch = index.shape[0]
+    up = b_t.index_select(0, index).to(y.dtype)  # [batch, r, out]
+    return _accumulate(y, y.view(batch, -1, y.shape[-1]), low.to(y.dtype), up)
+
+
+def _accumulate(y: torch.Tensor, out: torch.Tensor, left: torch.Tensor, right: torch.Tensor):
+    """`out + left @ right` (out a batched view of y), shaped like y.
 
     In place when autograd does not record (the site output is fresh and read by nothing
     else), else out of place.
     """
-    batch = index.shape[0]
-    up = b_t.index_select(0, index).to(y.dtype)  # [batch, r, out]
-    out = y.view(batch, -1, y.shape[-1])
-    if torch.is_grad_enabled() and (y.requires_grad or low.requires_grad or up.requires_grad):
-        return torch.baddbmm(out, low.to(y.dtype), up).view(y.shape)
-    return out.baddbmm_(low.to(y.dtype), up).view(y.shape)
+    if torch.is_grad_enabled() and (y.requires_grad or left.requires_grad or right.requires_grad):
+        return torch.baddbmm(out, left, right).view(y.shape)
+    return out.baddbmm_(left, right).view(y.shape)
 
 
 def slot_rows(index: torch.Tensor, k: int, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -86,7 +86,7 @@ def site_ranks(state: LoraState, sites: dict[str, Site], gm: torch.fx.GraphModul
 
 def _can_gather(gm: torch.fx.GraphModule, state: LoraState, site: Site, fqn: str) -> bool:
     """Rule 1: a gathered kind, plain LoRA, adapter dtype == site dtype (no dropout in training)."""
-    if kind_of(site).gathered is None or kind_of(site).can.branch_at == "weight_read":
+    if kind_of(site).gathered(site) is None or kind_of(site).can.branch_at == "weight_read":
         return False
     dtype = logical_dtype(_graph.get_attr(gm, site.weight))
     for name, adapter in state.adapters.items():
@@ -133,8 +133,9 @@ def emit_batch(
         if state.batch_training:
             _emit_stacking(gm, state, site, rank)
             continue
-        a_t = torch.zeros(len(slots) + 1, site.in_features, rank, **_like(gm, site))
-        b_t = torch.zeros(len(slots) + 1, rank, site.out_features, **_like(gm, site))
+        a_shape, b_shape = kind_of(site).factor_shapes(site, rank)  # [r, in, ...], [out, r, ...]
+        a_t = torch.zeros(len(slots) + 1, *_swap(a_shape), **_like(gm, site))
+        b_t = torch.zeros(len(slots) + 1, *_swap(b_shape), **_like(gm, site))
         holder = _stack_holder(gm, fqn)
         holder.register_buffer("a_t", a_t, persistent=False)
         holder.register_buffer("b_t", b_t, persistent=False)
@@ -168,8 +169,7 @@ def _emit_stacking(gm: torch.fx.GraphModule, state: LoraState, site: Site, rank:
             lora_as.append(emit("weight", "get_attr", paths.a))
             lora_bs.append(emit("weight", "get_attr", paths.b))
             scales.append(rec.scale)
-        shapes = ((rank, site.in_features), (site.out_features, rank))
-        args = (lora_as, lora_bs, scales, rank, shapes)
+        args = (lora_as, lora_bs, scales, rank, kind_of(site).factor_shapes(site, rank))
         stacks = emit("weight", "call_function", stack_slots, args)
         a = emit("weight", "call_function", operator.getitem, (stacks, 0))
         b = emit("weight", "call_function", operator.getitem, (stacks, 1))
@@ -181,9 +181,9 @@ def stack_slots(
     lora_bs: list[torch.Tensor | None],
     scales: list[float],
     rank: int,
-    shapes: tuple[tuple[int, int], tuple[int, int]],
+    shapes: tuple[tuple[int, ...], tuple[int, ...]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`stack_adapters`, transposed to the gathers' `A_t [slots, in, r]`, `B_t [slots, r, out]`."""
+    """`stack_adapters` with in / out and r swapped: the gathers' `A_t`, `B_t` (rule 3)."""
     a, b = stack_adapters(lora_as, lora_bs, scales, rank, a_shape=shapes[0], b_shape=shapes[1])
     return a.transpose(1, 2), b.transpose(1, 2)
 
@@ -211,9 +211,9 @@ def write_slots(
                     continue
                 paths = lora_paths(rec.kind, fqn, name)
                 lora_a, lora_b = _graph.get_attr(gm, paths.a), _graph.get_attr(gm, paths.b)
-                a, b = stack_adapters([lora_a], [lora_b], [rec.scale], rank)
-                holder.a_t[k].copy_(a[0].t())
-                holder.b_t[k].copy_(b[0].t())
+                a, b = stack_adapters([lora_a], [lora_b], [rec.scale], rank, kind=rec.kind)
+                holder.a_t[k].copy_(a[0].transpose(0, 1))
+                holder.b_t[k].copy_(b[0].transpose(0, 1))
                 written += 1
     return written
 
@@ -225,6 +225,11 @@ def refresh_adapter(gm: torch.fx.GraphModule, state: LoraState, name: str) -> in
     ranks = site_ranks(state, all_sites(gm), gm)
     slots = [k for k, n in enumerate(state.batch_adapters) if n == name]
     return write_slots(gm, state, ranks, slots)
+
+
+def _swap(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A factor's shape with its first two dims swapped (the stacks' rank-inner orientation)."""
+    return (shape[1], shape[0], *shape[2:])
 
 
 def _like(gm: torch.fx.GraphModule, site: Site) -> dict:
