@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import assert_close, assert_differs
 from helpers import (
     assert_batch_grads_equal_alone,
+    assert_mixed_batch_rows,
     assert_slot_changes_do_not_recompile,
     peft_with_adapters,
 )
@@ -208,3 +209,14 @@ def test_gathered_conv_equals_each_rows_own_conv(padding):
         y.clone(), x, index, a.transpose(1, 2), b.transpose(1, 2), stride, padding, dilation
     )
     assert_close(out, expected)
+
+
+def test_grouped_conv_keeps_masked_branches():
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, groups=2)).eval()
+    x = torch.randn(3, 4, 6, 6)
+    gm = lora_fx.capture(model, (x,), method="fx")
+    lora_fx.inject(gm, lora_fx.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+    with lora_fx.adapter_batch(gm, ["default", "__base__", "default"]):
+        targets = _targets(gm)
+        assert slot_rows in targets and gathered_conv not in targets
+    assert_mixed_batch_rows(gm, x)

@@ -4,8 +4,11 @@
                               y'[i] = y[i] + x[i] @ A_t[index[i]] @ B_t[index[i]]
     y = embedding(W, ids) ->  y' = gathered_embedding(y, ids, index, A_t, B_t, padding_idx)
                               y'[i] = y[i] + A_t[index[i], ids[i]] @ B_t[index[i]]
+    y = conv(x, W)        ->  y' = gathered_conv(y, x, index, A_t, B_t, stride, padding, dilation)
+                              y'[i] = y[i] + B[index[i]] * conv(x[i], A[index[i]])   (B 1x1)
     A_t [slots + 1, in, r_max]   B_t [slots + 1, r_max, out]   (scale folded into B; last slot 0)
-    (an embedding's `in` is its number of rows: A_t holds each slot's A^T, PEFT's lookup table)
+    (an embedding's `in` is its number of rows: A_t holds each slot's A^T, PEFT's lookup table;
+    a conv's stacks keep the kernel dims last: A_t [slots + 1, in, r_max, *k], B_t [.., *1])
     index = lora_fx_adapter_index [batch]: a row's slot (`slots`, the zero slot, for "__base__")
 
 Why gather and not group rows per adapter (`benchmarks/bench_gather.py`, Intel Xeon, 1 thread;
@@ -20,14 +23,15 @@ on the host, a data-dependent shape that breaks a compiled graph; a gather is sh
 to 40 % (decode) faster than with PEFT's `[r, in]` / `[out, r]` factors gathered.
 
 Rules:
-1. A site is gathered when its kind has a gathered form (`SiteKind.gathered`: linear and
-   embedding sites) and every adapter on it is plain LoRA in the site's dtype (no DoRA, no
-   `lora_bias`; in training also no dropout). Other sites (conv, and the rest) keep one masked
-   branch per slot, weighted by `index == k` (`math.stack.slot_rows`). An embedding's stacks
-   hold a `[num, r]` table per slot (`slots * num * r` numbers), and its gathered lookup reads
-   one row per token (`benchmarks/bench_gather.py --site embedding`; 8192 rows, dim 512, r 16,
-   1 thread: batch 32 x 32 tokens +0.30 ms over the lookup for 4 / 16 / 64 adapters, masked
-   +2.9 / +6.9 / +28 ms; decode 8 x 1 +0.03 ms, masked +0.07 / +0.25 / +1.05 ms).
+1. A site is gathered when its kind has a gathered form (`SiteKind.gathered`: linear,
+   embedding, and conv with groups 1) and every adapter on it is plain LoRA in the site's dtype
+   (no DoRA, no `lora_bias`; in training also no dropout). Other sites (grouped convs, and the
+   rest) keep one masked branch per slot, weighted by `index == k` (`math.stack.slot_rows`).
+   `bench_gather.py --site embedding / conv`, 1 thread, 4 / 16 / 64 adapters, over the base op:
+   embedding (8192 rows, dim 512, r 16; an `[num, r]` table per slot) at batch 32 x 32 tokens
+   gathered +0.30 ms, masked +3.3 / +11 / +42 ms; decode 8 x 1 +0.035 ms vs +0.08 / +0.26 /
+   +1.2 ms. Conv2d (64 -> 64, 3x3, 16 x 16, r 16; one grouped conv over the batch,
+   `math.stack.gathered_conv`) at batch 8 +0.7 ms, masked +2.1 / +12 / +47 ms.
 2. Inference (`gm.eval()` when the batch is set): the stacks are buffers
    `lora_fx_stacks.<site>.a_t` / `.b_t`, written from the slots' adapters by `stack_adapters`;
    a new composition, or an adapter loaded into / deleted from a slot, writes buffer values only:
