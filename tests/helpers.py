@@ -184,9 +184,9 @@ def assert_slot_changes_do_not_recompile(
     fits a free slot; `delete` is (name, rows to run after deleting it).
     """
     from conftest import assert_close
-    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.testing import CompileCounterWithBackend
 
-    counter = CompileCounter()
+    counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(gm, backend=counter, fullgraph=True)
     try:
         with torch.no_grad():

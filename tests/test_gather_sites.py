@@ -120,7 +120,7 @@ def test_site_gathers_and_equals_peft(tmp_path, method, case):
     assert not hasattr(gm, "lora_fx_stacks")
 
 
-def test_llama_embed_tokens_gathers_and_equals_peft(tmp_path):
+def _llama(tmp_path):
     model = tiny_llama().eval()
     adapters = {"cat": (4, 8), "dog": (8, 4), "owl": (4, 16, ["embed_tokens"])}
     pm = peft_with_adapters(model, adapters, ["embed_tokens", "q_proj", "v_proj"], tmp_path)
@@ -128,6 +128,11 @@ def test_llama_embed_tokens_gathers_and_equals_peft(tmp_path):
     gm = lora_fx.capture(model, (ids,), {"use_cache": False})
     for name in adapters:
         lora_fx.load_adapter(gm, tmp_path / name, name)
+    return pm, gm, ids
+
+
+def test_llama_embed_tokens_gathers_and_equals_peft(tmp_path):
+    pm, gm, ids = _llama(tmp_path)
     with torch.no_grad():
         expected = pm(input_ids=ids, adapter_names=ROWS, use_cache=False).logits
         with lora_fx.adapter_batch(gm, ROWS):
@@ -139,6 +144,14 @@ def test_llama_embed_tokens_gathers_and_equals_peft(tmp_path):
             base = gm(ids).logits
         for row in (0, 1, 3):
             assert_differs(mixed[row], base[row])
+
+
+def test_llama_embed_tokens_training_gradients_equal_training_alone(tmp_path):
+    _, gm, ids = _llama(tmp_path)
+    gm.train()
+    lora_fx.set_adapter_batch(gm, ROWS)
+    _check_gathered(gm, {gathered_embedding: 1, gathered_linear: 4})
+    assert_batch_grads_equal_alone(gm, ids, ROWS, lambda out: out.logits)
 
 
 @pytest.mark.parametrize(
