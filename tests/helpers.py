@@ -127,8 +127,11 @@ def assert_mixed_batch_rows(gm: torch.fx.GraphModule, x: torch.Tensor) -> None:
     assert_close(mixed[1], base[1])
 
 
-def peft_with_adapters(model, adapters: dict, targets: list[str], folder):
-    """PEFT on a copy of `model` with `{name: (r, lora_alpha[, own targets])}`, saved in `folder`."""
+def peft_and_loaded_graph(model, adapters: dict, targets: list[str], x, folder, **capture):
+    """PEFT with `adapters` saved in `folder`, and `model` captured on `x` with them loaded.
+
+    `adapters`: `{name: (r, lora_alpha[, own targets])}`, random A and B (init_lora_weights=False).
+    """
     pm = None
     for name, (r, alpha, *own) in adapters.items():
         cfg = peft.LoraConfig(
@@ -143,7 +146,10 @@ def peft_with_adapters(model, adapters: dict, targets: list[str], folder):
             pm.add_adapter(name, cfg)
     pm.eval()
     pm.save_pretrained(folder)
-    return pm
+    gm = lora_fx.capture(model, (x,), **capture)
+    for name in adapters:
+        lora_fx.load_adapter(gm, folder / name, name)
+    return pm, gm
 
 
 def assert_batch_grads_equal_alone(gm, ids, rows: list[str], out: Callable = lambda o: o) -> None:

@@ -12,7 +12,7 @@ from helpers import (
     assert_batch_grads_equal_alone,
     assert_mixed_batch_rows,
     assert_slot_changes_do_not_recompile,
-    peft_with_adapters,
+    peft_and_loaded_graph,
 )
 from models import TinyConv, TinyConv1d, TinyEmbedding, tiny_llama
 
@@ -66,12 +66,9 @@ def _setup(tmp_path, method="export", padding_idx=None, case="embedding"):
     model = CASES[case].model().eval()
     if case == "embedding":
         model.emb.padding_idx = padding_idx
-    adapters = _adapters(case)
-    pm = peft_with_adapters(model, adapters, CASES[case].targets, tmp_path)
     x = CASES[case].make_input()
-    gm = lora_fx.capture(model, (x,), method=method)
-    for name in adapters:
-        lora_fx.load_adapter(gm, tmp_path / name, name)
+    targets = CASES[case].targets
+    pm, gm = peft_and_loaded_graph(model, _adapters(case), targets, x, tmp_path, method=method)
     return pm, gm, x
 
 
@@ -123,11 +120,11 @@ def test_site_gathers_and_equals_peft(tmp_path, method, case):
 def _llama(tmp_path):
     model = tiny_llama().eval()
     adapters = {"cat": (4, 8), "dog": (8, 4), "owl": (4, 16, ["embed_tokens"])}
-    pm = peft_with_adapters(model, adapters, ["embed_tokens", "q_proj", "v_proj"], tmp_path)
     ids = torch.randint(0, 256, (len(ROWS), 5))
-    gm = lora_fx.capture(model, (ids,), {"use_cache": False})
-    for name in adapters:
-        lora_fx.load_adapter(gm, tmp_path / name, name)
+    targets = ["embed_tokens", "q_proj", "v_proj"]
+    pm, gm = peft_and_loaded_graph(
+        model, adapters, targets, ids, tmp_path, kwargs={"use_cache": False}
+    )
     return pm, gm, ids
 
 

@@ -8,7 +8,7 @@ from conftest import assert_close, assert_differs
 from helpers import (
     assert_batch_grads_equal_alone,
     assert_slot_changes_do_not_recompile,
-    peft_with_adapters,
+    peft_and_loaded_graph,
 )
 from models import TinyMLP, tiny_gpt2, tiny_llama
 from peft import LoraConfig as PeftConfig
@@ -145,11 +145,9 @@ MIXED_ROWS = ["b16", "a8", "__base__", "c8", "a8", "b16"]
 def _mixed_setup(tmp_path, which, adapters=MIXED):
     model = (tiny_llama() if which == "llama" else tiny_gpt2()).eval()
     targets = ["q_proj", "v_proj", "down_proj"] if which == "llama" else ["c_attn", "c_fc"]
-    pm = peft_with_adapters(model, adapters, targets, tmp_path)
     ids = torch.randint(0, 256, (len(MIXED_ROWS), 5))
-    gm = lora_fx.capture(model, (ids,), {"use_cache": False})
-    for name in adapters:
-        lora_fx.load_adapter(gm, tmp_path / name, name)
+    kwargs = {"use_cache": False}
+    pm, gm = peft_and_loaded_graph(model, adapters, targets, ids, tmp_path, kwargs=kwargs)
     return pm, gm, ids
 
 
