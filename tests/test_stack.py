@@ -1,9 +1,19 @@
 """`math/stack.py`: adapters stacked into slots and the per-row gathered delta, by hand."""
 
+import functools
+
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import assert_close
 
-from lora_fx.math.stack import gathered_linear, slot_rows, stack_adapters
+from lora_fx.math.stack import (
+    gathered_conv,
+    gathered_embedding,
+    gathered_linear,
+    slot_rows,
+    stack_adapters,
+)
 
 
 def test_stack_adapters_pads_folds_scales_and_zeroes_empty_slots():
@@ -61,3 +71,34 @@ def test_slot_rows():
     out = torch.zeros(4, 3)  # batch 2, 2 rows each
     weights = slot_rows(torch.tensor([1, 0]), 1, out, 2.0)
     assert weights.flatten().tolist() == [2.0, 2.0, 0.0, 0.0]
+
+
+def test_gathered_embedding_by_hand():
+    # Two slots over a 3-row table, r 1; row 0 reads slot 1, row 1 slot 0.
+    a_t = torch.tensor([[[1.0], [2.0], [3.0]], [[10.0], [20.0], [30.0]]])  # [slots, num, r]
+    b_t = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # [slots, r, dim]
+    ids = torch.tensor([[0, 2], [1, 1]])
+    y = torch.zeros(2, 2, 2)
+    out = gathered_embedding(y, ids, torch.tensor([1, 0]), a_t, b_t)
+    expected = torch.tensor([[[0.0, 10.0], [0.0, 30.0]], [[2.0, 0.0], [2.0, 0.0]]])
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("padding", [[1, 2], "valid"])
+def test_gathered_conv_equals_each_rows_own_conv(padding):
+    # Strided, dilated Conv2d geometry (PEFT's own conv branch drops dilation; the math does not).
+    stride, dilation = [2, 1], [2, 1]
+    x, index = torch.randn(3, 4, 9, 8), torch.tensor([2, 0, 2])
+    a, b = (
+        torch.randn(3, 5, 4, 3, 3),
+        torch.randn(3, 6, 5, 1, 1),
+    )  # [slots, r, in, *k], [.., out, r]
+    conv = functools.partial(F.conv2d, stride=stride, padding=padding, dilation=dilation)
+    y = conv(x, torch.randn(6, 4, 3, 3))
+    expected = torch.stack(
+        [y[i] + F.conv2d(conv(x[i : i + 1], a[k]), b[k])[0] for i, k in enumerate(index.tolist())]
+    )
+    out = gathered_conv(
+        y.clone(), x, index, a.transpose(1, 2), b.transpose(1, 2), stride, padding, dilation
+    )
+    assert_close(out, expected)
