@@ -92,11 +92,14 @@ def _check_gathered(gm, gathered):
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("method", ["fx", "export"])
-def test_site_gathers_and_equals_peft(tmp_path, method, case):
+def test_site_gathers_and_equals_peft(tmp_path, caplog, method, case):
     pm, gm, x = _setup(tmp_path, method, case=case)
     with torch.no_grad():
         expected = pm(x, adapter_names=ROWS)
-        with lora_fx.adapter_batch(gm, ROWS):
+        with caplog.at_level("INFO", "lora_fx"), lora_fx.adapter_batch(gm, ROWS):
+            kinds = "1 embedding, 1 linear" if case == "embedding" else "2 conv, 1 linear"
+            gathered = 2 if case == "embedding" else 3
+            assert f"3 slots -> new graph; sites gathered {gathered} ({kinds})" in caplog.text
             _check_gathered(gm, CASES[case].gathered)
             stacks = gm.lora_fx_stacks.get_submodule(CASES[case].targets[0])
             a_shape, b_shape = {  # 3 slots + the zero slot, padded to rank 8
@@ -188,12 +191,14 @@ def test_new_compositions_and_slot_occupants_do_not_recompile(tmp_path, case):
     _check_gathered(gm, CASES[case].gathered)
 
 
-def test_grouped_conv_keeps_masked_branches():
+def test_grouped_conv_keeps_masked_branches(caplog):
+    caplog.set_level("INFO", "lora_fx")
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, groups=2)).eval()
     x = torch.randn(3, 4, 6, 6)
     gm = lora_fx.capture(model, (x,), method="fx")
     lora_fx.inject(gm, lora_fx.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
     with lora_fx.adapter_batch(gm, ["default", "__base__", "default"]):
+        assert "sites masked 1 (1 conv)" in caplog.text
         targets = _targets(gm)
         assert slot_rows in targets and gathered_conv not in targets
     assert_mixed_batch_rows(gm, x)
