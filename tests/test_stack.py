@@ -102,3 +102,18 @@ def test_gathered_conv_equals_each_rows_own_conv(padding):
         y.clone(), x, index, a.transpose(1, 2), b.transpose(1, 2), stride, padding, dilation
     )
     assert_close(out, expected)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_gathered_conv_in_1d_and_3d(dims):
+    conv = {1: F.conv1d, 3: F.conv3d}[dims]
+    x, index = torch.randn(2, 3, *([5] * dims)), torch.tensor([1, 0])
+    a = torch.randn(2, 4, 3, *([3] * dims))  # [slots, r, in, *k]
+    b = torch.randn(2, 6, 4, *([1] * dims))  # [slots, out, r, *1]
+    y = torch.randn(2, 6, *([5] * dims))
+    expected = torch.stack(
+        [y[i] + conv(conv(x[i : i + 1], a[k], padding=1), b[k])[0] for i, k in enumerate([1, 0])]
+    )
+    geometry = ([1] * dims, [1] * dims, [1] * dims)
+    out = gathered_conv(y.clone(), x, index, a.transpose(1, 2), b.transpose(1, 2), *geometry)
+    assert_close(out, expected)
