@@ -84,15 +84,16 @@ def test_gathered_embedding_by_hand():
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("padding", [[1, 2], "valid"])
-def test_gathered_conv_equals_each_rows_own_conv(padding):
+def test_gathered_conv_equals_each_rows_own_conv(padding, channels_last):
     # Strided, dilated Conv2d geometry (PEFT's own conv branch drops dilation; the math does not).
     stride, dilation = [2, 1], [2, 1]
     x, index = torch.randn(3, 4, 9, 8), torch.tensor([2, 0, 2])
-    a, b = (
-        torch.randn(3, 5, 4, 3, 3),
-        torch.randn(3, 6, 5, 1, 1),
-    )  # [slots, r, in, *k], [.., out, r]
+    if channels_last:  # the site output is channels-last too: not viewable as [batch, out, -1]
+        x = x.to(memory_format=torch.channels_last)
+    a = torch.randn(3, 5, 4, 3, 3)  # [slots, r, in, *k]
+    b = torch.randn(3, 6, 5, 1, 1)  # [slots, out, r, *1]
     conv = functools.partial(F.conv2d, stride=stride, padding=padding, dilation=dilation)
     y = conv(x, torch.randn(6, 4, 3, 3))
     expected = torch.stack(

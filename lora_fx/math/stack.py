@@ -184,8 +184,8 @@ def gathered_conv(
     (`x` viewed as `[1, batch * in, *spatial]`, the gathered kernels as `[batch * r, in, *k]`,
     `groups=batch`); then `B` is a batched GEMM over the flattened positions. Why not unfold +
     bmm (same result): `benchmarks/bench_gather.py --site conv` (Conv2d 64 -> 64, 3x3, 16 x 16,
-    r 16, 1 thread) puts the grouped conv at +0.7 ms over the base conv at batch 8 and +3.5-4.6 ms
-    at batch 32, unfold + bmm at +2.3 / +16 ms: im2col copies the input 9 times over (one column
+    r 16, 1 thread) puts the grouped conv at +0.7 ms over the base conv at batch 8 and +3.4-5.1 ms
+    at batch 32, unfold + bmm at +2.3 / +16-18 ms: im2col copies the input 9 times over (one column
     per kernel tap) before two thin rank-16 GEMMs, where the grouped conv runs the direct conv
     kernel on the input as it is. Both stay flat in the number of adapters.
 
@@ -210,7 +210,8 @@ def gathered_conv(
     low = conv(rows, kernels.to(x.dtype), None, stride, padding, dilation, batch)
     low = low.view(batch, rank, -1).to(y.dtype)  # [batch, r, positions]
     up = b_t.index_select(0, index).flatten(2).transpose(1, 2).to(y.dtype)  # [batch, out, r]
-    return _accumulate(y, y.view(batch, y.shape[1], -1), up, low)
+    # reshape: a channels-last `y` is copied (then summed into the copy), a contiguous one viewed
+    return _accumulate(y, y.reshape(batch, y.shape[1], -1), up, low)
 
 
 def _add_up(y: torch.Tensor, low: torch.Tensor, index: torch.Tensor, b_t: torch.Tensor):
