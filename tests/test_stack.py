@@ -90,7 +90,7 @@ def test_gathered_conv_equals_each_rows_own_conv(padding, channels_last):
     # Strided, dilated Conv2d geometry (PEFT's own conv branch drops dilation; the math does not).
     stride, dilation = [2, 1], [2, 1]
     x, index = torch.randn(3, 4, 9, 8), torch.tensor([2, 0, 2])
-    if channels_last:  # the site output is channels-last too: not viewable as [batch, out, -1]
+    if channels_last:  # the site output is channels-last too (strided rows, summed in place)
         x = x.to(memory_format=torch.channels_last)
     a = torch.randn(3, 5, 4, 3, 3)  # [slots, r, in, *k]
     b = torch.randn(3, 6, 5, 1, 1)  # [slots, out, r, *1]

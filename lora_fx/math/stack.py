@@ -210,7 +210,7 @@ def gathered_conv(
     low = conv(rows, kernels.to(x.dtype), None, stride, padding, dilation, batch)
     low = low.view(batch, rank, -1).to(y.dtype)  # [batch, r, positions]
     up = b_t.index_select(0, index).flatten(2).transpose(1, 2).to(y.dtype)  # [batch, out, r]
-    # reshape: a channels-last `y` is copied (then summed into the copy), a contiguous one viewed
+    # reshape: a view when y's strides allow it (contiguous and channels-last do), else a copy
     return _accumulate(y, y.reshape(batch, y.shape[1], -1), up, low)
 
 
