@@ -127,6 +127,90 @@ def assert_mixed_batch_rows(gm: torch.fx.GraphModule, x: torch.Tensor) -> None:
     assert_close(mixed[1], base[1])
 
 
+def peft_and_loaded_graph(model, adapters: dict, targets: list[str], x, folder, **capture):
+    """PEFT with `adapters` saved in `folder`, and `model` captured on `x` with them loaded.
+
+    `adapters`: `{name: (r, lora_alpha[, own targets])}`, random A and B (init_lora_weights=False).
+    """
+    pm = None
+    for name, (r, alpha, *own) in adapters.items():
+        cfg = peft.LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            target_modules=(own and own[0]) or targets,
+            init_lora_weights=False,
+        )
+        if pm is None:
+            pm = peft.get_peft_model(copy.deepcopy(model), cfg, name)
+        else:
+            pm.add_adapter(name, cfg)
+    pm.eval()
+    pm.save_pretrained(folder)
+    gm = lora_fx.capture(model, (x,), **capture)
+    for name in adapters:
+        lora_fx.load_adapter(gm, folder / name, name)
+    return pm, gm
+
+
+def assert_batch_grads_equal_alone(gm, ids, rows: list[str], out: Callable = lambda o: o) -> None:
+    """Training a mixed batch gives each adapter the gradients it gets trained alone on its rows."""
+    from conftest import assert_close
+
+    gm.train()
+    lora_fx.set_adapter_batch(gm, rows)
+    params = dict(gm.named_parameters())
+    out(gm(ids)).pow(2).sum().backward()
+    mixed = {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
+    assert mixed and all(".lora_" in k for k in mixed)
+    lora_fx.set_adapter_batch(gm, None)
+    for name in sorted(set(rows) - {lora_fx.BASE}):
+        gm.zero_grad(set_to_none=True)
+        lora_fx.set_adapter(gm, name)
+        keep = torch.tensor([r == name for r in rows], dtype=torch.float32)
+        loss = out(gm(ids)).pow(2).flatten(1).sum(1)
+        (loss * keep).sum().backward()
+        alone = {k: p.grad for k, p in params.items() if p.grad is not None}
+        assert alone and all(f".{name}" in k for k in alone)
+        for key, grad in alone.items():
+            assert_close(mixed[key], grad)
+
+
+def assert_slot_changes_do_not_recompile(
+    gm,
+    ids,
+    *,
+    load: tuple[str, object],
+    delete: tuple[str, list[str]],
+    expected: dict,
+    out: Callable = lambda o: o,
+) -> None:
+    """Compiled once: loading into a free slot, new compositions and a delete change values only.
+
+    `expected` maps row tuples to PEFT's outputs; `load` is (name, folder) of an adapter that
+    fits a free slot; `delete` is (name, rows to run after deleting it).
+    """
+    from conftest import assert_close
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(gm, backend=counter, fullgraph=True)
+    try:
+        with torch.no_grad():
+            compiled(ids)
+            torch._dynamo.config.error_on_recompile = True
+            lora_fx.load_adapter(gm, load[1], load[0])  # into a free slot: values only
+            for rows, want in expected.items():
+                lora_fx.set_adapter_batch(gm, list(rows))
+                assert_close(out(compiled(ids)), want)
+            lora_fx.delete_adapter(gm, delete[0])  # frees its slot: values only
+            lora_fx.set_adapter_batch(gm, delete[1])
+            compiled(ids)
+            assert counter.frame_count == 1
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()
+
+
 def lora_roles(gm: torch.fx.GraphModule, adapter: str | None = None) -> Counter:
     """Count lora_fx nodes by role (optionally for one adapter)."""
     roles = Counter()

@@ -59,6 +59,23 @@ class TinyConv(nn.Module):
         return self.lin0(h.flatten(1))
 
 
+class TinyConv1d(nn.Module):
+    """Conv1d (k 3, stride 2, padding 1) -> conv1d k1 -> flatten -> linear.
+
+    No dilation: PEFT's `lora_A` drops the base conv's dilation (peft 0.21.2), so its output
+    would not match the base conv's shape.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv1d(3, 8, 3, stride=2, padding=1)
+        self.conv1 = nn.Conv1d(8, 4, 1)
+        self.lin0 = nn.Linear(4 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin0(torch.relu(self.conv1(torch.relu(self.conv0(x)))).flatten(1))
+
+
 class TinyEmbedding(nn.Module):
     """Embedding -> mean over tokens -> linear."""
 

@@ -5,6 +5,11 @@ import copy
 import pytest
 import torch
 from conftest import assert_close, assert_differs
+from helpers import (
+    assert_batch_grads_equal_alone,
+    assert_slot_changes_do_not_recompile,
+    peft_and_loaded_graph,
+)
 from models import TinyMLP, tiny_gpt2, tiny_llama
 from peft import LoraConfig as PeftConfig
 from peft import get_peft_model
@@ -140,19 +145,9 @@ MIXED_ROWS = ["b16", "a8", "__base__", "c8", "a8", "b16"]
 def _mixed_setup(tmp_path, which, adapters=MIXED):
     model = (tiny_llama() if which == "llama" else tiny_gpt2()).eval()
     targets = ["q_proj", "v_proj", "down_proj"] if which == "llama" else ["c_attn", "c_fc"]
-    pm = None
-    for name, (r, alpha) in adapters.items():
-        cfg = PeftConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
-        if pm is None:
-            pm = get_peft_model(copy.deepcopy(model), cfg, name)
-        else:
-            pm.add_adapter(name, cfg)
-    pm.eval()
-    pm.save_pretrained(tmp_path)
     ids = torch.randint(0, 256, (len(MIXED_ROWS), 5))
-    gm = lora_fx.capture(model, (ids,), {"use_cache": False})
-    for name in adapters:
-        lora_fx.load_adapter(gm, tmp_path / name, name)
+    kwargs = {"use_cache": False}
+    pm, gm = peft_and_loaded_graph(model, adapters, targets, ids, tmp_path, kwargs=kwargs)
     return pm, gm, ids
 
 
@@ -194,8 +189,6 @@ def test_gathered_mixed_ranks_equal_peft(tmp_path, which):
 
 
 def test_new_adapters_and_compositions_do_not_recompile(tmp_path):
-    from torch._dynamo.testing import CompileCounter
-
     pm, gm, ids = _mixed_setup(tmp_path, "llama")
     rows2 = ["c8", "c8", "b16", "a8", "__base__", "a8"]
     with torch.no_grad():
@@ -205,23 +198,14 @@ def test_new_adapters_and_compositions_do_not_recompile(tmp_path):
         }
     lora_fx.delete_adapter(gm, "c8")
     lora_fx.set_adapter_batch(gm, ["a8"] * 6, capacity=4)  # 2 adapters, 2 free slots
-    counter = CompileCounter()
-    compiled = torch.compile(gm, backend=counter, fullgraph=True)
-    try:
-        with torch.no_grad():
-            compiled(ids)
-            torch._dynamo.config.error_on_recompile = True
-            lora_fx.load_adapter(gm, tmp_path / "c8", "c8")  # into a free slot: values only
-            for rows in (MIXED_ROWS, rows2):
-                lora_fx.set_adapter_batch(gm, rows)
-                assert_close(compiled(ids).logits, expected[tuple(rows)])
-            lora_fx.delete_adapter(gm, "a8")  # frees its slot: values only
-            lora_fx.set_adapter_batch(gm, ["c8", "b16", "__base__", "c8", "c8", "b16"])
-            compiled(ids)
-            assert counter.frame_count == 1
-    finally:
-        torch._dynamo.config.error_on_recompile = False
-        torch._dynamo.reset()
+    assert_slot_changes_do_not_recompile(
+        gm,
+        ids,
+        load=("c8", tmp_path / "c8"),
+        delete=("a8", ["c8", "b16", "__base__", "c8", "c8", "b16"]),
+        expected=expected,
+        out=_logits,
+    )
     state = gm.meta["lora_fx"]
     assert state.batch_adapters == [None, "b16", "c8", None]
 
@@ -265,23 +249,8 @@ def test_hotswap_and_refresh_rewrite_the_stacks(tmp_path):
 @pytest.mark.parametrize("which", ["llama", "gpt2"])
 def test_mixed_batch_training_gradients_equal_training_alone(tmp_path, which):
     _, gm, ids = _mixed_setup(tmp_path, which)
-    rows = ["a8", "b16", "a8", "__base__", "b16", "c8"]
     for module in gm.modules():  # GPT-2's own dropout would make the two runs differ
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    gm.train()
-    lora_fx.set_adapter_batch(gm, rows)
-    params = dict(gm.named_parameters())
-    gm(ids).logits.pow(2).sum().backward()
-    mixed = {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
-    assert mixed and all(".lora_" in k for k in mixed)
-    lora_fx.set_adapter_batch(gm, None)
-    for name in ("a8", "b16", "c8"):
-        gm.zero_grad(set_to_none=True)
-        lora_fx.set_adapter(gm, name)
-        keep = torch.tensor([r == name for r in rows], dtype=torch.float32)
-        (gm(ids).logits.pow(2).sum((1, 2)) * keep).sum().backward()
-        alone = {k: p.grad for k, p in params.items() if p.grad is not None}
-        assert alone and all(f".{name}." in k for k in alone)
-        for key, grad in alone.items():
-            assert_close(mixed[key], grad)
+    rows = ["a8", "b16", "a8", "__base__", "b16", "c8"]
+    assert_batch_grads_equal_alone(gm, ids, rows, _logits)

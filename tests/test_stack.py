@@ -1,9 +1,19 @@
 """`math/stack.py`: adapters stacked into slots and the per-row gathered delta, by hand."""
 
+import functools
+
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import assert_close
 
-from lora_fx.math.stack import gathered_linear, slot_rows, stack_adapters
+from lora_fx.math.stack import (
+    gathered_conv,
+    gathered_embedding,
+    gathered_linear,
+    slot_rows,
+    stack_adapters,
+)
 
 
 def test_stack_adapters_pads_folds_scales_and_zeroes_empty_slots():
@@ -61,3 +71,50 @@ def test_slot_rows():
     out = torch.zeros(4, 3)  # batch 2, 2 rows each
     weights = slot_rows(torch.tensor([1, 0]), 1, out, 2.0)
     assert weights.flatten().tolist() == [2.0, 2.0, 0.0, 0.0]
+
+
+def test_gathered_embedding_by_hand():
+    # Two slots over a 3-row table, r 1; row 0 reads slot 1, row 1 slot 0.
+    a_t = torch.tensor([[[1.0], [2.0], [3.0]], [[10.0], [20.0], [30.0]]])  # [slots, num, r]
+    b_t = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # [slots, r, dim]
+    ids = torch.tensor([[0, 2], [1, 1]])
+    y = torch.zeros(2, 2, 2)
+    out = gathered_embedding(y, ids, torch.tensor([1, 0]), a_t, b_t)
+    expected = torch.tensor([[[0.0, 10.0], [0.0, 30.0]], [[2.0, 0.0], [2.0, 0.0]]])
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("padding", [[1, 2], "valid"])
+def test_gathered_conv_equals_each_rows_own_conv(padding, channels_last):
+    # Strided, dilated Conv2d geometry (PEFT's own conv branch drops dilation; the math does not).
+    stride, dilation = [2, 1], [2, 1]
+    x, index = torch.randn(3, 4, 9, 8), torch.tensor([2, 0, 2])
+    if channels_last:  # the site output is channels-last too (strided rows, summed in place)
+        x = x.to(memory_format=torch.channels_last)
+    a = torch.randn(3, 5, 4, 3, 3)  # [slots, r, in, *k]
+    b = torch.randn(3, 6, 5, 1, 1)  # [slots, out, r, *1]
+    conv = functools.partial(F.conv2d, stride=stride, padding=padding, dilation=dilation)
+    y = conv(x, torch.randn(6, 4, 3, 3))
+    expected = torch.stack(
+        [y[i] + F.conv2d(conv(x[i : i + 1], a[k]), b[k])[0] for i, k in enumerate(index.tolist())]
+    )
+    out = gathered_conv(
+        y.clone(), x, index, a.transpose(1, 2), b.transpose(1, 2), stride, padding, dilation
+    )
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_gathered_conv_in_1d_and_3d(dims):
+    conv = {1: F.conv1d, 3: F.conv3d}[dims]
+    x, index = torch.randn(2, 3, *([5] * dims)), torch.tensor([1, 0])
+    a = torch.randn(2, 4, 3, *([3] * dims))  # [slots, r, in, *k]
+    b = torch.randn(2, 6, 4, *([1] * dims))  # [slots, out, r, *1]
+    y = torch.randn(2, 6, *([5] * dims))
+    expected = torch.stack(
+        [y[i] + conv(conv(x[i : i + 1], a[k], padding=1), b[k])[0] for i, k in enumerate([1, 0])]
+    )
+    geometry = ([1] * dims, [1] * dims, [1] * dims)
+    out = gathered_conv(y.clone(), x, index, a.transpose(1, 2), b.transpose(1, 2), *geometry)
+    assert_close(out, expected)

@@ -29,7 +29,7 @@ from lora_fx.core import graph as _graph
 from lora_fx.core.state import LoraState
 from lora_fx.errors import UnsupportedSiteError
 from lora_fx.exporters._names import STACKED, input_names, rank_dim
-from lora_fx.math.stack import stack_adapters
+from lora_fx.math.stack import slot_lookup, stack_adapters
 from lora_fx.passes._branch import BranchSpec, emit_branch
 from lora_fx.passes._emit import Emitter, chain_end
 from lora_fx.sites import Site
@@ -304,8 +304,7 @@ def stacked_embedding(
 ) -> torch.Tensor:
     """Per-row embedding delta: row i looks up slot i of A `[slots * num, r]` (ids + i * num)."""
     batch = index.shape[0]
-    offset = (index * num).reshape(batch, *([1] * (ids.dim() - 1)))
-    low = F.embedding(ids + offset, a)  # [batch, ..., r]
+    low = slot_lookup(ids, index, a, num)  # [batch, ..., r]
     up = torch.bmm(low.reshape(batch, -1, low.shape[-1]), b.index_select(0, index).transpose(1, 2))
     return up.reshape(*ids.shape, up.shape[-1])
 

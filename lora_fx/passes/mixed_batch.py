@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -148,10 +149,26 @@ def _set_adapter_batch(
     ranks = site_ranks(state, sites, gm)
     if layout_key(state, ranks) != state.batch_key:
         sync(gm)  # a new graph: the first batch, more slots, a larger rank, or training
+        log.info(
+            "set_adapter_batch: %d slots -> new graph; %s",
+            len(state.batch_adapters),
+            _layout_summary(sites, ranks),
+        )
     else:
         write_slots(gm, state, ranks, None if refresh else placed)
     log.debug("set_adapter_batch: %s (slots %s)", names, state.batch_adapters)
     return gm
+
+
+def _layout_summary(sites: dict, ranks: dict) -> str:
+    """`"sites gathered 3 (1 embedding, 2 linear), masked 1 (1 conv)"`: what rule 1 chose."""
+    parts = []
+    for gathered, word in ((True, "gathered"), (False, "masked")):
+        kinds = Counter(sites[fqn].kind for fqn, (_, g) in ranks.items() if g == gathered)
+        if kinds:
+            detail = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+            parts.append(f"{word} {kinds.total()} ({detail})")
+    return "sites " + (", ".join(parts) or "none")
 
 
 def _check(state: LoraState, names: list[str], capacity: int | None, rank: int | None) -> None:

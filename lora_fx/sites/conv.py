@@ -7,6 +7,7 @@ functions    conv1d / conv2d / conv3d (int or string padding), convolution (tran
 branch:  low = conv(x, A[r, in, *k], stride, padding, dilation)   (groups 1)
 up = conv(low, B[out, r / groups, 1, ...], groups)         (1x1)
 delta:   scale * B @ A per kernel tap; grouped convs have no single delta (no merge, no DoRA)
+mixed batch (gathered, groups 1):  one grouped conv over the batch with each row's A, then B
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.fx
 from torch import nn
 
 from lora_fx.math import ops
+from lora_fx.math.stack import gathered_conv
 from lora_fx.sites.kind import Capabilities, Emit, SiteKind, init_factor_modules
 from lora_fx.sites.node_reads import arg, as_tuple, parameter_path, site_name
 from lora_fx.sites.site import ConvSpec, Match, Site
@@ -179,6 +181,15 @@ def fold_factors(site: Site, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
     return None
 
 
+def gathered(site: Site):
+    """The per-row gathered branch of a mixed batch (`math.stack.gathered_conv`), groups 1 only."""
+    spec = site.conv
+    if spec.groups != 1:
+        return None  # B is grouped: a masked branch per slot
+    padding = spec.padding if isinstance(spec.padding, str) else list(spec.padding)
+    return gathered_conv, (list(spec.stride), padding, list(spec.dilation))
+
+
 def refuse(site: Site, r: int, use_dora: bool) -> str | None:
     """A grouped conv needs `r % groups == 0` and has no single weight for DoRA to normalise."""
     groups = site.conv.groups
@@ -216,4 +227,5 @@ CONV = SiteKind(
     can=Capabilities(layouts=("plain",)),
     refuse=refuse,
     refuse_merge=refuse_merge,
+    gathered=gathered,
 )

@@ -6,6 +6,7 @@
 
     branch:  low = embedding(A^T[num, r], ids, padding_idx);  up = linear(low, B[dim, r])
     delta:   scale * (B @ A)^T, `[num, dim]`
+    mixed batch (gathered):  y[i] + A_t[slot(i), ids[i]] @ B_t[slot(i)]   (`math.stack`)
 PEFT keeps A and B as tensors (`lora_embedding_A` / `lora_embedding_B`), B random and A zero at
 init; no dropout on ids, no `lora_bias`.
 """
@@ -17,6 +18,7 @@ import torch.fx
 from torch import nn
 
 from lora_fx.math import ops
+from lora_fx.math.stack import gathered_embedding
 from lora_fx.sites.kind import Capabilities, Emit, SiteKind
 from lora_fx.sites.linear import emit_up
 from lora_fx.sites.node_reads import arg, base_weight_read, parameter_path, site_name
@@ -134,4 +136,5 @@ EMBEDDING = SiteKind(
     fold_factors=fold_factors,
     magnitude_shape=lambda site: (site.out_features,),
     can=Capabilities(lora_bias=False, input_is_ids=True, layouts=("fused", "plain")),
+    gathered=lambda site: (gathered_embedding, (site.padding_idx,)),
 )

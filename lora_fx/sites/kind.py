@@ -94,6 +94,9 @@ class SiteKind:
     new_record: Callable[[Any, Site], SiteRecord] | None = None
     # (site, record, base weight) -> initial factor values read from the base weight, or None
     init_factors: Callable[[Site, SiteRecord, torch.Tensor], tuple[torch.Tensor, ...]] | None = None
+    # (site) -> (fn, extra args): `fn(y, x, index, a_t, b_t, *extra)` adds each batch row's delta
+    # from its slot of the stacks (`math/stack.py`); None: mixed batches mask a branch per slot
+    gathered: Callable[[Site], tuple[Callable[..., torch.Tensor], tuple] | None] = lambda site: None
 
     def paths(self, site: str, adapter: str) -> LoraPaths:
         """Module-tree paths and PEFT file keys of `adapter`'s tensors on `site`."""

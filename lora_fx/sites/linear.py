@@ -21,6 +21,7 @@ import torch.fx
 from torch import nn
 
 from lora_fx.math import dora, ops, quant
+from lora_fx.math.stack import gathered_linear
 from lora_fx.sites.kind import Capabilities, Emit, SiteKind, init_factor_modules
 from lora_fx.sites.node_reads import arg, parameter_path, site_name, weight_source
 from lora_fx.sites.site import Match, Site
@@ -177,4 +178,5 @@ LINEAR = SiteKind(
         fused_branch=True,
     ),
     in_all_linear=lambda site: site.module,  # a functional op outside a Linear: by name only
+    gathered=lambda site: (gathered_linear, ()),
 )
