@@ -71,7 +71,8 @@ _ONNX_KINDS = [name for name, kind in KINDS.items() if kind.can.onnx]
 _EVAL_PLAIN = ("VeLoRA", "MonteCLoRA")
 # Variants (`SiteRecord.variant`) with no merged weight, and why: "initializers" only.
 _UNMERGEABLE = {
-    "aLoRA": "which cannot be merged (a row is adapted from its invocation tokens on)",
+    "aLoRA": "which cannot be merged (a row is adapted from its invocation tokens on; unmerged, "
+    "the file takes the offsets as the input 'alora_offsets')",
     "an Arrow router": "which routes each token among its experts and has no merged weight",
 }
 
@@ -85,7 +86,11 @@ class ExportPlan:
 
 
 def plan_export(
-    gm: torch.fx.GraphModule, *, lora_layout: str, adapter_names: str | list[str] | None
+    gm: torch.fx.GraphModule,
+    *,
+    lora_layout: str,
+    adapter_names: str | list[str] | None,
+    with_past: bool = False,
 ) -> ExportPlan:
     """Check the request against the graph's adapters; nothing is built or changed here.
 
@@ -115,7 +120,7 @@ def plan_export(
     if lora_layout == "merged":
         # Adapters merged already are in the base weights: nothing more to fold for them.
         names = [n for n in names if not known[n].merged]
-        _check_supported(state, names, lora_layout)
+        _check_supported(state, names, lora_layout, with_past=with_past)
         return ExportPlan(lora_layout, tuple(names))
     if not names:
         raise AdapterError(
@@ -128,7 +133,7 @@ def plan_export(
             f"adapters {merged} are merged into the base weights; call lora_fx.unmerge(gm) "
             f"before exporting lora_layout={lora_layout!r}"
         )
-    _check_supported(state, names, lora_layout)
+    _check_supported(state, names, lora_layout, with_past=with_past)
     with_copies = [n for n in names if known[n].modules_to_save]
     if lora_layout in ("inputs", "stacked") and with_copies:
         raise AdapterError(
@@ -139,10 +144,17 @@ def plan_export(
     return ExportPlan(lora_layout, tuple(names))
 
 
-def _check_supported(state: LoraState | None, names: list[str], layout: str) -> None:
+def _check_supported(
+    state: LoraState | None, names: list[str], layout: str, *, with_past: bool
+) -> None:
     """Refuse sites and variants the layout does not export (rule 6)."""
     for name in names:
         for fqn, rec in state.adapters[name].sites.items():
+            if with_past and rec.alora:
+                raise UnsupportedSiteError(
+                    f"adapter {name!r} is aLoRA at {fqn!r}: with_past=True decoders have no "
+                    "'alora_offsets' input; export it without with_past (merged=False)"
+                )
             if not kind_of(rec.kind).can.onnx:
                 raise UnsupportedSiteError(
                     f"adapter {name!r} has a {rec.kind!r} site at {fqn!r}, which export_onnx "

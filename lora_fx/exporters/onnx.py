@@ -206,7 +206,9 @@ def export_onnx(
         args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     kwargs = _call_kwargs(gm, kwargs)
     target = _check_target(path)
-    plan = plan_export(gm, lora_layout=layout, adapter_names=adapter_names)
+    plan = plan_export(
+        gm, lora_layout=layout, adapter_names=adapter_names, with_past=spec is not None
+    )
 
     # apply
     export = build_export_graph(gm, plan)
