@@ -4,7 +4,8 @@
 
     merged=True            plain graph with merged weights: the base model's ops, no LoRA node
     merged=False and lora_layout=
-      "initializers"       y + scale * B(A(x)); initializers `<site>.lora_A.<adapter>.weight`, ...
+      "initializers"       y + scale * B(A(x)); initializers `<site>.lora_A.<adapter>.weight`, ...;
+                           variants as the graph runs them (aLoRA: input `alora_offsets`)
       "inputs"             y + B(A(x)); graph inputs `<site>.lora_A.weight`, ... with zero-rank
                            defaults, for ONNX Runtime adapters (`write_ort_adapter`)
       "stacked"            every adapter at once; input `adapter_index[batch]` picks one per row
@@ -155,7 +156,9 @@ def export_onnx(
         args: Example positional inputs, as for `gm(*args)`. With `with_past`: None (examples
             sized from the graph's `GenerationSpec`).
         path: The `.onnx` file to write (its folder must exist).
-        merged: Fold the adapters into the weights (no LoRA node). False keeps the branches.
+        merged: Fold the adapters into the weights (no LoRA node). False keeps the branches,
+            variants' ops included; an aLoRA adapter adds the `[batch]` int64 input
+            `alora_offsets` (`math.alora.alora_offsets` of the ids; 0: the base model's row).
         kwargs: Example keyword tensors. Non-tensor keywords bound at capture (`use_cache`) are
             dropped.
         dynamic_shapes: As for `torch.export.export`, keyed by `gm`'s argument names. None keeps
