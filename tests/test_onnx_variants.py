@@ -293,3 +293,14 @@ def test_arrow_router_refuses_merged_export(tmp_path):
     with pytest.raises(UnsupportedSiteError, match="Arrow router at 'lin0'.*merged=False"):
         export_onnx(gm, (x,), tmp_path / "merged.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_with_past_decoder_refuses_alora(tmp_path):
+    gm = lora_fx.capture_for_generation(tiny_llama().eval(), max_batch_size=2, max_cache_len=16)
+    cfg = LoraConfig(r=4, target_modules=["q_proj"], alora_invocation_tokens=[7, 9])
+    lora_fx.inject(gm, cfg)
+    with pytest.raises(
+        UnsupportedSiteError, match="with_past=True decoders have no 'alora_offsets'"
+    ):
+        export_onnx(gm, None, tmp_path / "decoder.onnx", merged=False, with_past=True)
+    assert list(tmp_path.iterdir()) == []
