@@ -231,6 +231,21 @@ def test_alora_offsets_are_an_input_set_per_run(tmp_path):
     assert_differs(outputs[0], outputs[2])  # the offsets steer the file
 
 
+def test_two_alora_adapters_get_an_offsets_input_each(tmp_path):
+    gm, x = _mlp({"alora_invocation_tokens": [1, 2]})
+    cfg = LoraConfig(
+        r=2, target_modules=["lin1"], init_lora_weights=False, alora_invocation_tokens=[3]
+    )
+    lora_fx.inject(gm, cfg, "other")
+    lora_fx.set_adapter(gm, ["default", "other"])
+    lora_fx.set_alora_offsets(gm, alora_offsets=[2, 5])
+    out = export_onnx(gm, (x,), tmp_path / "two.onnx", merged=False)
+    assert out.inputs == ("x", "alora_offsets_default", "alora_offsets_other")
+    offsets = np.asarray([2, 5], dtype=np.int64)
+    feed = {"x": x.numpy(), "alora_offsets_default": offsets, "alora_offsets_other": offsets}
+    _assert_matches(_ort(out, feed), _torch(gm, x))
+
+
 def test_llama_alora_offsets_from_the_ids_match_torch(tmp_path):
     ids = torch.randint(10, 256, (2, 8))
     gm = lora_fx.capture(tiny_llama().eval(), (ids,), HF_KW)

@@ -18,7 +18,6 @@ Rules:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -135,7 +134,7 @@ def emit_named(
 
 def alora_input_name(adapter: str, adapters: list[str]) -> str:
     """The offsets input of `adapter`: `alora_offsets`, or `alora_offsets_<adapter>` for several."""
-    return ALORA_INPUT if len(adapters) == 1 else re.sub(r"\W", "_", f"{ALORA_INPUT}_{adapter}")
+    return ALORA_INPUT if len(adapters) == 1 else f"{ALORA_INPUT}_{adapter}"  # names: identifiers
 
 
 def _alora_inputs(
