@@ -106,6 +106,10 @@ def emit_named(
 ) -> None:
     """Branches as the graph runs them; A/B keep their PEFT in-memory names (no copy).
 
+    Variants are built from the same records as the training graph's (`branch_spec`; Arrow
+    routers: `emit_arrow`), their tensors named too (KaSA's `lora_diag`, DoRA's magnitude, the
+    experts and prototypes of a router); aLoRA reads its offsets from a graph input.
+
     An ONNX file is for inference, so a "fused" graph exports its sites as `W + scale * B @ A`
     (the "weight" layout): ONNX Runtime folds that at session start, so the unmerged file runs
     at merged speed and still holds A and B under their own names. "plain" is kept as chosen.
@@ -120,9 +124,12 @@ def emit_named(
             if rec.arrow is not None:  # a router reads its experts' A and B and its prototypes
                 cast = _graph.get_attr(gm, paths.a).dtype != site_dtype
                 for expert in rec.arrow.experts:
-                    _name_tensors(gm, out, _named_tensors(lora_paths(rec.kind, fqn, expert), rec))
-                out.buffers.append(f"{fqn}.lora_arrow.{name}.prototypes")
-                _name_tensors(gm, out, {out.buffers[-1]: None})
+                    expert_paths = lora_paths(rec.kind, fqn, expert)
+                    expert_rec = state.adapters[expert].sites[fqn]
+                    _name_tensors(gm, out, _named_tensors(expert_paths, expert_rec))
+                prototypes = f"{fqn}.lora_arrow.{name}.prototypes"
+                _name_tensors(gm, out, {prototypes: None})  # not in PEFT files: no key
+                out.buffers.append(prototypes)
                 emit_arrow(out.module.graph, site, name, rec, cast=cast, export=True)
                 continue
             _name_tensors(gm, out, _named_tensors(paths, rec))
