@@ -12,7 +12,7 @@ from conftest import assert_differs
 from models import TinyMLP, tiny_llama
 
 import lora_fx
-from lora_fx import ArrowConfig, LoraConfig, UnsupportedSiteError
+from lora_fx import ArrowConfig, LoraConfig, MergeError, UnsupportedSiteError
 from lora_fx.core.keys import is_adapter_parameter
 from lora_fx.exporters import export_onnx, ort_session
 from lora_fx.math.alora import alora_offsets
@@ -115,6 +115,20 @@ def test_merged_variant_is_the_base_graph_with_folded_weights(variant, tmp_path)
     assert out.lora_tensors == {} and out.op_counts == base.op_counts
     assert not [n for n in _initializers(out.path) if ".lora_" in n]
     _assert_matches(_ort(out, {"x": x.numpy()}), _torch(gm, x))
+
+
+def test_merged_dora_folds_first_and_only_once_per_site(tmp_path):
+    gm, x = _mlp({})  # "default": plain LoRA, then DoRA adapters on the same sites
+    for name in ("d", "e"):
+        cfg = LoraConfig(r=2, target_modules=_TARGETS, init_lora_weights=False, use_dora=True)
+        lora_fx.inject(gm, cfg, name)
+    lora_fx.set_adapter(gm, ["default", "d"])
+    out = export_onnx(gm, (x,), tmp_path / "merged.onnx")  # DoRA folds before the plain delta
+    _assert_matches(_ort(out, {"x": x.numpy()}), _torch(gm.eval(), x))
+    lora_fx.set_adapter(gm, ["d", "e"])
+    with pytest.raises(MergeError, match=r"'lin0' would fold 2 DoRA adapters \['d', 'e'\]"):
+        export_onnx(gm, (x,), tmp_path / "two.onnx")
+    assert not (tmp_path / "two.onnx").exists()
 
 
 # ---- unmerged ("initializers"): the variant's ops, its tensors named ---------------------------

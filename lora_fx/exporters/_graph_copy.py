@@ -276,9 +276,18 @@ def _plan_merged(
             for name in adapters
             if fqn in state.adapters[name].sites
         ]
+        folds.sort(key=lambda fold: not fold[1].use_dora)  # DoRA first, as `merge` folds
         reason = kind_of(site).refuse_merge(site)
         if reason is not None:
             raise MergeError(f"{reason}; export it with merged=False")
+        dora = [n for n, rec in state.adapters.items() if rec.merged and fqn in rec.sites]
+        dora = [n for n in dora if state.adapters[n].sites[fqn].use_dora]
+        dora += [name for name, rec in folds if rec.use_dora]
+        if len(dora) > 1:
+            raise MergeError(
+                f"site {fqn!r} would fold {len(dora)} DoRA adapters {dora}; DoRA rescales the "
+                "whole weight, so only one folds exactly; export them with merged=False"
+            )
         if any(rec.lora_bias for _, rec in folds) and site.bias is None:
             raise MergeError(f"site {fqn!r} has lora_bias=True but no base bias to fold it into")
         weight = _own_tensor(out.module, site, site.weight, readers)
