@@ -424,3 +424,25 @@ def test_bad_layout_is_refused_and_graph_unchanged():
     bare = lora_fx.capture(TinyMLP().eval(), (torch.randn(2, 10),))
     with pytest.raises(AdapterError, match="no LoRA adapter"):
         lora_fx.set_layout(bare, "plain")
+
+
+def test_auto_layout_exports_with_a_dynamic_token_count(monkeypatch):
+    """torch.export of an "auto" graph takes the branch: no guard pins the token count."""
+    traced_weights = []
+    real = fused_ops.low_rank_weight
+    monkeypatch.setattr(
+        fused_ops, "low_rank_weight", lambda *a: traced_weights.append(1) or real(*a)
+    )
+    x = torch.randn(4, 10)
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},)
+    gm0 = lora_fx.capture(TinyMLP().eval(), (x,), dynamic_shapes=dynamic)
+    gm = lora_fx.inject(gm0, _cfg(["lin0", "lin1"])).eval()
+    with torch.no_grad():
+        exported = torch.export.export(gm, (x,), dynamic_shapes=dynamic)
+        big = torch.randn(2048, 10)  # past the threshold: eager "auto" takes the weight here
+        assert fused_ops.weight_pays(
+            big, gm.lin0.lora_A.default.weight, gm.lin0.lora_B.default.weight
+        )
+        assert not traced_weights  # the export traced the branch only
+        assert_close(exported.module()(big), gm(big))
+        assert traced_weights  # while eager "auto" took the weight for 2048 rows

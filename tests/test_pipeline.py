@@ -84,11 +84,12 @@ def test_examples_with_peft_print_no_library_notices(script, tmp_path):
     assert _made_by_us(tmp_path) == []
 
 
-def test_generate_example_matches_peft_quietly(tmp_path):
-    """examples/07_generate.py: checkpoint folder -> capture_for_generation -> generate, vs PEFT."""
+@pytest.mark.parametrize("script", ["07_generate.py", "09_alora_generate.py"])
+def test_generate_example_matches_peft_quietly(script, tmp_path):
+    """examples/07 and 09: checkpoint folder -> capture_for_generation -> generate, vs PEFT."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "07_generate.py")],
+        [sys.executable, str(EXAMPLES / script)],
         capture_output=True,
         text=True,
         env=env,

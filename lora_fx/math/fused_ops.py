@@ -61,11 +61,14 @@ def weight_pays(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> 
     autograd build the full-size gradient of `W + delta`. Otherwise by token count: the weight
     costs `2 r in out` per call whatever the tokens, the branch `2 r tokens (in + out)`.
     Under torch.compile the comparison is a guard on the token count, so a graph is specialised
-    for one side of the threshold (no data-dependent control flow).
+    for one side of the threshold (no data-dependent control flow); torch.export always takes
+    the branch, so an exported graph keeps a dynamic token count.
     """
     if torch.is_grad_enabled() and (
         x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
     ):
+        return False
+    if torch.compiler.is_exporting():  # one traced path: no guard on a dynamic token count
         return False
     features_in, features_out = lora_a.shape[-1], lora_b.shape[0]
     tokens = x.numel() // features_in
