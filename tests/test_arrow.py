@@ -284,9 +284,10 @@ def test_merge_refused_unload_restores_base(tmp_path):
         lora_fx.prepare_for_hotswap(gm, target_rank=4)
     with pytest.raises(AdapterError, match="expert of the Arrow router"):
         lora_fx.delete_adapter(gm, "task_1")
-    for merged in (True, False):
+    for layout in ("merged", "inputs", "stacked"):  # "initializers" exports the routing
+        args = {"merged": True} if layout == "merged" else {"merged": False, "lora_layout": layout}
         with pytest.raises(UnsupportedSiteError, match="an Arrow router at 'up'"):
-            export_onnx(gm, (x,), tmp_path / "m.onnx", merged=merged)
+            export_onnx(gm, (x,), tmp_path / "m.onnx", **args)
     _assert_unchanged(gm, before)
     lora_fx.unload(gm)
     with torch.no_grad():

@@ -1,6 +1,8 @@
 """LoRA branches of the export copy, one builder per unmerged layout.
 
-    initializers:  y + scale * B(A(x))          A, B: the graph's own tensors, PEFT in-memory names
+    initializers:  y + scale * B(A(x))          A, B: the graph's own tensors, PEFT in-memory names;
+                   variants as the graph runs them (`branch_spec`: KaSA's lora_diag, BD-LoRA's
+                   blocks, QALoRA's pooling, DoRA's magnitude, aLoRA's mask, Arrow's routing)
     inputs:        y + (scale*B)(A(x))          A, B: adapter-free names (graph inputs later)
     stacked:       y + B[i](A[i](x)) per row i  [n + 1, ...] stacks; new input `adapter_index`
 
@@ -26,18 +28,22 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from lora_fx.core import graph as _graph
-from lora_fx.core.state import LoraState
+from lora_fx.core.keys import LoraPaths
+from lora_fx.core.state import LoraState, SiteRecord
 from lora_fx.errors import UnsupportedSiteError
 from lora_fx.exporters._names import STACKED, input_names, rank_dim
 from lora_fx.math.stack import slot_lookup, stack_adapters
-from lora_fx.passes._branch import BranchSpec, emit_branch
+from lora_fx.passes._arrow import emit_arrow
+from lora_fx.passes._branch import BranchSpec, branch_spec, emit_branch
 from lora_fx.passes._emit import Emitter, chain_end
 from lora_fx.sites import Site
 from lora_fx.sites.kinds import kind_of, lora_paths
 
 __all__ = [
+    "ALORA_INPUT",
     "INDEX_INPUT",
     "ExportGraph",
+    "alora_input_name",
     "emit_inputs",
     "emit_named",
     "emit_stacked",
@@ -48,6 +54,7 @@ __all__ = [
 ]
 
 INDEX_INPUT = "adapter_index"
+ALORA_INPUT = "alora_offsets"
 
 _aten = torch.ops.aten
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -67,6 +74,11 @@ class ExportGraph:
     merged_weights: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
     # "stacked": the graph has the extra input INDEX_INPUT.
     has_index_input: bool = False
+    # Named tensors that are not in PEFT files (Arrow prototypes), kept by name like lora_tensors.
+    buffers: list[str] = field(default_factory=list)
+    # aLoRA: graph input name -> the graph's offsets `[batch]` (an example value), one input per
+    # aLoRA adapter, read by its branches instead of the offsets buffers (`alora_input_name`).
+    alora_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def put_tensor(module: nn.Module, path: str, tensor: torch.Tensor) -> None:
@@ -94,6 +106,10 @@ def emit_named(
 ) -> None:
     """Branches as the graph runs them; A/B keep their PEFT in-memory names (no copy).
 
+    Variants are built from the same records as the training graph's (`branch_spec`; Arrow
+    routers: `emit_arrow`), their tensors named too (KaSA's `lora_diag`, DoRA's magnitude, the
+    experts and prototypes of a router); aLoRA reads its offsets from a graph input.
+
     An ONNX file is for inference, so a "fused" graph exports its sites as `W + scale * B @ A`
     (the "weight" layout): ONNX Runtime folds that at session start, so the unmerged file runs
     at merged speed and still holds A and B under their own names. "plain" is kept as chosen.
@@ -101,21 +117,74 @@ def emit_named(
     layout = "plain" if state.layout == "plain" else "weight"
     for name in adapters:
         for fqn, rec in state.adapters[name].sites.items():
-            paths = lora_paths(rec.kind, fqn, name)
-            tensors = {paths.a: paths.a_key, paths.b: paths.b_key}
-            if rec.lora_bias:
-                tensors[paths.b_bias] = paths.b_bias_key
-            for path in tensors:
-                put_tensor(out.module, path, _graph.get_attr(gm, path))
-            out.lora_tensors.update(tensors)
+            site = sites[fqn]
             # A float32 adapter on a half-precision site (autocast_adapter_dtype) runs in float32.
-            site_dtype = _graph.get_attr(gm, sites[fqn].weight).dtype
+            site_dtype = _graph.get_attr(gm, site.weight).dtype
+            paths = lora_paths(rec.kind, fqn, name)
+            if rec.arrow is not None:  # a router reads its experts' A and B and its prototypes
+                cast = _graph.get_attr(gm, paths.a).dtype != site_dtype
+                for expert in rec.arrow.experts:
+                    expert_paths = lora_paths(rec.kind, fqn, expert)
+                    expert_rec = state.adapters[expert].sites[fqn]
+                    _name_tensors(gm, out, _named_tensors(expert_paths, expert_rec))
+                prototypes = f"{fqn}.lora_arrow.{name}.prototypes"
+                _name_tensors(gm, out, {prototypes: None})  # not in PEFT files: no key
+                out.buffers.append(prototypes)
+                emit_arrow(out.module.graph, site, name, rec, cast=cast, export=True)
+                continue
+            _name_tensors(gm, out, _named_tensors(paths, rec))
             cast = _graph.get_attr(gm, paths.a).dtype != site_dtype
-            bias = paths.b_bias if rec.lora_bias else None
-            spec = BranchSpec(
-                name, paths.a, paths.b, bias, rec.scale, cast=cast, layout=layout, export=True
-            )
-            emit_branch(out.module.graph, sites[fqn], spec)
+            spec = branch_spec(site, name, rec, cast=cast, layout=layout, export=True)
+            emit_branch(out.module.graph, site, spec)
+    _alora_inputs(gm, state, adapters, out)
+
+
+def alora_input_name(adapter: str, adapters: list[str]) -> str:
+    """The offsets input of `adapter`: `alora_offsets`, or `alora_offsets_<adapter>` for several."""
+    return ALORA_INPUT if len(adapters) == 1 else f"{ALORA_INPUT}_{adapter}"  # names: identifiers
+
+
+def _alora_inputs(
+    gm: torch.fx.GraphModule, state: LoraState, adapters: tuple[str, ...], out: ExportGraph
+) -> None:
+    """Each aLoRA adapter's offsets become a `[batch]` int64 graph input its branches read.
+
+    A runtime sets them per request (`math.alora.alora_offsets`: from the end of each row to its
+    last invocation sequence, 0: the base model), instead of `set_alora_offsets` on a buffer.
+    """
+    names = [n for n in adapters if any(r.alora for r in state.adapters[n].sites.values())]
+    graph = out.module.graph
+    for name in names:
+        paths = {lora_paths(r.kind, f, name).alora for f, r in state.adapters[name].sites.items()}
+        reads = [n for n in graph.nodes if n.op == "get_attr" and n.target in paths]
+        node = _add_input(out.module, alora_input_name(name, names))
+        for read in reads:
+            read.replace_all_uses_with(node)
+            graph.erase_node(read)
+        example = _graph.get_attr(gm, next(iter(paths))).detach()
+        out.alora_inputs[node.target] = example.to(torch.int64)
+
+
+def _named_tensors(paths: LoraPaths, rec: SiteRecord) -> dict[str, str | None]:
+    """Path -> PEFT file key of every tensor a branch reads: A, B, B's bias, DoRA, KaSA."""
+    tensors = {paths.a: paths.a_key, paths.b: paths.b_key}
+    if rec.lora_bias:
+        tensors[paths.b_bias] = paths.b_bias_key
+    if rec.use_dora:
+        tensors[paths.magnitude] = paths.magnitude_key
+    if rec.use_kasa:
+        tensors[paths.diag] = paths.diag_key
+    return tensors
+
+
+def _name_tensors(
+    gm: torch.fx.GraphModule, out: ExportGraph, tensors: dict[str, str | None]
+) -> None:
+    """Register each tensor of `gm` under its path on the copy (no copy); record its file key."""
+    for path, key in tensors.items():
+        put_tensor(out.module, path, _graph.get_attr(gm, path))
+        if key is not None:
+            out.lora_tensors[path] = key
 
 
 def emit_inputs(
@@ -177,7 +246,7 @@ def emit_stacked(
                 f"site {site.fqn!r} is a conv with groups={site.conv.groups}; "
                 "lora_layout='stacked' supports groups=1 only"
             )
-    index = _add_index_input(out.module)
+    index = _add_input(out.module, INDEX_INPUT)
     out.has_index_input = True
     graph = out.module.graph
     for fqn, site in sites.items():
@@ -259,21 +328,19 @@ def _stacks(
     return cast[0], cast[1], cast[2]
 
 
-def _add_index_input(module: torch.fx.GraphModule) -> torch.fx.Node:
-    """Append the `adapter_index` input: a placeholder after the others, and a keyword argument."""
+def _add_input(module: torch.fx.GraphModule, name: str) -> torch.fx.Node:
+    """Append the input `name`: a placeholder after the others, and a keyword argument."""
     graph = module.graph
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last):
-        node = graph.placeholder(INDEX_INPUT)
+        node = graph.placeholder(name)
     info = getattr(graph._codegen, "pytree_info", None)
     if info is not None:
         args_tree, kwargs_tree = pytree.tree_unflatten(
             [_LEAF] * info.in_spec.num_leaves, info.in_spec
         )
-        spec = pytree.tree_structure((args_tree, {**kwargs_tree, INDEX_INPUT: _LEAF}))
-        graph._codegen.pytree_info = info._replace(
-            orig_args=[*info.orig_args, INDEX_INPUT], in_spec=spec
-        )
+        spec = pytree.tree_structure((args_tree, {**kwargs_tree, name: _LEAF}))
+        graph._codegen.pytree_info = info._replace(orig_args=[*info.orig_args, name], in_spec=spec)
     return node
 
 

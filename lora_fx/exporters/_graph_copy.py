@@ -17,7 +17,11 @@ Rules:
    other adapters keep them in the weights.
 6. LoRA on linear, conv, embedding, MHA and `target_parameters` sites is exported (MHA and
    parameter sites: `W + scale * B @ A` where the weight is read, or merged; not "stacked",
-   which needs per-row branches); DoRA sites are refused before anything is built.
+   which needs per-row branches). Variants, checked before anything is built:
+       merged          every variant `merge` folds (DoRA, KaSA, BD-LoRA, QALoRA, VeLoRA,
+                       MonteCLoRA); aLoRA and Arrow routers are refused (no merged weight)
+       "initializers"  every variant, with its own branch ops (`_branches.emit_named`)
+       "inputs", "stacked"  plain LoRA only (and VeLoRA / MonteCLoRA, plain in eval)
 """
 
 from __future__ import annotations
@@ -63,6 +67,14 @@ __all__ = ["LORA_LAYOUTS", "ExportPlan", "build_export_graph", "plan_export"]
 # branch layout of `set_layout`, nor the PEFT file keys (`passes/_file_keys.py`).
 LORA_LAYOUTS = ("initializers", "inputs", "stacked")
 _ONNX_KINDS = [name for name, kind in KINDS.items() if kind.can.onnx]
+# Variants that differ from LoRA in training only: every layout exports them as plain LoRA.
+_EVAL_PLAIN = ("VeLoRA", "MonteCLoRA")
+# Variants (`SiteRecord.variant`) with no merged weight, and why: "initializers" only.
+_UNMERGEABLE = {
+    "aLoRA": "which cannot be merged (a row is adapted from its invocation tokens on; unmerged, "
+    "the file takes the offsets as the input 'alora_offsets')",
+    "an Arrow router": "which routes each token among its experts and has no merged weight",
+}
 
 
 @dataclass(frozen=True)
@@ -74,13 +86,17 @@ class ExportPlan:
 
 
 def plan_export(
-    gm: torch.fx.GraphModule, *, lora_layout: str, adapter_names: str | list[str] | None
+    gm: torch.fx.GraphModule,
+    *,
+    lora_layout: str,
+    adapter_names: str | list[str] | None,
+    with_past: bool = False,
 ) -> ExportPlan:
     """Check the request against the graph's adapters; nothing is built or changed here.
 
     Raises:
         AdapterError: Unknown or unsuitable adapters, mixed-batch mode, or no adapter at all.
-        UnsupportedSiteError: DoRA sites (rule 6).
+        UnsupportedSiteError: A site kind or variant the layout does not export (rule 6).
     """
     state = state_or_none(gm)
     if state is not None and getattr(state, "batch_adapters", None) is not None:
@@ -104,7 +120,7 @@ def plan_export(
     if lora_layout == "merged":
         # Adapters merged already are in the base weights: nothing more to fold for them.
         names = [n for n in names if not known[n].merged]
-        _check_supported(state, names)
+        _check_supported(state, names, lora_layout, with_past=with_past)
         return ExportPlan(lora_layout, tuple(names))
     if not names:
         raise AdapterError(
@@ -117,7 +133,7 @@ def plan_export(
             f"adapters {merged} are merged into the base weights; call lora_fx.unmerge(gm) "
             f"before exporting lora_layout={lora_layout!r}"
         )
-    _check_supported(state, names)
+    _check_supported(state, names, lora_layout, with_past=with_past)
     with_copies = [n for n in names if known[n].modules_to_save]
     if lora_layout in ("inputs", "stacked") and with_copies:
         raise AdapterError(
@@ -128,17 +144,35 @@ def plan_export(
     return ExportPlan(lora_layout, tuple(names))
 
 
-def _check_supported(state: LoraState | None, names: list[str]) -> None:
-    """Refuse adapter kinds the export does not rebuild (rule 6)."""
+def _check_supported(
+    state: LoraState | None, names: list[str], layout: str, *, with_past: bool
+) -> None:
+    """Refuse sites and variants the layout does not export (rule 6)."""
     for name in names:
         for fqn, rec in state.adapters[name].sites.items():
-            # VeLoRA and MonteCLoRA export as plain LoRA (they differ in training only)
-            variant = None if rec.variant in ("VeLoRA", "MonteCLoRA") else rec.variant
-            if variant is not None or not kind_of(rec.kind).can.onnx:
-                what = variant or f"a {rec.kind!r} site"
+            if with_past and rec.alora:
                 raise UnsupportedSiteError(
-                    f"adapter {name!r} has {what} at {fqn!r}, which export_onnx does not "
-                    f"export yet (supported: LoRA on {', '.join(_ONNX_KINDS)} sites)"
+                    f"adapter {name!r} is aLoRA at {fqn!r}: with_past=True decoders have no "
+                    "'alora_offsets' input; export it without with_past (merged=False)"
+                )
+            if not kind_of(rec.kind).can.onnx:
+                raise UnsupportedSiteError(
+                    f"adapter {name!r} has a {rec.kind!r} site at {fqn!r}, which export_onnx "
+                    f"does not export yet (supported: LoRA on {', '.join(_ONNX_KINDS)} sites)"
+                )
+            variant = None if rec.variant in _EVAL_PLAIN else rec.variant
+            if variant is None or layout == "initializers":
+                continue
+            if layout == "merged" and variant in _UNMERGEABLE:
+                raise UnsupportedSiteError(
+                    f"adapter {name!r} is {variant} at {fqn!r}, {_UNMERGEABLE[variant]}; "
+                    "export it with merged=False (lora_layout='initializers')"
+                )
+            if layout in ("inputs", "stacked"):
+                merged = "" if variant in _UNMERGEABLE else " or merged=True"
+                raise UnsupportedSiteError(
+                    f"adapter {name!r} has {variant} at {fqn!r}; lora_layout={layout!r} carries "
+                    f"plain A/B pairs only; export it with lora_layout='initializers'{merged}"
                 )
 
 
@@ -242,9 +276,18 @@ def _plan_merged(
             for name in adapters
             if fqn in state.adapters[name].sites
         ]
+        folds.sort(key=lambda fold: not fold[1].use_dora)  # DoRA first, as `merge` folds
         reason = kind_of(site).refuse_merge(site)
         if reason is not None:
             raise MergeError(f"{reason}; export it with merged=False")
+        dora = [n for n, rec in state.adapters.items() if rec.merged and fqn in rec.sites]
+        dora = [n for n in dora if state.adapters[n].sites[fqn].use_dora]
+        dora += [name for name, rec in folds if rec.use_dora]
+        if len(dora) > 1:
+            raise MergeError(
+                f"site {fqn!r} would fold {len(dora)} DoRA adapters {dora}; DoRA rescales the "
+                "whole weight, so only one folds exactly; export them with merged=False"
+            )
         if any(rec.lora_bias for _, rec in folds) and site.bias is None:
             raise MergeError(f"site {fqn!r} has lora_bias=True but no base bias to fold it into")
         weight = _own_tensor(out.module, site, site.weight, readers)
@@ -257,14 +300,14 @@ def _plan_merged(
 def _merged_weight(
     gm: torch.fx.GraphModule, site: Site, folds: list[tuple[str, SiteRecord]]
 ) -> Callable[[], torch.Tensor]:
-    """`W + sum(scale * B @ A)` computed in float32 (as `merge` does), in W's dtype."""
+    """`W + sum(scale * B @ A)` (each variant's delta) in float32, as `merge` does; in W's dtype."""
     weight = _graph.get_attr(gm, site.weight)
 
     def compute() -> torch.Tensor:
         with torch.no_grad():
             total = weight.detach().to(torch.float32)
-            for name, rec in folds:
-                total = total + _fold.site_delta(gm, site, name, rec).to(total.device)
+            for name, rec in folds:  # as `merge` folds them, DoRA's rescaling included
+                total = _fold.fold_value(gm, site, name, rec, total).to(total.device)
             return total.to(weight.dtype)
 
     return compute

@@ -20,6 +20,7 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import sympy
@@ -34,20 +35,24 @@ _NO_MAX = 2**62  # export's ranges use an integer infinity beyond any real size
 
 
 def resolve_dynamic_shapes(
-    gm: torch.fx.GraphModule, dynamic_shapes: Any, *, index_input: str | None
+    gm: torch.fx.GraphModule, dynamic_shapes: Any, *, row_inputs: Sequence[str] = ()
 ) -> Any:
-    """The `dynamic_shapes` to export `gm`'s copy with (None: static), `index_input` included."""
+    """The `dynamic_shapes` to export `gm`'s copy with (None: static).
+
+    `row_inputs`: inputs the export copy appends (`adapter_index`, `alora_offsets`), `[batch]`
+    each, sharing the batch dimension of the first input.
+    """
     if dynamic_shapes is None:
         dynamic_shapes = _inherited(gm)
     elif isinstance(dynamic_shapes, dict):
         dynamic_shapes = _signature_keys(gm, dynamic_shapes)
-    if index_input is None or dynamic_shapes is None:
+    if not row_inputs or dynamic_shapes is None:
         return dynamic_shapes
     batch = _first_axis0(dynamic_shapes)
     spec = {0: batch} if batch is not None else None
     if isinstance(dynamic_shapes, dict):
-        return {**dynamic_shapes, index_input: spec}
-    return (*dynamic_shapes, spec)
+        return {**dynamic_shapes, **dict.fromkeys(row_inputs, spec)}
+    return (*dynamic_shapes, *[spec] * len(row_inputs))
 
 
 def _signature_keys(gm: torch.fx.GraphModule, dynamic_shapes: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,8 @@
 
     merged=True            plain graph with merged weights: the base model's ops, no LoRA node
     merged=False and lora_layout=
-      "initializers"       y + scale * B(A(x)); initializers `<site>.lora_A.<adapter>.weight`, ...
+      "initializers"       y + scale * B(A(x)); initializers `<site>.lora_A.<adapter>.weight`, ...;
+                           variants as the graph runs them (aLoRA: input `alora_offsets`)
       "inputs"             y + B(A(x)); graph inputs `<site>.lora_A.weight`, ... with zero-rank
                            defaults, for ONNX Runtime adapters (`write_ort_adapter`)
       "stacked"            every adapter at once; input `adapter_index[batch]` picks one per row
@@ -155,7 +156,9 @@ def export_onnx(
         args: Example positional inputs, as for `gm(*args)`. With `with_past`: None (examples
             sized from the graph's `GenerationSpec`).
         path: The `.onnx` file to write (its folder must exist).
-        merged: Fold the adapters into the weights (no LoRA node). False keeps the branches.
+        merged: Fold the adapters into the weights (no LoRA node). False keeps the branches,
+            variants' ops included; an aLoRA adapter adds the `[batch]` int64 input
+            `alora_offsets` (`math.alora.alora_offsets` of the ids; 0: the base model's row).
         kwargs: Example keyword tensors. Non-tensor keywords bound at capture (`use_cache`) are
             dropped.
         dynamic_shapes: As for `torch.export.export`, keyed by `gm`'s argument names. None keeps
@@ -184,8 +187,9 @@ def export_onnx(
             "stacked" layout or with example `args`.
         AdapterError: Unknown adapters, or adapters the layout cannot serve.
         MergeError: A site that cannot be merged (grouped conv).
-        UnsupportedSiteError: DoRA adapters, or a site the stacked layout cannot serve (grouped
-            conv, MHA and `target_parameters` sites).
+        UnsupportedSiteError: A variant the layout cannot serve (merged: aLoRA, Arrow routers;
+            "inputs" / "stacked": any but VeLoRA and MonteCLoRA), or a site the stacked layout
+            cannot serve (grouped conv, MHA and `target_parameters` sites).
         OnnxExportError: torch.export or the ONNX translation failed (the message names the op
             and the site or module using it), the file could not be written, or `with_past` on a
             graph without a KV cache (not from `capture_for_generation`).
@@ -205,7 +209,9 @@ def export_onnx(
         args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     kwargs = _call_kwargs(gm, kwargs)
     target = _check_target(path)
-    plan = plan_export(gm, lora_layout=layout, adapter_names=adapter_names)
+    plan = plan_export(
+        gm, lora_layout=layout, adapter_names=adapter_names, with_past=spec is not None
+    )
 
     # apply
     export = build_export_graph(gm, plan)
@@ -218,13 +224,16 @@ def export_onnx(
     else:
         if export.has_index_input:
             call_kwargs[INDEX_INPUT] = _example_index(args, kwargs, len(plan.adapters))
-        index_input = INDEX_INPUT if export.has_index_input else None
-        shapes = resolve_dynamic_shapes(gm, dynamic_shapes, index_input=index_input)
+        for name, offsets in export.alora_inputs.items():
+            call_kwargs[name] = _example_offsets(args, kwargs, offsets)
+        row_inputs = [*([INDEX_INPUT] if export.has_index_input else []), *export.alora_inputs]
+        shapes = resolve_dynamic_shapes(gm, dynamic_shapes, row_inputs=row_inputs)
     program = _to_onnx(export, args, call_kwargs, shapes, opset, custom_translation_table, past_io)
     model = program.model
     if past_io is not None:
         name_past_dims(model, past_io)
-    missing = sorted(set(export.lora_tensors) - set(model.graph.initializers))
+    named = [*export.lora_tensors, *export.buffers]
+    missing = sorted(set(named) - set(model.graph.initializers))
     if missing:  # the exporter renamed or folded them: the file could not serve the adapters
         raise OnnxExportError(
             f"LoRA tensors {missing[:3]} are not initializers of the exported model; "
@@ -232,7 +241,7 @@ def export_onnx(
         )
     swap_merged_weights(model, export.merged_weights)
     if optimize:
-        optimize_keeping(program.optimize, program.model, export.lora_tensors)
+        optimize_keeping(program.optimize, program.model, named)
         model = program.model
     if export.rank_axes:
         dtypes = {name: _tensor_dtype(export.module, name) for name in export.rank_axes}
@@ -337,12 +346,26 @@ def _call_kwargs(gm: torch.fx.GraphModule, kwargs: dict[str, Any] | None) -> dic
 
 def _example_index(args: tuple, kwargs: dict, n_adapters: int) -> torch.Tensor:
     """An example `adapter_index`: one entry per row of the first tensor input."""
+    batch = _batch_size(args, kwargs, "lora_layout='stacked'")
+    return torch.arange(batch, dtype=torch.int64) % n_adapters
+
+
+def _example_offsets(args: tuple, kwargs: dict, offsets: torch.Tensor) -> torch.Tensor:
+    """Example aLoRA offsets: the graph's own if set for this batch, else zeros (no row adapted)."""
+    batch = _batch_size(args, kwargs, "an aLoRA adapter")
+    if offsets.shape[0] == batch:
+        return offsets
+    return torch.zeros(batch, dtype=torch.int64, device=offsets.device)
+
+
+def _batch_size(args: tuple, kwargs: dict, what: str) -> int:
+    """The rows of the first tensor input (per-row inputs have as many)."""
     first = next(
         (x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)), None
     )
     if first is None or first.dim() == 0:
-        raise ValueError("lora_layout='stacked' needs a batched tensor input to index rows by")
-    return torch.arange(first.shape[0], dtype=torch.int64) % n_adapters
+        raise ValueError(f"{what} needs a batched tensor input to index rows by")
+    return first.shape[0]
 
 
 def _tensor_dtype(module: torch.nn.Module, path: str) -> torch.dtype:

@@ -11,6 +11,7 @@ prompt is adapted (PEFT's `ALoraLinearVariant.forward` clips the offset to T the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -47,7 +48,7 @@ def alora_mask(offsets: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     shape = (*out.shape[:-1], 1)
     if offsets.numel() == 0:
         return out.new_zeros(shape)
-    rows = out.shape[:-1].numel()
+    rows = math.prod(out.shape[:-1])  # not Size.numel(): it would make symbolic sizes static
     torch._check(  # no tensor in the message's closure: torch.compile keeps one graph
         rows % offsets.shape[0] == 0,
         lambda: (

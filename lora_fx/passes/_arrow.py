@@ -21,7 +21,10 @@ Rules:
    (`math/arrow.py`); no wrapper module, no Python control flow. The router's own A and B exist
    (as PEFT's) but are not read. Dropout (router's `lora_dropout`) acts on the delta, as PEFT's.
 4. Per-token routing has no single `B @ A`: merge, mixed batches, weighted combinations, hotswap
-   and ONNX export refuse routers (`state.require_no_arrow`); unload drops them.
+   and merged ONNX export refuse routers (`state.require_no_arrow`); unload drops them.
+5. ONNX export with `merged=False` ("initializers") emits the same branch in the export copy: the
+   routing is abs / matmul / topk / scatter / softmax / einsum, the prototypes and the experts'
+   A and B are named initializers.
 """
 
 from __future__ import annotations
@@ -204,9 +207,18 @@ def add_arrow(
 
 
 def emit_arrow(
-    graph: torch.fx.Graph, site: Site, adapter: str, record: SiteRecord, *, cast: bool
+    graph: torch.fx.Graph,
+    site: Site,
+    adapter: str,
+    record: SiteRecord,
+    *,
+    cast: bool,
+    export: bool = False,
 ) -> None:
-    """The routed branch after every node of `site` (rule 3); `cast`: a float32 adapter."""
+    """The routed branch after every node of `site` (rule 3); `cast`: a float32 adapter.
+
+    `export`: for an export copy, which runs in eval (no dropout node; rule 5).
+    """
     route = record.arrow
     experts = [lora_paths(site.kind, site.fqn, e) for e in route.experts]
     for base, x in zip(site.nodes, site.inputs, strict=True):
@@ -221,7 +233,7 @@ def emit_arrow(
         coefficients = emit("route", "call_function", arrow_coefficients, args)
         args = (x, coefficients, lora_as, lora_bs, route.scales)
         delta = emit("lora_b", "call_function", arrow_delta, args)
-        if record.dropout > 0:
+        if record.dropout > 0 and not export:
             dropout = lora_paths(site.kind, site.fqn, adapter).dropout
             delta = emit("dropout", "call_module", dropout, (delta,))
         if cast:

@@ -86,6 +86,7 @@ from lora_fx.sites.linear import LINEAR_OPS
 __all__ = [
     "LAYOUTS",
     "BranchSpec",
+    "branch_spec",
     "emit_branch",
     "fitting_layout",
     "insert_branch",
@@ -171,26 +172,51 @@ def insert_branch(
     if record.arrow is not None:  # an Arrow router: routed among its experts (`_arrow.py`)
         emit_arrow(gm.graph, site, adapter, record, cast=cast)
         return
-    spec = BranchSpec(
+    spec = branch_spec(site, adapter, record, cast=cast, layout=layout, row_mask=row_mask)
+    emit_branch(gm.graph, site, spec)
+
+
+def branch_spec(
+    site: Site,
+    adapter: str,
+    record: SiteRecord,
+    *,
+    cast: bool,
+    layout: str,
+    row_mask: tuple[str, int] | None = None,
+    export: bool = False,
+) -> BranchSpec:
+    """The spec of `adapter`'s branch on `site` from its record: training graphs and exports alike.
+
+    An export copy runs in eval, where dropout is the identity and VeLoRA's and MonteCLoRA's A is
+    plain A, so those parts are left out of it (their holder modules are not in the copy).
+    """
+    paths = lora_paths(site.kind, site.fqn, adapter)
+    train = not export
+    return BranchSpec(
         adapter,
         paths.a,
         paths.b,
         paths.b_bias if record.lora_bias else None,
         record.scale,
         cast=cast,
-        dropout=paths.dropout if record.dropout > 0 else None,
+        dropout=paths.dropout if record.dropout > 0 and train else None,
         row_mask=row_mask,
         dora=(paths, record) if record.use_dora else None,
         diag=paths.diag if record.use_kasa else None,
-        velora=(f"{site.fqn}.lora_velora_embed", *record.velora[:2]) if record.velora else None,
+        velora=(f"{site.fqn}.lora_velora_embed", *record.velora[:2])
+        if record.velora and train
+        else None,
         blocks=(record.block_diagonal, record.nblocks) if record.block_diagonal else None,
         alora=paths.alora if record.alora else None,
         qalora=record.qalora_group_size,
-        monteclora=f"{site.fqn}.lora_monteclora_sampler.{adapter}" if record.monteclora else None,
+        monteclora=f"{site.fqn}.lora_monteclora_sampler.{adapter}"
+        if record.monteclora and train
+        else None,
         layout=layout,
+        export=export,
         rows=record.rows,
     )
-    emit_branch(gm.graph, site, spec)
 
 
 def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:

@@ -45,7 +45,15 @@ from lora_fx.math.qalora import expand_a
 from lora_fx.sites import Site
 from lora_fx.sites.kinds import kind_of, lora_paths
 
-__all__ = ["bias_delta", "fold", "is_quantized_site", "merged_value", "site_delta", "unfold"]
+__all__ = [
+    "bias_delta",
+    "fold",
+    "fold_value",
+    "is_quantized_site",
+    "merged_value",
+    "site_delta",
+    "unfold",
+]
 
 
 def site_delta(gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord) -> torch.Tensor:
@@ -67,10 +75,18 @@ def merged_value(
     if kind_of(site).can.branch_at == "rows":
         values = _graph.get_attr(gm, lora_paths(site.kind, site.fqn, adapter).a).detach()
         return ops.replace_rows(_current(gm, site), values, rec.rows)
-    current, delta = _current(gm, site), site_delta(gm, site, adapter, rec)
+    return fold_value(gm, site, adapter, rec, _current(gm, site))
+
+
+def fold_value(
+    gm: torch.fx.GraphModule, site: Site, adapter: str, rec: SiteRecord, before: torch.Tensor
+) -> torch.Tensor:
+    """`before` with `adapter` folded in (DoRA: rescaled), in float32; nothing is written."""
+    delta = site_delta(gm, site, adapter, rec)
+    before = before.to(device=delta.device, dtype=delta.dtype)
     if rec.use_dora:
-        return _dora_merge(gm, site, adapter, current.to(delta.dtype), delta)[0]
-    return current.to(delta.dtype) + delta
+        return _dora_merge(gm, site, adapter, before, delta)[0]
+    return before + delta
 
 
 def fold(
