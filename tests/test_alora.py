@@ -25,6 +25,7 @@ import lora_fx
 from lora_fx import AdapterError, ConfigError, LoraConfig, MergeError, UnsupportedSiteError
 from lora_fx.exporters import export_onnx
 from lora_fx.math.alora import alora_mask, alora_offsets
+from lora_fx.math.stack import gathered_linear
 
 INVOKE = [7, 9]
 pytestmark = [
@@ -307,11 +308,9 @@ def test_set_offsets_errors_change_nothing():
         lora_fx.set_alora_offsets(plain, ids)
 
 
-def test_mixed_batch_and_onnx_refuse_alora(tmp_path):
+def test_onnx_refuses_alora(tmp_path):
     _, _, gm, ids = _mlp_pair("fx")
     code = gm.code
-    with pytest.raises(AdapterError, match="aLoRA"):
-        lora_fx.set_adapter_batch(gm, ["default", "__base__", "default", "default"])
     with pytest.raises(UnsupportedSiteError, match="aLoRA"):  # "initializers" exports it
         export_onnx(gm, (ids,), tmp_path / "a.onnx", merged=False, lora_layout="inputs")
     with pytest.raises(UnsupportedSiteError, match="aLoRA"):
@@ -367,5 +366,181 @@ def test_generate_equals_peft(tmp_path):
     assert torch.equal(lora_fx.generate(gm, ids, mask, **kw), expected)
     after = gm.get_buffer("model.layers.0.self_attn.q_proj.lora_alora_offsets.default")
     assert torch.equal(after, before)  # the graph's own offsets come back
+    compiled = torch.compile(gm, backend="aot_eager")
+    assert torch.equal(lora_fx.generate(compiled, ids, mask, **kw), expected)
+
+
+# ---- mixed batches (PEFT's adapter_names= with aLoRA rows) -------------------------------------
+
+TELL = [11, 12, 13]
+MIXED_ROWS = ["ask", "tell", "plain", "__base__", "ask"]
+
+
+def _mixed_ids(vocab: int, seq: int = 12) -> torch.Tensor:
+    """Row 0: ask's tokens at 3; row 1: tell's at 5 (and ask's, ignored); row 2: ask's (plain:
+    ignored); row 3: the base; row 4: no invocation (ask: the base model's)."""
+    ids = torch.randint(20, vocab, (5, seq), generator=torch.Generator().manual_seed(5))
+    for row, start, tokens in ((0, 3, INVOKE), (1, 5, TELL), (1, 1, INVOKE), (2, 2, INVOKE)):
+        ids[row, start : start + len(tokens)] = torch.tensor(tokens)
+    return ids
+
+
+def _peft_three(model, targets: list[str], *, plain_bias: bool = False, **extra):
+    """PEFT with aLoRA "ask" and "tell" (other tokens, rank and sites) and plain "plain"."""
+    cfgs = {
+        "ask": {"r": 4, "lora_alpha": 8, "alora_invocation_tokens": INVOKE},
+        "tell": {"r": 2, "lora_alpha": 5, "alora_invocation_tokens": TELL},
+        "plain": {"r": 3, "lora_alpha": 6, "lora_bias": plain_bias},
+    }
+    torch.manual_seed(1)
+    pm = None
+    for name, cfg in cfgs.items():
+        sites = targets[:1] if name == "tell" else targets
+        config = peft.LoraConfig(target_modules=sites, init_lora_weights=False, **cfg, **extra)
+        if pm is None:
+            pm = peft.get_peft_model(copy.deepcopy(model), config, name)
+        else:
+            pm.add_adapter(name, config)
+    with torch.no_grad():  # a nonzero B bias (PEFT starts it at zero)
+        for name, p in pm.named_parameters():
+            if name.endswith("lora_B.plain.bias"):
+                p.normal_()
+    return pm.eval()
+
+
+def _loaded(pm, gm, folder):
+    """The graph with PEFT's three adapters loaded from its files."""
+    pm.save_pretrained(folder)
+    for name in ("ask", "tell", "plain"):
+        lora_fx.load_adapter(gm, folder / name, name)
+    return gm
+
+
+def _mixed_offsets(pm, ids, rows):
+    return calculate_alora_offsets(pm.peft_config, "ask", ids, adapter_names=rows)
+
+
+def _offset_reads(gm) -> int:
+    return sum(n.target == "lora_fx_alora_offsets" for n in gm.graph.nodes)
+
+
+def test_gathered_linear_masks_rows_by_hand():
+    x, index = torch.ones(3, 4, 1), torch.tensor([0, 0, 1])
+    a_t, b_t = torch.ones(2, 1, 1), torch.full((2, 1, 1), 2.0)  # slot 1: the zero slot
+    b_t[1] = 0
+    out = gathered_linear(torch.zeros(3, 4, 1), x, index, a_t, b_t, torch.tensor([2, 99, 0]))
+    # row 0 (aLoRA, offset 2): the last 2 positions; row 1 (plain: past the end): all; row 2: 0
+    assert out[..., 0].tolist() == [[0, 0, 2, 2], [2, 2, 2, 2], [0, 0, 0, 0]]
+
+
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed:UserWarning")
+@pytest.mark.filterwarnings("ignore:Adapter 'plain'.*invalid shape:UserWarning")
+@pytest.mark.parametrize("masked", [False, True])
+def test_mixed_batch_llama_equals_peft(tmp_path, masked):
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    ids = _mixed_ids(256)
+    kw = {"use_cache": False}
+    pm = _peft_three(model, ["q_proj", "v_proj"], plain_bias=masked, task_type="CAUSAL_LM")
+    gm = _loaded(pm, lora_fx.capture(copy.deepcopy(model), (ids,), kw), tmp_path)
+    assert _mixed_offsets(pm, ids, MIXED_ROWS) == [9, 7, None, None, None]
+    lora_fx.set_adapter_batch(gm, MIXED_ROWS)
+    lora_fx.set_alora_offsets(gm, ids)
+    assert gm.get_buffer("lora_fx_alora_offsets")[[0, 1, 3, 4]].tolist() == [9, 7, 0, 0]
+    gm.graph.lint()
+    # gathered: one read per site; masked (plain's B bias on q_proj, v_proj, PEFT's test case
+    # for a site that cannot gather, as PEFT refuses DoRA in mixed batches): one per aLoRA branch
+    # (ask on both, tell on q_proj); two layers
+    assert _offset_reads(gm) == 2 * (3 if masked else 2)
+    with torch.no_grad():
+        ours = gm(ids).logits
+        theirs = pm(input_ids=ids, adapter_names=MIXED_ROWS, **kw).logits
+        base = model(input_ids=ids, **kw).logits
+    for row in (0, 1, 2):
+        assert_differs(theirs[row], base[row])
+    assert_close(ours, theirs)
+    # before the invocation, the base row, a row without it: the base model's, bitwise
+    assert torch.equal(ours[0, :3], base[0, :3]) and torch.equal(ours[1, :5], base[1, :5])
+    assert torch.equal(ours[3], base[3]) and torch.equal(ours[4], base[4])
+    lora_fx.set_adapter_batch(gm, None)
+    assert not any("lora_fx_alora" in n for n, _ in gm.named_buffers())
+    assert lora_fx.active_adapters(gm) == ["ask"]
+
+
+def _mlp_three(tmp_path):
+    torch.manual_seed(0)
+    model = _TokenMlp().eval()
+    ids = _mixed_ids(50, seq=10)
+    pm = _peft_three(model, ["up", "down"])
+    gm = _loaded(pm, lora_fx.capture(copy.deepcopy(model), (ids,), method="fx"), tmp_path)
+    return model, pm, gm, ids
+
+
+def test_mixed_batch_fx_compiles_once_for_new_offsets_and_compositions(tmp_path):
+    model, pm, gm, ids = _mlp_three(tmp_path)
+    other = ["plain", "tell", "ask", "ask", "__base__"]
+    lora_fx.set_adapter_batch(gm, MIXED_ROWS)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(gm, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(ids)[0], model(ids)[0])  # no offsets yet: aLoRA rows unadapted
+        for rows, given in ((MIXED_ROWS, None), (other, None), (other, [3, None, 10, 0, 1])):
+            lora_fx.set_adapter_batch(gm, rows)  # the slot index only
+            if given is None:
+                lora_fx.set_alora_offsets(compiled, ids)
+                given = _mixed_offsets(pm, ids, rows)
+            else:
+                lora_fx.set_alora_offsets(compiled, alora_offsets=given)
+            expected = pm(ids, adapter_names=rows, alora_offsets=given)
+            assert_differs(expected, model(ids))
+            assert_close(compiled(ids), expected)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
+def test_mixed_batch_offsets_errors_change_nothing(tmp_path):
+    _, _, gm, ids = _mlp_three(tmp_path)
+    lora_fx.set_adapter_batch(gm, MIXED_ROWS)
+    lora_fx.set_alora_offsets(gm, ids)
+    before = {n: b.clone() for n, b in gm.named_buffers() if "alora" in n}
+    for kwargs, match in [
+        ({"input_ids": ids[:3]}, "3 rows for a mixed batch of 5 rows"),
+        ({"alora_offsets": [1, 2]}, "2 rows for a mixed batch of 5 rows"),
+        ({"input_ids": ids, "alora_offsets": [1] * 5}, "not both"),
+        ({"alora_offsets": [1, -2, 0, 0, 0]}, "negative"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            lora_fx.set_alora_offsets(gm, **kwargs)
+        assert all(torch.equal(gm.get_buffer(n), b) for n, b in before.items())
+    lora_fx.set_alora_offsets(gm)  # cleared: aLoRA rows unadapted, the plain row adapted
+    assert gm.get_buffer("lora_fx_alora_offsets").tolist()[:2] == [0, 0]
+    assert gm.get_buffer("lora_fx_alora_offsets")[2] >= ids.shape[1]
+
+
+def test_mixed_batch_generate_equals_peft(tmp_path):
+    torch.manual_seed(0)
+    base = tiny_causal_lm("llama", vocab=128, intermediate=96).eval()
+    pm = _peft_three(base, ["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+    with torch.no_grad():  # larger B so the adapters change the tokens
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.mul_(4.0)
+    gm = _loaded(
+        pm, lora_fx.capture_for_generation(base, max_batch_size=5, max_cache_len=40), tmp_path
+    )
+    ids = _mixed_ids(128, seq=10)
+    mask = torch.ones_like(ids)
+    mask[2, :1] = 0  # left padding
+    kw = {"max_new_tokens": 8, "adapter_names": MIXED_ROWS}
+    with torch.no_grad():
+        expected = pm.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kw)
+        with pm.disable_adapter():
+            plain = pm.generate(
+                input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8
+            )
+    assert not torch.equal(expected[:3], plain[:3])  # the adapters matter
+    assert torch.equal(expected[3:], plain[3:])  # the base row, the row without invocation
+    assert torch.equal(lora_fx.generate(gm, ids, mask, **kw), expected)
+    assert not any("lora_fx_alora" in n for n, _ in gm.named_buffers())
     compiled = torch.compile(gm, backend="aot_eager")
     assert torch.equal(lora_fx.generate(compiled, ids, mask, **kw), expected)

@@ -16,13 +16,15 @@ Rules (each as transformers' `generate` does it, so greedy tokens equal `PeftMod
    each step's tokens, then `end()`.
 7. aLoRA adapters (`alora_invocation_tokens`) act from the prompt's invocation tokens on: the
    offsets are computed once from the prompt and kept for every decode step (PEFT's `generate`),
-   then the graph's previous offsets come back.
+   then the graph's previous offsets come back. With `adapter_names`, each row's offsets come
+   from its own adapter's invocation tokens (plain LoRA rows: every position).
 8. Everything is checked before any work: a batch or a length over what the graph was captured
    for raises `GenerationError` with the numbers and what to pass instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -82,7 +84,6 @@ def generate(
     Raises:
         GenerationError: The graph has no KV cache, or the batch / prompt + max_new_tokens is over
             what it was captured for.
-        AdapterError: `adapter_names` names an aLoRA adapter (mixed batches do not take them).
         ValueError: A bad mask shape or sampling setting.
 
     Example:
@@ -103,7 +104,7 @@ def generate(
             f"{input_ids.shape[0]} rows; pass one name per row"
         )
     rows = (
-        prompt_offsets(graph, input_ids)  # rule 7 (no-op without an active aLoRA adapter)
+        contextlib.nullcontext()
         if adapter_names is None
         else adapter_batch(graph, list(adapter_names))
     )
@@ -113,7 +114,7 @@ def generate(
     was_training = graph.training
     graph.eval()
     try:
-        with rows:
+        with rows, prompt_offsets(graph, input_ids):  # rule 7 (no-op without aLoRA rows)
             return _loop(
                 gm, spec, input_ids, attention_mask, max_new_tokens, eos, pad, streamer, choice
             )

@@ -2,8 +2,9 @@
 
     stack_adapters([A_0, None, A_2], [B_0, None, B_2], [s_0, 0, s_2], r)
         ->  A [slots, r, in]   B [slots, out, r]      slot k: A_k and s_k * B_k, rank zero-padded
-    gathered_linear(y, x, index, a_t, b_t)
+    gathered_linear(y, x, index, a_t, b_t, alora_offsets=None)
         ->  y[i] + x[i] @ a_t[index[i]] @ b_t[index[i]]      a_t [slots, in, r], b_t [slots, r, out]
+            (aLoRA: the rank-r activations times `alora_mask(alora_offsets, .)` per row)
     gathered_embedding(y, ids, index, a_t, b_t)
         ->  y[i] + a_t[index[i], ids[i]] @ b_t[index[i]]     a_t [slots, num, r], b_t [slots, r, d]
     gathered_conv(y, x, index, a_t, b_t, stride, padding, dilation)
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_fx.math import ops
+from lora_fx.math.alora import alora_mask
 
 __all__ = [
     "gathered_conv",
@@ -97,6 +99,7 @@ def gathered_linear(
     index: torch.Tensor,
     a_t: torch.Tensor,
     b_t: torch.Tensor,
+    alora_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`y + delta`, row i's delta from its own slot: `x[i] @ a_t[index[i]] @ b_t[index[i]]`.
 
@@ -113,6 +116,9 @@ def gathered_linear(
         index: `[batch]` slot per batch row (long).
         a_t: `[slots, in, r]` (A transposed; a view is fine).
         b_t: `[slots, r, out]` (scale * B transposed).
+        alora_offsets: `[batch]` aLoRA offsets per row (`math.alora`), or None: every position.
+            Row i's rank-r activations are multiplied by its position mask, so positions before
+            its invocation add exactly 0 (a plain LoRA row holds an offset >= its length).
 
     Returns:
         `y` plus the per-row delta, shaped like `y`.
@@ -120,6 +126,8 @@ def gathered_linear(
     batch = index.shape[0]
     rows = x.reshape(batch, -1, x.shape[-1])  # [batch, m, in]
     low = torch.bmm(rows, a_t.index_select(0, index).to(x.dtype))  # [batch, m, r]
+    if alora_offsets is not None:  # [batch, m, r] * [batch, m, 1]
+        low = low * alora_mask(alora_offsets, low)
     return _add_up(y, low, index, b_t)
 
 

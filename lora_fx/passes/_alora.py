@@ -16,8 +16,12 @@ Rules:
    without `input_ids` does the same: `alora_offsets=None`, base model only).
 4. The mask multiplies the rank-r activations (the output when B has a bias), so positions
    before the invocation get exactly `y + 0`: the base model's values, bitwise, and no gradient.
-5. Linear sites only, and no merge, hot-swap, weighted combination, mixed batch or ONNX export:
-   each refuses aLoRA by name (PEFT refuses conv, embedding and parameter sites, and merging).
+5. Linear sites only, and no merge, hot-swap, weighted combination or merged ONNX export: each
+   refuses aLoRA by name (PEFT refuses conv, embedding and parameter sites, and merging).
+6. Mixed batches (`set_adapter_batch`): the branches read the batch's one offsets buffer
+   (`_gather.py` rule 6); `set_alora_offsets` writes each row the offsets of its own adapter's
+   invocation tokens (PEFT's `calculate_alora_offsets(..., adapter_names=)`), computed on the
+   device from the slot index, and checks the batch size first.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from lora_fx.core import graph as _graph
 from lora_fx.core.state import LoraState, require_state, state_or_none
 from lora_fx.errors import AdapterError
 from lora_fx.math.alora import alora_offsets as _offsets_from_ids
+from lora_fx.passes._gather import ALORA_BUFFER, INDEX_BUFFER, write_batch_offsets
 from lora_fx.sites import Site
 from lora_fx.sites.kinds import lora_paths
 
@@ -90,7 +95,8 @@ def set_alora_offsets(
 
     Raises:
         AdapterError: The graph has no aLoRA adapter.
-        ValueError: Both arguments, non-integer ids, or a negative or non-integer offset.
+        ValueError: Both arguments, non-integer ids, a negative or non-integer offset, or (in a
+            mixed batch) rows that differ in number from the batch's adapter names.
 
     Example:
         >>> lora_fx.set_alora_offsets(gm, ids)
@@ -99,6 +105,9 @@ def set_alora_offsets(
     graph = getattr(gm, "_orig_mod", gm)
     targets = _buffers(graph)
     values = _requested(targets, input_ids, alora_offsets)
+    batch = _batch_offsets(graph, targets, values)  # checked before anything is written
+    if batch is not None:
+        write_batch_offsets(graph, require_state(graph), batch)
     for adapter, (_, holders) in targets.items():
         for holder in holders:
             value = values.get(adapter, values.get(None))
@@ -115,17 +124,39 @@ def prompt_offsets(gm: torch.fx.GraphModule, input_ids: torch.Tensor) -> Iterato
     The offsets stay those of the prompt for every decode step (PEFT's `generate`).
     """
     state = state_or_none(gm)
-    active = [] if state is None else [state.adapters[n] for n in state.active]
-    if not any(rec.config.alora_invocation_tokens for rec in active):
+    names = [] if state is None else (state.batch_adapters or state.active)  # rows' or active
+    if not any(n and state.adapters[n].config.alora_invocation_tokens for n in names):
         yield False
         return
     before = [(h, a, h._buffers[a].clone()) for a, (_, hs) in _buffers(gm).items() for h in hs]
+    if ALORA_BUFFER in gm._buffers:  # a mixed batch's offsets (rule 6)
+        before.append((gm, ALORA_BUFFER, gm._buffers[ALORA_BUFFER].clone()))
     set_alora_offsets(gm, input_ids)
     try:
         yield True
     finally:
         for holder, adapter, value in before:
             _graph.write_buffer(holder, adapter, value)
+
+
+def _batch_offsets(
+    gm: torch.fx.GraphModule,
+    targets: dict[str, tuple[list[int], list[AloraOffsets]]],
+    values: dict[str | None, torch.Tensor],
+) -> dict[str, torch.Tensor] | None:
+    """Each aLoRA adapter's `[batch]` offsets for a mixed batch (rule 6); None outside one."""
+    index = gm._buffers.get(INDEX_BUFFER)
+    if index is None or ALORA_BUFFER not in gm._buffers:
+        return None
+    rows = {v.shape[0] for v in values.values() if v.numel()}
+    if rows and rows != {index.shape[0]}:
+        raise ValueError(
+            f"set_alora_offsets got {rows.pop()} rows for a mixed batch of {index.shape[0]} rows "
+            "(set_adapter_batch); pass one row of input_ids or alora_offsets per batch row"
+        )
+    if not rows:  # cleared: every aLoRA row unadapted
+        return {}
+    return {name: values.get(name, values.get(None)) for name in targets}
 
 
 def _buffers(gm: torch.fx.GraphModule) -> dict[str, tuple[list[int], list[AloraOffsets]]]:

@@ -161,18 +161,22 @@ def insert_branch(
     *,
     row_mask: tuple[str, int] | None = None,
     layout: str = "fused",
+    alora: str | None = None,
 ) -> None:
     """Add `adapter`'s branch after every node of `site` (parameters must already be registered).
 
     With `row_mask=(index_path, k)` the branch output is kept only on the batch rows whose slot in
     the `[batch]` index buffer is `k` (mixed batches that cannot gather). `layout`: see rule 7.
+    `alora`: the offsets buffer an aLoRA branch reads instead of its own (a mixed batch's).
     """
     paths = lora_paths(site.kind, site.fqn, adapter)
     cast = _graph.get_attr(gm, paths.a).dtype != logical_dtype(_graph.get_attr(gm, site.weight))
     if record.arrow is not None:  # an Arrow router: routed among its experts (`_arrow.py`)
         emit_arrow(gm.graph, site, adapter, record, cast=cast)
         return
-    spec = branch_spec(site, adapter, record, cast=cast, layout=layout, row_mask=row_mask)
+    spec = branch_spec(
+        site, adapter, record, cast=cast, layout=layout, row_mask=row_mask, alora=alora
+    )
     emit_branch(gm.graph, site, spec)
 
 
@@ -185,11 +189,13 @@ def branch_spec(
     layout: str,
     row_mask: tuple[str, int] | None = None,
     export: bool = False,
+    alora: str | None = None,
 ) -> BranchSpec:
     """The spec of `adapter`'s branch on `site` from its record: training graphs and exports alike.
 
     An export copy runs in eval, where dropout is the identity and VeLoRA's and MonteCLoRA's A is
     plain A, so those parts are left out of it (their holder modules are not in the copy).
+    `alora` replaces the adapter's own offsets buffer path (an aLoRA record only).
     """
     paths = lora_paths(site.kind, site.fqn, adapter)
     train = not export
@@ -208,7 +214,7 @@ def branch_spec(
         if record.velora and train
         else None,
         blocks=(record.block_diagonal, record.nblocks) if record.block_diagonal else None,
-        alora=paths.alora if record.alora else None,
+        alora=(alora or paths.alora) if record.alora else None,
         qalora=record.qalora_group_size,
         monteclora=f"{site.fqn}.lora_monteclora_sampler.{adapter}"
         if record.monteclora and train

@@ -10,6 +10,8 @@
     (an embedding's `in` is its number of rows: A_t holds each slot's A^T, PEFT's lookup table;
     a conv's stacks keep the kernel dims last: A_t [slots + 1, in, r_max, *k], B_t [.., *1])
     index = lora_fx_adapter_index [batch]: a row's slot (`slots`, the zero slot, for "__base__")
+    aLoRA: y'[i] = y[i] + ((x[i] @ A_t[index[i]]) * mask_i) @ B_t[index[i]]
+           mask_i = alora_mask(lora_fx_alora_offsets [batch], .)[i]   (rule 6)
 
 Why gather and not group rows per adapter (`benchmarks/bench_gather.py`, Intel Xeon, 1 thread;
 one site, in 256, out 512, r 16, 4/16/64 adapters), the delta's cost over the base linear:
@@ -43,6 +45,14 @@ Rules:
    and gathered-or-masked; the occupants too where the graph reads adapters' own tensors).
 5. Stack buffers are copies: after writing adapter weights by hand, call `set_adapter_batch`
    with `refresh=True` (loading, hot-swapping and deleting refresh them).
+6. aLoRA (PEFT's `calculate_alora_offsets(..., adapter_names=)`): when an adapter on the graph
+   has `alora_invocation_tokens`, the batch has one `[batch]` offsets buffer
+   `lora_fx_alora_offsets`, and every site an aLoRA adapter adapts multiplies its rank-r
+   activations by the position mask it gives (gathered sites in `gathered_linear`; masked
+   branches read it instead of their adapter's own buffer). A row of a plain adapter holds
+   `EVERY_POSITION` (mask all ones), a row of an aLoRA adapter its offset from that adapter's
+   invocation tokens (0, unadapted, until `set_alora_offsets`), a `"__base__"` row 0 (it reads the
+   zero slot anyway). New offsets or a new composition write values only: no recompile.
 """
 
 from __future__ import annotations
@@ -63,17 +73,23 @@ from lora_fx.sites import Site, all_sites
 from lora_fx.sites.kinds import kind_of, lora_paths
 
 __all__ = [
+    "ALORA_BUFFER",
+    "EVERY_POSITION",
     "INDEX_BUFFER",
     "STACKS",
+    "alora_sites",
     "emit_batch",
     "layout_key",
     "refresh_adapter",
     "site_ranks",
     "stack_slots",
+    "write_batch_offsets",
     "write_slots",
 ]
 
 INDEX_BUFFER = "lora_fx_adapter_index"
+ALORA_BUFFER = "lora_fx_alora_offsets"
+EVERY_POSITION = torch.iinfo(torch.long).max  # an offset past any row's end: mask all ones
 STACKS = "lora_fx_stacks"
 _TAG = "__batch__"
 
@@ -117,7 +133,39 @@ def layout_key(state: LoraState, ranks: dict) -> tuple:
     """What the mixed-batch graph depends on (rule 4); equal keys: the graph stays as it is."""
     reads_adapters = state.batch_training or not all(g for _, g in ranks.values())
     slots = tuple(state.batch_adapters) if reads_adapters else len(state.batch_adapters)
-    return (state.batch_training, slots, tuple(sorted(ranks.items())))
+    return (state.batch_training, slots, tuple(sorted(ranks.items())), alora_sites(state))
+
+
+def alora_sites(state: LoraState) -> tuple[str, ...]:
+    """The sites some aLoRA adapter on the graph adapts (rule 6): their branches read the mask."""
+    adapters = state.adapters.values()
+    return tuple(sorted({fqn for a in adapters for fqn, rec in a.sites.items() if rec.alora}))
+
+
+def write_batch_offsets(
+    gm: torch.fx.GraphModule, state: LoraState, offsets: dict[str, torch.Tensor] | None = None
+) -> bool:
+    """Write the batch's `[batch]` aLoRA offsets from the index buffer (rule 6); False: no aLoRA.
+
+    `offsets[name]`: `[batch]` offsets from `name`'s invocation tokens for every row; a row takes
+    those of its own adapter (absent: 0). On the device, without reading the index on the host.
+    """
+    if not any(a.config.alora_invocation_tokens for a in state.adapters.values()):
+        _graph.delete_attr(gm, ALORA_BUFFER)
+        return False
+    index = gm.get_buffer(INDEX_BUFFER)
+    table = torch.zeros(len(state.batch_adapters) + 1, index.shape[0], dtype=torch.long)
+    table = table.to(index.device)  # [slots + 1, batch]: every slot's offsets for every row
+    for k, name in enumerate(state.batch_adapters):
+        if name is None:
+            continue
+        if not state.adapters[name].config.alora_invocation_tokens:
+            table[k] = EVERY_POSITION
+        elif offsets is not None and name in offsets:
+            table[k] = offsets[name].to(index.device)
+    rows = torch.arange(index.shape[0], device=index.device)
+    _graph.write_buffer(gm, ALORA_BUFFER, table[index, rows])  # same batch size: in place
+    return True
 
 
 def emit_batch(
@@ -125,17 +173,20 @@ def emit_batch(
 ) -> None:
     """Insert the mixed-batch branches of every site (rules 1-3); stacks are registered here."""
     _graph.delete_attr(gm, STACKS)
-    slots = state.batch_adapters
+    slots, alora = state.batch_adapters, alora_sites(state)
+    if alora and ALORA_BUFFER not in gm._buffers:
+        write_batch_offsets(gm, state)  # an aLoRA adapter loaded while the batch is set
     for fqn, (rank, gathered) in ranks.items():
         site = sites[fqn]
         if not gathered:
             for k, name in enumerate(slots):
                 rec = state.adapters[name].sites.get(fqn) if name is not None else None
                 if rec is not None:
-                    insert_branch(gm, site, name, rec, row_mask=(INDEX_BUFFER, k))
+                    row_mask = (INDEX_BUFFER, k)
+                    insert_branch(gm, site, name, rec, row_mask=row_mask, alora=ALORA_BUFFER)
             continue
         if state.batch_training:
-            _emit_stacking(gm, state, site, rank)
+            _emit_stacking(gm, state, site, rank, alora=fqn in alora)
             continue
         a_shape, b_shape = kind_of(site).factor_shapes(site, rank)  # [r, in, ...], [out, r, ...]
         a_t = torch.zeros(len(slots) + 1, *_swap(a_shape), **_like(gm, site))
@@ -150,11 +201,18 @@ def emit_batch(
             index = emit("mask", "get_attr", INDEX_BUFFER)
             a = emit("weight", "get_attr", f"{STACKS}.{fqn}.a_t")
             b = emit("weight", "get_attr", f"{STACKS}.{fqn}.b_t")
-            add = emit("add", "call_function", gather, (end, x, index, a, b, *extra))
-            emit.attach(end, add)
+            args = (end, x, index, a, b, *extra, *_offsets(emit, fqn in alora))
+            emit.attach(end, emit("add", "call_function", gather, args))
 
 
-def _emit_stacking(gm: torch.fx.GraphModule, state: LoraState, site: Site, rank: int) -> None:
+def _offsets(emit: Emitter, alora: bool) -> tuple[torch.fx.Node, ...]:
+    """The gather's trailing `alora_offsets` argument (rule 6; linear sites), or nothing."""
+    return (emit("mask", "get_attr", ALORA_BUFFER),) if alora else ()
+
+
+def _emit_stacking(
+    gm: torch.fx.GraphModule, state: LoraState, site: Site, rank: int, *, alora: bool
+) -> None:
     """Rule 3: the site stacks its slots' own A and B in the graph, then gathers as in eval."""
     gather, extra = kind_of(site).gathered(site)
     for base, x in zip(site.nodes, site.inputs, strict=True):
@@ -177,7 +235,8 @@ def _emit_stacking(gm: torch.fx.GraphModule, state: LoraState, site: Site, rank:
         stacks = emit("weight", "call_function", stack_slots, args)
         a = emit("weight", "call_function", operator.getitem, (stacks, 0))
         b = emit("weight", "call_function", operator.getitem, (stacks, 1))
-        emit.attach(end, emit("add", "call_function", gather, (end, x, index, a, b, *extra)))
+        args = (end, x, index, a, b, *extra, *_offsets(emit, alora))
+        emit.attach(end, emit("add", "call_function", gather, args))
 
 
 def stack_slots(

@@ -19,6 +19,10 @@ Rules:
    batch is inference only). Switching `gm.train()` / `gm.eval()` needs a new `set_adapter_batch`.
 5. Merged adapters must be unmerged first. Each row's output equals running it alone with its
    adapter (up to float summation order).
+6. aLoRA adapters take rows like any other (PEFT's `adapter_names=` with aLoRA): a new
+   composition resets the batch's offsets buffer (`_gather.py` rule 6), so an aLoRA row is
+   unadapted until `set_alora_offsets(gm, input_ids)` computes its offsets from its own adapter's
+   invocation tokens; call it after `set_adapter_batch`.
 """
 
 from __future__ import annotations
@@ -34,7 +38,15 @@ import torch.fx
 from lora_fx.core import graph as _graph
 from lora_fx.core.state import LoraState, require_no_arrow, require_state
 from lora_fx.errors import AdapterError
-from lora_fx.passes._gather import INDEX_BUFFER, STACKS, layout_key, site_ranks, write_slots
+from lora_fx.passes._gather import (
+    ALORA_BUFFER,
+    INDEX_BUFFER,
+    STACKS,
+    layout_key,
+    site_ranks,
+    write_batch_offsets,
+    write_slots,
+)
 from lora_fx.passes._rollback import transactional
 from lora_fx.passes._sync import sync
 from lora_fx.sites import all_sites
@@ -129,6 +141,7 @@ def _set_adapter_batch(
             state.batch_adapters, state.batch_key, state.batch_rank = None, None, None
             state.batch_training = False
             _graph.delete_attr(gm, INDEX_BUFFER)
+            _graph.delete_attr(gm, ALORA_BUFFER)
             _graph.delete_attr(gm, STACKS)
             sync(gm)
         return gm
@@ -183,13 +196,6 @@ def _check(state: LoraState, names: list[str], capacity: int | None, rank: int |
     if merged:
         raise AdapterError(f"adapters {merged} are merged; unmerge them before a mixed batch")
     require_no_arrow(state, [n for n in names if n != BASE], "set_adapter_batch")
-    alora = [n for n in dict.fromkeys(names) if n != BASE]
-    alora = [n for n in alora if state.adapters[n].config.alora_invocation_tokens]
-    if alora:
-        raise AdapterError(
-            f"adapters {alora} are aLoRA adapters (alora_invocation_tokens), which mixed batches "
-            "do not support yet; run their rows as a batch of their own with set_adapter"
-        )
     for label, value in (("capacity", capacity), ("rank", rank)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise AdapterError(f"{label}={value!r} is invalid; pass a positive int or None")
@@ -214,13 +220,14 @@ def _place(state: LoraState, names: list[str]) -> list[int]:
 
 
 def _write_index(gm: torch.fx.GraphModule, state: LoraState, names: list[str]) -> None:
-    """The `[batch]` slot of every row; the same buffer is reused when the batch size is."""
+    """The `[batch]` slot of every row and the reset aLoRA offsets (rule 6), in place if sized."""
     slots = state.batch_adapters
     base = len(slots)  # the zero slot after the last one
     index = [base if n == BASE else slots.index(n) for n in names]
     device = next(gm.parameters()).device
     values = torch.tensor(index, dtype=torch.long, device=device)
     _graph.write_buffer(gm, INDEX_BUFFER, values)  # same batch size: compiled graphs are reused
+    write_batch_offsets(gm, state)
 
 
 @contextlib.contextmanager
