@@ -152,12 +152,23 @@ def peft_and_loaded_graph(model, adapters: dict, targets: list[str], x, folder, 
     return pm, gm
 
 
-def assert_batch_grads_equal_alone(gm, ids, rows: list[str], out: Callable = lambda o: o) -> None:
-    """Training a mixed batch gives each adapter the gradients it gets trained alone on its rows."""
+def assert_batch_grads_equal_alone(
+    gm,
+    ids,
+    rows: list[str],
+    out: Callable = lambda o: o,
+    prepare: Callable = lambda gm: None,
+) -> None:
+    """Training a mixed batch gives each adapter the gradients it gets trained alone on its rows.
+
+    `prepare(gm)` runs once the batch is set (aLoRA: `set_alora_offsets`, which also writes the
+    offsets each adapter then reads alone).
+    """
     from conftest import assert_close
 
     gm.train()
     lora_fx.set_adapter_batch(gm, rows)
+    prepare(gm)
     params = dict(gm.named_parameters())
     out(gm(ids)).pow(2).sum().backward()
     mixed = {k: p.grad.clone() for k, p in params.items() if p.grad is not None}

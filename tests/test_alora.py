@@ -15,7 +15,7 @@ import peft
 import pytest
 import torch
 from conftest import assert_close, assert_differs
-from helpers import lora_roles, peft_and_lora_fx
+from helpers import assert_batch_grads_equal_alone, lora_roles, peft_and_lora_fx
 from models import tiny_causal_lm, tiny_llama
 from peft.tuners.lora.variants import calculate_alora_offsets
 from torch import nn
@@ -311,8 +311,9 @@ def test_set_offsets_errors_change_nothing():
 def test_onnx_refuses_alora(tmp_path):
     _, _, gm, ids = _mlp_pair("fx")
     code = gm.code
-    with pytest.raises(UnsupportedSiteError, match="aLoRA"):  # "initializers" exports it
-        export_onnx(gm, (ids,), tmp_path / "a.onnx", merged=False, lora_layout="inputs")
+    for layout in ("inputs", "stacked"):  # "initializers" exports it
+        with pytest.raises(UnsupportedSiteError, match="aLoRA"):
+            export_onnx(gm, (ids,), tmp_path / "a.onnx", merged=False, lora_layout=layout)
     with pytest.raises(UnsupportedSiteError, match="aLoRA"):
         export_onnx(gm, (ids,), tmp_path / "b.onnx")  # merged: aLoRA does not merge
     assert gm.code == code and lora_fx.active_adapters(gm) == ["default"]
@@ -496,6 +497,15 @@ def test_mixed_batch_fx_compiles_once_for_new_offsets_and_compositions(tmp_path)
             assert_close(compiled(ids), expected)
     assert counter.frame_count == 1
     torch._dynamo.reset()
+
+
+def test_mixed_batch_training_gradients_equal_training_alone(tmp_path):
+    _, _, gm, ids = _mlp_three(tmp_path)
+    offsets = lambda g: lora_fx.set_alora_offsets(g, ids)  # noqa: E731
+    assert_batch_grads_equal_alone(gm, ids, MIXED_ROWS, prepare=offsets)
+    gm.train()
+    lora_fx.set_adapter_batch(gm, MIXED_ROWS)
+    assert _offset_reads(gm) == 2  # the in-graph stacks gather with the mask: up and down
 
 
 def test_mixed_batch_offsets_errors_change_nothing(tmp_path):

@@ -27,8 +27,9 @@ to 40 % (decode) faster than with PEFT's `[r, in]` / `[out, r]` factors gathered
 Rules:
 1. A site is gathered when its kind has a gathered form (`SiteKind.gathered`: linear,
    embedding, and conv with groups 1) and every adapter on it is plain LoRA in the site's dtype
-   (no DoRA, no `lora_bias`; in training also no dropout). Other sites (grouped convs, and the
-   rest) keep one masked branch per slot, weighted by `index == k` (`math.stack.slot_rows`).
+   (aLoRA too: rule 6; no DoRA, no `lora_bias`; in training also no dropout). Other sites
+   (grouped convs, and the rest) keep one masked branch per slot, weighted by `index == k`
+   (`math.stack.slot_rows`).
    `bench_gather.py --site embedding / conv`, 1 thread, 4 / 16 / 64 adapters, over the base op:
    embedding (8192 rows, dim 512, r 16; an `[num, r]` table per slot) at batch 32 x 32 tokens
    gathered +0.30 ms, masked +3.3 / +11 / +42 ms; decode 8 x 1 +0.035 ms vs +0.08 / +0.26 /
