@@ -508,6 +508,22 @@ def test_mixed_batch_training_gradients_equal_training_alone(tmp_path):
     assert _offset_reads(gm) == 2  # the in-graph stacks gather with the mask: up and down
 
 
+def test_alora_adapter_loaded_while_a_batch_is_set(tmp_path):
+    model, pm, _, ids = _mlp_three(tmp_path)
+    gm = lora_fx.capture(copy.deepcopy(model), (ids,), method="fx")
+    lora_fx.load_adapter(gm, tmp_path / "plain", "plain")
+    lora_fx.set_adapter_batch(gm, ["plain"] * 5, capacity=3)
+    assert _offset_reads(gm) == 0  # no aLoRA adapter: no mask
+    lora_fx.load_adapter(gm, tmp_path / "ask", "ask")  # aLoRA sites now: a new graph
+    rows = ["ask", "plain", "ask", "__base__", "ask"]
+    lora_fx.set_adapter_batch(gm, rows)
+    lora_fx.set_alora_offsets(gm, ids)
+    with torch.no_grad():
+        expected = pm(ids, adapter_names=rows, alora_offsets=_mixed_offsets(pm, ids, rows))
+        assert_close(gm(ids), expected)
+    assert _offset_reads(gm) == 2
+
+
 def test_mixed_batch_offsets_errors_change_nothing(tmp_path):
     _, _, gm, ids = _mlp_three(tmp_path)
     lora_fx.set_adapter_batch(gm, MIXED_ROWS)
