@@ -344,8 +344,7 @@ def _auto_branch(
     emit = Emitter(graph, base.prev, tag)
     a = emit("weight", "get_attr", spec.a)
     b = emit("weight", "get_attr", spec.b)
-    index = weight_arg_index(base)
-    transposed = base.target not in LINEAR_OPS  # as `weight_update_node`
+    index, transposed = _weight_slot(base)
     args = (base.args[index], x, a, b, factor, transposed)
     base.update_arg(index, emit("add", "call_function", weight_for_tokens, args))
     end = chain_end(base)
@@ -406,13 +405,19 @@ def weight_update_node(
     """
     a = emit("weight", "get_attr", a_path)
     b = emit("weight", "get_attr", b_path)
-    index = weight_arg_index(base)
-    # linear reads W as [out, in]; addmm / mm / matmul read [in, out] (t(W), or Conv1D's own).
-    transposed = base.target not in LINEAR_OPS
+    index, transposed = _weight_slot(base)
     args = (base.args[index], a, b, scale, transposed)
     node = emit("add", "call_function", low_rank_weight, args)
     base.update_arg(index, node)
     return node
+
+
+def _weight_slot(base: torch.fx.Node) -> tuple[int, bool]:
+    """Where `base` reads its weight, and whether as `[in, out]` (the "weight" / "auto" nodes).
+
+    linear reads W as [out, in]; addmm / mm / matmul read [in, out] (t(W), or Conv1D's own).
+    """
+    return weight_arg_index(base), base.target not in LINEAR_OPS
 
 
 def remove_branches(gm: torch.fx.GraphModule) -> int:
