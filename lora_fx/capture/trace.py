@@ -51,6 +51,7 @@ from lora_fx.capture import shapes
 from lora_fx.capture.attention import fuse_causal_attention
 from lora_fx.capture.no_grad import inline_no_grad_regions
 from lora_fx.capture.shapes import AUTO
+from lora_fx.core import codegen
 from lora_fx.core.graph import replace_with_call
 from lora_fx.core.state import CAPTURE_META
 from lora_fx.errors import CaptureError
@@ -151,6 +152,8 @@ def capture(
         model.train(was_training)
     gm.meta[CAPTURE_META] = capture_record(model, method)
     gm.train(was_training)
+    if codegen.install(gm):  # parameter reads through the module dicts (core/codegen.py)
+        gm.recompile()
     log.info("capture: %s via %s -> %d nodes", type(model).__name__, method, len(gm.graph.nodes))
     return gm
 

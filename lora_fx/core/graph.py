@@ -11,6 +11,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from lora_fx.core import codegen
 from lora_fx.core.state import LoraState
 
 __all__ = [
@@ -39,6 +40,7 @@ def cleanup(gm: torch.fx.GraphModule) -> None:
     if gm.meta.get(_DEFER):
         return
     gm.graph.lint()
+    codegen.install(gm)
     gm.recompile()
 
 

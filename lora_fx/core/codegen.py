@@ -1,0 +1,96 @@
+"""Generated forward code that reads parameters through the module tree's dicts, not `getattr`.
+
+fx emits a `get_attr` node as a chain of attribute reads,
+`getattr(self.model.layers, "0").self_attn.q_proj.lora_A.default.weight`: each hop fails the normal
+attribute lookup and lands in `nn.Module.__getattr__` (Python). Measured in eager inference of a
+4-layer Llama at 128 tokens, the two chains a LoRA site adds cost 7-8 % of the forward, as much
+as its rank-r GEMMs. `attr_at(self, ("model", "layers", "0", ...))` walks the same live module
+tree through its `_modules` / `_parameters` / `_buffers` dicts in a few hundred nanoseconds.
+
+Nothing is cached: a module or parameter replaced in the tree is seen on the next call, exactly
+as the chain would see it, and the graph keeps its `get_attr` nodes (passes, exporters and
+`torch.fx.Interpreter` read those). Under torch.compile / torch.export the read is the plain
+`getattr` chain dynamo already understands.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx.graph import CodeGen, PythonCode, _PyTreeCodeGen
+
+__all__ = ["attr_at", "install"]
+
+_NAME = "_lora_fx_attr_at"
+_MISSING = object()
+
+
+def attr_at(root: torch.nn.Module, path: tuple[str, ...]) -> Any:
+    """`root.<path>`, read through the modules' own dicts (what `Module.__getattr__` reads)."""
+    if torch.compiler.is_compiling():
+        return functools.reduce(getattr, path, root)
+    obj = root
+    try:
+        for name in path[:-1]:
+            obj = obj._modules[name]
+        leaf = path[-1]
+        value = obj._parameters.get(leaf, _MISSING)
+        if value is _MISSING:
+            value = obj._buffers.get(leaf, _MISSING)
+        if value is not _MISSING:
+            return value
+    except (AttributeError, KeyError):  # not a module path (a plain attribute on the way)
+        pass
+    return functools.reduce(getattr, path, root)  # plain attributes, submodules: the usual way
+
+
+class _ReadsThroughDicts:
+    """Rewrites each multi-hop `get_attr` line of the generated code into an `attr_at` call.
+
+    The line is the one fx itself formats (`torch.fx.graph._format_target`), so a line fx writes
+    differently is left as it is: slower, never wrong.
+    """
+
+    def _gen_python_code(self, nodes, root_module: str, namespace, **kwargs) -> PythonCode:
+        code = super()._gen_python_code(nodes, root_module, namespace, **kwargs)  # type: ignore[misc]
+        src, count = code.src, 0
+        for target in {n.target for n in nodes if n.op == "get_attr" and "." in str(n.target)}:
+            chain = torch.fx.graph._format_target(root_module, target)
+            fast = f"{_NAME}({root_module}, {tuple(target.split('.'))!r})"
+            src, n = re.subn(f" = {re.escape(chain)}(?=[;\\n])", f" = {fast}", src)
+            count += n
+        if count:
+            code.src = src
+            code.globals[_NAME] = attr_at
+        return code
+
+
+class FlatAttrCodeGen(_ReadsThroughDicts, CodeGen):
+    """`CodeGen` (positional inputs) with dict reads of parameters."""
+
+
+class FlatAttrPyTreeCodeGen(_ReadsThroughDicts, _PyTreeCodeGen):
+    """`_PyTreeCodeGen` (torch.export's input/output specs) with dict reads of parameters."""
+
+
+_FAST = {CodeGen: FlatAttrCodeGen, _PyTreeCodeGen: FlatAttrPyTreeCodeGen}
+
+
+def install(gm: torch.fx.GraphModule) -> bool:
+    """Give `gm`'s graph the dict-reading code generator (not recompiled here); True if it has it.
+
+    The codegen object keeps its state (export's pytree specs) and only changes class; codegens
+    of other classes are left as they are.
+    """
+    codegen = gm.graph._codegen
+    if isinstance(codegen, _ReadsThroughDicts):
+        return True
+    fast = _FAST.get(type(codegen))
+    if fast is None:
+        return False
+    codegen.__class__ = fast
+    return True
