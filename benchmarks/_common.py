@@ -64,7 +64,7 @@ def llama(
 def run_meta(
     *, quick: bool, start: float, versions: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """Versions, machine and threads of this run, and its wall time since `start`.
+    """Versions, machine (CPU model) and threads of this run, and its wall time since `start`.
 
     `versions` adds further package versions, listed after transformers'.
     """
@@ -79,6 +79,7 @@ def run_meta(
         **(versions or {}),
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "quick": quick,

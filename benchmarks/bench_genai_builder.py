@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from _common import cpu_model, run_meta, table, write_result
+from _common import run_meta, table, write_result
 from _genai import build_reference, genai_decode, pin_threads
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_genai_builder.json"
@@ -131,7 +131,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run(args)
     result["meta"] = run_meta(quick=False, start=start)
     result["meta"]["threads"] = args.threads
-    result["meta"]["cpu"] = cpu_model()
     write_result(result, args.out, report)
     return result
 
