@@ -11,19 +11,27 @@ Nothing is cached: a module or parameter replaced in the tree is seen on the nex
 as the chain would see it, and the graph keeps its `get_attr` nodes (passes, exporters and
 `torch.fx.Interpreter` read those). Under torch.compile / torch.export the read is the plain
 `getattr` chain dynamo already understands.
+
+The code also calls lora_fx's graph functions (`fused_ops.add_lora`, `stack.gathered_linear`,
+input checks, ...) through `as_fx_leaf` wrappers: their bodies branch on the grad mode, dtypes or
+token counts, so a `torch.fx.symbolic_trace` of the GraphModule (FX passes, FX graph mode
+quantization) would run them on Proxies and fail; wrapped, each call records one node, as
+`torch.fx.wrap` does for a module's own globals.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import types
 from typing import Any
 
 import torch
 import torch.fx
+from torch.fx import _symbolic_trace
 from torch.fx.graph import CodeGen, PythonCode, _PyTreeCodeGen
 
-__all__ = ["attr_at", "install"]
+__all__ = ["as_fx_leaf", "attr_at", "install"]
 
 _NAME = "_lora_fx_attr_at"
 _MISSING = object()
@@ -48,11 +56,36 @@ def attr_at(root: torch.nn.Module, path: tuple[str, ...]) -> Any:
     return functools.reduce(getattr, path, root)  # plain attributes, submodules: the usual way
 
 
-class _ReadsThroughDicts:
-    """Rewrites each multi-hop `get_attr` line of the generated code into an `attr_at` call.
+@functools.cache
+def as_fx_leaf(fn: types.FunctionType) -> types.FunctionType:
+    """`fn`, recorded as one `call_function` node of `fn` when symbolic tracing passes a Proxy."""
 
-    The line is the one fx itself formats (`torch.fx.graph._format_target`), so a line fx writes
-    differently is left as it is: slower, never wrong.
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if _symbolic_trace._is_fx_tracing_flag and not torch.compiler.is_compiling():
+            proxy = next((a for a in args if isinstance(a, torch.fx.Proxy)), None)
+            if proxy is not None:
+                return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+def _is_graph_function(value: Any) -> bool:
+    """A plain function of lora_fx's own that generated code calls."""
+    return (
+        isinstance(value, types.FunctionType)
+        and value.__module__.startswith("lora_fx.")
+        and value is not attr_at
+    )
+
+
+class _ReadsThroughDicts:
+    """Generated code with `attr_at` parameter reads and `as_fx_leaf` graph-function calls.
+
+    Each multi-hop `get_attr` line is rewritten into an `attr_at` call. The line is the one fx
+    itself formats (`torch.fx.graph._format_target`), so a line fx writes differently is left
+    as it is: slower, never wrong.
     """
 
     def _gen_python_code(self, nodes, root_module: str, namespace, **kwargs) -> PythonCode:
@@ -66,6 +99,9 @@ class _ReadsThroughDicts:
         if count:
             code.src = src
             code.globals[_NAME] = attr_at
+        for name, value in list(code.globals.items()):
+            if _is_graph_function(value):
+                code.globals[name] = as_fx_leaf(value)
         return code
 
 
