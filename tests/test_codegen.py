@@ -9,6 +9,7 @@ seen without a recompile, as the `getattr` chain would see them.
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -48,6 +49,9 @@ def test_injected_code_reads_lora_parameters_through_dicts(graph):
     assert ".lora_A.default.weight" not in gm.code  # no getattr chain left for LoRA weights
     plain = _with_fx_codegen(gm)
     assert ".lora_A.default.weight" in plain.code
+    # export graphs call ATen overloads through bound globals, not torch.ops.aten.x.y chains
+    exported = isinstance(gm.graph._codegen, torch.fx.graph._PyTreeCodeGen)
+    assert ("_lora_fx_op_aten_" in gm.code) == exported
     with torch.no_grad():
         torch.testing.assert_close(gm(ids), plain(ids), rtol=0, atol=0)
 
@@ -119,6 +123,19 @@ def test_symbolic_trace_of_a_mixed_batch_graph():
     with torch.no_grad():
         torch.testing.assert_close(retraced(x), gm(x), rtol=0, atol=0)
     assert any(getattr(n.target, "__name__", "") == "gathered_linear" for n in retraced.graph.nodes)
+
+
+@pytest.mark.parametrize("layout", ["auto", "fused"])
+def test_pickled_fx_graph_round_trips(layout):
+    # Unpickling re-traces the code: the graph functions' control flow failed there before.
+    # (nn.Sequential: fx cannot pickle the string annotations of a `from __future__` module)
+    model, x = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(4, 10)
+    gm = lora_fx.capture(model, (x,), method="fx")
+    lora_fx.inject(gm, LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False))
+    lora_fx.set_layout(gm, layout)
+    restored = pickle.loads(pickle.dumps(gm))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), gm(x), rtol=0, atol=0)
 
 
 def test_plain_attribute_and_non_module_paths_fall_back_to_getattr():
