@@ -158,6 +158,7 @@ def test_plain_attribute_and_non_module_paths_fall_back_to_getattr():
     x = torch.randn(3)
     torch.testing.assert_close(gm(x), root.inner.weight @ x + 1)
     assert codegen.attr_at(root, ("inner", "plain")) is root.inner.plain
+    assert codegen.attr_at(root, ("inner",)) is root.inner  # a submodule
     with pytest.raises(AttributeError):
         codegen.attr_at(root, ("inner", "missing"))
 

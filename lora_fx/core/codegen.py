@@ -1,4 +1,4 @@
-"""Generated forward code that reads parameters through the module tree's dicts, not `getattr`.
+"""lora_fx's generated forward code: dict reads of parameters, bound ATen ops, fx-leaf functions.
 
 fx emits a `get_attr` node as a chain of attribute reads,
 `getattr(self.model.layers, "0").self_attn.q_proj.lora_A.default.weight`: each hop fails the normal
@@ -41,7 +41,10 @@ _MISSING = object()
 
 
 def attr_at(root: torch.nn.Module, path: tuple[str, ...]) -> Any:
-    """`root.<path>`, read through the modules' own dicts (what `Module.__getattr__` reads)."""
+    """`root.<path>`, read through the modules' own dicts (what `Module.__getattr__` reads).
+
+    A parameter, buffer or submodule; anything else (a plain attribute) the usual way.
+    """
     if torch.compiler.is_compiling():
         return functools.reduce(getattr, path, root)
     obj = root
@@ -52,6 +55,8 @@ def attr_at(root: torch.nn.Module, path: tuple[str, ...]) -> Any:
         value = obj._parameters.get(leaf, _MISSING)
         if value is _MISSING:
             value = obj._buffers.get(leaf, _MISSING)
+        if value is _MISSING:
+            value = obj._modules.get(leaf, _MISSING)
         if value is not _MISSING:
             return value
     except (AttributeError, KeyError):  # not a module path (a plain attribute on the way)
@@ -150,11 +155,11 @@ def _bind_aten_ops(nodes, src: str, globals_: dict[str, Any]) -> str:
 
 
 class FlatAttrCodeGen(_ReadsThroughDicts, CodeGen):
-    """`CodeGen` (positional inputs) with dict reads of parameters."""
+    """`CodeGen` (positional inputs, symbolic_trace graphs), as lora_fx generates it."""
 
 
 class FlatAttrPyTreeCodeGen(_ReadsThroughDicts, _PyTreeCodeGen):
-    """`_PyTreeCodeGen` (torch.export's input/output specs) with dict reads of parameters."""
+    """`_PyTreeCodeGen` (torch.export's input/output specs), as lora_fx generates it."""
 
     _binds_aten_ops = True
 
