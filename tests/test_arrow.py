@@ -18,6 +18,7 @@ from conftest import assert_close, assert_differs
 from helpers import lora_roles
 from models import tiny_llama
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import lora_fx
 from lora_fx import (
@@ -277,8 +278,6 @@ def test_merge_refused_unload_restores_base(tmp_path):
             refused(gm)
         _assert_unchanged(gm, before)
     with pytest.raises(AdapterError, match="Arrow router"):
-        lora_fx.set_adapter_batch(gm, ["arrow_router", "task_0"])
-    with pytest.raises(AdapterError, match="Arrow router"):
         lora_fx.add_weighted_adapter(gm, ["arrow_router"], [1.0], "mix")
     with pytest.raises(AdapterError, match="prepare_for_hotswap does not support Arrow"):
         lora_fx.prepare_for_hotswap(gm, target_rank=4)
@@ -293,6 +292,44 @@ def test_merge_refused_unload_restores_base(tmp_path):
     with torch.no_grad():
         assert torch.equal(gm(x), model(x))
     assert not [n for n, _ in gm.named_modules() if "lora_arrow" in n]
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_router_rows_in_a_mixed_batch_match_peft(tmp_path, method):
+    # PEFT's adapter_names= runs the router's variant forward on its rows; lora_fx masks the
+    # routed delta to the router's slot (the site is not gathered: its router routes per token).
+    torch.manual_seed(0)
+    model, x = _Mlp().eval(), torch.randn(4, 5, 10)
+    task, general = _library(model, tmp_path)
+    gm = lora_fx.capture(copy.deepcopy(model), (x,), method=method)
+    pm, gm = _arrow_pair(model, gm, task, general, top_k=2, router_temperature=0.5, use_gks=True)
+    compositions = (
+        ["arrow_router", "task_1", "__base__", "arrow_router"],
+        ["task_0", "arrow_router", "task_2", "__base__"],
+    )
+    with torch.no_grad():
+        router_alone = gm(x)
+        pm(x)  # PEFT's first forward: GenKnowSub and prototypes
+        expected = {tuple(rows): pm(x, adapter_names=rows) for rows in compositions}
+        lora_fx.set_adapter_batch(gm, compositions[0])
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(gm, backend=counter, fullgraph=True)
+        try:
+            for rows, want in expected.items():
+                lora_fx.set_adapter_batch(gm, list(rows))  # values only: no recompile
+                assert_close(gm(x), want)
+                assert_close(compiled(x), want)
+                torch._dynamo.config.error_on_recompile = True
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+        assert counter.frame_count == 1
+        mixed = gm(x)
+        assert torch.equal(mixed[1], router_alone[1])  # row 1 of the last batch is the router's
+        assert torch.equal(mixed[3], model(x)[3])  # "__base__"
+        assert_differs(mixed[0], router_alone[0])  # an expert's row is not the router's
+    lora_fx.set_adapter_batch(gm, None)
+    with torch.no_grad():
+        assert torch.equal(gm(x), router_alone)
 
 
 def test_delete_router_then_experts(tmp_path):

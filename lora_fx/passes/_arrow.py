@@ -46,7 +46,7 @@ from lora_fx.math.arrow import (
     arrow_prototypes,
     general_knowledge_mean,
 )
-from lora_fx.passes._emit import Emitter, chain_end
+from lora_fx.passes._emit import Emitter, chain_end, weighted_rows
 from lora_fx.passes._rollback import Undo
 from lora_fx.sites import Site
 from lora_fx.sites.kinds import lora_paths
@@ -214,10 +214,13 @@ def emit_arrow(
     *,
     cast: bool,
     export: bool = False,
+    row_mask: tuple[str, int] | None = None,
 ) -> None:
     """The routed branch after every node of `site` (rule 3); `cast`: a float32 adapter.
 
-    `export`: for an export copy, which runs in eval (no dropout node; rule 5).
+    `export`: for an export copy, which runs in eval (no dropout node; rule 5). `row_mask`:
+    `(index buffer, k)` in a mixed batch: the delta only on the rows whose slot is k (each
+    token routes on its own, so the router's rows get what PEFT's sub-batch forward gives).
     """
     route = record.arrow
     experts = [lora_paths(site.kind, site.fqn, e) for e in route.experts]
@@ -236,6 +239,8 @@ def emit_arrow(
         if record.dropout > 0 and not export:
             dropout = lora_paths(site.kind, site.fqn, adapter).dropout
             delta = emit("dropout", "call_module", dropout, (delta,))
+        if row_mask is not None:
+            delta = weighted_rows(emit, row_mask, delta, 1.0)
         if cast:
             delta = emit("cast", "call_function", _aten.type_as.default, (delta, end))
         emit.attach(end, emit("add", "call_function", _aten.add.Tensor, (end, delta)))

@@ -73,11 +73,10 @@ from lora_fx.math.monteclora import perturbed_a
 from lora_fx.math.ops import block_diag_linear
 from lora_fx.math.qalora import qalora_pool
 from lora_fx.math.quant import logical_dtype
-from lora_fx.math.stack import slot_rows
 from lora_fx.math.velora import velora_linear
 from lora_fx.passes._arrow import emit_arrow
 from lora_fx.passes._dora import dora_output
-from lora_fx.passes._emit import Emitter, chain_end, strip_branches
+from lora_fx.passes._emit import Emitter, chain_end, strip_branches, weighted_rows
 from lora_fx.passes._param import insert_param_branch, insert_row_branch
 from lora_fx.sites import Site
 from lora_fx.sites.kinds import kind_of, lora_paths
@@ -172,7 +171,7 @@ def insert_branch(
     paths = lora_paths(site.kind, site.fqn, adapter)
     cast = _graph.get_attr(gm, paths.a).dtype != logical_dtype(_graph.get_attr(gm, site.weight))
     if record.arrow is not None:  # an Arrow router: routed among its experts (`_arrow.py`)
-        emit_arrow(gm.graph, site, adapter, record, cast=cast)
+        emit_arrow(gm.graph, site, adapter, record, cast=cast, row_mask=row_mask)
         return
     spec = branch_spec(
         site, adapter, record, cast=cast, layout=layout, row_mask=row_mask, alora=alora
@@ -302,7 +301,7 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
         # act on the output, so those weight the output instead.
         mask_low = spec.row_mask is not None and spec.b_bias is None and spec.dora is None
         if mask_low:
-            low = _weighted_rows(emit, spec.row_mask, low, factor)
+            low = weighted_rows(emit, spec.row_mask, low, factor)
         if spec.alora is not None and spec.b_bias is None:  # aLoRA: [.., r] zero before invocation
             low = _alora_masked(emit, spec.alora, low)
         if fused:
@@ -320,7 +319,7 @@ def emit_branch(graph: torch.fx.Graph, site: Site, spec: BranchSpec) -> None:
             paths, record = spec.dora
             scaled = dora_output(emit, site, paths, record, base=base, x=x, a=a, b=b, lora=scaled)
         if spec.row_mask is not None and not mask_low:
-            scaled = _weighted_rows(emit, spec.row_mask, scaled, 1.0)
+            scaled = weighted_rows(emit, spec.row_mask, scaled, 1.0)
         if spec.alora is not None and spec.b_bias is not None:  # B's bias is masked too (PEFT)
             scaled = _alora_masked(emit, spec.alora, scaled)
         if spec.cast:
@@ -350,15 +349,6 @@ def _auto_branch(
     end = chain_end(base)
     after = Emitter(graph, end, tag)
     after.attach(end, after("add", "call_function", add_lora_for_tokens, (end, x, a, b, factor)))
-
-
-def _weighted_rows(
-    emit: Callable[..., torch.fx.Node], row_mask: tuple[str, int], out: torch.fx.Node, scale: float
-) -> torch.fx.Node:
-    """`out` times `scale` on the rows whose slot in the index buffer is k (mixed batches)."""
-    index = emit("mask", "get_attr", row_mask[0])
-    rows = emit("mask", "call_function", slot_rows, (index, row_mask[1], out, scale))
-    return emit("mask", "call_function", _aten.mul.Tensor, (out, rows))
 
 
 def _alora_masked(

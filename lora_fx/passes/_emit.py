@@ -5,6 +5,7 @@
     emit.attach(end, add)                                users of `end` now read `add`
     strip_branches(graph)                                every tagged node gone: the base graph
     point_module_copies(graph, state, order)             modules_to_save references -> a copy
+    weighted_rows(emit, (index_path, k), out, scale)     out on a mixed batch's slot-k rows only
 
 Rules:
 1. Every node made here carries `node.meta[LORA_META] = {"adapter", "site", "role"}`; stripping
@@ -25,8 +26,9 @@ import torch.fx
 
 from lora_fx.core.keys import modules_to_save_path
 from lora_fx.core.state import LORA_META, LoraState, lora_tag
+from lora_fx.math.stack import slot_rows
 
-__all__ = ["Emitter", "chain_end", "point_module_copies", "strip_branches"]
+__all__ = ["Emitter", "chain_end", "point_module_copies", "strip_branches", "weighted_rows"]
 
 
 class Emitter:
@@ -105,3 +107,12 @@ def _relative(target: str, path: str) -> str | None:
         rest = rest[len(".modules_to_save.") :]
         rest = rest[rest.index(".") :] if "." in rest else ""
     return rest
+
+
+def weighted_rows(
+    emit: Emitter, row_mask: tuple[str, int], out: torch.fx.Node, scale: float
+) -> torch.fx.Node:
+    """`out` times `scale` on the rows whose slot in the index buffer is k (mixed batches)."""
+    index = emit("mask", "get_attr", row_mask[0])
+    rows = emit("mask", "call_function", slot_rows, (index, row_mask[1], out, scale))
+    return emit("mask", "call_function", torch.ops.aten.mul.Tensor, (out, rows))

@@ -27,9 +27,10 @@ to 40 % (decode) faster than with PEFT's `[r, in]` / `[out, r]` factors gathered
 Rules:
 1. A site is gathered when its kind has a gathered form (`SiteKind.gathered`: linear,
    embedding, and conv with groups 1) and every adapter on it is plain LoRA in the site's dtype
-   (aLoRA too: rule 6; no DoRA, no `lora_bias`; in training also no dropout). Other sites
-   (grouped convs, and the rest) keep one masked branch per slot, weighted by `index == k`
-   (`math.stack.slot_rows`).
+   (aLoRA too: rule 6; no DoRA, no `lora_bias`, no Arrow router; in training also no dropout).
+   Other sites (grouped convs, sites an Arrow router routes, and the rest) keep one masked
+   branch per slot, weighted by `index == k` (`math.stack.slot_rows`; a router's branch routes
+   every token, then keeps its own rows).
    `bench_gather.py --site embedding / conv`, 1 thread, 4 / 16 / 64 adapters, over the base op:
    embedding (8192 rows, dim 512, r 16; an `[num, r]` table per slot) at batch 32 x 32 tokens
    gathered +0.30 ms, masked +3.3 / +11 / +42 ms; decode 8 x 1 +0.035 ms vs +0.08 / +0.26 /
@@ -121,6 +122,7 @@ def _can_gather(gm: torch.fx.GraphModule, state: LoraState, site: Site, fqn: str
             or rec.qalora_group_size
             or rec.monteclora
             or rec.block_diagonal
+            or rec.arrow is not None
             or rec.lora_bias
             or (state.batch_training and rec.dropout > 0)
         ):

@@ -36,7 +36,7 @@ import torch
 import torch.fx
 
 from lora_fx.core import graph as _graph
-from lora_fx.core.state import LoraState, require_no_arrow, require_state
+from lora_fx.core.state import LoraState, require_state
 from lora_fx.errors import AdapterError
 from lora_fx.passes._gather import (
     ALORA_BUFFER,
@@ -195,7 +195,6 @@ def _check(state: LoraState, names: list[str], capacity: int | None, rank: int |
     merged = [n for n, rec in state.adapters.items() if rec.merged]
     if merged:
         raise AdapterError(f"adapters {merged} are merged; unmerge them before a mixed batch")
-    require_no_arrow(state, [n for n in names if n != BASE], "set_adapter_batch")
     for label, value in (("capacity", capacity), ("rank", rank)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise AdapterError(f"{label}={value!r} is invalid; pass a positive int or None")
